@@ -1,0 +1,1 @@
+"""Analysis: calibration data, streaming statistics, and layer/scale-group discovery."""

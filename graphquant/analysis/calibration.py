@@ -1,0 +1,64 @@
+"""The calibration engine: one streaming onnxruntime pass that reduces intermediates as it goes."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from graphquant.analysis.data import CalibrationData, CalibrationSource, InputSpec
+from graphquant.analysis.runner import open_session
+from graphquant.analysis.stats import CalibrationStats
+from graphquant.errors import CalibrationError
+
+
+class NonFiniteCalibrationWarning(UserWarning):
+    """Some calibration values were NaN or Inf and were left out of the statistics."""
+
+
+class Calibrator:
+    """Collects statistics of named tensors of a model over a calibration data set."""
+
+    def __init__(self, data: CalibrationData, show_progress: bool = True):
+        self.data = data
+        self.show_progress = show_progress
+
+    @classmethod
+    def for_model(cls, model: ir.Model, source: CalibrationSource, show_progress: bool = True) -> Calibrator:
+        """A calibrator whose feeds are checked against the model's inputs."""
+        return cls(CalibrationData(source, InputSpec.of_model(model)), show_progress)
+
+    def collect(self, model: ir.Model, tensor_names: Sequence[str]) -> CalibrationStats:
+        """Run the model over the data once and reduce the named tensors per batch."""
+        names = sorted(set(tensor_names))
+        stats = CalibrationStats()
+        if not names:
+            return stats
+        with open_session(model, names) as session:
+            batches = tqdm(self.data, desc="calibrating", unit="batch", disable=not self.show_progress, leave=False)
+            for feed in batches:
+                for name, value in zip(names, session.run(names, feed)):
+                    if np.issubdtype(np.asarray(value).dtype, np.floating):
+                        stats.update(name, value)
+                stats.batches += 1
+        _check_finite(stats)
+        return stats
+
+
+def _check_finite(stats: CalibrationStats) -> None:
+    """Warn about left-out NaN/Inf values, and refuse tensors that had no finite value at all."""
+    for name, tensor_stats in stats.tensors.items():
+        if not tensor_stats.has_finite_values:
+            raise CalibrationError(f"tensor {name!r} has no finite value in the calibration data")
+    nonfinite = {name: s.nonfinite for name, s in stats.tensors.items() if s.nonfinite}
+    if nonfinite:
+        worst = max(nonfinite, key=nonfinite.__getitem__)
+        warnings.warn(
+            f"{sum(nonfinite.values())} NaN/Inf values in {len(nonfinite)} tensors were left out of the "
+            f"statistics (most in {worst!r}: {nonfinite[worst]})",
+            NonFiniteCalibrationWarning,
+            stacklevel=3,
+        )

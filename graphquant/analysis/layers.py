@@ -1,0 +1,147 @@
+"""Find quantizable layers and the groups of layers that share one activation tensor (networkx)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import networkx as nx
+import numpy as np
+import onnx_ir as ir
+
+QUANTIZABLE_OPS = ("MatMul", "Gemm", "Conv")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """A MatMul/Gemm/Conv with a constant weight: activation input index, weight input index, out-channel axis."""
+
+    node: ir.Node
+    activation_index: int
+    weight_index: int
+    out_axis: int
+
+    @property
+    def activation(self) -> ir.Value:
+        """The activation input."""
+        value = self.node.inputs[self.activation_index]
+        assert value is not None
+        return value
+
+    @property
+    def weight(self) -> ir.Value:
+        """The constant weight input."""
+        value = self.node.inputs[self.weight_index]
+        assert value is not None
+        return value
+
+    @property
+    def weight_array(self) -> np.ndarray:
+        """The weight as a numpy array."""
+        tensor = self.weight.const_value
+        assert tensor is not None
+        return tensor.numpy()
+
+    @property
+    def in_axis(self) -> int:
+        """The weight axis that runs over the activation's channels."""
+        if self.node.op_type == "Conv":
+            return 1
+        return 1 - self.out_axis
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A node of a quantizable op type, with either its layer or the reason it is not one."""
+
+    node: ir.Node
+    layer: Layer | None
+    reason: str = ""
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant tensor as numpy, or None if it is not a constant."""
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def classify(node: ir.Node) -> Candidate:
+    """Decide whether a MatMul/Gemm/Conv node is a weight layer we can quantize."""
+    inputs = list(node.inputs)
+    if node.op_type == "MatMul":
+        weight = constant_array(inputs[1])
+        if constant_array(inputs[0]) is not None:
+            return Candidate(node, None, "constant left operand")
+        if weight is None:
+            return Candidate(node, None, "activation x activation MatMul (left float)")
+        if weight.ndim != 2:
+            return Candidate(node, None, f"weight of rank {weight.ndim}; only 2-D weights are quantized")
+        return _float_weight(node, Layer(node, 0, 1, out_axis=1))
+    if node.op_type == "Gemm":
+        attributes = node.attributes
+        if attributes.get_int("transA", 0):
+            return Candidate(node, None, "Gemm with transA")
+        if constant_array(inputs[1]) is None:
+            return Candidate(node, None, "Gemm with a non-constant B")
+        return _float_weight(node, Layer(node, 0, 1, out_axis=0 if attributes.get_int("transB", 0) else 1))
+    if node.op_type == "Conv":
+        if constant_array(inputs[1]) is None:
+            return Candidate(node, None, "Conv with a non-constant weight")
+        return _float_weight(node, Layer(node, 0, 1, out_axis=0))
+    return Candidate(node, None, f"{node.op_type} is not a quantizable op")
+
+
+def _float_weight(node: ir.Node, layer: Layer) -> Candidate:
+    """Accept the layer only if its weight is float32."""
+    if layer.weight.dtype != ir.DataType.FLOAT:
+        return Candidate(node, None, f"weight dtype {layer.weight.dtype} (only float32 is quantized)")
+    return Candidate(node, layer)
+
+
+def candidates(graph: ir.Graph) -> Iterator[Candidate]:
+    """Every node of a quantizable op type in the main graph, classified."""
+    for node in graph:
+        if node.domain in ("", "ai.onnx") and node.op_type in QUANTIZABLE_OPS:
+            yield classify(node)
+
+
+def sharing_graph(layers: list[Layer]) -> nx.Graph:
+    """Bipartite networkx graph linking each layer to the activation tensor it reads."""
+    sharing = nx.Graph()
+    for layer in layers:
+        sharing.add_edge(("value", layer.activation), ("layer", layer.node))
+    return sharing
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleGroup:
+    """Layers that read one activation tensor, and the tensor's other readers."""
+
+    activation: ir.Value
+    layers: tuple[Layer, ...]
+    other_consumers: tuple[ir.Node, ...]
+
+    @property
+    def producer(self) -> ir.Node | None:
+        """The node that computes the activation, or None for a graph input."""
+        return self.activation.producer()
+
+    @property
+    def is_graph_output(self) -> bool:
+        """Whether the activation is also a graph output, which must keep its values."""
+        return self.activation.is_graph_output()
+
+
+def scale_groups(layers: list[Layer]) -> list[ScaleGroup]:
+    """Group the layers by the activation tensor they share, in the order the layers are given."""
+    by_node = {layer.node: layer for layer in layers}
+    order = {layer.node: position for position, layer in enumerate(layers)}
+    groups = []
+    for component in nx.connected_components(sharing_graph(layers)):
+        (activation,) = [item for kind, item in component if kind == "value"]
+        members = sorted((by_node[item] for kind, item in component if kind == "layer"), key=lambda l: order[l.node])
+        member_nodes = {layer.node for layer in members}
+        others = tuple(dict.fromkeys(node for node in activation.consumers() if node not in member_nodes))
+        groups.append(ScaleGroup(activation, tuple(members), others))
+    return sorted(groups, key=lambda group: order[group.layers[0].node])

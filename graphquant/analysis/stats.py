@@ -1,0 +1,165 @@
+"""Streaming, mergeable activation statistics: per-channel ranges and a fixed-edge histogram."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+# Histogram of |x| on fixed log2-spaced edges, so that any two histograms merge by addition.
+# Bin 0 holds |x| below 2**HIST_MIN_EXP (zeros included); the others are 1/BINS_PER_OCTAVE octave wide.
+BINS_PER_OCTAVE = 16
+HIST_MIN_EXP = -40
+HIST_MAX_EXP = 40
+HIST_BINS = (HIST_MAX_EXP - HIST_MIN_EXP) * BINS_PER_OCTAVE + 1
+
+
+@dataclasses.dataclass
+class TensorStats:
+    """Running statistics of one tensor, reduced over every axis but the last (the channel axis)."""
+
+    channel_min: np.ndarray
+    channel_max: np.ndarray
+    abs_histogram: np.ndarray
+    count: int
+    nonfinite: int = 0
+
+    @classmethod
+    def from_batch(cls, values: np.ndarray) -> TensorStats:
+        """Statistics of one batch; non-finite values are counted and left out."""
+        data = np.asarray(values, dtype=np.float32)
+        if data.ndim == 0:
+            data = data.reshape(1)
+        rows = data.reshape(-1, data.shape[-1])
+        finite = np.isfinite(rows)
+        nonfinite = int(rows.size - np.count_nonzero(finite))
+        if nonfinite:
+            low = np.where(finite, rows, np.inf).min(axis=0)
+            high = np.where(finite, rows, -np.inf).max(axis=0)
+            magnitudes = np.abs(rows[finite])
+        else:
+            low, high = (rows.min(axis=0), rows.max(axis=0)) if rows.shape[0] else _empty_range(rows.shape[1])
+            magnitudes = np.abs(rows).ravel()
+        return cls(
+            channel_min=low.astype(np.float64),
+            channel_max=high.astype(np.float64),
+            abs_histogram=_histogram(magnitudes),
+            count=int(rows.shape[0]),
+            nonfinite=nonfinite,
+        )
+
+    def merge(self, other: TensorStats) -> TensorStats:
+        """Combine two statistics of the same tensor (associative and commutative)."""
+        if self.channel_min.shape != other.channel_min.shape:
+            raise ValueError(f"channel counts differ: {self.channel_min.shape} vs {other.channel_min.shape}")
+        return TensorStats(
+            channel_min=np.minimum(self.channel_min, other.channel_min),
+            channel_max=np.maximum(self.channel_max, other.channel_max),
+            abs_histogram=self.abs_histogram + other.abs_histogram,
+            count=self.count + other.count,
+            nonfinite=self.nonfinite + other.nonfinite,
+        )
+
+    @property
+    def has_finite_values(self) -> bool:
+        """Whether any finite value was seen."""
+        return bool(np.any(self.channel_min <= self.channel_max))
+
+    @property
+    def channel_absmax(self) -> np.ndarray:
+        """Per-channel max |x|; 0 for channels with no finite value."""
+        absmax = np.maximum(np.abs(self.channel_min), np.abs(self.channel_max))
+        return np.where(np.isfinite(absmax), absmax, 0.0)
+
+    @property
+    def absmax(self) -> float:
+        """Per-tensor max |x|."""
+        return float(self.channel_absmax.max(initial=0.0))
+
+    @property
+    def minimum(self) -> float:
+        """Per-tensor minimum over finite values."""
+        return float(self.channel_min.min(initial=np.inf))
+
+    @property
+    def maximum(self) -> float:
+        """Per-tensor maximum over finite values."""
+        return float(self.channel_max.max(initial=-np.inf))
+
+    def abs_percentile(self, percentile: float) -> float:
+        """Upper bound of the given percentile of |x|, within one histogram bin (about 4.4%)."""
+        total = int(self.abs_histogram.sum())
+        if total == 0:
+            return 0.0
+        rank = np.searchsorted(np.cumsum(self.abs_histogram), percentile / 100.0 * total)
+        upper_edge = 2.0 ** (HIST_MIN_EXP + int(rank) / BINS_PER_OCTAVE)
+        return float(min(upper_edge, self.absmax))
+
+
+def _empty_range(channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The neutral element of (min, max) for a tensor with no rows."""
+    return np.full(channels, np.inf), np.full(channels, -np.inf)
+
+
+def _histogram(magnitudes: np.ndarray) -> np.ndarray:
+    """Counts of |x| on the fixed log2 edges."""
+    with np.errstate(divide="ignore"):
+        exponents = np.log2(magnitudes.astype(np.float64))
+    bins = np.floor((exponents - HIST_MIN_EXP) * BINS_PER_OCTAVE).astype(np.int64) + 1
+    bins = np.clip(np.where(np.isfinite(exponents), bins, 0), 0, HIST_BINS - 1)
+    return np.bincount(bins, minlength=HIST_BINS).astype(np.int64)
+
+
+@dataclasses.dataclass
+class CalibrationStats:
+    """Statistics for a set of named tensors; mergeable across data shards."""
+
+    tensors: dict[str, TensorStats] = dataclasses.field(default_factory=dict)
+    batches: int = 0
+
+    def update(self, name: str, values: np.ndarray) -> None:
+        """Fold one batch of one tensor into the running statistics."""
+        batch_stats = TensorStats.from_batch(values)
+        previous = self.tensors.get(name)
+        self.tensors[name] = batch_stats if previous is None else previous.merge(batch_stats)
+
+    def merge(self, other: CalibrationStats) -> CalibrationStats:
+        """Combine the statistics of two shards."""
+        merged = dict(self.tensors)
+        for name, stats in other.tensors.items():
+            merged[name] = stats if name not in merged else merged[name].merge(stats)
+        return CalibrationStats(tensors=merged, batches=self.batches + other.batches)
+
+    def __getitem__(self, name: str) -> TensorStats:
+        """The statistics of one tensor."""
+        return self.tensors[name]
+
+    def __contains__(self, name: object) -> bool:
+        """Whether the tensor was observed."""
+        return name in self.tensors
+
+    def save(self, path: str) -> None:
+        """Write the statistics as a portable .npz file."""
+        arrays: dict[str, np.ndarray] = {"__batches__": np.array(self.batches)}
+        for index, (name, stats) in enumerate(sorted(self.tensors.items())):
+            arrays[f"{index}.name"] = np.array(name)
+            for field in dataclasses.fields(TensorStats):
+                arrays[f"{index}.{field.name}"] = np.asarray(getattr(stats, field.name))
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path: str) -> CalibrationStats:
+        """Read statistics written by :meth:`save`."""
+        with np.load(path, allow_pickle=False) as archive:
+            indices = sorted({key.split(".")[0] for key in archive.files if key != "__batches__"}, key=int)
+            tensors = {
+                str(archive[f"{i}.name"]): TensorStats(
+                    channel_min=archive[f"{i}.channel_min"],
+                    channel_max=archive[f"{i}.channel_max"],
+                    abs_histogram=archive[f"{i}.abs_histogram"],
+                    count=int(archive[f"{i}.count"]),
+                    nonfinite=int(archive[f"{i}.nonfinite"]),
+                )
+                for i in indices
+            }
+            return cls(tensors=tensors, batches=int(archive["__batches__"]))

@@ -1,0 +1,23 @@
+"""The one exception hierarchy that graphquant raises for user-facing failures."""
+
+from __future__ import annotations
+
+
+class GraphQuantError(Exception):
+    """Base class of every error graphquant reports to a user."""
+
+
+class InvalidModelError(GraphQuantError):
+    """The model file is missing, unreadable, unsafe or not a valid ONNX model."""
+
+
+class CalibrationError(GraphQuantError):
+    """The calibration data does not fit the model or holds no usable values."""
+
+
+class RecipeError(GraphQuantError):
+    """A recipe, pass name or pass option is unknown or malformed."""
+
+
+class OutputError(GraphQuantError):
+    """The output could not be written, or would overwrite the input."""

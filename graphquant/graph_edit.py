@@ -1,0 +1,59 @@
+"""Small graph-editing helpers on top of onnx_ir, shared by the rewrite and lowering passes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+
+class NameScope:
+    """Hands out value and node names that are not yet used in a graph."""
+
+    def __init__(self, graph: ir.Graph):
+        self.taken: set[str] = set(graph.initializers)
+        for value in graph.inputs:
+            self.taken.add(value.name or "")
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            self.taken.add(node.name or "")
+            self.taken.update(value.name or "" for value in node.outputs)
+
+    def fresh(self, base: str) -> str:
+        """``base`` if unused, else ``base_1``, ``base_2``, ... ."""
+        name, counter = base, 0
+        while name in self.taken:
+            counter += 1
+            name = f"{base}_{counter}"
+        self.taken.add(name)
+        return name
+
+
+def add_initializer(graph: ir.Graph, names: NameScope, base: str, array: np.ndarray) -> ir.Value:
+    """Register a new initializer holding ``array`` under a fresh name."""
+    name = names.fresh(base)
+    value = ir.Value(
+        name=name,
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        shape=ir.Shape(array.shape),
+        const_value=ir.tensor(array, name=name),
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def insert_after_producer(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node]) -> None:
+    """Insert nodes right after the value's producer, or at the graph start for graph inputs."""
+    producer = value.producer()
+    if producer is not None and producer.graph is graph:
+        graph.insert_after(producer, nodes)
+    elif len(graph):
+        graph.insert_before(graph[0], nodes)
+    else:
+        graph.extend(nodes)
+
+
+def remove_if_unused(graph: ir.Graph, value: ir.Value) -> bool:
+    """Drop an initializer that nothing reads any more; True if removed."""
+    if value.is_initializer() and not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+        graph.initializers.pop(value.name or "")
+        return True
+    return False

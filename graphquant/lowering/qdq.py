@@ -1,0 +1,70 @@
+"""QDQ lowering: turn QuantSpec annotations into QuantizeLinear/DequantizeLinear pairs (portable form)."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from graphquant.graph_edit import NameScope, add_initializer, insert_after_producer, remove_if_unused
+from graphquant.quant_spec import INPUT_SPECS_KEY, QuantSpec
+
+MIN_OPSET = 13
+
+
+class QdqLoweringPass(ir.passes.InPlacePass):
+    """Materialize annotated inputs: integer weight initializers + DequantizeLinear, Q/DQ on activations."""
+
+    def requires(self, model: ir.Model) -> None:
+        """Per-axis DequantizeLinear needs opset 13."""
+        opset = model.graph.opset_imports.get("", 0)
+        if any(INPUT_SPECS_KEY in node.meta for node in model.graph) and opset < MIN_OPSET:
+            raise ir.passes.PreconditionError(f"QDQ lowering needs opset >= {MIN_OPSET}, the model has {opset}")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Replace each annotated input with its dequantized form, sharing one Q/DQ per tensor and spec."""
+        graph = model.graph
+        names = NameScope(graph)
+        lowered: dict[tuple[object, ...], ir.Value] = {}
+        modified = False
+        for node in list(graph):
+            specs: dict[int, QuantSpec] | None = node.meta.pop(INPUT_SPECS_KEY, None)
+            if not specs:
+                continue
+            for index, spec in sorted(specs.items()):
+                source = node.inputs[index]
+                assert source is not None
+                key = (id(source), *spec.key)
+                if key not in lowered:
+                    lowered[key] = _dequantized(graph, names, source, spec)
+                node.replace_input_with(index, lowered[key])
+                remove_if_unused(graph, source)
+            modified = True
+        return ir.passes.PassResult(model, modified=modified)
+
+    def ensures(self, model: ir.Model) -> None:
+        """No annotation is left unlowered."""
+        if any(INPUT_SPECS_KEY in node.meta for node in model.graph):
+            raise ir.passes.PostconditionError("QDQ lowering left annotated inputs behind")
+
+
+def _dequantized(graph: ir.Graph, names: NameScope, source: ir.Value, spec: QuantSpec) -> ir.Value:
+    """The float value that the quantized form of ``source`` dequantizes to."""
+    base = source.name or "tensor"
+    scale = add_initializer(graph, names, f"{base}_scale", spec.scale)
+    zero_point = add_initializer(graph, names, f"{base}_zero_point", spec.zero_point.astype(spec.storage_dtype))
+    axis = {} if spec.axis is None else {"axis": spec.axis}
+    if source.const_value is not None:
+        codes = add_initializer(graph, names, f"{base}_quantized", spec.quantize(source.const_value.numpy()))
+        dequantize = ir.node("DequantizeLinear", [codes, scale, zero_point], axis, name=names.fresh(f"{base}_DequantizeLinear"))
+        insert_after_producer(graph, codes, [dequantize])
+    else:
+        quantize = ir.node("QuantizeLinear", [source, scale, zero_point], axis, name=names.fresh(f"{base}_QuantizeLinear"))
+        dequantize = ir.node(
+            "DequantizeLinear", [quantize.outputs[0], scale, zero_point], axis, name=names.fresh(f"{base}_DequantizeLinear")
+        )
+        quantize.outputs[0].name = names.fresh(f"{base}_quantized")
+        insert_after_producer(graph, source, [quantize, dequantize])
+    output = dequantize.outputs[0]
+    output.name = names.fresh(f"{base}_dequantized")
+    output.dtype = ir.DataType.FLOAT
+    output.shape = source.shape
+    return output
