@@ -16,7 +16,7 @@ import onnx_ir as ir
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.data import CalibrationSource
 from graphquant.analysis.runner import PROTO_SIZE_LIMIT, initializer_bytes, open_session
-from graphquant.errors import InvalidModelError, OutputError, RecipeError
+from graphquant.errors import GraphQuantError, InvalidModelError, OutputError, RecipeError
 from graphquant.frontends.onnx_file import load as _load_file
 from graphquant.recipes import Recipe
 from graphquant.report import Report, layer_decisions
@@ -66,10 +66,17 @@ def optimize(
     chosen = _resolve_recipe(recipe, wbits, abits, passes, target)
     calibrator = Calibrator.for_model(model, calibration, show_progress) if calibration is not None else None
     candidate = model.clone()
+    if SOURCE_PATH_KEY in model.meta:  # clone() drops meta; keep save()'s guard against overwriting the input
+        candidate.meta[SOURCE_PATH_KEY] = model.meta[SOURCE_PATH_KEY]
     try:
         chosen.to_pipeline(calibrator)(candidate)
-    except ir.passes.PreconditionError as exc:
-        raise RecipeError(str(exc)) from exc
+    except ir.passes.PassError as exc:  # the pipeline wraps every failure of a pass in a PassError
+        cause = _user_facing_cause(exc)
+        if isinstance(cause, ir.passes.PreconditionError):
+            raise RecipeError(str(cause)) from exc
+        if isinstance(cause, GraphQuantError):
+            raise cause from None
+        raise
     report = Report(
         recipe=chosen.name,
         target=chosen.target,
@@ -84,6 +91,14 @@ def optimize(
     if held_out is not None and report.quantized:
         _validate_into(report, model, candidate, Calibrator.for_model(model, held_out, False))
     return OptimizeResult(candidate, report)
+
+
+def _user_facing_cause(error: BaseException) -> BaseException | None:
+    """The first precondition failure or graphquant error in the chain of causes, if any."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, (ir.passes.PreconditionError, GraphQuantError)):
+        cause = cause.__cause__
+    return cause
 
 
 def _resolve_recipe(
@@ -102,11 +117,10 @@ def _resolve_recipe(
 
 def _validate_into(report: Report, reference: ir.Model, candidate: ir.Model, calibrator: Calibrator) -> None:
     """Fill the report's per-output and per-layer metrics."""
-    layer_outputs = {
-        node.name or "": node.outputs[0].name or ""
-        for node in candidate.graph
-        if node.name in {layer.node for layer in report.quantized}
+    reference_values = {value.name for value in reference.graph.inputs} | {
+        output.name for node in reference.graph for output in node.outputs
     }
+    layer_outputs = {layer.node: layer.output for layer in report.quantized if layer.output in reference_values}
     metrics = compare_models(reference, candidate, calibrator.data, list(layer_outputs.values()))
     report.outputs = {value.name or "": metrics[value.name or ""] for value in reference.graph.outputs}
     report.layer_metrics = {node: metrics[output] for node, output in layer_outputs.items()}

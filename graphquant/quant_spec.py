@@ -8,6 +8,12 @@ import numpy as np
 
 INPUT_SPECS_KEY = "graphquant.input_specs"
 DECISION_KEY = "graphquant.decision"
+# On an activation value: its per-channel steps were pre-executed into the weights; quantize it with step 1.
+PREEXECUTED_KEY = "graphquant.preexecuted_bits"
+# On a layer node: the activation scheme a scale-migration pass chose, and why (for the report).
+SCHEME_NOTE_KEY = "graphquant.scheme_note"
+# On a layer node: the reason it must stay float.
+KEEP_FLOAT_KEY = "graphquant.keep_float"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -91,3 +97,4 @@ class LayerDecision:
     status: str
     reason: str
     scheme: str = ""
+    output: str = ""

@@ -31,8 +31,8 @@ class Calibrator:
         """A calibrator whose feeds are checked against the model's inputs."""
         return cls(CalibrationData(source, InputSpec.of_model(model)), show_progress)
 
-    def collect(self, model: ir.Model, tensor_names: Sequence[str]) -> CalibrationStats:
-        """Run the model over the data once and reduce the named tensors per batch."""
+    def collect(self, model: ir.Model, tensor_names: Sequence[str], sample_rows: int = 0) -> CalibrationStats:
+        """Run the model over the data once and reduce the named tensors per batch (keeping a bounded row sample)."""
         names = sorted(set(tensor_names))
         stats = CalibrationStats()
         if not names:
@@ -42,7 +42,7 @@ class Calibrator:
             for feed in batches:
                 for name, value in zip(names, session.run(names, feed)):
                     if np.issubdtype(np.asarray(value).dtype, np.floating):
-                        stats.update(name, value)
+                        stats.update(name, value, sample_rows)
                 stats.batches += 1
         _check_finite(stats)
         return stats

@@ -145,3 +145,13 @@ def scale_groups(layers: list[Layer]) -> list[ScaleGroup]:
         others = tuple(dict.fromkeys(node for node in activation.consumers() if node not in member_nodes))
         groups.append(ScaleGroup(activation, tuple(members), others))
     return sorted(groups, key=lambda group: order[group.layers[0].node])
+
+
+def migratable_groups(graph: ir.Graph) -> list[ScaleGroup]:
+    """Scale groups of MatMul/Gemm layers, whose input channels can take per-channel shifts and scales."""
+    layers = [
+        c.layer
+        for c in candidates(graph)
+        if c.layer is not None and c.node.op_type in ("MatMul", "Gemm")
+    ]
+    return scale_groups(layers)

@@ -23,10 +23,11 @@ class TensorStats:
     abs_histogram: np.ndarray
     count: int
     nonfinite: int = 0
+    sample: np.ndarray | None = None
 
     @classmethod
-    def from_batch(cls, values: np.ndarray) -> TensorStats:
-        """Statistics of one batch; non-finite values are counted and left out."""
+    def from_batch(cls, values: np.ndarray, sample_rows: int = 0) -> TensorStats:
+        """Statistics of one batch; non-finite values are counted and left out; keeps up to ``sample_rows`` rows."""
         data = np.asarray(values, dtype=np.float32)
         if data.ndim == 0:
             data = data.reshape(1)
@@ -46,6 +47,7 @@ class TensorStats:
             abs_histogram=_histogram(magnitudes),
             count=int(rows.shape[0]),
             nonfinite=nonfinite,
+            sample=_evenly_spaced(rows[np.all(finite, axis=1)], sample_rows) if sample_rows else None,
         )
 
     def merge(self, other: TensorStats) -> TensorStats:
@@ -58,6 +60,7 @@ class TensorStats:
             abs_histogram=self.abs_histogram + other.abs_histogram,
             count=self.count + other.count,
             nonfinite=self.nonfinite + other.nonfinite,
+            sample=_merge_samples(self.sample, self.count, other.sample, other.count),
         )
 
     @property
@@ -96,6 +99,26 @@ class TensorStats:
         return float(min(upper_edge, self.absmax))
 
 
+def _evenly_spaced(rows: np.ndarray, limit: int) -> np.ndarray:
+    """At most ``limit`` rows taken at even strides (deterministic)."""
+    if rows.shape[0] <= limit:
+        return rows.copy()
+    return rows[np.linspace(0, rows.shape[0] - 1, limit).round().astype(np.int64)]
+
+
+def _merge_samples(
+    first: np.ndarray | None, first_count: int, second: np.ndarray | None, second_count: int
+) -> np.ndarray | None:
+    """Merge two row samples under the larger one's bound, each side weighted by the rows it stands for."""
+    if first is None or second is None:
+        return first if second is None else second
+    limit = max(first.shape[0], second.shape[0])
+    if first.shape[0] + second.shape[0] <= limit:
+        return np.concatenate([first, second])
+    share = round(limit * first_count / max(first_count + second_count, 1))
+    return np.concatenate([_evenly_spaced(first, share), _evenly_spaced(second, limit - share)])
+
+
 def _empty_range(channels: int) -> tuple[np.ndarray, np.ndarray]:
     """The neutral element of (min, max) for a tensor with no rows."""
     return np.full(channels, np.inf), np.full(channels, -np.inf)
@@ -103,9 +126,9 @@ def _empty_range(channels: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _histogram(magnitudes: np.ndarray) -> np.ndarray:
     """Counts of |x| on the fixed log2 edges."""
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # log2(0) = -inf; its cast is replaced just below
         exponents = np.log2(magnitudes.astype(np.float64))
-    bins = np.floor((exponents - HIST_MIN_EXP) * BINS_PER_OCTAVE).astype(np.int64) + 1
+        bins = np.floor((exponents - HIST_MIN_EXP) * BINS_PER_OCTAVE).astype(np.int64) + 1
     bins = np.clip(np.where(np.isfinite(exponents), bins, 0), 0, HIST_BINS - 1)
     return np.bincount(bins, minlength=HIST_BINS).astype(np.int64)
 
@@ -117,9 +140,9 @@ class CalibrationStats:
     tensors: dict[str, TensorStats] = dataclasses.field(default_factory=dict)
     batches: int = 0
 
-    def update(self, name: str, values: np.ndarray) -> None:
+    def update(self, name: str, values: np.ndarray, sample_rows: int = 0) -> None:
         """Fold one batch of one tensor into the running statistics."""
-        batch_stats = TensorStats.from_batch(values)
+        batch_stats = TensorStats.from_batch(values, sample_rows)
         previous = self.tensors.get(name)
         self.tensors[name] = batch_stats if previous is None else previous.merge(batch_stats)
 
@@ -144,7 +167,8 @@ class CalibrationStats:
         for index, (name, stats) in enumerate(sorted(self.tensors.items())):
             arrays[f"{index}.name"] = np.array(name)
             for field in dataclasses.fields(TensorStats):
-                arrays[f"{index}.{field.name}"] = np.asarray(getattr(stats, field.name))
+                if getattr(stats, field.name) is not None:
+                    arrays[f"{index}.{field.name}"] = np.asarray(getattr(stats, field.name))
         np.savez(path, **arrays)
 
     @classmethod
@@ -159,6 +183,7 @@ class CalibrationStats:
                     abs_histogram=archive[f"{i}.abs_histogram"],
                     count=int(archive[f"{i}.count"]),
                     nonfinite=int(archive[f"{i}.nonfinite"]),
+                    sample=archive[f"{i}.sample"] if f"{i}.sample" in archive.files else None,
                 )
                 for i in indices
             }

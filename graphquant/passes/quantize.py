@@ -12,7 +12,17 @@ import onnx_ir as ir
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.layers import Candidate, Layer, candidates, scale_groups
 from graphquant.analysis.stats import CalibrationStats
-from graphquant.quant_spec import DECISION_KEY, INPUT_SPECS_KEY, LayerDecision, QuantSpec, symmetric_spec
+from graphquant.quant_spec import (
+    DECISION_KEY,
+    INPUT_SPECS_KEY,
+    KEEP_FLOAT_KEY,
+    PREEXECUTED_KEY,
+    SCHEME_NOTE_KEY,
+    LayerDecision,
+    QuantSpec,
+    symmetric_spec,
+)
+from graphquant.rewrites import bias_add_of
 
 ACTIVATION_METHODS = ("minmax", "percentile")
 
@@ -87,9 +97,11 @@ class QuantizePass(ir.passes.InPlacePass):
             options = self.options_for(node)
             if options.skip:
                 reason = "skipped by a recipe override"
+            elif KEEP_FLOAT_KEY in node.meta:
+                reason = node.meta[KEEP_FLOAT_KEY]
             else:
                 return candidate.layer
-        node.meta[DECISION_KEY] = LayerDecision(node.name or "", node.op_type, "float", reason)
+        node.meta[DECISION_KEY] = LayerDecision(node.name or "", node.op_type, "float", reason, output=_output_name(node))
         return None
 
     def options_for(self, node: ir.Node) -> LayerOptions:
@@ -113,7 +125,11 @@ class QuantizePass(ir.passes.InPlacePass):
 
     def _activation_stats(self, model: ir.Model, layers: list[Layer]) -> CalibrationStats:
         """Calibrate the activations of the layers that quantize them."""
-        names = [layer.activation.name or "" for layer in layers if self.options_for(layer.node).abits is not None]
+        names = [
+            layer.activation.name or ""
+            for layer in layers
+            if self.options_for(layer.node).abits is not None and PREEXECUTED_KEY not in layer.activation.meta
+        ]
         if not names or self.calibrator is None:
             return CalibrationStats()
         return self.calibrator.collect(model, names)
@@ -126,7 +142,12 @@ class QuantizePass(ir.passes.InPlacePass):
         weight_spec = symmetric_spec(abs(weight).max(axis=reduce_axes), options.wbits, axis=layer.out_axis)
         specs: dict[int, QuantSpec] = {layer.weight_index: weight_spec}
         scheme = f"W{options.wbits} per-channel"
-        if options.abits is not None:
+        preexecuted_bits = layer.activation.meta.get(PREEXECUTED_KEY)
+        if preexecuted_bits is not None:
+            qmax = 2 ** (preexecuted_bits - 1) - 1
+            specs[layer.activation_index] = symmetric_spec(float(qmax), preexecuted_bits)
+            scheme += f", A{preexecuted_bits} per-channel (step pre-executed into W)"
+        elif options.abits is not None:
             activation_stats = stats[layer.activation.name or ""]
             bound = (
                 activation_stats.abs_percentile(self.percentile)
@@ -137,7 +158,10 @@ class QuantizePass(ir.passes.InPlacePass):
             scheme += f", A{options.abits} per-tensor {self.activation_method}"
         node = layer.node
         node.meta[INPUT_SPECS_KEY] = specs
-        node.meta[DECISION_KEY] = LayerDecision(node.name or "", node.op_type, "quantized", "", scheme)
+        reason = node.meta.get(SCHEME_NOTE_KEY, "")
+        node.meta[DECISION_KEY] = LayerDecision(
+            node.name or "", node.op_type, "quantized", reason, scheme, output=_output_name(node)
+        )
 
 
 def _check_bits(options: LayerOptions) -> None:
@@ -145,3 +169,10 @@ def _check_bits(options: LayerOptions) -> None:
     for label, bits in (("wbits", options.wbits), ("abits", options.abits)):
         if bits is not None and not 2 <= bits <= 8:
             raise ValueError(f"{label} must be in 2..8, got {bits}")
+
+
+def _output_name(node: ir.Node) -> str:
+    """The layer's output as the reference model names it: the bias Add's output where there is one."""
+    bias_add = bias_add_of(node) if node.op_type == "MatMul" else None
+    output = bias_add[0].outputs[0] if bias_add is not None else node.outputs[0]
+    return output.name or ""

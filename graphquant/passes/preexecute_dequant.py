@@ -1,0 +1,155 @@
+"""Pre-execute dequantization (exact): divide activation channels by their step, multiply weight rows by it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from graphquant.analysis.calibration import Calibrator
+from graphquant.analysis.layers import ScaleGroup, migratable_groups
+from graphquant.analysis.simulate import group_sqnr_db, weight_matrix
+from graphquant.analysis.stats import TensorStats
+from graphquant.graph_edit import NameScope
+from graphquant.quant_spec import KEEP_FLOAT_KEY, PREEXECUTED_KEY, SCHEME_NOTE_KEY
+from graphquant.rewrites import apply_channel_affine, scale_weight_rows
+
+METHODS = ("outliertune", "smoothquant", "os-plus")
+SAMPLE_ROWS = 2048
+BOUNDED_EXPONENTS = (0.75, 0.5, 0.25)
+SMOOTHQUANT_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+OS_PLUS_THRESHOLDS = 20
+MIN_DIVISOR = 1e-8
+MIGRATED_KEY = "graphquant.migrated"
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """A per-channel divisor for one group, how it was chosen, and its simulated output SQNR."""
+
+    divisor: np.ndarray
+    label: str
+    sqnr_db: float
+    preexecuted: bool = False
+
+
+class PreexecuteDequantPass(ir.passes.InPlacePass):
+    """Exact: X <- X/d per channel (folded into the producer) and W <- diag(d)·W; d chosen per method."""
+
+    def __init__(
+        self,
+        calibrator: Calibrator | None = None,
+        *,
+        method: str = "outliertune",
+        abits: int = 8,
+        wbits: int = 8,
+        alpha: float = 0.5,
+        alpha_search: bool = False,
+        min_sqnr_db: float = 0.0,
+    ):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.calibrator = calibrator
+        self.method = method
+        self.abits = abits
+        self.wbits = wbits
+        self.alpha = alpha
+        self.alpha_search = alpha_search
+        self.min_sqnr_db = min_sqnr_db
+
+    def requires(self, model: ir.Model) -> None:
+        """Channel ranges come from calibration."""
+        if self.calibrator is None:
+            raise ir.passes.PreconditionError("preexecute-dequant needs calibration data")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Choose and apply a divisor for every MatMul/Gemm scale group."""
+        assert self.calibrator is not None
+        graph = model.graph
+        groups = [g for g in migratable_groups(graph) if MIGRATED_KEY not in g.activation.meta]
+        stats = self.calibrator.collect(model, [g.activation.name or "" for g in groups], sample_rows=SAMPLE_ROWS)
+        names = NameScope(graph)
+        modified = False
+        for group in groups:
+            choice = self._choose(group, stats[group.activation.name or ""])
+            modified |= self._apply(graph, names, group, choice)
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _choose(self, group: ScaleGroup, stats: TensorStats) -> Choice:
+        """The candidate divisor with the best simulated output SQNR for this method."""
+        absmax = stats.channel_absmax
+        rows = stats.sample if stats.sample is not None else np.zeros((1, absmax.size), np.float32)
+        candidates = self._candidates(group, absmax)
+        scored = [
+            dataclasses.replace(
+                c,
+                sqnr_db=group_sqnr_db(rows, group.layers, c.divisor, self.abits, self.wbits, 1.0 if c.preexecuted else None),
+            )
+            for c in candidates
+        ]
+        return max(scored, key=lambda c: c.sqnr_db)
+
+    def _candidates(self, group: ScaleGroup, absmax: np.ndarray) -> list[Choice]:
+        """Divisors to try: the method's own, plus per-tensor as the do-nothing baseline."""
+        candidates = [Choice(np.ones_like(absmax), "per-tensor (no migration)", 0.0)]
+        if self.method == "outliertune":
+            qmax = 2 ** (self.abits - 1) - 1
+            step = np.where(absmax > 0, absmax, max(absmax.max(), 1.0)) / qmax
+            candidates.append(Choice(_guarded(step), "per-channel, step pre-executed into W", 0.0, preexecuted=True))
+            candidates.extend(
+                Choice(_guarded(_bounded(absmax, exponent)), f"bounded step ~ range^{exponent}", 0.0)
+                for exponent in BOUNDED_EXPONENTS
+            )
+        elif self.method == "smoothquant":
+            alphas = SMOOTHQUANT_ALPHAS if self.alpha_search else (self.alpha,)
+            weight_absmax = np.max([np.abs(weight_matrix(layer)).max(axis=1) for layer in group.layers], axis=0)
+            candidates.extend(
+                Choice(_guarded(_smoothing(absmax, weight_absmax, a)), f"SmoothQuant alpha {a}", 0.0) for a in alphas
+            )
+        else:
+            thresholds = absmax.max() * np.arange(1, OS_PLUS_THRESHOLDS + 1) / OS_PLUS_THRESHOLDS
+            candidates.extend(
+                Choice(np.maximum(1.0, absmax / t), f"OS+ scaling, t = {t:.3g}", 0.0) for t in thresholds if t > 0
+            )
+        return candidates
+
+    def _apply(self, graph: ir.Graph, names: NameScope, group: ScaleGroup, choice: Choice) -> bool:
+        """Rewrite the graph for the chosen divisor, or mark the group float if no choice is good enough."""
+        note = f"{choice.label} (simulated SQNR {choice.sqnr_db:.1f} dB)"
+        if choice.sqnr_db < self.min_sqnr_db:
+            for layer in group.layers:
+                layer.node.meta[KEEP_FLOAT_KEY] = f"best static scheme {note} is below {self.min_sqnr_db:g} dB"
+            return False
+        for layer in group.layers:
+            layer.node.meta[SCHEME_NOTE_KEY] = note
+        if np.all(choice.divisor == 1):
+            return False
+        divisor = choice.divisor.astype(np.float32)
+        for layer in group.layers:
+            scale_weight_rows(graph, names, layer, divisor)
+        readers = [layer.node for layer in group.layers]
+        offset = np.zeros_like(divisor)
+        migrated, _ = apply_channel_affine(graph, names, group.activation, readers, 1.0 / divisor, offset)
+        migrated.meta[MIGRATED_KEY] = True
+        if choice.preexecuted:
+            migrated.meta[PREEXECUTED_KEY] = self.abits
+        return True
+
+
+def _guarded(divisor: np.ndarray) -> np.ndarray:
+    """Keep divisors finite and away from zero."""
+    return np.where(np.isfinite(divisor) & (divisor > MIN_DIVISOR), divisor, 1.0)
+
+
+def _bounded(absmax: np.ndarray, exponent: float) -> np.ndarray:
+    """d ∝ range^exponent, normalised so the largest channel keeps d = 1."""
+    top = max(float(absmax.max()), 1e-12)
+    return (np.maximum(absmax, 1e-12) / top) ** exponent
+
+
+def _smoothing(activation_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant: s_j = max|X_j|^alpha / max|W_j|^(1-alpha)."""
+    return np.maximum(activation_absmax, 1e-5) ** alpha / np.maximum(weight_absmax, 1e-5) ** (1 - alpha)
+

@@ -1,0 +1,68 @@
+"""Symmetrize pass (exact): center each activation channel on zero, moving the shift into the biases."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from graphquant.analysis.calibration import Calibrator
+from graphquant.analysis.layers import ScaleGroup, migratable_groups
+from graphquant.graph_edit import NameScope
+from graphquant.rewrites import add_to_layer_bias, apply_channel_affine, weight_times
+
+SHIFT_KEY = "graphquant.shift"
+
+
+class SymmetrizePass(ir.passes.InPlacePass):
+    """Exact: X~ = X - z with z the calibrated channel midpoint; every layer's bias gains z·W."""
+
+    def __init__(self, calibrator: Calibrator | None = None):
+        super().__init__()
+        self.calibrator = calibrator
+
+    def requires(self, model: ir.Model) -> None:
+        """Channel midpoints come from calibration."""
+        if self.calibrator is None:
+            raise ir.passes.PreconditionError("symmetrize needs calibration data")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Shift every MatMul/Gemm scale group whose channels are off-centre."""
+        assert self.calibrator is not None
+        graph = model.graph
+        groups = [g for g in migratable_groups(graph) if SHIFT_KEY not in g.activation.meta]
+        stats = self.calibrator.collect(model, [g.activation.name or "" for g in groups])
+        names = NameScope(graph)
+        modified = False
+        for group in groups:
+            channel_stats = stats[group.activation.name or ""]
+            midpoint = ((channel_stats.channel_min + channel_stats.channel_max) / 2).astype(np.float32)
+            midpoint = np.where(np.isfinite(midpoint), midpoint, 0).astype(np.float32)
+            if not np.any(midpoint):
+                continue
+            modified |= _shift_group(graph, names, group, midpoint)
+        return ir.passes.PassResult(model, modified=modified)
+
+
+def _shift_group(graph: ir.Graph, names: NameScope, group: ScaleGroup, midpoint: np.ndarray) -> bool:
+    """Subtract the midpoint where the activation is made and add z·W to each layer's bias."""
+    if not all(layer.node.op_type == "MatMul" or _gemm_bias_adjustable(layer.node) for layer in group.layers):
+        return False
+    for layer in group.layers:
+        add_to_layer_bias(graph, names, layer, weight_times(layer, midpoint).astype(np.float32))
+    readers = [layer.node for layer in group.layers]
+    shifted, _ = apply_channel_affine(
+        graph, names, group.activation, readers, np.ones_like(midpoint), -midpoint
+    )
+    shifted.meta[SHIFT_KEY] = midpoint
+    return True
+
+
+def _gemm_bias_adjustable(node: ir.Node) -> bool:
+    """A Gemm whose bias can take z·W: alpha = beta = 1 and a constant (or absent) C."""
+    attributes = node.attributes
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    return (
+        attributes.get_float("alpha", 1.0) == 1.0
+        and attributes.get_float("beta", 1.0) == 1.0
+        and (bias is None or bias.const_value is not None)
+    )

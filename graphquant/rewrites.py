@@ -1,0 +1,253 @@
+"""Exact rewrite primitives shared by the scale-migration passes: channel affines, weight rows, biases."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from graphquant.analysis.layers import Layer, constant_array
+from graphquant.graph_edit import NameScope, add_initializer, insert_after_producer
+
+# Marks the Mul/Add nodes that carry a group's channel affine, so later passes can compose into them.
+AFFINE_BRANCH_KEY = "graphquant.affine_branch"
+
+
+def apply_channel_affine(
+    graph: ir.Graph,
+    names: NameScope,
+    activation: ir.Value,
+    readers: Sequence[ir.Node],
+    scale: np.ndarray,
+    offset: np.ndarray,
+) -> tuple[ir.Value, str]:
+    """Make ``readers`` see x*scale + offset (per last-axis channel) in place of x; other readers keep x.
+
+    Returns the value the readers now read and how the affine was placed.
+    """
+    if np.all(scale == 1) and np.all(offset == 0):
+        return activation, "identity"
+    exclusive = _exclusive(activation, readers)
+    producer = activation.producer()
+    if producer is not None and _foldable_layer_norm(producer, scale.size):
+        if exclusive:
+            _fold_into_layer_norm(graph, names, producer, producer, scale, offset)
+            return activation, "folded into LayerNormalization"
+        clone = _clone_layer_norm(graph, names, producer)
+        _fold_into_layer_norm(graph, names, clone, producer, scale, offset)
+        _redirect(readers, activation, clone.outputs[0])
+        return clone.outputs[0], "folded into a copy of LayerNormalization"
+    source = activation
+    if exclusive:
+        base, old_scale, old_offset = _existing_branch(activation)
+        if old_scale is not None and old_offset is not None:
+            # (x*a1 + c1)*a2 + c2 = x*(a1*a2) + (c1*a2 + c2)
+            scale, offset = old_scale * scale, old_offset * scale + offset
+            _remove_branch(graph, activation)
+            source = base
+    new_value = _insert_branch(graph, names, source, scale, offset)
+    _redirect(readers, source, new_value)
+    return new_value, "Mul/Add on the quantized branch"
+
+
+def _exclusive(activation: ir.Value, readers: Sequence[ir.Node]) -> bool:
+    """Whether only ``readers`` read the activation (and it is no graph output)."""
+    return not activation.is_graph_output() and set(activation.consumers()) <= set(readers)
+
+
+def _redirect(readers: Sequence[ir.Node], old: ir.Value, new: ir.Value) -> None:
+    """Point every input of ``readers`` that reads ``old`` at ``new``."""
+    for node in readers:
+        for index, value in enumerate(node.inputs):
+            if value is old:
+                node.replace_input_with(index, new)
+
+
+def _foldable_layer_norm(node: ir.Node, channels: int) -> bool:
+    """A LayerNormalization over the last axis with constant per-channel gamma (and beta)."""
+    if node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.attributes.get_int("axis", -1) != -1:
+        return False
+    if any(output.uses() or output.is_graph_output() for output in node.outputs[1:]):
+        return False
+    gamma = constant_array(node.inputs[1])
+    beta = constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    if gamma is None or gamma.shape != (channels,):
+        return False
+    has_beta_input = len(node.inputs) > 2 and node.inputs[2] is not None
+    return not has_beta_input or (beta is not None and beta.shape == (channels,))
+
+
+def _fold_into_layer_norm(
+    graph: ir.Graph, names: NameScope, target: ir.Node, source: ir.Node, scale: np.ndarray, offset: np.ndarray
+) -> None:
+    """gamma <- gamma*scale, beta <- beta*scale + offset, written into ``target`` from ``source``'s params."""
+    gamma = constant_array(source.inputs[1])
+    assert gamma is not None
+    beta_value = source.inputs[2] if len(source.inputs) > 2 else None
+    beta = constant_array(beta_value)
+    beta = np.zeros_like(gamma) if beta is None else beta
+    base = target.name or "layer_norm"
+    new_gamma = add_initializer(graph, names, f"{base}_gamma", (gamma * scale).astype(gamma.dtype))
+    new_beta = add_initializer(graph, names, f"{base}_beta", (beta * scale + offset).astype(gamma.dtype))
+    inputs = list(target.inputs)
+    if len(inputs) < 3:
+        target.resize_inputs(3)
+    target.replace_input_with(1, new_gamma)
+    target.replace_input_with(2, new_beta)
+
+
+def _clone_layer_norm(graph: ir.Graph, names: NameScope, node: ir.Node) -> ir.Node:
+    """A copy of a LayerNormalization reading the same input, placed right after it."""
+    clone = ir.node(
+        "LayerNormalization",
+        list(node.inputs),
+        {name: attr.value for name, attr in node.attributes.items()},
+        name=names.fresh(f"{node.name or 'layer_norm'}_quantized_branch"),
+    )
+    output = clone.outputs[0]
+    output.name = names.fresh(f"{node.outputs[0].name or 'layer_norm'}_quantized_branch")
+    output.dtype = node.outputs[0].dtype
+    output.shape = node.outputs[0].shape
+    graph.insert_after(node, clone)
+    return clone
+
+
+def _existing_branch(activation: ir.Value) -> tuple[ir.Value, np.ndarray | None, np.ndarray | None]:
+    """If the activation ends one of our Mul/Add branches: its base input and current (scale, offset)."""
+    scale: np.ndarray | None = None
+    offset: np.ndarray | None = None
+    value = activation
+    while (producer := value.producer()) is not None and AFFINE_BRANCH_KEY in producer.meta:
+        constant = constant_array(producer.inputs[1])
+        assert constant is not None
+        if producer.op_type == "Add":
+            offset = constant
+        else:
+            scale = constant
+        base = producer.inputs[0]
+        assert base is not None
+        value = base
+    if value is activation:
+        return activation, None, None
+    channels = (scale if scale is not None else offset).size  # type: ignore[union-attr]
+    return (
+        value,
+        scale if scale is not None else np.ones(channels, np.float32),
+        offset if offset is not None else np.zeros(channels, np.float32),
+    )
+
+
+def _remove_branch(graph: ir.Graph, activation: ir.Value) -> None:
+    """Remove our Mul/Add branch that ends in ``activation`` (its readers must be redirected after)."""
+    chain = []
+    value = activation
+    while (producer := value.producer()) is not None and AFFINE_BRANCH_KEY in producer.meta:
+        chain.append(producer)
+        value = producer.inputs[0]  # type: ignore[assignment]
+    # Detach readers first so that the nodes are safe to remove.
+    for usage in list(activation.uses()):
+        usage.node.replace_input_with(usage.idx, value)
+    graph.remove(chain, safe=True)
+
+
+def _insert_branch(graph: ir.Graph, names: NameScope, base: ir.Value, scale: np.ndarray, offset: np.ndarray) -> ir.Value:
+    """Insert Mul(scale) and Add(offset) after ``base`` (identity parts left out); return the result."""
+    nodes = []
+    value = base
+    stem = base.name or "activation"
+    for op_type, constant, identity in (("Mul", scale, 1.0), ("Add", offset, 0.0)):
+        if np.all(constant == identity):
+            continue
+        operand = add_initializer(graph, names, f"{stem}_{op_type.lower()}", constant.astype(np.float32))
+        node = ir.node(op_type, [value, operand], name=names.fresh(f"{stem}_{op_type}"))
+        node.meta[AFFINE_BRANCH_KEY] = True
+        node.outputs[0].name = names.fresh(f"{stem}_{op_type.lower()}_out")
+        node.outputs[0].dtype = ir.DataType.FLOAT
+        node.outputs[0].shape = base.shape
+        nodes.append(node)
+        value = node.outputs[0]
+    insert_after_producer(graph, base, nodes)
+    return value
+
+
+def scale_weight_rows(graph: ir.Graph, names: NameScope, layer: Layer, factors: np.ndarray) -> None:
+    """W' = diag(factors)·W along the weight's input-channel axis, as a new initializer."""
+    weight = layer.weight_array
+    shape = [1] * weight.ndim
+    shape[layer.in_axis] = factors.size
+    scaled = (weight * factors.reshape(shape)).astype(weight.dtype)
+    value = add_initializer(graph, names, f"{layer.weight.name or 'weight'}_scaled", scaled)
+    old = layer.weight
+    layer.node.replace_input_with(layer.weight_index, value)
+    if old.is_initializer() and not old.uses() and not old.is_graph_output() and not old.is_graph_input():
+        graph.initializers.pop(old.name or "")
+
+
+def weight_times(layer: Layer, vector: np.ndarray) -> np.ndarray:
+    """vector·W contracted over the weight's input-channel axis: one value per output channel."""
+    return np.tensordot(vector.astype(np.float64), layer.weight_array.astype(np.float64), axes=([0], [layer.in_axis]))
+
+
+def add_to_layer_bias(graph: ir.Graph, names: NameScope, layer: Layer, delta: np.ndarray) -> bool:
+    """Add ``delta`` (one value per output channel) to the layer's bias, creating it if needed."""
+    node = layer.node
+    if node.op_type == "Gemm":
+        if node.attributes.get_float("alpha", 1.0) != 1.0 or node.attributes.get_float("beta", 1.0) != 1.0:
+            return False
+        bias_value = node.inputs[2] if len(node.inputs) > 2 else None
+        bias = np.zeros(delta.shape, np.float32) if bias_value is None else constant_array(bias_value)
+        if bias is None:
+            return False
+        new_bias = add_initializer(graph, names, f"{node.name or 'gemm'}_bias", (bias + delta).astype(np.float32))
+        if len(node.inputs) < 3:
+            node.resize_inputs(3)
+        node.replace_input_with(2, new_bias)
+        return True
+    if node.op_type != "MatMul":
+        return False
+    bias_add = bias_add_of(node)
+    if bias_add is not None:
+        add_node, index = bias_add
+        bias = constant_array(add_node.inputs[index])
+        assert bias is not None
+        updated = (bias + delta.reshape(bias.shape[:-1] + (delta.size,) if bias.ndim else delta.shape)).astype(
+            bias.dtype
+        )
+        add_node.replace_input_with(index, add_initializer(graph, names, f"{node.name or 'matmul'}_bias", updated))
+        return True
+    _insert_bias_add(graph, names, node, delta.astype(np.float32))
+    return True
+
+
+def bias_add_of(node: ir.Node) -> tuple[ir.Node, int] | None:
+    """The Add that is the MatMul's only reader and adds a constant per-output-channel bias."""
+    output = node.outputs[0]
+    consumers = list(output.consumers())
+    if len(consumers) != 1 or output.is_graph_output() or consumers[0].op_type != "Add":
+        return None
+    add_node = consumers[0]
+    for index in (0, 1):
+        other = add_node.inputs[1 - index]
+        bias = constant_array(add_node.inputs[index])
+        if other is output and bias is not None and bias.ndim >= 1 and all(d == 1 for d in bias.shape[:-1]):
+            return add_node, index
+    return None
+
+
+def _insert_bias_add(graph: ir.Graph, names: NameScope, node: ir.Node, bias: np.ndarray) -> None:
+    """Insert Add(bias) after the MatMul; the Add's output takes over the MatMul output's name and readers."""
+    output = node.outputs[0]
+    original_name = output.name
+    bias_value = add_initializer(graph, names, f"{node.name or 'matmul'}_bias", bias)
+    add_node = ir.node("Add", [output, bias_value], name=names.fresh(f"{node.name or 'matmul'}_bias_add"))
+    result = add_node.outputs[0]
+    result.dtype = output.dtype
+    result.shape = output.shape
+    output.replace_all_uses_with(result, replace_graph_outputs=True)
+    add_node.replace_input_with(0, output)
+    output.name = names.fresh(f"{original_name or 'matmul'}_unbiased")
+    result.name = original_name
+    graph.insert_after(node, add_node)
