@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.data import CalibrationSource
-from graphquant.analysis.runner import PROTO_SIZE_LIMIT, initializer_bytes, open_session
+from graphquant.analysis.runner import PROTO_SIZE_LIMIT, has_external_data, initializer_bytes, open_session
 from graphquant.errors import GraphQuantError, InvalidModelError, OutputError, RecipeError
 from graphquant.frontends.onnx_file import load as _load_file
 from graphquant.recipes import Recipe
@@ -87,9 +87,11 @@ def optimize(
     )
     if not report.quantized:
         report.notes.append("nothing to quantize: the model was written unchanged apart from clean-ups")
-    held_out = validation if validation is not None else calibration
-    if held_out is not None and report.quantized:
-        _validate_into(report, model, candidate, Calibrator.for_model(model, held_out, False))
+    if report.quantized and (validation is not None or calibrator is not None):
+        # Reuse the calibration data as given: a one-shot generator cannot be read twice (and warnings not repeated).
+        checker = Calibrator.for_model(model, validation, False) if validation is not None else calibrator
+        assert checker is not None
+        _validate_into(report, model, candidate, checker)
     return OptimizeResult(candidate, report)
 
 
@@ -135,14 +137,19 @@ def save(result_or_model: OptimizeResult | ir.Model, path: str | os.PathLike[str
         raise OutputError(f"{target}: refusing to overwrite the input model (pass overwrite=True / --overwrite)")
     if not target.parent.is_dir():
         raise OutputError(f"{target.parent}: output folder does not exist")
-    external = f"{target.name}.data" if initializer_bytes(model) > PROTO_SIZE_LIMIT else None
+    # External tensors must be rewritten beside the output: their locations are relative to the input's folder.
+    large = initializer_bytes(model) > PROTO_SIZE_LIMIT or has_external_data(model)
+    external = f"{target.name}.data" if large else None
     with _temporary_path(target) as scratch:
         try:
             ir.save(model, scratch, external_data=external)
         except OSError as exc:
             raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
         _check_written(scratch, model)
-        os.replace(scratch, target)
+        try:
+            os.replace(scratch, target)
+        except OSError as exc:  # e.g. the target is a directory
+            raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
     return target
 
 

@@ -54,3 +54,71 @@ def mlp(rng: np.random.Generator) -> ir.Model:
         MLP,
         {"w1": weights(rng, 16, 8), "b1": weights(rng, 8), "w2": weights(rng, 4, 8), "b2": weights(rng, 4)},
     )
+
+
+def save_model(model: ir.Model, path) -> str:
+    """Write a model to ``path`` (a single .onnx file) and return the path as a string."""
+    ir.save(model, str(path))
+    return str(path)
+
+
+def mlp_reference(model: ir.Model, x: np.ndarray) -> np.ndarray:
+    """The float output of :func:`mlp`'s graph computed in numpy from the model's own initializers."""
+    init = {name: value.const_value.numpy() for name, value in model.graph.initializers.items()}
+    hidden = np.maximum(x @ init["w1"] + init["b1"], 0.0)
+    return (hidden @ init["w2"].T + init["b2"]).astype(np.float32)
+
+
+NAMED_MLP = """
+<ir_version: 8, opset_import: ["" : 17]>
+named_mlp (float[N, 16] x) => (float[N, 4] y) {
+  [fc1] h = MatMul(x, w1)
+  [bias1] hb = Add(h, b1)
+  [act] r = Relu(hb)
+  [fc2] y = Gemm<transB: int = 1>(r, w2, b2)
+}
+"""
+
+
+def named_mlp(rng: np.random.Generator) -> ir.Model:
+    """:func:`mlp` with node names fc1 (MatMul), bias1, act and fc2 (Gemm, transB), for overrides."""
+    return build(
+        NAMED_MLP,
+        {"w1": weights(rng, 16, 8), "b1": weights(rng, 8), "w2": weights(rng, 4, 8), "b2": weights(rng, 4)},
+    )
+
+
+QKV = """
+<ir_version: 8, opset_import: ["" : 17]>
+qkv (float[N, 8] x) => (float[N, 8] q, float[N, 8] k, float[N, 8] v, float[N, 8] res) {
+  [q_proj] q = MatMul(x, wq)
+  [k_proj] k = MatMul(x, wk)
+  [v_proj] v = MatMul(x, wv)
+  [residual] res = Add(x, v)
+}
+"""
+
+
+def qkv(rng: np.random.Generator) -> ir.Model:
+    """Three MatMuls (q_proj, k_proj, v_proj) sharing input x, which a residual Add also reads."""
+    return build(QKV, {name: weights(rng, 8, 8) for name in ("wq", "wk", "wv")})
+
+
+RELU_ONLY = """
+<ir_version: 8, opset_import: ["" : 17]>
+relu_only (float[N, 4] x) => (float[N, 4] y) {
+  y = Relu(x)
+}
+"""
+
+
+def relu_only() -> ir.Model:
+    """A model with nothing to quantize."""
+    return build(RELU_ONLY)
+
+
+def feeds(
+    rng: np.random.Generator, batches: int, rows: int, features: int, name: str = "x"
+) -> list[dict[str, np.ndarray]]:
+    """``batches`` float32 Gaussian feeds of shape (rows, features) for one input."""
+    return [{name: rng.standard_normal((rows, features)).astype(np.float32)} for _ in range(batches)]

@@ -144,7 +144,10 @@ def _npz_feeds(path: Path, inputs: list[InputSpec], batch_size: int) -> Iterator
     if len(set(samples.values())) != 1:
         raise CalibrationError(f"{path}: arrays disagree on the number of samples: {samples}")
     total = next(iter(samples.values()))
-    step = _batch_size_for(inputs, batch_size)
+    static = _batch_size_for(inputs, 0)
+    if static and total % static:  # refuse up front: a short last batch would only be refused mid-run
+        raise CalibrationError(f"{path}: {total} samples do not split into the model's static batch size {static}")
+    step = static or batch_size
     for start in range(0, total, step):
         yield {key: array[start : start + step] for key, array in arrays.items()}
 

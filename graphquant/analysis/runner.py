@@ -22,6 +22,11 @@ def initializer_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
+def has_external_data(model: ir.Model) -> bool:
+    """Whether any initializer still lives in an external data file (relative to the loaded model's folder)."""
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
 @contextlib.contextmanager
 def open_session(model: ir.Model, extra_outputs: Sequence[str] = ()) -> Iterator[ort.InferenceSession]:
     """An onnxruntime CPU session on the model, with extra named tensors appended to its outputs."""
@@ -42,7 +47,8 @@ def open_session(model: ir.Model, extra_outputs: Sequence[str] = ()) -> Iterator
 
 def _proto_with_outputs(model: ir.Model, extra_outputs: Sequence[str], scratch: Path) -> onnx.ModelProto | Path:
     """The model as a proto (or a file for large models) with untyped extra outputs added."""
-    if initializer_bytes(model) <= PROTO_SIZE_LIMIT:
+    # A proto in memory has no folder to resolve external data against: those models go as a file too.
+    if initializer_bytes(model) <= PROTO_SIZE_LIMIT and not has_external_data(model):
         proto = ir.to_proto(model)
         proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in extra_outputs)
         return proto

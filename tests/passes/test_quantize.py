@@ -1,0 +1,247 @@
+"""QuantizePass: weight/activation QuantSpecs on layers, overrides, methods and option checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from builders import build, feeds, named_mlp, qkv, relu_only, run, weights
+from graphquant.analysis.calibration import Calibrator
+from graphquant.lowering.qdq import QdqLoweringPass
+from graphquant.passes.quantize import NodeOverride, QuantizePass
+from graphquant.quant_spec import DECISION_KEY, INPUT_SPECS_KEY, QuantSpec, symmetric_spec
+
+
+def initializer(model: ir.Model, name: str) -> np.ndarray:
+    return model.graph.initializers[name].const_value.numpy()
+
+
+def nodes(model: ir.Model) -> dict[str, ir.Node]:
+    return {node.name: node for node in model.graph}
+
+
+def calibrated(model: ir.Model, data, **options) -> ir.passes.PassResult:
+    return QuantizePass(Calibrator.for_model(model, data, show_progress=False), **options)(model)
+
+
+@pytest.fixture
+def mlp_and_data():
+    rng = np.random.default_rng(0)
+    return named_mlp(rng), feeds(rng, batches=3, rows=5, features=16)
+
+
+def test_annotations_on_a_matching_graph(mlp_and_data):
+    model, data = mlp_and_data
+    w1, b1, w2 = initializer(model, "w1"), initializer(model, "b1"), initializer(model, "w2")
+    result = calibrated(model, data)
+    assert result.modified
+    by_name = nodes(model)
+
+    fc1 = by_name["fc1"].meta[INPUT_SPECS_KEY]
+    assert sorted(fc1) == [0, 1]
+    weight = fc1[1]
+    assert (weight.bits, weight.signed, weight.axis, weight.qmin, weight.qmax) == (8, True, 1, -127, 127)
+    np.testing.assert_allclose(weight.scale, np.abs(w1).max(axis=0) / 127, rtol=1e-6)
+    np.testing.assert_array_equal(weight.zero_point, np.zeros(8))
+
+    x = np.concatenate([feed["x"] for feed in data])
+    activation = fc1[0]
+    assert activation.axis is None and activation.scale.shape == ()
+    np.testing.assert_allclose(activation.scale, np.abs(x).max() / 127, rtol=1e-6)
+
+    fc2 = by_name["fc2"].meta[INPUT_SPECS_KEY]
+    assert fc2[1].axis == 0  # Gemm transB: out channels are the rows of w2
+    np.testing.assert_allclose(fc2[1].scale, np.abs(w2).max(axis=1) / 127, rtol=1e-6)
+    relu = np.maximum(x @ w1 + b1, 0)
+    np.testing.assert_allclose(fc2[0].scale, relu.max() / 127, rtol=1e-5)
+    assert 2 not in fc2  # the bias stays float
+
+    decision = by_name["fc1"].meta[DECISION_KEY]
+    assert (decision.node, decision.op_type, decision.status) == ("fc1", "MatMul", "quantized")
+    assert decision.scheme == "W8 per-channel, A8 per-tensor minmax"
+    assert INPUT_SPECS_KEY not in by_name["act"].meta  # Relu is not a layer
+
+
+def test_running_again_changes_nothing(mlp_and_data):
+    model, data = mlp_and_data
+    calibrated(model, data)
+    before = {name: node.meta[INPUT_SPECS_KEY] for name, node in nodes(model).items() if INPUT_SPECS_KEY in node.meta}
+    assert not calibrated(model, data).modified
+    after = {name: node.meta[INPUT_SPECS_KEY] for name, node in nodes(model).items() if INPUT_SPECS_KEY in node.meta}
+    assert {k: [s.key for s in v.values()] for k, v in before.items()} == {
+        k: [s.key for s in v.values()] for k, v in after.items()
+    }
+
+
+def test_no_quantizable_layer_means_not_modified():
+    model = relu_only()
+    data = [{"x": np.ones((2, 4), np.float32)}]
+    assert not calibrated(model, data).modified
+    assert all(not node.meta for node in model.graph)
+
+
+ACT_ACT = """
+<ir_version: 8, opset_import: ["" : 17]>
+attn (float[N, 4] a, float[4, N] b) => (float[N, N] y) {
+  [scores] y = MatMul(a, b)
+}
+"""
+
+
+def test_activation_times_activation_is_recorded_as_float():
+    model = build(ACT_ACT)
+    data = [{"a": np.ones((2, 4), np.float32), "b": np.ones((4, 2), np.float32)}]
+    assert not calibrated(model, data).modified
+    decision = nodes(model)["scores"].meta[DECISION_KEY]
+    assert decision.status == "float"
+    assert decision.reason == "activation x activation MatMul (left float)"
+
+
+def test_shared_input_gets_identical_activation_specs():
+    rng = np.random.default_rng(1)
+    model = qkv(rng)
+    data = feeds(rng, batches=2, rows=4, features=8)
+    calibrated(model, data)
+    specs = [nodes(model)[name].meta[INPUT_SPECS_KEY][0] for name in ("q_proj", "k_proj", "v_proj")]
+    assert specs[0].key == specs[1].key == specs[2].key
+    x = np.concatenate([feed["x"] for feed in data])
+    np.testing.assert_allclose(specs[0].scale, np.abs(x).max() / 127, rtol=1e-6)
+    assert INPUT_SPECS_KEY not in nodes(model)["residual"].meta
+
+
+OUTPUT_CONSUMER = """
+<ir_version: 8, opset_import: ["" : 17]>
+out_consumer (float[N, 6] x) => (float[N, 6] h, float[N, 3] y) {
+  [act] h = Relu(x)
+  [fc] y = MatMul(h, w)
+}
+"""
+
+
+def test_activation_that_is_also_a_graph_output_keeps_its_values():
+    rng = np.random.default_rng(2)
+    w = weights(rng, 6, 3)
+    model = build(OUTPUT_CONSUMER, {"w": w})
+    data = feeds(rng, batches=2, rows=8, features=6)
+    calibrated(model, data)
+    QdqLoweringPass()(model)
+    assert [value.name for value in model.graph.outputs] == ["h", "y"]
+    x = data[0]["x"]
+    h, y = run(model, {"x": x})
+    np.testing.assert_array_equal(h, np.maximum(x, 0))  # the graph output is the float tensor, untouched
+    # ...while the MatMul reads its fake-quantized form.
+    h_all = np.maximum(np.concatenate([feed["x"] for feed in data]), 0)
+    a_scale = np.float32(h_all.max()) / np.float32(127)
+    w_scale = (np.abs(w).max(axis=0) / np.float32(127)).astype(np.float32)
+    h_q = np.clip(np.rint(np.maximum(x, 0) / a_scale), -128, 127) * a_scale
+    w_q = np.clip(np.rint(w / w_scale), -127, 127) * w_scale
+    np.testing.assert_allclose(y, h_q @ w_q, rtol=1e-5, atol=1e-5)
+    assert np.abs(y - np.maximum(x, 0) @ w).max() > 1e-4  # and it really is quantized
+
+
+def test_override_skip_keeps_the_layer_float(mlp_and_data):
+    model, data = mlp_and_data
+    result = calibrated(model, data, overrides=[NodeOverride("fc2", {"skip": True})])
+    assert result.modified
+    by_name = nodes(model)
+    assert INPUT_SPECS_KEY in by_name["fc1"].meta
+    assert INPUT_SPECS_KEY not in by_name["fc2"].meta
+    decision = by_name["fc2"].meta[DECISION_KEY]
+    assert (decision.status, decision.reason) == ("float", "skipped by a recipe override")
+
+
+def test_override_wbits_4_gives_codes_in_plus_minus_7(mlp_and_data):
+    model, data = mlp_and_data
+    w1, w2 = initializer(model, "w1"), initializer(model, "w2")
+    calibrated(model, data, overrides=[NodeOverride("fc*", {"wbits": 6}), NodeOverride("fc1", {"wbits": 4})])
+    by_name = nodes(model)
+    spec = by_name["fc1"].meta[INPUT_SPECS_KEY][1]
+    assert (spec.bits, spec.qmin, spec.qmax) == (4, -7, 7)
+    np.testing.assert_allclose(spec.scale, np.abs(w1).max(axis=0) / 7, rtol=1e-6)
+    assert by_name["fc2"].meta[INPUT_SPECS_KEY][1].bits == 6  # the later, narrower pattern wins only for fc1
+    assert by_name["fc1"].meta[INPUT_SPECS_KEY][0].bits == 8  # activation bits untouched
+    assert by_name["fc1"].meta[DECISION_KEY].scheme.startswith("W4 per-channel")
+
+    QdqLoweringPass()(model)
+    codes = initializer(model, "w1_quantized")
+    assert codes.dtype == np.int8
+    assert codes.min() >= -7 and codes.max() <= 7
+    np.testing.assert_array_equal(np.abs(codes).max(axis=0), np.full(8, 7))  # every channel uses the full grid
+    codes2 = initializer(model, "w2_quantized")
+    assert np.abs(codes2).max() == 31  # W6
+
+
+def test_weight_only_needs_no_calibration(mlp_and_data):
+    model, _ = mlp_and_data
+    result = QuantizePass(None, abits=None)(model)
+    assert result.modified
+    specs = nodes(model)["fc1"].meta[INPUT_SPECS_KEY]
+    assert sorted(specs) == [1]
+    assert nodes(model)["fc1"].meta[DECISION_KEY].scheme == "W8 per-channel"
+
+
+def test_activation_bits_without_calibration_is_a_precondition_error(mlp_and_data):
+    model, _ = mlp_and_data
+    with pytest.raises(ir.passes.PreconditionError, match="needs calibration data"):
+        QuantizePass(None)(model)
+
+
+def test_percentile_gives_a_smaller_scale_than_minmax_on_heavy_tails():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2048, 16)).astype(np.float32)
+    x[[10, 700, 1500], [3, 9, 12]] = [400.0, -350.0, 500.0]  # three huge spikes among 32768 values
+    data = [{"x": x[i : i + 256]} for i in range(0, 2048, 256)]
+
+    minmax_model = named_mlp(np.random.default_rng(4))
+    calibrated(minmax_model, data)
+    percentile_model = named_mlp(np.random.default_rng(4))
+    calibrated(percentile_model, data, activation_method="percentile", percentile=99.9)
+
+    minmax = float(nodes(minmax_model)["fc1"].meta[INPUT_SPECS_KEY][0].scale)
+    percentile = float(nodes(percentile_model)["fc1"].meta[INPUT_SPECS_KEY][0].scale)
+    assert minmax == pytest.approx(500.0 / 127, rel=1e-6)
+    exact = float(np.percentile(np.abs(x), 99.9)) / 127
+    assert exact * (1 - 1e-3) <= percentile <= exact * 2 ** (1 / 16) * (1 + 1e-3)
+    assert percentile < minmax / 50
+    assert nodes(percentile_model)["fc1"].meta[DECISION_KEY].scheme.endswith("per-tensor percentile")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"wbits": 9},
+        {"wbits": 1},
+        {"abits": 9},
+        {"abits": 0},
+        {"overrides": [NodeOverride("fc1", {"wbits": 16})]},
+        {"overrides": [NodeOverride("fc1", {"abits": 1})]},
+    ],
+)
+def test_bits_out_of_range_are_refused(options):
+    with pytest.raises(ValueError, match="must be in 2..8"):
+        QuantizePass(None, **options)
+
+
+def test_unknown_override_option_and_method_are_refused():
+    with pytest.raises(ValueError, match="unknown options"):
+        QuantizePass(None, overrides=[NodeOverride("fc1", {"bits": 4})])
+    with pytest.raises(ValueError, match="activation_method"):
+        QuantizePass(None, activation_method="kl")
+
+
+def test_quant_spec_math():
+    spec = symmetric_spec(np.array([2.0, 0.0, 1e-45], np.float32), 8, axis=0)
+    np.testing.assert_array_equal(spec.scale, np.array([2.0 / 127, 1.0, 1.0], np.float32))  # zero ranges get scale 1
+    values = np.array([[2.0, 2.5, 0.0], [-3.0, -3.5, 300.0]], np.float32).T  # channels along axis 0
+    codes = spec.quantize(values)
+    assert codes.dtype == np.int8
+    # Channel 1 has scale 1: 2.5 -> 2 and -3.5 -> -4 (round half to even); 300 clips to 127, -3 clips to -127.
+    np.testing.assert_array_equal(codes, [[127, -127], [2, -4], [0, 127]])
+    np.testing.assert_allclose(spec.dequantize(codes), codes * spec.scale[:, None], rtol=1e-7)
+    with pytest.raises(ValueError, match="bits"):
+        QuantSpec(bits=9, signed=True, scale=np.float32(1), zero_point=np.int8(0))
+    with pytest.raises(ValueError, match="positive"):
+        QuantSpec(bits=8, signed=True, scale=np.float32(0), zero_point=np.int8(0))
+    with pytest.raises(ValueError, match="per-axis"):
+        QuantSpec(bits=8, signed=True, scale=np.ones(3, np.float32), zero_point=np.zeros(3, np.int8))

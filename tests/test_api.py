@@ -1,0 +1,253 @@
+"""The Python API: optimize (fidelity, report, no mutation), atomic save, and safe load."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import onnx.parser
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import graphquant
+from builders import feeds, mlp, mlp_reference, relu_only, run, save_model
+from graphquant.errors import CalibrationError, InvalidModelError, OutputError, RecipeError
+
+
+def snapshot(model: ir.Model) -> tuple:
+    """Everything optimize must leave alone on its input: nodes, names, weights, metadata."""
+    return (
+        [(node.op_type, node.name, [v.name for v in node.inputs], dict(node.meta)) for node in model.graph],
+        {name: value.const_value.numpy().copy() for name, value in model.graph.initializers.items()},
+        [value.name for value in model.graph.outputs],
+    )
+
+
+def metrics(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
+    """Cosine similarity and SQNR (dB) computed directly in numpy."""
+    ref, cand = reference.astype(np.float64).ravel(), candidate.astype(np.float64).ravel()
+    cosine = ref @ cand / (np.linalg.norm(ref) * np.linalg.norm(cand))
+    sqnr = 10 * math.log10((ref @ ref) / ((ref - cand) @ (ref - cand)))
+    return float(cosine), sqnr
+
+
+@pytest.fixture
+def model_and_data():
+    rng = np.random.default_rng(0)
+    return mlp(rng), feeds(rng, batches=4, rows=16, features=16)
+
+
+def test_optimize_quantizes_and_stays_close(model_and_data):
+    model, data = model_and_data
+    before = snapshot(model)
+    result = graphquant.optimize(model, calibration=data, show_progress=False)
+
+    report = result.report
+    assert (report.recipe, report.target, report.passes) == ("w8a8", "qdq", ["quantize"])
+    assert [(layer.op_type, layer.status) for layer in report.quantized] == [
+        ("MatMul", "quantized"),
+        ("Gemm", "quantized"),
+    ]
+    assert report.kept_float == [] and report.notes == []
+    assert all(layer.scheme == "W8 per-channel, A8 per-tensor minmax" for layer in report.quantized)
+
+    reference = np.concatenate([mlp_reference(model, feed["x"]) for feed in data])
+    candidate = np.concatenate([run(result.model, feed)[0] for feed in data])
+    cosine, sqnr = metrics(reference, candidate)
+    assert cosine > 0.99
+    assert sqnr > 25.0
+    # The report measured the same thing against the onnxruntime reference.
+    assert report.outputs["y"].cosine == pytest.approx(cosine, abs=1e-6)
+    assert report.outputs["y"].sqnr_db == pytest.approx(sqnr, abs=0.01)
+    assert report.outputs["y"].max_abs_error == pytest.approx(np.abs(reference - candidate).max(), rel=1e-3)
+    assert sorted(report.layer_metrics) == sorted(layer.node for layer in report.quantized)
+
+    stored = sum(value.const_value.nbytes for value in result.model.graph.initializers.values())
+    assert report.bytes_after == stored < report.bytes_before == 4 * (16 * 8 + 8 + 4 * 8 + 4)
+    assert snapshot(model)[0] == before[0] and snapshot(model)[2] == before[2]
+    for name, array in before[1].items():
+        np.testing.assert_array_equal(model.graph.initializers[name].const_value.numpy(), array)
+    assert [node.op_type for node in model.graph] == ["MatMul", "Add", "Relu", "Gemm"]
+
+
+def test_optimize_with_separate_validation_data_and_wbits(model_and_data):
+    model, data = model_and_data
+    held_out = feeds(np.random.default_rng(9), batches=2, rows=8, features=16)
+    result = graphquant.optimize(model, calibration=data, validation=held_out, wbits=4, show_progress=False)
+    assert all(layer.scheme.startswith("W4 per-channel") for layer in result.report.quantized)
+    reference = np.concatenate([mlp_reference(model, feed["x"]) for feed in held_out])
+    candidate = np.concatenate([run(result.model, feed)[0] for feed in held_out])
+    cosine, sqnr = metrics(reference, candidate)
+    assert result.report.outputs["y"].sqnr_db == pytest.approx(sqnr, abs=0.01)
+    assert 0.9 < cosine and sqnr < 25.0  # W4 costs visibly more than W8
+
+
+def test_optimize_with_a_one_shot_generator_calibrates_and_validates(model_and_data):
+    model, data = model_and_data
+    from_list = graphquant.optimize(model, calibration=data, show_progress=False)
+    from_generator = graphquant.optimize(model, calibration=(feed for feed in data), show_progress=False)
+    assert from_generator.report.outputs["y"].sqnr_db == pytest.approx(from_list.report.outputs["y"].sqnr_db)
+    for feed in data[:2]:
+        np.testing.assert_array_equal(run(from_generator.model, feed)[0], run(from_list.model, feed)[0])
+
+
+def test_optimize_without_calibration_is_a_recipe_error(model_and_data):
+    model, _ = model_and_data
+    with pytest.raises(RecipeError, match="needs calibration data"):
+        graphquant.optimize(model, show_progress=False)
+
+
+def test_calibration_errors_inside_the_pipeline_stay_calibration_errors(model_and_data):
+    model, _ = model_and_data
+    with pytest.raises(CalibrationError, match="no finite value"):
+        graphquant.optimize(model, calibration=[{"x": np.full((2, 16), np.nan, np.float32)}], show_progress=False)
+
+
+def test_save_is_atomic_and_never_overwrites_the_input(tmp_path, model_and_data):
+    model, data = model_and_data
+    source = tmp_path / "model.onnx"
+    save_model(model, source)
+    original = source.read_bytes()
+    loaded = graphquant.load(source)
+    result = graphquant.optimize(loaded, calibration=data, show_progress=False)
+
+    with pytest.raises(OutputError, match="refusing to overwrite the input"):
+        graphquant.save(result, source)
+    with pytest.raises(OutputError, match="refusing to overwrite the input"):
+        graphquant.save(loaded, tmp_path / "." / "model.onnx")
+    assert source.read_bytes() == original
+
+    written = graphquant.save(result, tmp_path / "quantized.onnx")
+    assert written == (tmp_path / "quantized.onnx").resolve()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "quantized.onnx"]  # no temp files left
+    reloaded = graphquant.load(written)
+    onnx.checker.check_model(str(written), full_check=True)
+    for feed in data[:2]:
+        np.testing.assert_array_equal(run(reloaded, feed)[0], run(result.model, feed)[0])
+
+    graphquant.save(result, source, overwrite=True)
+    assert source.read_bytes() != original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "quantized.onnx"]
+
+
+def test_save_into_a_missing_folder_or_onto_a_folder_fails_cleanly(tmp_path, model_and_data):
+    model, _ = model_and_data
+    with pytest.raises(OutputError, match="output folder does not exist"):
+        graphquant.save(model, tmp_path / "missing" / "out.onnx")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(OutputError, match="cannot write"):
+        graphquant.save(model, tmp_path / "taken")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_nothing_to_quantize_saves_fine_and_says_so(tmp_path):
+    model = relu_only()
+    data = [{"x": np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)}]
+    result = graphquant.optimize(model, calibration=data, show_progress=False)
+    assert result.report.quantized == [] and result.report.outputs == {}
+    assert any("nothing to quantize" in note for note in result.report.notes)
+    assert "note: nothing to quantize" in result.report.format_table()
+    path = graphquant.save(result, tmp_path / "relu.onnx")
+    (y,) = run(graphquant.load(path), data[0])
+    np.testing.assert_array_equal(y, np.maximum(data[0]["x"], 0))
+
+
+def test_report_to_dict_is_json_ready(model_and_data):
+    model, data = model_and_data
+    report = graphquant.optimize(model, calibration=data, show_progress=False).report
+    as_dict = report.to_dict()
+    assert [layer["status"] for layer in as_dict["layers"]] == ["quantized", "quantized"]
+    assert all("metrics" in layer and layer["metrics"]["cosine"] > 0.99 for layer in as_dict["layers"])
+    assert as_dict["outputs"]["y"]["sqnr_db"] == pytest.approx(report.outputs["y"].sqnr_db)
+
+
+LOADABLE = """
+<ir_version: 8, opset_import: ["" : 17]>
+ext (float[N, 16] x) => (float[N, 16] y) {
+  y = MatMul(x, w)
+}
+"""
+
+
+def write_external(model_path, location: str) -> np.ndarray:
+    """A model whose 1 KiB weight lives in external data at ``location`` (relative to the model's folder)."""
+    w = (np.arange(256, dtype=np.float32).reshape(16, 16) - 128) / 64
+    proto = onnx.parser.parse_model(LOADABLE)
+    tensor = onnx.numpy_helper.from_array(w, "w")
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(w.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    proto.graph.initializer.append(tensor)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    model_path.write_bytes(proto.SerializeToString())
+    return w
+
+
+def run_file(path, feed):
+    """Run a saved model file in onnxruntime (so external data resolves against its folder)."""
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def test_external_data_models_optimize_and_save_elsewhere(tmp_path):
+    w = write_external(tmp_path / "in" / "model.onnx", "weights.bin")
+    (tmp_path / "in" / "weights.bin").write_bytes(w.tobytes())
+    model = graphquant.load(tmp_path / "in" / "model.onnx")
+    data = feeds(np.random.default_rng(2), batches=2, rows=4, features=16)
+    x = data[0]["x"]
+
+    result = graphquant.optimize(model, calibration=data, show_progress=False)
+    assert len(result.report.quantized) == 1
+    assert result.report.outputs["y"].sqnr_db > 30
+
+    (tmp_path / "out").mkdir()
+    copy = graphquant.save(model, tmp_path / "out" / "copy.onnx")  # the float model, weight still external
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["copy.onnx", "copy.onnx.data"]
+    np.testing.assert_allclose(run_file(copy, {"x": x})[0], x @ w, rtol=1e-5, atol=1e-5)
+    quantized = graphquant.save(result, tmp_path / "out" / "quantized.onnx")
+    (y,) = run_file(quantized, {"x": x})
+    assert metrics(x @ w, y)[1] > 30
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "ABSOLUTE"])
+def test_load_refuses_external_data_outside_the_model_folder(tmp_path, location):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.zeros(16, np.float32).tobytes())
+    location = str(secret) if location == "ABSOLUTE" else location
+    write_external(tmp_path / "models" / "model.onnx", location)
+    with pytest.raises(InvalidModelError, match="outside the model directory"):
+        graphquant.load(tmp_path / "models" / "model.onnx")
+
+
+def test_load_refuses_missing_external_data(tmp_path):
+    write_external(tmp_path / "model.onnx", "weights.bin")
+    with pytest.raises(InvalidModelError, match="'weights.bin' is missing"):
+        graphquant.load(tmp_path / "model.onnx")
+
+
+def test_load_refuses_bad_files(tmp_path):
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(InvalidModelError, match="file is empty"):
+        graphquant.load(empty)
+
+    noise = tmp_path / "noise.onnx"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(InvalidModelError, match="not a valid ONNX model"):
+        graphquant.load(noise)
+
+    whole = ir.to_proto(mlp(np.random.default_rng(1))).SerializeToString()
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(whole[: len(whole) - 100])
+    with pytest.raises(InvalidModelError, match="not a valid ONNX model"):
+        graphquant.load(truncated)
+
+    with pytest.raises(InvalidModelError, match="no such file"):
+        graphquant.load(tmp_path / "absent.onnx")
+    with pytest.raises(InvalidModelError, match="no such file"):
+        graphquant.load(tmp_path)  # a folder is not a model file
