@@ -109,7 +109,7 @@ def _clone_layer_norm(graph: ir.Graph, names: NameScope, node: ir.Node) -> ir.No
     )
     output = clone.outputs[0]
     output.name = names.fresh(f"{node.outputs[0].name or 'layer_norm'}_quantized_branch")
-    output.dtype = node.outputs[0].dtype
+    output.type = node.outputs[0].type
     output.shape = node.outputs[0].shape
     graph.insert_after(node, clone)
     return clone
@@ -237,6 +237,20 @@ def bias_add_of(node: ir.Node) -> tuple[ir.Node, int] | None:
     return None
 
 
+def layer_bias(layer: Layer) -> np.ndarray:
+    """The layer's constant bias per output channel (zeros where there is none or it is not constant)."""
+    node = layer.node
+    channels = layer.weight_array.shape[layer.out_axis]
+    bias: np.ndarray | None = None
+    if node.op_type == "Gemm" and len(node.inputs) > 2:
+        bias = constant_array(node.inputs[2])
+    elif node.op_type == "MatMul" and (found := bias_add_of(node)) is not None:
+        bias = constant_array(found[0].inputs[found[1]])
+    if bias is None or bias.size not in (1, channels):
+        return np.zeros(channels, np.float64)
+    return np.broadcast_to(bias.reshape(-1).astype(np.float64), (channels,))
+
+
 def _insert_bias_add(graph: ir.Graph, names: NameScope, node: ir.Node, bias: np.ndarray) -> None:
     """Insert Add(bias) after the MatMul; the Add's output takes over the MatMul output's name and readers."""
     output = node.outputs[0]
@@ -244,7 +258,7 @@ def _insert_bias_add(graph: ir.Graph, names: NameScope, node: ir.Node, bias: np.
     bias_value = add_initializer(graph, names, f"{node.name or 'matmul'}_bias", bias)
     add_node = ir.node("Add", [output, bias_value], name=names.fresh(f"{node.name or 'matmul'}_bias_add"))
     result = add_node.outputs[0]
-    result.dtype = output.dtype
+    result.type = output.type
     result.shape = output.shape
     output.replace_all_uses_with(result, replace_graph_outputs=True)
     add_node.replace_input_with(0, output)

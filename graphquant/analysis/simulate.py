@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from graphquant.analysis.layers import Layer
+from graphquant.rewrites import layer_bias
 
 
 def fake_quantize(values: np.ndarray, step: np.ndarray | float, bits: int) -> np.ndarray:
@@ -30,22 +31,43 @@ def group_sqnr_db(
     wbits: int,
     activation_step: float | None = None,
 ) -> float:
-    """SQNR of the group's outputs when X/divisor is quantized (step given, or per-tensor absmax) and W·divisor per column."""
+    """Channel-averaged SQNR of the group's outputs with X/divisor quantized (given step, else per-tensor) and W·divisor per column."""
     x = rows.astype(np.float64)
     scaled = x / divisor
     qmax = 2 ** (abits - 1) - 1
     step = activation_step if activation_step is not None else max(float(np.abs(scaled).max()), 1e-12) / qmax
     x_quantized = fake_quantize(scaled, step, abits)
-    signal = 0.0
-    noise = 0.0
+    # Each output channel's relative error counts equally: a few huge channels must not hide the error in the rest.
+    relative_errors = []
     for layer in layers:
         weight = weight_matrix(layer)
         migrated = weight * divisor[:, None]
         column_step = np.maximum(np.abs(migrated).max(axis=0), 1e-12) / (2 ** (wbits - 1) - 1)
-        reference = x @ weight
-        approximate = x_quantized @ fake_quantize(migrated, column_step[None, :], wbits)
-        signal += float(np.sum(reference**2))
-        noise += float(np.sum((reference - approximate) ** 2))
-    if noise == 0:
-        return math.inf
-    return 10.0 * math.log10(max(signal, 1e-30) / noise)
+        # The bias counts: after a shift it cancels part of X·W, and the error is relative to the sum.
+        bias = layer_bias(layer)
+        reference = x @ weight + bias
+        approximate = x_quantized @ fake_quantize(migrated, column_step[None, :], wbits) + bias
+        signal = np.maximum(np.sum(reference**2, axis=0), 1e-30)
+        relative_errors.append(np.sum((reference - approximate) ** 2, axis=0) / signal)
+    mean_error = float(np.mean(np.concatenate(relative_errors)))
+    return math.inf if mean_error == 0 else -10.0 * math.log10(mean_error)
+
+
+CLIP_RATIOS = np.linspace(1.0, 0.5, 21)
+
+
+def clipped_weight_bound(layer: Layer, bits: int, input_energy: np.ndarray) -> np.ndarray:
+    """Per output column, the clip bound minimizing sum_j E[x_j^2]·(w_jk - q(w_jk))^2 (the expected output error)."""
+    weight = weight_matrix(layer)
+    absmax = np.abs(weight).max(axis=0)
+    qmax = 2 ** (bits - 1) - 1
+    energy = np.maximum(input_energy, 0.0)[:, None]
+    best_error = np.full(absmax.shape, np.inf)
+    best_bound = absmax.copy()
+    for ratio in CLIP_RATIOS:
+        bound = np.maximum(absmax * ratio, 1e-12)
+        error = np.sum(energy * (weight - fake_quantize(weight, bound / qmax, bits)) ** 2, axis=0)
+        better = error < best_error
+        best_error = np.where(better, error, best_error)
+        best_bound = np.where(better, bound, best_bound)
+    return best_bound

@@ -22,8 +22,11 @@ class TensorStats:
     channel_max: np.ndarray
     abs_histogram: np.ndarray
     count: int
+    channel_sum: np.ndarray | None = None
+    channel_sum_squares: np.ndarray | None = None
     nonfinite: int = 0
     sample: np.ndarray | None = None
+    sample_limit: int = 0
 
     @classmethod
     def from_batch(cls, values: np.ndarray, sample_rows: int = 0) -> TensorStats:
@@ -34,6 +37,7 @@ class TensorStats:
         rows = data.reshape(-1, data.shape[-1])
         finite = np.isfinite(rows)
         nonfinite = int(rows.size - np.count_nonzero(finite))
+        clean = np.where(finite, rows, 0).astype(np.float64) if nonfinite else rows.astype(np.float64)
         if nonfinite:
             low = np.where(finite, rows, np.inf).min(axis=0)
             high = np.where(finite, rows, -np.inf).max(axis=0)
@@ -46,8 +50,11 @@ class TensorStats:
             channel_max=high.astype(np.float64),
             abs_histogram=_histogram(magnitudes),
             count=int(rows.shape[0]),
+            channel_sum=clean.sum(axis=0),
+            channel_sum_squares=np.square(clean).sum(axis=0),
             nonfinite=nonfinite,
             sample=_evenly_spaced(rows[np.all(finite, axis=1)], sample_rows) if sample_rows else None,
+            sample_limit=sample_rows,
         )
 
     def merge(self, other: TensorStats) -> TensorStats:
@@ -59,9 +66,25 @@ class TensorStats:
             channel_max=np.maximum(self.channel_max, other.channel_max),
             abs_histogram=self.abs_histogram + other.abs_histogram,
             count=self.count + other.count,
+            channel_sum=_add(self.channel_sum, other.channel_sum),
+            channel_sum_squares=_add(self.channel_sum_squares, other.channel_sum_squares),
             nonfinite=self.nonfinite + other.nonfinite,
-            sample=_merge_samples(self.sample, self.count, other.sample, other.count),
+            sample=_merge_samples(
+                self.sample, self.count, other.sample, other.count, max(self.sample_limit, other.sample_limit)
+            ),
+            sample_limit=max(self.sample_limit, other.sample_limit),
         )
+
+    def channel_mean_square(self) -> np.ndarray:
+        """Per-channel E[x^2]."""
+        return self.channel_mean_square_after_shift(np.zeros_like(self.channel_min))
+
+    def channel_mean_square_after_shift(self, shift: np.ndarray) -> np.ndarray:
+        """Per-channel E[(x - shift)^2] = E[x^2] - 2·shift·E[x] + shift^2 over the rows seen."""
+        if self.channel_sum is None or self.channel_sum_squares is None or self.count == 0:
+            raise ValueError("these statistics hold no channel sums")
+        mean = self.channel_sum / self.count
+        return self.channel_sum_squares / self.count - 2 * shift * mean + shift**2
 
     @property
     def has_finite_values(self) -> bool:
@@ -99,6 +122,11 @@ class TensorStats:
         return float(min(upper_edge, self.absmax))
 
 
+def _add(first: np.ndarray | None, second: np.ndarray | None) -> np.ndarray | None:
+    """Sum of two optional arrays (None if either is missing)."""
+    return None if first is None or second is None else first + second
+
+
 def _evenly_spaced(rows: np.ndarray, limit: int) -> np.ndarray:
     """At most ``limit`` rows taken at even strides (deterministic)."""
     if rows.shape[0] <= limit:
@@ -107,12 +135,11 @@ def _evenly_spaced(rows: np.ndarray, limit: int) -> np.ndarray:
 
 
 def _merge_samples(
-    first: np.ndarray | None, first_count: int, second: np.ndarray | None, second_count: int
+    first: np.ndarray | None, first_count: int, second: np.ndarray | None, second_count: int, limit: int
 ) -> np.ndarray | None:
-    """Merge two row samples under the larger one's bound, each side weighted by the rows it stands for."""
+    """Merge two row samples under ``limit`` rows, each side weighted by the rows it stands for."""
     if first is None or second is None:
         return first if second is None else second
-    limit = max(first.shape[0], second.shape[0])
     if first.shape[0] + second.shape[0] <= limit:
         return np.concatenate([first, second])
     share = round(limit * first_count / max(first_count + second_count, 1))
@@ -182,8 +209,11 @@ class CalibrationStats:
                     channel_max=archive[f"{i}.channel_max"],
                     abs_histogram=archive[f"{i}.abs_histogram"],
                     count=int(archive[f"{i}.count"]),
+                    channel_sum=archive.get(f"{i}.channel_sum"),
+                    channel_sum_squares=archive.get(f"{i}.channel_sum_squares"),
                     nonfinite=int(archive[f"{i}.nonfinite"]),
                     sample=archive[f"{i}.sample"] if f"{i}.sample" in archive.files else None,
+                    sample_limit=int(archive[f"{i}.sample_limit"]),
                 )
                 for i in indices
             }

@@ -18,6 +18,7 @@ from graphquant.rewrites import apply_channel_affine, scale_weight_rows
 METHODS = ("outliertune", "smoothquant", "os-plus")
 SAMPLE_ROWS = 2048
 BOUNDED_EXPONENTS = (0.75, 0.5, 0.25)
+CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6)
 SMOOTHQUANT_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 OS_PLUS_THRESHOLDS = 20
 MIN_DIVISOR = 1e-8
@@ -97,7 +98,10 @@ class PreexecuteDequantPass(ir.passes.InPlacePass):
         if self.method == "outliertune":
             qmax = 2 ** (self.abits - 1) - 1
             step = np.where(absmax > 0, absmax, max(absmax.max(), 1.0)) / qmax
-            candidates.append(Choice(_guarded(step), "per-channel, step pre-executed into W", 0.0, preexecuted=True))
+            candidates.extend(
+                Choice(_guarded(step * ratio), f"per-channel, clipped at {ratio:g}x range, step pre-executed", 0.0, True)
+                for ratio in CLIP_RATIOS
+            )
             candidates.extend(
                 Choice(_guarded(_bounded(absmax, exponent)), f"bounded step ~ range^{exponent}", 0.0)
                 for exponent in BOUNDED_EXPONENTS

@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.layers import Candidate, Layer, candidates, scale_groups
+from graphquant.analysis.simulate import clipped_weight_bound
 from graphquant.analysis.stats import CalibrationStats
 from graphquant.quant_spec import (
     DECISION_KEY,
@@ -55,6 +56,7 @@ class QuantizePass(ir.passes.InPlacePass):
         abits: int | None = 8,
         activation_method: str = "minmax",
         percentile: float = 99.99,
+        weight_clip_search: bool = False,
         overrides: Sequence[NodeOverride] = (),
     ):
         super().__init__()
@@ -64,6 +66,7 @@ class QuantizePass(ir.passes.InPlacePass):
         self.defaults = LayerOptions(wbits=wbits, abits=abits)
         self.activation_method = activation_method
         self.percentile = percentile
+        self.weight_clip_search = weight_clip_search
         self.overrides = tuple(overrides)
         for options in [self.defaults, *(self._options_for_pattern(o) for o in self.overrides)]:
             _check_bits(options)
@@ -128,7 +131,8 @@ class QuantizePass(ir.passes.InPlacePass):
         names = [
             layer.activation.name or ""
             for layer in layers
-            if self.options_for(layer.node).abits is not None and PREEXECUTED_KEY not in layer.activation.meta
+            if self.weight_clip_search
+            or (self.options_for(layer.node).abits is not None and PREEXECUTED_KEY not in layer.activation.meta)
         ]
         if not names or self.calibrator is None:
             return CalibrationStats()
@@ -139,9 +143,13 @@ class QuantizePass(ir.passes.InPlacePass):
         options = self.options_for(layer.node)
         weight = layer.weight_array
         reduce_axes = tuple(axis for axis in range(weight.ndim) if axis != layer.out_axis)
-        weight_spec = symmetric_spec(abs(weight).max(axis=reduce_axes), options.wbits, axis=layer.out_axis)
+        bound = abs(weight).max(axis=reduce_axes)
+        activation_name = layer.activation.name or ""
+        if self.weight_clip_search and activation_name in stats and layer.node.op_type != "Conv":
+            bound = clipped_weight_bound(layer, options.wbits, stats[activation_name].channel_mean_square())
+        weight_spec = symmetric_spec(bound, options.wbits, axis=layer.out_axis)
         specs: dict[int, QuantSpec] = {layer.weight_index: weight_spec}
-        scheme = f"W{options.wbits} per-channel"
+        scheme = f"W{options.wbits} per-channel" + (" clip-searched" if self.weight_clip_search else "")
         preexecuted_bits = layer.activation.meta.get(PREEXECUTED_KEY)
         if preexecuted_bits is not None:
             qmax = 2 ** (preexecuted_bits - 1) - 1

@@ -7,6 +7,7 @@ import onnx_ir as ir
 
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.layers import ScaleGroup, migratable_groups
+from graphquant.analysis.stats import TensorStats
 from graphquant.graph_edit import NameScope
 from graphquant.rewrites import add_to_layer_bias, apply_channel_affine, weight_times
 
@@ -14,7 +15,7 @@ SHIFT_KEY = "graphquant.shift"
 
 
 class SymmetrizePass(ir.passes.InPlacePass):
-    """Exact: X~ = X - z with z the calibrated channel midpoint; every layer's bias gains z·W."""
+    """Exact: X~ = X - z, z the calibrated channel midpoint where it lowers E[x^2]; each layer's bias gains z·W."""
 
     def __init__(self, calibrator: Calibrator | None = None):
         super().__init__()
@@ -35,12 +36,23 @@ class SymmetrizePass(ir.passes.InPlacePass):
         modified = False
         for group in groups:
             channel_stats = stats[group.activation.name or ""]
-            midpoint = ((channel_stats.channel_min + channel_stats.channel_max) / 2).astype(np.float32)
-            midpoint = np.where(np.isfinite(midpoint), midpoint, 0).astype(np.float32)
+            midpoint = useful_shift(channel_stats)
             if not np.any(midpoint):
                 continue
             modified |= _shift_group(graph, names, group, midpoint)
         return ir.passes.PassResult(model, modified=modified)
+
+
+def useful_shift(stats: TensorStats) -> np.ndarray:
+    """The channel midpoints, kept only where the shift does not raise the channel's mean square.
+
+    A one-sided sparse channel (a GELU output, say) would otherwise turn mostly-zero values into
+    large ones everywhere, which the weight quantization error then multiplies.
+    """
+    midpoint = (stats.channel_min + stats.channel_max) / 2
+    midpoint = np.where(np.isfinite(midpoint), midpoint, 0.0)
+    helps = stats.channel_mean_square_after_shift(midpoint) < stats.channel_mean_square_after_shift(np.zeros_like(midpoint))
+    return np.where(helps, midpoint, 0.0).astype(np.float32)
 
 
 def _shift_group(graph: ir.Graph, names: NameScope, group: ScaleGroup, midpoint: np.ndarray) -> bool:
