@@ -147,19 +147,38 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out_path", type=Path, nargs="?", default=DEFAULT_OUT)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--recipe", default="outliertune")
+    parser.add_argument("--target", default="ort-cpu")
     return parser.parse_args()
 
 
 def main() -> None:
-    """Export MiniLM, write its calibration npz and print held-out ONNX-vs-torch embedding cosine."""
+    """Export MiniLM, check ONNX-vs-torch parity, then quantize it and print held-out fidelity."""
     args = parse_args()
     start = time.perf_counter()
     model_path = export_minilm(args.out_path, args.seq_len)
     print(f"exported {model_path} in {time.perf_counter() - start:.1f}s; inputs {graph_input_names(model_path)}")
     print(f"wrote {write_calibration(model_path, args.seq_len)}")
     feeds = tokenize_sentences(HELDOUT_SENTENCES, args.seq_len)
-    cosine = cosine_rows(onnx_embeddings(model_path, feeds), torch_embeddings(feeds))
+    float_embeddings = onnx_embeddings(model_path, feeds)
+    cosine = cosine_rows(float_embeddings, torch_embeddings(feeds))
     print(f"held-out mean cosine onnxruntime vs torch: {cosine.mean():.6f} (min {cosine.min():.6f})")
+    quantized_path = quantize(model_path, args.recipe, args.target)
+    cosine = cosine_rows(onnx_embeddings(quantized_path, feeds), float_embeddings)
+    print(f"{args.recipe} ({args.target}) -> {quantized_path}: held-out mean cosine vs FP32 {cosine.mean():.5f}")
+
+
+def quantize(model_path: Path, recipe: str, target: str) -> Path:
+    """Quantize the export with graphquant, calibrating on CALIBRATION_SENTENCES."""
+    import graphquant
+
+    feeds = tokenize_sentences(CALIBRATION_SENTENCES, 128)
+    batches = [{name: array[start : start + 8] for name, array in feeds.items()} for start in range(0, 128, 8)]
+    result = graphquant.optimize(graphquant.load(model_path), recipe, calibration=batches, target=target)
+    out_path = Path(model_path).with_name(f"{Path(model_path).stem}_{recipe}_{target}.onnx")
+    graphquant.save(result, out_path)
+    print(result.report.format_table())
+    return out_path
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ import numpy as np
 import onnx_ir as ir
 
 from graphquant.analysis.layers import Layer, constant_array
-from graphquant.graph_edit import NameScope, add_initializer, insert_after_producer
+from graphquant.quant_spec import KEEP_FLOAT_KEY
+from graphquant.graph_edit import NameScope, add_initializer, insert_after_producer, remove_if_unused
 
 # Marks the Mul/Add nodes that carry a group's channel affine, so later passes can compose into them.
 AFFINE_BRANCH_KEY = "graphquant.affine_branch"
@@ -182,8 +183,7 @@ def scale_weight_rows(graph: ir.Graph, names: NameScope, layer: Layer, factors: 
     value = add_initializer(graph, names, f"{layer.weight.name or 'weight'}_scaled", scaled)
     old = layer.weight
     layer.node.replace_input_with(layer.weight_index, value)
-    if old.is_initializer() and not old.uses() and not old.is_graph_output() and not old.is_graph_input():
-        graph.initializers.pop(old.name or "")
+    remove_if_unused(graph, old)
 
 
 def weight_times(layer: Layer, vector: np.ndarray) -> np.ndarray:
@@ -265,3 +265,55 @@ def _insert_bias_add(graph: ir.Graph, names: NameScope, node: ir.Node, bias: np.
     output.name = names.fresh(f"{original_name or 'matmul'}_unbiased")
     result.name = original_name
     graph.insert_after(node, add_node)
+
+
+def route_channels_to_float(
+    graph: ir.Graph, names: NameScope, activation: ir.Value, layers: Sequence[Layer], channels: np.ndarray
+) -> None:
+    """Y = X[:, O]·W[O, :] in float + X·W_R with rows O of W zeroed (LLM.int8() decomposition, exact).
+
+    The caller must still zero the activation channels O on the quantized path (a channel affine with scale 0),
+    so that they do not set its range.
+    """
+    index_value = add_initializer(graph, names, f"{activation.name or 'activation'}_outlier_channels", channels.astype(np.int64))
+    gather = ir.node("Gather", [activation, index_value], {"axis": -1}, name=names.fresh(f"{activation.name}_outlier_gather"))
+    gathered = gather.outputs[0]
+    gathered.name = names.fresh(f"{activation.name or 'activation'}_outliers")
+    gathered.dtype = ir.DataType.FLOAT
+    insert_after_producer(graph, activation, [gather])
+    for layer in layers:
+        weight = layer.weight_array
+        rows = np.take(weight, channels, axis=layer.in_axis)
+        float_weight = rows if layer.in_axis == 0 else rows.T
+        kept = weight.copy()
+        if layer.in_axis == 0:
+            kept[channels, :] = 0
+        else:
+            kept[:, channels] = 0
+        base = layer.weight.name or "weight"
+        old_weight = layer.weight
+        layer.node.replace_input_with(layer.weight_index, add_initializer(graph, names, f"{base}_int_path", kept))
+        remove_if_unused(graph, old_weight)
+        float_value = add_initializer(graph, names, f"{base}_float_path", np.ascontiguousarray(float_weight))
+        matmul = ir.node("MatMul", [gathered, float_value], name=names.fresh(f"{layer.node.name}_float_path"))
+        matmul.meta[KEEP_FLOAT_KEY] = f"float path of {len(channels)} outlier channels of {layer.node.name}"
+        matmul.outputs[0].name = names.fresh(f"{layer.node.name}_float_path_out")
+        graph.insert_after(gather, matmul)
+        _add_to_layer_output(graph, names, layer, matmul.outputs[0])
+
+
+def _add_to_layer_output(graph: ir.Graph, names: NameScope, layer: Layer, extra: ir.Value) -> None:
+    """Add ``extra`` to the layer's output (after its bias Add, if any); the sum keeps the output's name."""
+    found = bias_add_of(layer.node) if layer.node.op_type == "MatMul" else None
+    last = found[0] if found is not None else layer.node
+    output = last.outputs[0]
+    original_name = output.name
+    add_node = ir.node("Add", [output, extra], name=names.fresh(f"{layer.node.name}_add_float_path"))
+    result = add_node.outputs[0]
+    result.type = output.type
+    result.shape = output.shape
+    output.replace_all_uses_with(result, replace_graph_outputs=True)
+    add_node.replace_input_with(0, output)
+    output.name = names.fresh(f"{original_name or 'layer'}_int_path")
+    result.name = original_name
+    graph.insert_after(last, add_node)

@@ -30,10 +30,14 @@ def group_sqnr_db(
     abits: int,
     wbits: int,
     activation_step: float | None = None,
+    float_channels: np.ndarray | None = None,
 ) -> float:
     """Channel-averaged SQNR of the group's outputs with X/divisor quantized (given step, else per-tensor) and W·divisor per column."""
     x = rows.astype(np.float64)
-    scaled = x / divisor
+    int_path = x.copy()
+    if float_channels is not None:
+        int_path[:, float_channels] = 0  # those channels go through an exact float MatMul
+    scaled = int_path / divisor
     qmax = 2 ** (abits - 1) - 1
     step = activation_step if activation_step is not None else max(float(np.abs(scaled).max()), 1e-12) / qmax
     x_quantized = fake_quantize(scaled, step, abits)
@@ -41,12 +45,17 @@ def group_sqnr_db(
     relative_errors = []
     for layer in layers:
         weight = weight_matrix(layer)
-        migrated = weight * divisor[:, None]
+        kept = weight.copy()
+        if float_channels is not None:
+            kept[float_channels, :] = 0
+        migrated = kept * divisor[:, None]
         column_step = np.maximum(np.abs(migrated).max(axis=0), 1e-12) / (2 ** (wbits - 1) - 1)
         # The bias counts: after a shift it cancels part of X·W, and the error is relative to the sum.
         bias = layer_bias(layer)
         reference = x @ weight + bias
         approximate = x_quantized @ fake_quantize(migrated, column_step[None, :], wbits) + bias
+        if float_channels is not None:
+            approximate += x[:, float_channels] @ weight[float_channels, :]
         signal = np.maximum(np.sum(reference**2, axis=0), 1e-30)
         relative_errors.append(np.sum((reference - approximate) ** 2, axis=0) / signal)
     mean_error = float(np.mean(np.concatenate(relative_errors)))

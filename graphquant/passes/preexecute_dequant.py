@@ -13,7 +13,7 @@ from graphquant.analysis.simulate import group_sqnr_db, weight_matrix
 from graphquant.analysis.stats import TensorStats
 from graphquant.graph_edit import NameScope
 from graphquant.quant_spec import KEEP_FLOAT_KEY, PREEXECUTED_KEY, SCHEME_NOTE_KEY
-from graphquant.rewrites import apply_channel_affine, scale_weight_rows
+from graphquant.rewrites import apply_channel_affine, route_channels_to_float, scale_weight_rows
 
 METHODS = ("outliertune", "smoothquant", "os-plus")
 SAMPLE_ROWS = 2048
@@ -33,6 +33,7 @@ class Choice:
     label: str
     sqnr_db: float
     preexecuted: bool = False
+    float_channels: np.ndarray | None = None
 
 
 class PreexecuteDequantPass(ir.passes.InPlacePass):
@@ -48,6 +49,8 @@ class PreexecuteDequantPass(ir.passes.InPlacePass):
         alpha: float = 0.5,
         alpha_search: bool = False,
         min_sqnr_db: float = 0.0,
+        float_channels: int = 0,
+        float_route_below_db: float = 30.0,
     ):
         super().__init__()
         if method not in METHODS:
@@ -59,6 +62,8 @@ class PreexecuteDequantPass(ir.passes.InPlacePass):
         self.alpha = alpha
         self.alpha_search = alpha_search
         self.min_sqnr_db = min_sqnr_db
+        self.float_channels = float_channels
+        self.float_route_below_db = float_route_below_db
 
     def requires(self, model: ir.Model) -> None:
         """Channel ranges come from calibration."""
@@ -79,18 +84,33 @@ class PreexecuteDequantPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=modified)
 
     def _choose(self, group: ScaleGroup, stats: TensorStats) -> Choice:
-        """The candidate divisor with the best simulated output SQNR for this method."""
+        """The best-scoring all-integer divisor; outlier channels go to float only where it stays below target."""
         absmax = stats.channel_absmax
         rows = stats.sample if stats.sample is not None else np.zeros((1, absmax.size), np.float32)
-        candidates = self._candidates(group, absmax)
-        scored = [
+        best = max(self._scored(group, rows, self._candidates(group, absmax)), key=lambda c: c.sqnr_db)
+        if not self.float_channels or best.sqnr_db >= self.float_route_below_db:
+            return best
+        count = min(self.float_channels, absmax.size - 1)
+        outliers = np.sort(np.argsort(-absmax, kind="stable")[:count])
+        remaining = absmax.copy()
+        remaining[outliers] = 0
+        routed = [
+            dataclasses.replace(c, float_channels=outliers, label=f"{c.label}, {count} outlier channels in float")
+            for c in self._candidates(group, remaining)
+        ]
+        return max([best, *self._scored(group, rows, routed)], key=lambda c: c.sqnr_db)
+
+    def _scored(self, group: ScaleGroup, rows: np.ndarray, candidates: list[Choice]) -> list[Choice]:
+        """The candidates with their simulated output SQNR filled in."""
+        return [
             dataclasses.replace(
                 c,
-                sqnr_db=group_sqnr_db(rows, group.layers, c.divisor, self.abits, self.wbits, 1.0 if c.preexecuted else None),
+                sqnr_db=group_sqnr_db(
+                    rows, group.layers, c.divisor, self.abits, self.wbits, 1.0 if c.preexecuted else None, c.float_channels
+                ),
             )
             for c in candidates
         ]
-        return max(scored, key=lambda c: c.sqnr_db)
 
     def _candidates(self, group: ScaleGroup, absmax: np.ndarray) -> list[Choice]:
         """Divisors to try: the method's own, plus per-tensor as the do-nothing baseline."""
@@ -128,14 +148,17 @@ class PreexecuteDequantPass(ir.passes.InPlacePass):
             return False
         for layer in group.layers:
             layer.node.meta[SCHEME_NOTE_KEY] = note
-        if np.all(choice.divisor == 1):
+        if np.all(choice.divisor == 1) and choice.float_channels is None:
             return False
         divisor = choice.divisor.astype(np.float32)
+        scale = 1.0 / divisor
+        if choice.float_channels is not None:
+            route_channels_to_float(graph, names, group.activation, group.layers, choice.float_channels)
+            scale[choice.float_channels] = 0.0
         for layer in group.layers:
             scale_weight_rows(graph, names, layer, divisor)
         readers = [layer.node for layer in group.layers]
-        offset = np.zeros_like(divisor)
-        migrated, _ = apply_channel_affine(graph, names, group.activation, readers, 1.0 / divisor, offset)
+        migrated, _ = apply_channel_affine(graph, names, group.activation, readers, scale, np.zeros_like(divisor))
         migrated.meta[MIGRATED_KEY] = True
         if choice.preexecuted:
             migrated.meta[PREEXECUTED_KEY] = self.abits
