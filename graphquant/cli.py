@@ -120,9 +120,10 @@ def _inspect(args: argparse.Namespace) -> int:
     for name, op, status in layers:
         print(f"  {name:<40} {op:<7} {status}")
     if args.calib:
+        summaries = activation_summaries(model, Calibrator.for_model(model, args.calib))
         print("activations (outlier: channel max|x| > 6x the median channel's):")
         print(f"  {'layer':<40} {'min':>9} {'max':>9} {'outliers':>9} {'spread':>8}")
-        for s in activation_summaries(model, Calibrator.for_model(model, args.calib)):
+        for s in summaries:
             print(
                 f"  {s.layer:<40} {s.minimum:9.3g} {s.maximum:9.3g} "
                 f"{f'{s.outlier_channels}/{s.channels}':>9} {s.spread:8.1f}"

@@ -122,3 +122,186 @@ def feeds(
 ) -> list[dict[str, np.ndarray]]:
     """``batches`` float32 Gaussian feeds of shape (rows, features) for one input."""
     return [{name: rng.standard_normal((rows, features)).astype(np.float32)} for _ in range(batches)]
+
+
+# --- OutlierTune: graphs whose activations have a few large, off-centre channels ---
+
+OUTLIER_CHANNELS = (3, 11)
+
+
+def outlier_layer_norm(
+    rng: np.random.Generator, channels: int = 16, outliers: tuple[int, ...] = OUTLIER_CHANNELS
+) -> tuple[np.ndarray, np.ndarray]:
+    """LayerNormalization gamma/beta near (1, 0), except ``outliers`` with gains 30-40 and offsets of ±45-50.
+
+    On Gaussian inputs those channels of the LN output sit far off zero (their midpoint is about ±beta)
+    and are ~35x wider than the rest, like the outlier dimensions of trained transformers.
+    """
+    gamma = (1.0 + 0.1 * rng.standard_normal(channels)).astype(np.float32)
+    beta = (0.05 * rng.standard_normal(channels)).astype(np.float32)
+    for position, channel in enumerate(outliers):
+        gamma[channel] = 30.0 + 10.0 * (position % 2)
+        beta[channel] = (45.0 + 5.0 * (position % 2)) * (1.0 if position % 2 == 0 else -1.0)
+    return gamma, beta
+
+
+def damped_weights(
+    rng: np.random.Generator,
+    rows: int,
+    columns: int,
+    outliers: tuple[int, ...] = OUTLIER_CHANNELS,
+    damping: float = 30.0,
+) -> np.ndarray:
+    """[rows, columns] Gaussian weights whose outlier input rows are ``damping`` times smaller (as training leaves)."""
+    weight = weights(rng, rows, columns)
+    weight[list(outliers)] /= damping
+    return weight
+
+
+LN_QKV = """
+<ir_version: 8, opset_import: ["" : 17]>
+ln_qkv (float[N, 16] x) => (float[N, 16] q, float[N, 16] k, float[N, 16] v) {
+  [ln] h = LayerNormalization<axis: int = -1>(x, ln_gamma, ln_beta)
+  [q_proj] q_mm = MatMul(h, wq)
+  [q_bias] q = Add(q_mm, bq)
+  [k_proj] k_mm = MatMul(h, wk)
+  [k_bias] k = Add(k_mm, bk)
+  [v_proj] v_mm = MatMul(h, wv)
+  [v_bias] v = Add(v_mm, bv)
+}
+"""
+
+
+def ln_qkv(rng: np.random.Generator, damped: bool = False) -> ir.Model:
+    """LayerNormalization (planted outlier gamma/beta) read only by three MatMul+Add projections q/k/v (16 -> 16).
+
+    With ``damped`` the projections' outlier input rows are 30x smaller, as in a trained transformer.
+    """
+    gamma, beta = outlier_layer_norm(rng)
+    make = damped_weights if damped else weights
+    initializers: dict[str, np.ndarray] = {"ln_gamma": gamma, "ln_beta": beta}
+    for name in ("q", "k", "v"):
+        initializers[f"w{name}"] = make(rng, 16, 16)
+        initializers[f"b{name}"] = weights(rng, 16, scale=0.1)
+    return build(LN_QKV, initializers)
+
+
+def gaussian_feeds(
+    seed: int, batches: int = 4, rows: int = 64, features: int = 16, name: str = "x"
+) -> list[dict[str, np.ndarray]]:
+    """Deterministic Gaussian feeds (a separate seed gives held-out data)."""
+    return feeds(np.random.default_rng(seed), batches, rows, features, name)
+
+
+def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """10·log10(|reference|² / |reference - candidate|²), inf when equal."""
+    reference = np.asarray(reference, np.float64)
+    error = float(np.sum((reference - np.asarray(candidate, np.float64)) ** 2))
+    return float("inf") if error == 0 else 10.0 * float(np.log10(np.sum(reference**2) / error))
+
+
+def output_sqnr_db(reference: ir.Model, candidate: ir.Model, data: list[dict[str, np.ndarray]]) -> float:
+    """SQNR of all outputs of ``candidate`` against ``reference`` over ``data``, both run in onnxruntime."""
+    expected = np.concatenate([np.ravel(out) for feed in data for out in run(reference, feed)])
+    got = np.concatenate([np.ravel(out) for feed in data for out in run(candidate, feed)])
+    return sqnr_db(expected, got)
+
+
+def assert_same_outputs(reference: ir.Model, candidate: ir.Model, data: list[dict[str, np.ndarray]]) -> None:
+    """Every output of ``candidate`` equals ``reference``'s in onnxruntime within rtol 1e-4, atol 1e-5."""
+    for feed in data:
+        for expected, got in zip(run(reference, feed), run(candidate, feed), strict=True):
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def ops(model: ir.Model) -> list[str]:
+    """The op types of the main graph's nodes, in order."""
+    return [node.op_type for node in model.graph]
+
+
+def initializer(model: ir.Model, name: str) -> np.ndarray:
+    """An initializer's numpy value."""
+    return model.graph.initializers[name].const_value.numpy()
+
+
+POST_LN = """
+<ir_version: 8, opset_import: ["" : 17]>
+post_ln (float[N, 16] x) => (float[N, 16] y) {
+  [ln] h = LayerNormalization<axis: int = -1>(x, ln_gamma, ln_beta)
+  [fc] f = MatMul(h, w)
+  [fc_bias] fb = Add(f, b)
+  [residual] y = Add(h, fb)
+}
+"""
+
+
+def post_ln(rng: np.random.Generator) -> ir.Model:
+    """Outlier LayerNormalization whose output feeds both a MatMul+Add and the residual Add."""
+    gamma, beta = outlier_layer_norm(rng)
+    return build(POST_LN, {"ln_gamma": gamma, "ln_beta": beta, "w": weights(rng, 16, 16), "b": weights(rng, 16)})
+
+
+LN_GEMMS = """
+<ir_version: 8, opset_import: ["" : 17]>
+ln_gemms (float[N, 16] x) => (float[N, 8] y, float[N, 8] z) {
+  [ln] h = LayerNormalization<axis: int = -1>(x, ln_gamma, ln_beta)
+  [with_c] y = Gemm<transB: int = 1>(h, w1, c1)
+  [without_c] z = Gemm<transB: int = 1>(h, w2)
+}
+"""
+
+
+def ln_gemms(rng: np.random.Generator) -> ir.Model:
+    """Outlier LayerNormalization read by two Gemm(transB=1) layers, ``with_c`` (C = c1) and ``without_c``."""
+    gamma, beta = outlier_layer_norm(rng)
+    return build(
+        LN_GEMMS,
+        {
+            "ln_gamma": gamma,
+            "ln_beta": beta,
+            "w1": weights(rng, 8, 16),
+            "c1": weights(rng, 8),
+            "w2": weights(rng, 8, 16),
+        },
+    )
+
+
+INPUT_LAYER = """
+<ir_version: 8, opset_import: ["" : 17]>
+input_layer (float[N, 16] x) => (float[N, 8] y) {
+  [fc] y = MatMul(x, w)
+}
+"""
+
+
+def input_layer(rng: np.random.Generator) -> ir.Model:
+    """A graph input read directly by one MatMul with no bias (feed it :func:`outlier_feeds`)."""
+    return build(INPUT_LAYER, {"w": weights(rng, 16, 8)})
+
+
+def outlier_feeds(seed: int, batches: int = 4, rows: int = 64, outliers: int = 3) -> list[dict[str, np.ndarray]]:
+    """Feeds for ``x`` from :func:`outlier_activations` (the first channels 30x wider and centred on +50)."""
+    rng = np.random.default_rng(seed)
+    return [{"x": outlier_activations(rng, rows, 16, outliers)} for _ in range(batches)]
+
+
+ACTIVATION_OUTPUTS = """
+<ir_version: 8, opset_import: ["" : 17]>
+activation_outputs (float[N, 16] x) => (float[N, 16] a, float[N, 16] h, float[N, 8] y, float[N, 8] z) {
+  [offset] a = Add(x, off)
+  [fc_a] y = MatMul(a, w1)
+  [ln] h = LayerNormalization<axis: int = -1>(x, ln_gamma, ln_beta)
+  [fc_h] z = MatMul(h, w2)
+}
+"""
+
+
+def activation_outputs(rng: np.random.Generator) -> ir.Model:
+    """Two layer inputs that are also graph outputs: ``a`` (x with two large offsets) and an outlier LN's ``h``."""
+    gamma, beta = outlier_layer_norm(rng)
+    off = np.zeros(16, np.float32)
+    off[[0, 7]] = [40.0, -25.0]
+    return build(
+        ACTIVATION_OUTPUTS,
+        {"off": off, "w1": weights(rng, 16, 8), "ln_gamma": gamma, "ln_beta": beta, "w2": weights(rng, 16, 8)},
+    )

@@ -7,12 +7,15 @@ import onnx_ir as ir
 
 from graphquant.analysis.layers import Layer, classify, constant_array
 from graphquant.graph_edit import NameScope, add_initializer, insert_after_producer, remove_if_unused
+from graphquant.lowering.qdq import narrow_grid_clip
 from graphquant.quant_spec import DECISION_KEY, INPUT_SPECS_KEY, QuantSpec
 from graphquant.rewrites import bias_add_of
 
 MICROSOFT_DOMAIN = "com.microsoft"
 # uint8 codes are the signed codes moved up by 128: identical grids, and the fast x86 kernels take u8 x s8.
 UINT8_OFFSET = 128
+# Clip takes integer tensors from opset 12 on (needed for activation grids narrower than 8 bits).
+CLIP_INTEGER_OPSET = 12
 
 
 class OrtCpuLoweringPass(ir.passes.InPlacePass):
@@ -30,6 +33,8 @@ class OrtCpuLoweringPass(ir.passes.InPlacePass):
                 continue
             specs: dict[int, QuantSpec] = node.meta[INPUT_SPECS_KEY]
             activation_spec = specs[layer.activation_index]
+            if activation_spec.bits < 8 and graph.opset_imports.get("", 0) < CLIP_INTEGER_OPSET:
+                continue  # its codes need an integer Clip; left to QDQ lowering, which checks the opset
             key = (id(layer.activation), *activation_spec.key)
             if key not in quantized_activations:
                 quantized_activations[key] = _quantize_activation(graph, names, layer.activation, activation_spec)
@@ -83,8 +88,9 @@ def _quantize_activation(
     codes.name = names.fresh(f"{base}_quantized")
     codes.dtype = ir.DataType.UINT8
     codes.shape = activation.shape
-    insert_after_producer(graph, activation, [quantize])
-    return codes, scale, zero_point
+    clamp = narrow_grid_clip(graph, names, codes, spec, offset=UINT8_OFFSET)
+    insert_after_producer(graph, activation, [quantize] if clamp is None else [quantize, clamp])
+    return (codes if clamp is None else clamp.outputs[0]), scale, zero_point
 
 
 def _replace_layer(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from graphquant.graph_edit import NameScope, add_initializer, insert_after_producer, remove_if_unused
@@ -58,13 +59,36 @@ def _dequantized(graph: ir.Graph, names: NameScope, source: ir.Value, spec: Quan
         insert_after_producer(graph, codes, [dequantize])
     else:
         quantize = ir.node("QuantizeLinear", [source, scale, zero_point], axis, name=names.fresh(f"{base}_QuantizeLinear"))
-        dequantize = ir.node(
-            "DequantizeLinear", [quantize.outputs[0], scale, zero_point], axis, name=names.fresh(f"{base}_DequantizeLinear")
-        )
         quantize.outputs[0].name = names.fresh(f"{base}_quantized")
-        insert_after_producer(graph, source, [quantize, dequantize])
+        clamp = narrow_grid_clip(graph, names, quantize.outputs[0], spec)
+        codes = quantize.outputs[0] if clamp is None else clamp.outputs[0]
+        dequantize = ir.node(
+            "DequantizeLinear", [codes, scale, zero_point], axis, name=names.fresh(f"{base}_DequantizeLinear")
+        )
+        insert_after_producer(graph, source, [quantize, *([] if clamp is None else [clamp]), dequantize])
     output = dequantize.outputs[0]
     output.name = names.fresh(f"{base}_dequantized")
     output.dtype = ir.DataType.FLOAT
     output.shape = source.shape
     return output
+
+
+def narrow_grid_clip(
+    graph: ir.Graph, names: NameScope, codes: ir.Value, spec: QuantSpec, offset: int = 0
+) -> ir.Node | None:
+    """A Clip of integer codes to the spec's grid when it is narrower than 8 bits (not yet inserted), else None.
+
+    QuantizeLinear only saturates to its 8-bit storage type, so without it an A6 activation outside the
+    calibrated range would keep codes beyond ±31. ``offset`` moves the bounds (128 for uint8 codes of a signed grid).
+    """
+    if spec.bits >= 8:
+        return None
+    dtype = np.dtype(codes.dtype.numpy() if codes.dtype is not None else spec.storage_dtype)
+    base = codes.name or "codes"
+    low = add_initializer(graph, names, f"{base}_min", np.array(spec.qmin + offset, dtype))
+    high = add_initializer(graph, names, f"{base}_max", np.array(spec.qmax + offset, dtype))
+    clip = ir.node("Clip", [codes, low, high], name=names.fresh(f"{base}_Clip"))
+    clip.outputs[0].name = names.fresh(f"{base}_clipped")
+    clip.outputs[0].dtype = ir.DataType.from_numpy(dtype)
+    clip.outputs[0].shape = codes.shape
+    return clip

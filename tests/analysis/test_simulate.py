@@ -1,0 +1,311 @@
+"""Scheme simulation (group_sqnr_db, clipped_weight_bound) against onnxruntime, and the stats it relies on."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from builders import build, run, weights
+from graphquant.analysis.calibration import Calibrator
+from graphquant.analysis.layers import classify
+from graphquant.analysis.simulate import clipped_weight_bound, fake_quantize, group_sqnr_db, weight_matrix
+from graphquant.analysis.stats import CalibrationStats, TensorStats
+from graphquant.graph_edit import NameScope
+from graphquant.lowering.qdq import QdqLoweringPass
+from graphquant.passes.quantize import QuantizePass
+from graphquant.rewrites import apply_channel_affine, route_channels_to_float, scale_weight_rows
+
+F32 = np.float32
+
+GROUP = """
+<ir_version: 8, opset_import: ["" : 17]>
+group (float[N, 16] x) => (float[N, 8] y, float[N, 8] z) {
+  [fc1] y_raw = MatMul(x, w1)
+  [fc1_bias] y = Add(y_raw, b1)
+  [fc2] z = Gemm<transB: int = 1>(x, w2, c2)
+}
+"""
+
+
+def group_model(rng: np.random.Generator, w1=None, b1=None) -> ir.Model:
+    return build(
+        GROUP,
+        {
+            "w1": weights(rng, 16, 8) if w1 is None else w1,
+            "b1": weights(rng, 8) if b1 is None else b1,
+            "w2": weights(rng, 8, 16),
+            "c2": weights(rng, 8),
+        },
+    )
+
+
+def layers_of(model: ir.Model):
+    return [classify(node).layer for node in model.graph if node.op_type in ("MatMul", "Gemm")]
+
+
+def outlier_rows(rng: np.random.Generator, rows: int = 512) -> np.ndarray:
+    x = rng.standard_normal((rows, 16)).astype(F32)
+    x[:, [2, 9]] = x[:, [2, 9]] * 25 + 30
+    return x
+
+
+def channel_averaged_sqnr_db(references: list[np.ndarray], candidates: list[np.ndarray]) -> float:
+    """The simulation's metric on real outputs: the mean over output channels of |error|²/|signal|²."""
+    errors = [
+        np.sum((ref.astype(np.float64) - cand) ** 2, axis=0) / np.sum(ref.astype(np.float64) ** 2, axis=0)
+        for ref, cand in zip(references, candidates)
+    ]
+    return -10 * math.log10(float(np.mean(np.concatenate(errors))))
+
+
+# --- group_sqnr_db ---
+
+
+def test_exactly_representable_group_has_infinite_sqnr():
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (16, 8)).astype(F32)
+    w[0] = 127  # every column reaches ±127: its step is exactly 1
+    model = group_model(rng, w1=w, b1=np.zeros(8, F32))
+    layer = layers_of(model)[0]
+    rows = rng.integers(-127, 128, (64, 16)).astype(F32)
+    rows[0, 0] = -127  # the per-tensor step is exactly 1 too
+    ones = np.ones(16)
+    assert group_sqnr_db(rows, [layer], ones, abits=8, wbits=8) == math.inf
+    assert group_sqnr_db(rows, [layer], ones, abits=8, wbits=8, activation_step=1.0) == math.inf
+    assert group_sqnr_db(rows, [layer], ones, abits=8, wbits=8, activation_step=2.0) < 60  # a coarser grid is not exact
+    assert group_sqnr_db(rows, [layer], ones, abits=7, wbits=8) < math.inf
+
+
+def test_sqnr_decreases_with_fewer_bits():
+    rng = np.random.default_rng(1)
+    model = group_model(rng)
+    rows = outlier_rows(rng)
+    layers = layers_of(model)
+    divisor = np.ones(16)
+    by_bits = [group_sqnr_db(rows, layers, divisor, bits, bits) for bits in (8, 7, 6, 5, 4, 3)]
+    assert all(a > b for a, b in zip(by_bits, by_bits[1:])), by_bits
+    assert by_bits[0] - by_bits[-1] > 20
+    weight_only = [group_sqnr_db(rows, layers, divisor, 8, bits) for bits in (8, 6, 4)]
+    assert weight_only[0] > weight_only[1] > weight_only[2]
+
+
+def quantized_copy(model: ir.Model, rows: np.ndarray) -> ir.Model:
+    """W8A8 QDQ (per-tensor MinMax, per-channel absmax) calibrated on exactly ``rows``."""
+    copy = model.clone()
+    QuantizePass(Calibrator.for_model(copy, [{"x": rows}], show_progress=False))(copy)
+    QdqLoweringPass()(copy)
+    return copy
+
+
+def migrated(model: ir.Model, divisor: np.ndarray, float_channels: np.ndarray | None = None) -> ir.Model:
+    """The exact X/d, diag(d)·W rewrite (with channels routed to float), as the pass applies it."""
+    copy = model.clone()
+    graph = copy.graph
+    names = NameScope(graph)
+    layers = layers_of(copy)
+    x = graph.inputs[0]
+    scale = (1 / divisor).astype(F32)
+    if float_channels is not None:
+        route_channels_to_float(graph, names, x, layers, float_channels)
+        scale[float_channels] = 0
+    for layer in layers:
+        scale_weight_rows(graph, names, layer, divisor.astype(F32))
+    apply_channel_affine(graph, names, x, [layer.node for layer in layers], scale, np.zeros(16, F32))
+    return copy
+
+
+@pytest.mark.parametrize("scheme", ["per-tensor", "divided", "divided+float-channels"])
+def test_simulated_sqnr_matches_the_quantized_model_in_onnxruntime(scheme):
+    rng = np.random.default_rng(2)
+    model = group_model(rng)
+    rows = outlier_rows(rng)
+    layers = layers_of(model)
+    divisor = np.ones(16)
+    float_channels = None
+    if scheme != "per-tensor":
+        absmax = np.abs(rows).max(axis=0)
+        divisor = np.sqrt(absmax / absmax.min())  # SmoothQuant-like
+    if scheme == "divided+float-channels":
+        float_channels = np.array([2, 9])
+    simulated = group_sqnr_db(rows, layers, divisor, 8, 8, None, float_channels)
+    candidate = quantized_copy(migrated(model, divisor, float_channels), rows)
+    measured = channel_averaged_sqnr_db(run(model, {"x": rows}), run(candidate, {"x": rows}))
+    assert simulated == pytest.approx(measured, abs=0.2)
+
+
+def test_routing_the_outlier_channels_beats_per_tensor_in_simulation():
+    rng = np.random.default_rng(3)
+    model = group_model(rng)
+    rows = outlier_rows(rng)
+    layers = layers_of(model)
+    ones = np.ones(16)
+    routed = group_sqnr_db(rows, layers, ones, 8, 8, None, np.array([2, 9]))
+    assert routed > group_sqnr_db(rows, layers, ones, 8, 8) + 10
+
+
+def test_fake_quantize_is_symmetric_round_to_nearest_with_restricted_range():
+    values = np.array([-300.0, -1.5, -0.5, 0.49, 0.5, 1.5, 2.5, 126.6, 300.0])
+    np.testing.assert_array_equal(fake_quantize(values, 1.0, 8), [-127, -2, -0, 0, 0, 2, 2, 127, 127])
+    np.testing.assert_array_equal(fake_quantize(values, 0.5, 4), [-3.5, -1.5, -0.5, 0.5, 0.5, 1.5, 2.5, 3.5, 3.5])
+
+
+# --- clipped_weight_bound ---
+
+
+def weighted_error(weight: np.ndarray, bound: np.ndarray, bits: int, energy: np.ndarray) -> np.ndarray:
+    qmax = 2 ** (bits - 1) - 1
+    return np.sum(energy[:, None] * (weight - fake_quantize(weight, bound / qmax, bits)) ** 2, axis=0)
+
+
+HEAVY = """
+<ir_version: 8, opset_import: ["" : 17]>
+heavy (float[N, 128] x) => (float[N, 32] y, float[N, 32] z) {
+  [fc] y = MatMul(x, w)
+  [fc_t] z = Gemm<transB: int = 1>(x, wt)
+}
+"""
+
+
+def heavy_tailed_model(rng: np.random.Generator) -> ir.Model:
+    w = (rng.laplace(size=(128, 32)) * 0.1).astype(F32)  # heavier tails than a Gaussian
+    return build(HEAVY, {"w": w, "wt": np.ascontiguousarray(w.T)})
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6, 8])
+def test_clipped_bound_never_exceeds_the_column_absmax_and_lowers_the_weighted_error(bits):
+    rng = np.random.default_rng(4)
+    model = heavy_tailed_model(rng)
+    energy = rng.uniform(0.5, 2.0, 128)
+    for layer in layers_of(model):
+        weight = weight_matrix(layer)
+        absmax = np.abs(weight).max(axis=0)
+        bound = clipped_weight_bound(layer, bits, energy)
+        assert bound.shape == (32,)
+        assert np.all(bound <= absmax) and np.all(bound >= 0.5 * absmax - 1e-12)
+        clipped, unclipped = weighted_error(weight, bound, bits, energy), weighted_error(weight, absmax, bits, energy)
+        assert np.all(clipped <= unclipped)
+        if bits <= 4:
+            assert clipped.sum() < 0.85 * unclipped.sum()  # heavy tails: clipping pays off clearly at low bits
+    # Gemm transB sees the same matrix as the MatMul: the same bounds
+    np.testing.assert_allclose(
+        clipped_weight_bound(layers_of(model)[0], bits, energy), clipped_weight_bound(layers_of(model)[1], bits, energy)
+    )
+
+
+def test_clip_search_improves_the_weight_only_model_in_onnxruntime():
+    rng = np.random.default_rng(5)
+    reference = heavy_tailed_model(rng)
+    data = [{"x": rng.standard_normal((64, 128)).astype(F32)} for _ in range(2)]
+    sqnr = {}
+    for search in (False, True):
+        model = reference.clone()
+        calibrator = Calibrator.for_model(model, data, show_progress=False)
+        QuantizePass(calibrator, wbits=4, abits=None, weight_clip_search=search)(model)
+        QdqLoweringPass()(model)
+        expected = np.concatenate([run(reference, feed)[0] for feed in data])
+        got = np.concatenate([run(model, feed)[0] for feed in data])
+        sqnr[search] = -10 * math.log10(np.sum((expected - got) ** 2) / np.sum(expected**2))
+    assert sqnr[True] > sqnr[False] + 0.4
+
+
+def test_no_clipping_for_uniform_weights_at_eight_bits():
+    """Weights spread evenly up to their max leave clipping nothing to win at 8 bits."""
+    rng = np.random.default_rng(6)
+    w = rng.uniform(-1, 1, (128, 32)).astype(F32)
+    w[0] = 1.0
+    model = build(HEAVY, {"w": w, "wt": np.ascontiguousarray(w.T)})
+    layer = layers_of(model)[0]
+    bound = clipped_weight_bound(layer, 8, np.ones(128))
+    assert np.mean(bound >= 0.95) > 0.8
+
+
+# --- stats: channel sums and row samples ---
+
+
+def batches(rng: np.random.Generator, count: int, rows: int = 37, channels: int = 6) -> list[np.ndarray]:
+    shifts = np.array([0.0, 5.0, -3.0, 50.0, 0.1, -20.0])[:channels]
+    return [(rng.standard_normal((rows, channels)) * 2 + shifts).astype(F32) for _ in range(count)]
+
+
+def merged(data: list[np.ndarray], sample_rows: int = 0) -> TensorStats:
+    stats = TensorStats.from_batch(data[0], sample_rows)
+    for batch in data[1:]:
+        stats = stats.merge(TensorStats.from_batch(batch, sample_rows))
+    return stats
+
+
+def test_channel_mean_square_after_shift_matches_numpy():
+    rng = np.random.default_rng(7)
+    data = batches(rng, 20)
+    stats = merged(data)
+    everything = np.concatenate(data).astype(np.float64)
+    shift = rng.uniform(-30, 30, 6)
+    np.testing.assert_allclose(
+        stats.channel_mean_square_after_shift(shift), np.mean((everything - shift) ** 2, axis=0), rtol=1e-9
+    )
+    np.testing.assert_allclose(stats.channel_mean_square(), np.mean(everything**2, axis=0), rtol=1e-9)
+    midpoint = (everything.min(axis=0) + everything.max(axis=0)) / 2
+    np.testing.assert_allclose(
+        stats.channel_mean_square_after_shift(midpoint), np.mean((everything - midpoint) ** 2, axis=0), rtol=1e-9
+    )
+
+
+def test_channel_mean_square_survives_save_and_load(tmp_path):
+    rng = np.random.default_rng(8)
+    stats = CalibrationStats()
+    for batch in batches(rng, 5):
+        stats.update("h", batch[None], sample_rows=16)  # a leading batch axis is reduced too
+    path = str(tmp_path / "stats.npz")
+    stats.save(path)
+    loaded = CalibrationStats.load(path)["h"]
+    shift = np.arange(6.0)
+    np.testing.assert_array_equal(
+        loaded.channel_mean_square_after_shift(shift), stats["h"].channel_mean_square_after_shift(shift)
+    )
+    np.testing.assert_array_equal(loaded.sample, stats["h"].sample)
+
+
+def test_channel_mean_square_needs_channel_sums():
+    stats = TensorStats.from_batch(np.ones((3, 2), F32))
+    empty = TensorStats(stats.channel_min, stats.channel_max, stats.abs_histogram, count=3)
+    with pytest.raises(ValueError, match="no channel sums"):
+        empty.channel_mean_square()
+
+
+def test_row_sample_is_bounded_representative_and_deterministic():
+    rng = np.random.default_rng(9)
+    data = batches(rng, 60)
+    limit = 64
+    first = merged(data, sample_rows=limit)
+    second = merged(data, sample_rows=limit)
+    assert first.sample is not None and first.sample_limit == limit
+    assert first.sample.shape == (limit, 6)
+    np.testing.assert_array_equal(first.sample, second.sample)
+    # Every sampled row is a real row, and the sample draws on the whole stream, not only its start.
+    origin = {tuple(row): index for index, batch in enumerate(data) for row in batch}
+    batches_seen = {origin[tuple(row)] for row in first.sample}
+    assert min(batches_seen) == 0 and max(batches_seen) >= 55 and len(batches_seen) >= 40
+    for count in (1, 2, 3, 10, 59):  # bounded after every merge
+        assert merged(data[:count], sample_rows=limit).sample.shape[0] <= limit
+    # A batch with fewer rows than the limit keeps them all.
+    np.testing.assert_array_equal(TensorStats.from_batch(data[0], sample_rows=limit).sample, data[0])
+
+
+def test_calibrator_row_sample_is_bounded_across_many_batches():
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    one (float[N, 6] x) => (float[N, 6] y) {
+      [relu] y = Relu(x)
+    }
+    """
+    model = build(text)
+    rng = np.random.default_rng(10)
+    data = [{"x": batch} for batch in batches(rng, 40, rows=25)]
+    calibrator = Calibrator.for_model(model, data, show_progress=False)
+    first, second = (calibrator.collect(model, ["y"], sample_rows=100)["y"] for _ in range(2))
+    assert first.sample.shape == (100, 6) and first.count == 1000
+    np.testing.assert_array_equal(first.sample, second.sample)
+    assert np.all(first.sample >= 0)  # rows of the Relu output

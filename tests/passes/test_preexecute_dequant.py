@@ -1,0 +1,302 @@
+"""PreexecuteDequantPass: exact X/d, diag(d)·W migrations for each method, float routing, and quantize's step 1."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from builders import (
+    OUTLIER_CHANNELS,
+    activation_outputs,
+    assert_same_outputs,
+    gaussian_feeds,
+    initializer,
+    input_layer,
+    ln_gemms,
+    ln_qkv,
+    ops,
+    outlier_feeds,
+    post_ln,
+    relu_only,
+    run,
+)
+from graphquant.analysis.calibration import Calibrator
+from graphquant.lowering.qdq import QdqLoweringPass
+from graphquant.passes.preexecute_dequant import MIGRATED_KEY, PreexecuteDequantPass
+from graphquant.passes.quantize import QuantizePass
+from graphquant.passes.symmetrize import SHIFT_KEY, SymmetrizePass
+from graphquant.quant_spec import DECISION_KEY, INPUT_SPECS_KEY, KEEP_FLOAT_KEY, PREEXECUTED_KEY, SCHEME_NOTE_KEY
+from graphquant.rewrites import AFFINE_BRANCH_KEY
+
+CALIB = gaussian_feeds(seed=200)
+HELD_OUT = gaussian_feeds(seed=201, batches=2)
+
+METHODS = {
+    "outliertune": {"method": "outliertune"},
+    "smoothquant": {"method": "smoothquant"},
+    "smoothquant-alpha-search": {"method": "smoothquant", "alpha_search": True},
+    "os-plus": {"method": "os-plus"},
+}
+
+# name -> (builder, calibration feeds, held-out feeds)
+GRAPHS = {
+    "ln-qkv": (ln_qkv, CALIB, HELD_OUT),
+    "post-ln-residual": (post_ln, CALIB, HELD_OUT),
+    "gemm-trans-b": (ln_gemms, CALIB, HELD_OUT),
+    "graph-input": (input_layer, outlier_feeds(202), outlier_feeds(203, batches=2)),
+    "activation-outputs": (activation_outputs, CALIB, HELD_OUT),
+}
+
+
+def calibrator(model: ir.Model, data=CALIB) -> Calibrator:
+    return Calibrator.for_model(model, data, show_progress=False)
+
+
+def by_name(model: ir.Model) -> dict[str, ir.Node]:
+    return {node.name: node for node in model.graph}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("graph", list(GRAPHS))
+def test_migration_alone_is_exact(graph, method):
+    build_graph, calib, held_out = GRAPHS[graph]
+    model = build_graph(np.random.default_rng(10))
+    reference = model.clone()
+    result = PreexecuteDequantPass(calibrator(model, calib), **METHODS[method])(model)
+    assert result.modified  # every graph has channels worth migrating
+    layers = [node for node in model.graph if SCHEME_NOTE_KEY in node.meta]
+    assert layers and all("simulated SQNR" in node.meta[SCHEME_NOTE_KEY] for node in layers)
+    assert_same_outputs(reference, model, held_out)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("graph", list(GRAPHS))
+def test_symmetrize_then_migration_is_exact(graph, method):
+    build_graph, calib, held_out = GRAPHS[graph]
+    model = build_graph(np.random.default_rng(11))
+    reference = model.clone()
+    shared = calibrator(model, calib)
+    assert SymmetrizePass(shared)(model).modified
+    assert PreexecuteDequantPass(shared, **METHODS[method])(model).modified
+    assert_same_outputs(reference, model, held_out)
+    # No activation carries more than one Mul and one Add: the second affine composes into the first.
+    for node in model.graph:
+        producer = node.inputs[0].producer() if AFFINE_BRANCH_KEY in node.meta else None
+        if producer is not None and AFFINE_BRANCH_KEY in producer.meta:
+            assert (producer.op_type, node.op_type) == ("Mul", "Add")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_exclusive_layer_norm_takes_the_divisor_in_gamma_and_beta(method):
+    model = ln_qkv(np.random.default_rng(12))
+    reference = model.clone()
+    gamma, beta = initializer(model, "ln_gamma"), initializer(model, "ln_beta")
+    weights = {name: initializer(model, name) for name in ("wq", "wk", "wv")}
+    before = ops(model)
+    assert PreexecuteDequantPass(calibrator(model), **METHODS[method])(model).modified
+    assert ops(model) == before  # folded: no Mul, no Add
+    ln = by_name(model)["ln"]
+    assert ln.outputs[0].meta[MIGRATED_KEY]
+    new_gamma = ln.inputs[1].const_value.numpy()
+    divisor = gamma / new_gamma
+    np.testing.assert_allclose(ln.inputs[2].const_value.numpy(), beta / divisor, rtol=1e-5)
+    assert divisor[list(OUTLIER_CHANNELS)].min() > divisor.max() / 10  # the outlier channels are divided most
+    nodes = by_name(model)
+    for layer, weight_name in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv")):
+        new_weight = nodes[layer].inputs[1].const_value.numpy()
+        np.testing.assert_allclose(new_weight, weights[weight_name] * divisor[:, None], rtol=1e-5, atol=1e-7)
+        assert weight_name not in model.graph.initializers  # the replaced weight is gone
+    assert_same_outputs(reference, model, HELD_OUT)
+
+
+def test_graph_input_gets_a_mul_branch():
+    model = input_layer(np.random.default_rng(13))
+    reference = model.clone()
+    w = initializer(model, "w")
+    assert PreexecuteDequantPass(calibrator(model, outlier_feeds(204)), method="os-plus")(model).modified
+    (branch,) = [node for node in model.graph if AFFINE_BRANCH_KEY in node.meta]
+    assert branch.op_type == "Mul" and branch.inputs[0].name == "x"
+    scale = branch.inputs[1].const_value.numpy()
+    assert np.all(scale[:3] < 1) and np.all(scale[3:] == 1)  # OS+ only scales channels above its threshold down
+    fc = by_name(model)["fc"]
+    assert fc.inputs[0] is branch.outputs[0]
+    np.testing.assert_allclose(fc.inputs[1].const_value.numpy(), w / scale[:, None], rtol=1e-5)
+    assert_same_outputs(reference, model, outlier_feeds(205, batches=2))
+
+
+def test_symmetrize_then_migration_on_a_graph_input_composes_into_one_mul_and_one_add():
+    model = input_layer(np.random.default_rng(14))
+    reference = model.clone()
+    shared = calibrator(model, outlier_feeds(206))
+    SymmetrizePass(shared)(model)
+    PreexecuteDequantPass(shared, method="smoothquant")(model)
+    branch = [node for node in model.graph if AFFINE_BRANCH_KEY in node.meta]
+    assert [node.op_type for node in branch] == ["Mul", "Add"]
+    assert branch[0].inputs[0].name == "x" and branch[1].inputs[0] is branch[0].outputs[0]
+    assert branch[1].outputs[0].meta[MIGRATED_KEY]
+    assert_same_outputs(reference, model, outlier_feeds(207, batches=2))
+
+
+@pytest.mark.parametrize("method", ["outliertune", "smoothquant", "os-plus"])
+def test_forced_float_routing_adds_a_gather_and_a_float_matmul_per_layer(method):
+    model = ln_qkv(np.random.default_rng(15))
+    reference = model.clone()
+    originals = {name: initializer(model, name) for name in ("wq", "wk", "wv")}
+    routed = PreexecuteDequantPass(calibrator(model), method=method, float_channels=2, float_route_below_db=1000)
+    assert routed(model).modified
+    assert ops(model).count("Gather") == 1
+    assert ops(model).count("MatMul") == 6  # three integer-path layers, three float-path MatMuls
+    (gather,) = [node for node in model.graph if node.op_type == "Gather"]
+    channels = gather.inputs[1].const_value.numpy()
+    np.testing.assert_array_equal(channels, OUTLIER_CHANNELS)
+    nodes = by_name(model)
+    assert gather.inputs[0] is nodes["ln"].outputs[0]  # the float path reads the original LN output
+    for layer, weight_name in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv")):
+        int_weight = nodes[layer].inputs[1].const_value.numpy()
+        np.testing.assert_array_equal(int_weight[channels], 0.0)  # routed rows are zero on the int path
+        assert np.all(np.abs(int_weight[np.setdiff1d(np.arange(16), channels)]).max(axis=1) > 0)
+        (float_matmul,) = [n for n in gather.outputs[0].consumers() if n.inputs[1].name.startswith(weight_name)]
+        np.testing.assert_array_equal(float_matmul.inputs[1].const_value.numpy(), originals[weight_name][channels])
+        assert "outlier channels in float" in nodes[layer].meta[SCHEME_NOTE_KEY]
+    # The int path reads a copy of the LN whose routed channels are exactly zero.
+    clone = nodes["q_proj"].inputs[0].producer()
+    assert clone.op_type == "LayerNormalization" and clone is not nodes["ln"]
+    np.testing.assert_array_equal(clone.inputs[1].const_value.numpy()[channels], 0.0)
+    np.testing.assert_array_equal(clone.inputs[2].const_value.numpy()[channels], 0.0)
+    assert [value.name for value in model.graph.outputs] == ["q", "k", "v"]
+    assert_same_outputs(reference, model, HELD_OUT)
+
+
+def test_quantize_keeps_the_float_path_float():
+    model = ln_qkv(np.random.default_rng(15))
+    reference = model.clone()
+    shared = calibrator(model)
+    PreexecuteDequantPass(shared, float_channels=2, float_route_below_db=1000)(model)
+    float_paths = [
+        node for node in model.graph if node.op_type == "MatMul" and node.inputs[0].producer().op_type == "Gather"
+    ]
+    assert len(float_paths) == 3
+    QuantizePass(shared)(model)
+    for node in float_paths:
+        decision = node.meta[DECISION_KEY]
+        assert decision.status == "float" and decision.reason.startswith("float path of 2 outlier channels")
+        assert INPUT_SPECS_KEY not in node.meta
+    nodes = by_name(model)
+    assert all(nodes[name].meta[DECISION_KEY].status == "quantized" for name in ("q_proj", "k_proj", "v_proj"))
+    QdqLoweringPass()(model)
+    assert all(node.inputs[1].producer() is None for node in float_paths)  # float weights, no DequantizeLinear
+    for feed in HELD_OUT:
+        for expected, got in zip(run(reference, feed), run(model, feed)):
+            assert np.linalg.norm(expected - got) < 0.02 * np.linalg.norm(expected)
+
+
+def test_forced_float_routing_after_symmetrize_is_exact():
+    model = post_ln(np.random.default_rng(16))
+    reference = model.clone()
+    shared = calibrator(model)
+    SymmetrizePass(shared)(model)
+    PreexecuteDequantPass(shared, float_channels=2, float_route_below_db=1000)(model)
+    assert ops(model).count("Gather") == 1
+    assert_same_outputs(reference, model, HELD_OUT)
+
+
+def test_no_routing_when_the_integer_scheme_meets_the_target():
+    model = ln_qkv(np.random.default_rng(17))
+    PreexecuteDequantPass(calibrator(model), float_channels=2, float_route_below_db=0.0)(model)
+    assert "Gather" not in ops(model)
+    assert ops(model).count("MatMul") == 3
+
+
+def test_preexecuted_activation_is_quantized_with_step_exactly_one():
+    model = ln_qkv(np.random.default_rng(18), damped=True)
+    reference = model.clone()
+    shared = calibrator(model)
+    SymmetrizePass(shared)(model)
+    PreexecuteDequantPass(shared, method="outliertune")(model)
+    nodes = by_name(model)
+    h = nodes["q_proj"].inputs[0]
+    assert h.meta[PREEXECUTED_KEY] == 8  # damped outlier rows make the per-channel step the best choice
+    assert "step pre-executed" in nodes["q_proj"].meta[SCHEME_NOTE_KEY]
+    # Divided by its per-channel steps, the LN output spans ±127/ratio on the calibration data: step 1 is its grid.
+    ratio = float(nodes["q_proj"].meta[SCHEME_NOTE_KEY].split("clipped at ")[1].split("x")[0])
+    probe = model_with_output(model, h.name)
+    h_values = np.concatenate([run(probe, feed)[-1] for feed in CALIB])
+    np.testing.assert_allclose(np.abs(h_values).max(), 127.0 / ratio, rtol=1e-4)
+
+    QuantizePass(shared, weight_clip_search=True)(model)
+    for layer in ("q_proj", "k_proj", "v_proj"):
+        spec = nodes[layer].meta[INPUT_SPECS_KEY][0]
+        assert spec.scale.shape == () and spec.scale == np.float32(1.0)
+        assert (spec.bits, spec.signed, spec.axis) == (8, True, None)
+        assert spec.zero_point == 0
+        assert nodes[layer].meta[DECISION_KEY].scheme.endswith("A8 per-channel (step pre-executed into W)")
+    QdqLoweringPass()(model)
+    for feed in HELD_OUT:
+        for expected, got in zip(run(reference, feed), run(model, feed)):
+            assert np.linalg.norm(expected - got) < 0.05 * np.linalg.norm(expected)  # quantized, but close
+
+
+def test_preexecuted_step_one_at_six_bits():
+    model = ln_qkv(np.random.default_rng(18), damped=True)
+    shared = calibrator(model)
+    PreexecuteDequantPass(shared, method="outliertune", abits=6, wbits=6)(model)
+    h = by_name(model)["q_proj"].inputs[0]
+    assert h.meta[PREEXECUTED_KEY] == 6
+    QuantizePass(shared, wbits=6, abits=6)(model)
+    spec = by_name(model)["q_proj"].meta[INPUT_SPECS_KEY][0]
+    assert spec.scale == np.float32(1.0) and (spec.bits, spec.qmin, spec.qmax) == (6, -31, 31)
+
+
+def model_with_output(model: ir.Model, name: str) -> ir.Model:
+    """A copy of the model that also outputs the named value (last)."""
+    copy = model.clone()
+    value = next(v for node in copy.graph for v in node.outputs if v.name == name)
+    copy.graph.outputs.append(value)
+    return copy
+
+
+def test_min_sqnr_keeps_the_group_float():
+    model = ln_qkv(np.random.default_rng(19))
+    reference = model.clone()
+    shared = calibrator(model)
+    assert not PreexecuteDequantPass(shared, min_sqnr_db=500.0)(model).modified
+    nodes = by_name(model)
+    assert all("below 500 dB" in nodes[name].meta[KEEP_FLOAT_KEY] for name in ("q_proj", "k_proj", "v_proj"))
+    QuantizePass(shared)(model)
+    assert all(nodes[name].meta[DECISION_KEY].status == "float" for name in ("q_proj", "k_proj", "v_proj"))
+    QdqLoweringPass()(model)
+    assert_same_outputs(reference, model, HELD_OUT)
+
+
+def test_no_matmul_means_not_modified():
+    model = relu_only()
+    assert not PreexecuteDequantPass(calibrator(model, [{"x": np.ones((2, 4), np.float32)}]))(model).modified
+    assert ops(model) == ["Relu"]
+
+
+def test_running_twice_changes_nothing_the_second_time():
+    model = post_ln(np.random.default_rng(20))
+    reference = model.clone()
+    assert PreexecuteDequantPass(calibrator(model))(model).modified
+    before = ops(model)
+    assert not PreexecuteDequantPass(calibrator(model))(model).modified  # MIGRATED_KEY marks the group as done
+    assert ops(model) == before
+    assert_same_outputs(reference, model, HELD_OUT)
+
+
+def test_shift_key_survives_migration():
+    model = ln_qkv(np.random.default_rng(21))
+    shared = calibrator(model)
+    SymmetrizePass(shared)(model)
+    PreexecuteDequantPass(shared)(model)
+    h = by_name(model)["ln"].outputs[0]
+    assert SHIFT_KEY in h.meta and h.meta[MIGRATED_KEY]
+    assert not SymmetrizePass(shared)(model).modified
+
+
+def test_bad_method_and_missing_calibration_are_refused():
+    with pytest.raises(ValueError, match="method must be one of"):
+        PreexecuteDequantPass(None, method="awq")
+    with pytest.raises(ir.passes.PreconditionError, match="calibration"):
+        PreexecuteDequantPass(None)(relu_only())
