@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     optimize.add_argument("--passes", help="comma-separated pass names replacing the recipe's list")
     optimize.add_argument("--target", choices=sorted(TARGETS))
     optimize.add_argument("--report", type=Path, help="write the run report as JSON")
+    optimize.add_argument("--layers", action="store_true", help="print every layer's scheme, SQNR and reason")
     optimize.add_argument("--overwrite", action="store_true", help="allow -o to name the input file")
     optimize.set_defaults(run=_optimize)
 
@@ -101,6 +102,8 @@ def _optimize(args: argparse.Namespace) -> int:
         validation=args.validate_data,
     )
     graphquant.save(result, args.output, overwrite=args.overwrite)
+    if args.layers:
+        print(result.report.format_layers())
     print(result.report.format_table())
     print(f"wrote {args.output}")
     if args.report:

@@ -86,6 +86,16 @@ class Report:
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
+    def format_layers(self) -> str:
+        """One line per layer: status, scheme, measured SQNR, and why."""
+        lines = [f"{'layer':<36} {'status':<9} {'SQNR dB':>8}  scheme / reason"]
+        for layer in self.layers:
+            metric = self.layer_metrics.get(layer.node)
+            sqnr = f"{metric.sqnr_db:8.1f}" if metric is not None else f"{'':8}"
+            detail = "; ".join(part for part in (layer.scheme, layer.reason) if part)
+            lines.append(f"{layer.node:<36} {layer.status:<9} {sqnr}  {detail}")
+        return "\n".join(lines)
+
 
 def layer_decisions(model: ir.Model) -> list[LayerDecision]:
     """The decisions recorded on the model's nodes, in graph order."""

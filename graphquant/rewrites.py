@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from graphquant.analysis.layers import Layer, constant_array
+from graphquant.analysis.layers import Layer, classify, constant_array
 from graphquant.quant_spec import KEEP_FLOAT_KEY
 from graphquant.graph_edit import NameScope, add_initializer, insert_after_producer, remove_if_unused
 
@@ -39,6 +39,8 @@ def apply_channel_affine(
         _fold_into_layer_norm(graph, names, clone, producer, scale, offset)
         _redirect(readers, activation, clone.outputs[0])
         return clone.outputs[0], "folded into a copy of LayerNormalization"
+    if exclusive and producer is not None and _fold_through_relu(graph, names, producer, scale, offset):
+        return activation, "folded through Relu into the producing layer"
     source = activation
     if exclusive:
         base, old_scale, old_offset = _existing_branch(activation)
@@ -50,6 +52,43 @@ def apply_channel_affine(
     new_value = _insert_branch(graph, names, source, scale, offset)
     _redirect(readers, source, new_value)
     return new_value, "Mul/Add on the quantized branch"
+
+
+def _fold_through_relu(graph: ir.Graph, names: NameScope, relu: ir.Node, scale: np.ndarray, offset: np.ndarray) -> bool:
+    """Relu(x)·s = Relu(x·s) for s > 0: scale the output columns and bias of the MatMul/Gemm feeding the Relu."""
+    if relu.op_type != "Relu" or np.any(offset != 0) or np.any(scale <= 0) or relu.inputs[0] is None:
+        return False
+    source = relu.inputs[0]
+    if source.is_graph_output() or list(source.consumers()) != [relu] or (producer := source.producer()) is None:
+        return False
+    bias_site: tuple[ir.Node, int] | None = None
+    if producer.op_type == "Add":
+        matmul = next((v.producer() for v in producer.inputs if v is not None and v.producer() is not None), None)
+        bias_site = bias_add_of(matmul) if matmul is not None and matmul.op_type == "MatMul" else None
+        if bias_site is None or bias_site[0] is not producer:
+            return False
+        layer_node = matmul
+    elif producer.op_type == "MatMul" or (producer.op_type == "Gemm" and _gemm_scalable(producer)):
+        layer_node = producer
+        bias_site = (producer, 2) if producer.op_type == "Gemm" and len(producer.inputs) > 2 else None
+    else:
+        return False
+    layer = classify(layer_node).layer
+    if layer is None or layer.weight_array.shape[layer.out_axis] != scale.size:
+        return False
+    scale_weight_columns(graph, names, layer, scale)
+    if bias_site is not None and (bias := constant_array(bias_site[0].inputs[bias_site[1]])) is not None:
+        scaled = (bias * scale.reshape((1,) * (bias.ndim - 1) + (scale.size,))).astype(bias.dtype)
+        bias_site[0].replace_input_with(bias_site[1], add_initializer(graph, names, f"{layer_node.name}_bias_scaled", scaled))
+    return True
+
+
+def _gemm_scalable(node: ir.Node) -> bool:
+    """A Gemm with a constant weight and a constant 1-D (or absent) C."""
+    if len(node.inputs) < 3 or node.inputs[2] is None:
+        return True
+    bias = constant_array(node.inputs[2])
+    return bias is not None and bias.ndim == 1
 
 
 def _exclusive(activation: ir.Value, readers: Sequence[ir.Node]) -> bool:
@@ -186,6 +225,17 @@ def scale_weight_rows(graph: ir.Graph, names: NameScope, layer: Layer, factors: 
     remove_if_unused(graph, old)
 
 
+def scale_weight_columns(graph: ir.Graph, names: NameScope, layer: Layer, factors: np.ndarray) -> None:
+    """W' = W·diag(factors) along the weight's output-channel axis, as a new initializer."""
+    weight = layer.weight_array
+    shape = [1] * weight.ndim
+    shape[layer.out_axis] = factors.size
+    value = add_initializer(graph, names, f"{layer.weight.name or 'weight'}_scaled", (weight * factors.reshape(shape)).astype(weight.dtype))
+    old = layer.weight
+    layer.node.replace_input_with(layer.weight_index, value)
+    remove_if_unused(graph, old)
+
+
 def weight_times(layer: Layer, vector: np.ndarray) -> np.ndarray:
     """vector·W contracted over the weight's input-channel axis: one value per output channel."""
     return np.tensordot(vector.astype(np.float64), layer.weight_array.astype(np.float64), axes=([0], [layer.in_axis]))
@@ -253,18 +303,25 @@ def layer_bias(layer: Layer) -> np.ndarray:
 
 def _insert_bias_add(graph: ir.Graph, names: NameScope, node: ir.Node, bias: np.ndarray) -> None:
     """Insert Add(bias) after the MatMul; the Add's output takes over the MatMul output's name and readers."""
-    output = node.outputs[0]
-    original_name = output.name
     bias_value = add_initializer(graph, names, f"{node.name or 'matmul'}_bias", bias)
-    add_node = ir.node("Add", [output, bias_value], name=names.fresh(f"{node.name or 'matmul'}_bias_add"))
+    _append_add(graph, names, node, bias_value, f"{node.name or 'matmul'}_bias_add", "unbiased")
+
+
+def _append_add(
+    graph: ir.Graph, names: NameScope, producer: ir.Node, operand: ir.Value, node_name: str, old_output_suffix: str
+) -> None:
+    """Insert Add(producer's output, operand) after the producer; the sum takes over the output's name and readers."""
+    output = producer.outputs[0]
+    original_name = output.name
+    add_node = ir.node("Add", [output, operand], name=names.fresh(node_name))
     result = add_node.outputs[0]
     result.type = output.type
     result.shape = output.shape
     output.replace_all_uses_with(result, replace_graph_outputs=True)
     add_node.replace_input_with(0, output)
-    output.name = names.fresh(f"{original_name or 'matmul'}_unbiased")
+    output.name = names.fresh(f"{original_name or 'output'}_{old_output_suffix}")
     result.name = original_name
-    graph.insert_after(node, add_node)
+    graph.insert_after(producer, add_node)
 
 
 def route_channels_to_float(
@@ -306,14 +363,4 @@ def _add_to_layer_output(graph: ir.Graph, names: NameScope, layer: Layer, extra:
     """Add ``extra`` to the layer's output (after its bias Add, if any); the sum keeps the output's name."""
     found = bias_add_of(layer.node) if layer.node.op_type == "MatMul" else None
     last = found[0] if found is not None else layer.node
-    output = last.outputs[0]
-    original_name = output.name
-    add_node = ir.node("Add", [output, extra], name=names.fresh(f"{layer.node.name}_add_float_path"))
-    result = add_node.outputs[0]
-    result.type = output.type
-    result.shape = output.shape
-    output.replace_all_uses_with(result, replace_graph_outputs=True)
-    add_node.replace_input_with(0, output)
-    output.name = names.fresh(f"{original_name or 'layer'}_int_path")
-    result.name = original_name
-    graph.insert_after(last, add_node)
+    _append_add(graph, names, last, extra, f"{layer.node.name}_add_float_path", "int_path")

@@ -250,3 +250,13 @@ def test_random_calibration_warns_on_stderr(files, tmp_path, capsys):
     stderr = capsys.readouterr().err
     warnings = [line for line in error_lines(stderr) if line.startswith("graphquant: warning:")]
     assert len(warnings) == 1 and "RANDOM" in warnings[0]
+
+
+def test_optimize_layers_flag_prints_each_layers_scheme_and_reason(files, tmp_path, capsys):
+    _, model_path, calib = files
+    out = tmp_path / "out.onnx"
+    assert main(["optimize", str(model_path), "-o", str(out), "--calib", str(calib), "--recipe", "outliertune", "--layers"]) == 0
+    stdout = capsys.readouterr().out
+    layer_lines = [line for line in stdout.splitlines() if " quantized " in line]
+    assert len(layer_lines) == 2
+    assert all("W8 per-channel" in line and "simulated SQNR" in line for line in layer_lines)

@@ -425,3 +425,41 @@ def test_route_channels_to_float_on_a_gemm_with_trans_b():
     rows = initializer(reference, "w")[:, channels].T
     np.testing.assert_array_equal(float_matmul.inputs[1].const_value.numpy(), rows)
     assert_same_outputs(reference, model, [x_feed(rng, 8, 16)])
+
+
+RELU_CHAIN = """
+<ir_version: 8, opset_import: ["" : 17]>
+relu_chain (float[N, 16] x) => (float[N, 4] y) {
+  [fc1] h = MatMul(x, w1)
+  [bias1] hb = Add(h, b1)
+  [relu] r = Relu(hb)
+  [fc2] y = MatMul(r, w2)
+}
+"""
+
+
+def test_a_positive_scale_folds_through_relu_into_the_producing_layer():
+    rng = np.random.default_rng(5)
+    w1, b1, w2 = weights(rng, 16, 8), weights(rng, 8), weights(rng, 8, 4)
+    model = build(RELU_CHAIN, {"w1": w1, "b1": b1, "w2": w2})
+    scale = rng.uniform(0.1, 4.0, 8).astype(F32)
+    relu_out = value(model, "r")
+    new_value, how = apply_channel_affine(
+        model.graph, NameScope(model.graph), relu_out, [by_name(model)["fc2"]], scale, np.zeros(8, F32)
+    )
+    assert how == "folded through Relu into the producing layer"
+    assert new_value is relu_out
+    assert not any(AFFINE_BRANCH_KEY in node.meta for node in model.graph)
+    np.testing.assert_allclose(layer(model, "fc1").weight_array, w1 * scale, rtol=1e-6)
+    feed = x_feed(rng, 4, 16)
+    # fc2 now reads Relu(x·W1·diag(s) + b1·s) = Relu(x·W1 + b1)·s.
+    expected = (np.maximum(feed["x"] @ w1 + b1, 0) * scale) @ w2
+    np.testing.assert_allclose(run(model, feed)[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_relu_fold_is_refused_for_a_negative_scale_or_an_offset():
+    rng = np.random.default_rng(6)
+    for scale, offset in ((-np.ones(8, F32), np.zeros(8, F32)), (np.ones(8, F32) * 2, np.ones(8, F32))):
+        model = build(RELU_CHAIN, {"w1": weights(rng, 16, 8), "b1": weights(rng, 8), "w2": weights(rng, 8, 4)})
+        _, how = apply_channel_affine(model.graph, NameScope(model.graph), value(model, "r"), [by_name(model)["fc2"]], scale, offset)
+        assert how == "Mul/Add on the quantized branch"
