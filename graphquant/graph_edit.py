@@ -27,15 +27,13 @@ class NameScope:
         return name
 
 
-def add_initializer(graph: ir.Graph, names: NameScope, base: str, array: np.ndarray) -> ir.Value:
-    """Register a new initializer holding ``array`` under a fresh name."""
+def add_initializer(
+    graph: ir.Graph, names: NameScope, base: str, array: np.ndarray, dtype: ir.DataType | None = None
+) -> ir.Value:
+    """Register a new initializer holding ``array`` (stored as ``dtype`` if given, e.g. INT4) under a fresh name."""
     name = names.fresh(base)
-    value = ir.Value(
-        name=name,
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        shape=ir.Shape(array.shape),
-        const_value=ir.tensor(array, name=name),
-    )
+    tensor = ir.tensor(array, name=name) if dtype is None else ir.tensor(array, dtype=dtype, name=name)
+    value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape), const_value=tensor)
     graph.register_initializer(value)
     return value
 

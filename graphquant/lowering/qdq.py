@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript.version_converter import ConvertVersionPass
 
 from graphquant.graph_edit import NameScope, add_initializer, insert_after_producer, remove_if_unused
 from graphquant.quant_spec import INPUT_SPECS_KEY, QuantSpec
 
 MIN_OPSET = 13
+# The INT4 element type (and Q/DQ on it) exists from opset 21.
+INT4_OPSET = 21
 
 
 class QdqLoweringPass(ir.passes.InPlacePass):
@@ -23,6 +26,7 @@ class QdqLoweringPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Replace each annotated input with its dequantized form, sharing one Q/DQ per tensor and spec."""
         graph = model.graph
+        int4 = _int4_available(model)
         names = NameScope(graph)
         lowered: dict[tuple[object, ...], ir.Value] = {}
         modified = False
@@ -35,7 +39,7 @@ class QdqLoweringPass(ir.passes.InPlacePass):
                 assert source is not None
                 key = (id(source), *spec.key)
                 if key not in lowered:
-                    lowered[key] = _dequantized(graph, names, source, spec)
+                    lowered[key] = _dequantized(graph, names, source, spec, int4)
                 node.replace_input_with(index, lowered[key])
                 remove_if_unused(graph, source)
             modified = True
@@ -47,20 +51,40 @@ class QdqLoweringPass(ir.passes.InPlacePass):
             raise ir.passes.PostconditionError("QDQ lowering left annotated inputs behind")
 
 
-def _dequantized(graph: ir.Graph, names: NameScope, source: ir.Value, spec: QuantSpec) -> ir.Value:
+def _int4_available(model: ir.Model) -> bool:
+    """Whether 4-bit specs can use the INT4 type, upgrading the model to opset 21 (onnxscript) if it needs it."""
+    wants_int4 = any(
+        spec.bits <= 4 and spec.signed for node in model.graph for spec in node.meta.get(INPUT_SPECS_KEY, {}).values()
+    )
+    if not wants_int4:
+        return False
+    if model.graph.opset_imports.get("", 0) < INT4_OPSET:
+        try:
+            ConvertVersionPass(INT4_OPSET)(model)
+        except Exception:  # the converter raises many types; int8 storage with a narrow range still works
+            return False
+    return model.graph.opset_imports.get("", 0) >= INT4_OPSET
+
+
+def _dequantized(graph: ir.Graph, names: NameScope, source: ir.Value, spec: QuantSpec, int4: bool) -> ir.Value:
     """The float value that the quantized form of ``source`` dequantizes to."""
     base = source.name or "tensor"
+    storage = ir.DataType.INT4 if int4 and spec.bits <= 4 and spec.signed else None
     scale = add_initializer(graph, names, f"{base}_scale", spec.scale)
-    zero_point = add_initializer(graph, names, f"{base}_zero_point", spec.zero_point.astype(spec.storage_dtype))
+    zero_point = add_initializer(
+        graph, names, f"{base}_zero_point", spec.zero_point.astype(spec.storage_dtype), dtype=storage
+    )
     axis = {} if spec.axis is None else {"axis": spec.axis}
     if source.const_value is not None:
-        codes = add_initializer(graph, names, f"{base}_quantized", spec.quantize(source.const_value.numpy()))
+        codes = add_initializer(
+            graph, names, f"{base}_quantized", spec.quantize(source.const_value.numpy()), dtype=storage
+        )
         dequantize = ir.node("DequantizeLinear", [codes, scale, zero_point], axis, name=names.fresh(f"{base}_DequantizeLinear"))
         insert_after_producer(graph, codes, [dequantize])
     else:
         quantize = ir.node("QuantizeLinear", [source, scale, zero_point], axis, name=names.fresh(f"{base}_QuantizeLinear"))
         quantize.outputs[0].name = names.fresh(f"{base}_quantized")
-        clamp = narrow_grid_clip(graph, names, quantize.outputs[0], spec)
+        clamp = None if storage is not None else narrow_grid_clip(graph, names, quantize.outputs[0], spec)
         codes = quantize.outputs[0] if clamp is None else clamp.outputs[0]
         dequantize = ir.node(
             "DequantizeLinear", [codes, scale, zero_point], axis, name=names.fresh(f"{base}_DequantizeLinear")

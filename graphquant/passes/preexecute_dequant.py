@@ -51,6 +51,7 @@ class PreexecuteDequantPass(ir.passes.InPlacePass):
         min_sqnr_db: float = 0.0,
         float_channels: int = 0,
         float_route_below_db: float = 30.0,
+        max_float_fraction: float = 0.05,
     ):
         super().__init__()
         if method not in METHODS:
@@ -64,6 +65,7 @@ class PreexecuteDequantPass(ir.passes.InPlacePass):
         self.min_sqnr_db = min_sqnr_db
         self.float_channels = float_channels
         self.float_route_below_db = float_route_below_db
+        self.max_float_fraction = max_float_fraction
 
     def requires(self, model: ir.Model) -> None:
         """Channel ranges come from calibration."""
@@ -88,9 +90,9 @@ class PreexecuteDequantPass(ir.passes.InPlacePass):
         absmax = stats.channel_absmax
         rows = stats.sample if stats.sample is not None else np.zeros((1, absmax.size), np.float32)
         best = max(self._scored(group, rows, self._candidates(group, absmax)), key=lambda c: c.sqnr_db)
-        if not self.float_channels or best.sqnr_db >= self.float_route_below_db:
+        count = min(self.float_channels, int(self.max_float_fraction * absmax.size))
+        if count < 1 or best.sqnr_db >= self.float_route_below_db:
             return best
-        count = min(self.float_channels, absmax.size - 1)
         outliers = np.sort(np.argsort(-absmax, kind="stable")[:count])
         remaining = absmax.copy()
         remaining[outliers] = 0

@@ -174,3 +174,40 @@ def test_lowering_needs_opset_13_for_annotated_models():
     QuantizePass(None, abits=None)(model)
     with pytest.raises(ir.passes.PreconditionError, match="opset >= 13"):
         QdqLoweringPass()(model)
+
+
+def test_four_bit_weights_are_stored_as_int4_after_an_opset_21_upgrade():
+    rng = np.random.default_rng(7)
+    model = named_mlp(rng)
+    w1 = initializer(model, "w1")
+    data = feeds(rng, batches=4, rows=8, features=16)
+    QuantizePass(Calibrator.for_model(model, data, show_progress=False), wbits=4, abits=None)(model)
+    QdqLoweringPass()(model)
+    assert model.graph.opset_imports[""] == 21
+    int4 = [v for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.INT4]
+    assert len(int4) == 4  # two weights and their zero points
+    fc1 = next(node for node in model.graph if node.name == "fc1")
+    dequantize = fc1.inputs[1].producer()
+    assert dequantize.op_type == "DequantizeLinear" and dequantize.attributes.get_int("axis") == 1
+    codes = dequantize.inputs[0].const_value.numpy()
+    assert codes.min() >= -7 and codes.max() <= 7
+    # onnxruntime reads the INT4 weight back to the 4-bit fake-quantized values.
+    probe = np.eye(16, dtype=np.float32)
+    hidden = run(model, {"x": probe})[0]
+    w2 = fake_quant_weight(initializer(named_mlp(np.random.default_rng(7)), "w2"), out_axis=0, bits=4)
+    b1, b2 = initializer(model, "b1"), initializer(model, "b2")
+    expected = np.maximum(probe @ fake_quant_weight(w1, out_axis=1, bits=4) + b1, 0) @ w2.T + b2
+    np.testing.assert_allclose(hidden, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_four_bit_activations_use_int4_quantize_linear():
+    rng = np.random.default_rng(8)
+    model = named_mlp(rng)
+    data = feeds(rng, batches=4, rows=8, features=16)
+    QuantizePass(Calibrator.for_model(model, data, show_progress=False), wbits=4, abits=4)(model)
+    QdqLoweringPass()(model)
+    quantizers = [node for node in model.graph if node.op_type == "QuantizeLinear"]
+    assert quantizers and all(node.inputs[2].const_value.dtype == ir.DataType.INT4 for node in quantizers)
+    assert not any(node.op_type == "Clip" for node in model.graph)
+    (y,) = run(model, data[0])
+    assert np.all(np.isfinite(y))
