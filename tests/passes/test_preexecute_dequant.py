@@ -143,7 +143,7 @@ def test_forced_float_routing_adds_a_gather_and_a_float_matmul_per_layer(method)
     model = ln_qkv(np.random.default_rng(15))
     reference = model.clone()
     originals = {name: initializer(model, name) for name in ("wq", "wk", "wv")}
-    routed = PreexecuteDequantPass(calibrator(model), method=method, float_channels=2, float_route_below_db=1000)
+    routed = PreexecuteDequantPass(calibrator(model), method=method, float_channels=2, float_route_below_db=1000, max_float_fraction=0.5)
     assert routed(model).modified
     assert ops(model).count("Gather") == 1
     assert ops(model).count("MatMul") == 6  # three integer-path layers, three float-path MatMuls
@@ -172,7 +172,7 @@ def test_quantize_keeps_the_float_path_float():
     model = ln_qkv(np.random.default_rng(15))
     reference = model.clone()
     shared = calibrator(model)
-    PreexecuteDequantPass(shared, float_channels=2, float_route_below_db=1000)(model)
+    PreexecuteDequantPass(shared, float_channels=2, float_route_below_db=1000, max_float_fraction=0.5)(model)
     float_paths = [
         node for node in model.graph if node.op_type == "MatMul" and node.inputs[0].producer().op_type == "Gather"
     ]
@@ -196,14 +196,14 @@ def test_forced_float_routing_after_symmetrize_is_exact():
     reference = model.clone()
     shared = calibrator(model)
     SymmetrizePass(shared)(model)
-    PreexecuteDequantPass(shared, float_channels=2, float_route_below_db=1000)(model)
+    PreexecuteDequantPass(shared, float_channels=2, float_route_below_db=1000, max_float_fraction=0.5)(model)
     assert ops(model).count("Gather") == 1
     assert_same_outputs(reference, model, HELD_OUT)
 
 
 def test_no_routing_when_the_integer_scheme_meets_the_target():
     model = ln_qkv(np.random.default_rng(17))
-    PreexecuteDequantPass(calibrator(model), float_channels=2, float_route_below_db=0.0)(model)
+    PreexecuteDequantPass(calibrator(model), float_channels=2, float_route_below_db=0.0, max_float_fraction=0.5)(model)
     assert "Gather" not in ops(model)
     assert ops(model).count("MatMul") == 3
 

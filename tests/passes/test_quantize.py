@@ -164,8 +164,9 @@ def test_override_wbits_4_gives_codes_in_plus_minus_7(mlp_and_data):
     assert by_name["fc1"].meta[DECISION_KEY].scheme.startswith("W4 per-channel")
 
     QdqLoweringPass()(model)
-    codes = initializer(model, "w1_quantized")
-    assert codes.dtype == np.int8
+    assert model.graph.initializers["w1_quantized"].const_value.dtype == ir.DataType.INT4  # 4 bits: native INT4
+    assert model.graph.initializers["w2_quantized"].const_value.dtype == ir.DataType.INT8  # 6 bits: narrow int8
+    codes = initializer(model, "w1_quantized").astype(np.int8)
     assert codes.min() >= -7 and codes.max() <= 7
     np.testing.assert_array_equal(np.abs(codes).max(axis=0), np.full(8, 7))  # every channel uses the full grid
     codes2 = initializer(model, "w2_quantized")
