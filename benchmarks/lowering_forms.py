@@ -8,8 +8,8 @@ in one interleaved round-robin run on onnxruntime CPU (2 intra-op threads, ``ORT
 
 Self-contained (numpy, onnx, onnxruntime only) and offline: the data is random with a fixed seed.
 
-    .venv/bin/python benchmarks/lowering_forms.py --quick   # 3 rounds x 5 runs per form
-    .venv/bin/python benchmarks/lowering_forms.py           # 7 rounds x 20 runs per form
+    .venv/bin/python benchmarks/lowering_forms.py --quick   # 3 rounds x 10 runs per form, a few seconds
+    .venv/bin/python benchmarks/lowering_forms.py           # 15 rounds x 50 runs per form, about 30 s on 2 cores
 """
 
 from __future__ import annotations
@@ -317,7 +317,9 @@ def session_options(threads: int = INTRA_OP_THREADS) -> ort.SessionOptions:
 
 def make_session(model: onnx.ModelProto) -> ort.InferenceSession:
     """A CPU session with 2 intra-op threads, one inter-op thread and ORT_ENABLE_ALL."""
-    return ort.InferenceSession(model.SerializeToString(), sess_options=session_options(), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model.SerializeToString(), sess_options=session_options(), providers=["CPUExecutionProvider"]
+    )
 
 
 def optimized_ops(model: onnx.ModelProto, directory: str, name: str) -> str:
@@ -380,8 +382,8 @@ def prepare(layer: Layer, directory: str) -> list[Row]:
                 reference = output
             row.sqnr = sqnr_db(reference, output)
         except Exception as error:  # noqa: BLE001  (a form onnxruntime refuses is reported, not fatal)
-            text = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
-            row.error = f"{type(error).__name__}: {text}"
+            text = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            row.error = f"{type(error).__name__}: {text}".replace("|", "\\|")
             row.session = None
         log(f"  {label}: " + (row.error or f"SQNR {row.sqnr:.1f} dB; ops: {row.ops}"))
         rows.append(row)
@@ -412,17 +414,19 @@ def table(layer: Layer, rows: list[Row]) -> str:
     lines = [
         f"### {layer.name}: X [{BATCH}, {SEQ_LEN}, {layer.k}] x W [{layer.k}, {layer.n}] + bias [{layer.n}]",
         "",
-        "| form | ms | speed vs float | speed vs dynamic | output SQNR dB | ops after ORT optimization | note |",
-        "|---|---:|---:|---:|---:|---|---|",
+        "| form | ms | p25-p75 ms | speed vs float | speed vs dynamic | output SQNR dB "
+        "| ops after ORT optimization | note |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for row in rows:
         if row.error is not None:
-            lines.append(f"| {row.label} | n/a | | | | | {row.error} |")
+            lines.append(f"| {row.label} | n/a | | | | | | {row.error} |")
             continue
         sqnr = "exact" if row.sqnr == float("inf") else f"{row.sqnr:.1f}"
+        p25, _, p75 = statistics.quantiles(row.samples, n=4) if len(row.samples) > 1 else (row.ms,) * 3
         lines.append(
-            f"| {row.label} | {row.ms:.2f} | {float_ms / row.ms:.2f}x | {dynamic_ms / row.ms:.2f}x | {sqnr} "
-            f"| {row.ops} | {row.note} |"
+            f"| {row.label} | {row.ms:.2f} | {p25:.2f}-{p75:.2f} | {float_ms / row.ms:.2f}x "
+            f"| {dynamic_ms / row.ms:.2f}x | {sqnr} | {row.ops} | {row.note} |"
         )
     timed = [row for row in rows if row.error is None]
     fastest = min(timed, key=lambda row: row.ms)
@@ -444,7 +448,7 @@ def cpu_model() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 rounds x 5 runs per form instead of 7 x 20")
+    parser.add_argument("--quick", action="store_true", help="3 rounds x 10 runs per form instead of 15 x 50")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (overrides --quick)")
     parser.add_argument("--repeats", type=int, default=None, help="runs per form per round (overrides --quick)")
     parser.add_argument(
@@ -454,8 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for lowering_forms.md")
     args = parser.parse_args(argv)
-    rounds = args.rounds or (3 if args.quick else 7)
-    repeats = args.repeats or (5 if args.quick else 20)
+    rounds = args.rounds or (3 if args.quick else 15)
+    repeats = args.repeats or (10 if args.quick else 50)
 
     started = time.perf_counter()
     load_before = os.getloadavg()
@@ -474,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
     elapsed = time.perf_counter() - started
 
-    input_shape = f"[{BATCH}, {SEQ_LEN}, K] (static)" if args.static_shapes else "[batch, seq, K] (symbolic, as in MiniLM)"
+    static = f"[{BATCH}, {SEQ_LEN}, K] (static)"
+    input_shape = static if args.static_shapes else "[batch, seq, K] (symbolic, as in MiniLM)"
     header = [
         "## Lowering forms of one quantized linear layer",
         "",
@@ -482,9 +487,12 @@ def main(argv: list[str] | None = None) -> int:
         f"onnx {onnx.__version__}, numpy {np.__version__}; {os.cpu_count()} CPU threads "
         f"({platform.machine()}, {cpu_model()}).",
         f"Graph input declared {input_shape}; the data is [{BATCH}, {SEQ_LEN}, K].",
-        f"Activation scale per tensor, max|X|/127 from the data; int8 weights symmetric per output column; seed {SEED}. "
-        f"Median of {rounds} rounds x {repeats} runs per form, interleaved round-robin after {WARMUP_RUNS} warm-up runs. "
-        "Speed columns: times faster than that form (higher is better). SQNR of each output against form 1's output.",
+        "Activation scale per tensor, max|X|/127 from the data; int8 weights symmetric per output column; "
+        f"seed {SEED}. Median of {rounds} rounds x {repeats} runs per form, interleaved round-robin after "
+        f"{WARMUP_RUNS} warm-up runs. "
+        "Speed columns: times faster than that form (higher is better). SQNR of each output against form 1's output. "
+        "Ops: what onnxruntime runs after its graph optimizations (from a separate session that saved its model).",
+        "The load average includes this benchmark's own 2 threads: only the value at start measures other load. "
         f"Load average (1/5/15 min) at start {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
         f"at end {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}; total run time {elapsed:.0f} s.",
         "",
