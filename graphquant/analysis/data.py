@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -192,7 +191,3 @@ def _random_feeds(inputs: list[InputSpec]) -> Iterator[Feed]:
                 feed[spec.name] = rng.integers(0, 2, shape).astype(spec.dtype)
         yield feed
 
-
-def take(data: Iterable[Feed], count: int) -> list[Feed]:
-    """The first ``count`` feeds."""
-    return list(itertools.islice(data, count))
