@@ -8,8 +8,8 @@ import numpy as np
 import onnx_ir as ir
 
 from graphquant.analysis.layers import Layer, classify, constant_array
-from graphquant.quant_spec import KEEP_FLOAT_KEY
 from graphquant.graph_edit import NameScope, add_initializer, insert_after_producer, remove_if_unused
+from graphquant.quant_spec import KEEP_FLOAT_KEY
 
 # Marks the Mul/Add nodes that carry a group's channel affine, so later passes can compose into them.
 AFFINE_BRANCH_KEY = "graphquant.affine_branch"
@@ -79,7 +79,9 @@ def _fold_through_relu(graph: ir.Graph, names: NameScope, relu: ir.Node, scale: 
     scale_weight_columns(graph, names, layer, scale)
     if bias_site is not None and (bias := constant_array(bias_site[0].inputs[bias_site[1]])) is not None:
         scaled = (bias * scale.reshape((1,) * (bias.ndim - 1) + (scale.size,))).astype(bias.dtype)
-        bias_site[0].replace_input_with(bias_site[1], add_initializer(graph, names, f"{layer_node.name}_bias_scaled", scaled))
+        bias_site[0].replace_input_with(
+            bias_site[1], add_initializer(graph, names, f"{layer_node.name}_bias_scaled", scaled)
+        )
     return True
 
 
@@ -193,7 +195,9 @@ def _remove_branch(graph: ir.Graph, activation: ir.Value) -> None:
     graph.remove(chain, safe=True)
 
 
-def _insert_branch(graph: ir.Graph, names: NameScope, base: ir.Value, scale: np.ndarray, offset: np.ndarray) -> ir.Value:
+def _insert_branch(
+    graph: ir.Graph, names: NameScope, base: ir.Value, scale: np.ndarray, offset: np.ndarray
+) -> ir.Value:
     """Insert Mul(scale) and Add(offset) after ``base`` (identity parts left out); return the result."""
     nodes = []
     value = base
@@ -230,7 +234,9 @@ def scale_weight_columns(graph: ir.Graph, names: NameScope, layer: Layer, factor
     weight = layer.weight_array
     shape = [1] * weight.ndim
     shape[layer.out_axis] = factors.size
-    value = add_initializer(graph, names, f"{layer.weight.name or 'weight'}_scaled", (weight * factors.reshape(shape)).astype(weight.dtype))
+    value = add_initializer(
+        graph, names, f"{layer.weight.name or 'weight'}_scaled", (weight * factors.reshape(shape)).astype(weight.dtype)
+    )
     old = layer.weight
     layer.node.replace_input_with(layer.weight_index, value)
     remove_if_unused(graph, old)
@@ -332,8 +338,12 @@ def route_channels_to_float(
     The caller must still zero the activation channels O on the quantized path (a channel affine with scale 0),
     so that they do not set its range.
     """
-    index_value = add_initializer(graph, names, f"{activation.name or 'activation'}_outlier_channels", channels.astype(np.int64))
-    gather = ir.node("Gather", [activation, index_value], {"axis": -1}, name=names.fresh(f"{activation.name}_outlier_gather"))
+    index_value = add_initializer(
+        graph, names, f"{activation.name or 'activation'}_outlier_channels", channels.astype(np.int64)
+    )
+    gather = ir.node(
+        "Gather", [activation, index_value], {"axis": -1}, name=names.fresh(f"{activation.name}_outlier_gather")
+    )
     gathered = gather.outputs[0]
     gathered.name = names.fresh(f"{activation.name or 'activation'}_outliers")
     gathered.dtype = ir.DataType.FLOAT

@@ -109,7 +109,11 @@ class CalibrationData:
             return iter(self._materialized)
         if isinstance(self.source, (str, Path)):
             path = Path(self.source)
-            return _npz_feeds(path, self.inputs, self.batch_size) if path.is_file() else _test_data_feeds(path, self.inputs)
+            return (
+                _npz_feeds(path, self.inputs, self.batch_size)
+                if path.is_file()
+                else _test_data_feeds(path, self.inputs)
+            )
         return iter(self.source)  # type: ignore[arg-type]
 
     def _checked(self, feed: Mapping[str, np.ndarray]) -> Feed:
@@ -190,4 +194,3 @@ def _random_feeds(inputs: list[InputSpec]) -> Iterator[Feed]:
             else:
                 feed[spec.name] = rng.integers(0, 2, shape).astype(spec.dtype)
         yield feed
-

@@ -140,7 +140,9 @@ def scale_groups(layers: list[Layer]) -> list[ScaleGroup]:
     groups = []
     for component in nx.connected_components(sharing_graph(layers)):
         (activation,) = [item for kind, item in component if kind == "value"]
-        members = sorted((by_node[item] for kind, item in component if kind == "layer"), key=lambda l: order[l.node])
+        members = sorted(
+            (by_node[item] for kind, item in component if kind == "layer"), key=lambda member: order[member.node]
+        )
         member_nodes = {layer.node for layer in members}
         others = tuple(dict.fromkeys(node for node in activation.consumers() if node not in member_nodes))
         groups.append(ScaleGroup(activation, tuple(members), others))
@@ -149,9 +151,5 @@ def scale_groups(layers: list[Layer]) -> list[ScaleGroup]:
 
 def migratable_groups(graph: ir.Graph) -> list[ScaleGroup]:
     """Scale groups of MatMul/Gemm layers, whose input channels can take per-channel shifts and scales."""
-    layers = [
-        c.layer
-        for c in candidates(graph)
-        if c.layer is not None and c.node.op_type in ("MatMul", "Gemm")
-    ]
+    layers = [c.layer for c in candidates(graph) if c.layer is not None and c.node.op_type in ("MatMul", "Gemm")]
     return scale_groups(layers)

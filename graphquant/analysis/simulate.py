@@ -32,7 +32,7 @@ def group_sqnr_db(
     activation_step: float | None = None,
     float_channels: np.ndarray | None = None,
 ) -> float:
-    """Channel-averaged SQNR of the group's outputs with X/divisor quantized (given step, else per-tensor) and W·divisor per column."""
+    """Channel-averaged output SQNR with X/divisor quantized (given step, else per-tensor) and W·divisor per column."""
     x = rows.astype(np.float64)
     int_path = x.copy()
     if float_channels is not None:

@@ -117,9 +117,7 @@ def _replace_layer(
     inputs: list[ir.Value | None] = [codes, weight_value, activation_scale, scale_value, activation_zero_point, None]
     if bias is not None:
         inputs.append(add_initializer(graph, names, f"{node.name or 'layer'}_bias", bias))
-    fused = ir.node(
-        "MatMulIntegerToFloat", inputs, domain=MICROSOFT_DOMAIN, name=node.name, doc_string=node.doc_string
-    )
+    fused = ir.node("MatMulIntegerToFloat", inputs, domain=MICROSOFT_DOMAIN, name=node.name, doc_string=node.doc_string)
     if DECISION_KEY in node.meta:
         fused.meta[DECISION_KEY] = node.meta[DECISION_KEY]
     old_output = replaced[-1].outputs[0]

@@ -79,10 +79,14 @@ def _dequantized(graph: ir.Graph, names: NameScope, source: ir.Value, spec: Quan
         codes = add_initializer(
             graph, names, f"{base}_quantized", spec.quantize(source.const_value.numpy()), dtype=storage
         )
-        dequantize = ir.node("DequantizeLinear", [codes, scale, zero_point], axis, name=names.fresh(f"{base}_DequantizeLinear"))
+        dequantize = ir.node(
+            "DequantizeLinear", [codes, scale, zero_point], axis, name=names.fresh(f"{base}_DequantizeLinear")
+        )
         insert_after_producer(graph, codes, [dequantize])
     else:
-        quantize = ir.node("QuantizeLinear", [source, scale, zero_point], axis, name=names.fresh(f"{base}_QuantizeLinear"))
+        quantize = ir.node(
+            "QuantizeLinear", [source, scale, zero_point], axis, name=names.fresh(f"{base}_QuantizeLinear")
+        )
         quantize.outputs[0].name = names.fresh(f"{base}_quantized")
         clamp = None if storage is not None else narrow_grid_clip(graph, names, quantize.outputs[0], spec)
         codes = quantize.outputs[0] if clamp is None else clamp.outputs[0]

@@ -108,7 +108,13 @@ class PreexecuteDequantPass(ir.passes.InPlacePass):
             dataclasses.replace(
                 c,
                 sqnr_db=group_sqnr_db(
-                    rows, group.layers, c.divisor, self.abits, self.wbits, 1.0 if c.preexecuted else None, c.float_channels
+                    rows,
+                    group.layers,
+                    c.divisor,
+                    self.abits,
+                    self.wbits,
+                    1.0 if c.preexecuted else None,
+                    c.float_channels,
                 ),
             )
             for c in candidates
@@ -121,7 +127,9 @@ class PreexecuteDequantPass(ir.passes.InPlacePass):
             qmax = 2 ** (self.abits - 1) - 1
             step = np.where(absmax > 0, absmax, max(absmax.max(), 1.0)) / qmax
             candidates.extend(
-                Choice(_guarded(step * ratio), f"per-channel, clipped at {ratio:g}x range, step pre-executed", 0.0, True)
+                Choice(
+                    _guarded(step * ratio), f"per-channel, clipped at {ratio:g}x range, step pre-executed", 0.0, True
+                )
                 for ratio in CLIP_RATIOS
             )
             candidates.extend(
@@ -181,4 +189,3 @@ def _bounded(absmax: np.ndarray, exponent: float) -> np.ndarray:
 def _smoothing(activation_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: float) -> np.ndarray:
     """SmoothQuant: s_j = max|X_j|^alpha / max|W_j|^(1-alpha)."""
     return np.maximum(activation_absmax, 1e-5) ** alpha / np.maximum(weight_absmax, 1e-5) ** (1 - alpha)
-

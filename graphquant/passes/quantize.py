@@ -104,7 +104,9 @@ class QuantizePass(ir.passes.InPlacePass):
                 reason = node.meta[KEEP_FLOAT_KEY]
             else:
                 return candidate.layer
-        node.meta[DECISION_KEY] = LayerDecision(node.name or "", node.op_type, "float", reason, output=_output_name(node))
+        node.meta[DECISION_KEY] = LayerDecision(
+            node.name or "", node.op_type, "float", reason, output=_output_name(node)
+        )
         return None
 
     def options_for(self, node: ir.Node) -> LayerOptions:

@@ -51,7 +51,9 @@ def useful_shift(stats: TensorStats) -> np.ndarray:
     """
     midpoint = (stats.channel_min + stats.channel_max) / 2
     midpoint = np.where(np.isfinite(midpoint), midpoint, 0.0)
-    helps = stats.channel_mean_square_after_shift(midpoint) < stats.channel_mean_square_after_shift(np.zeros_like(midpoint))
+    helps = stats.channel_mean_square_after_shift(midpoint) < stats.channel_mean_square_after_shift(
+        np.zeros_like(midpoint)
+    )
     return np.where(helps, midpoint, 0.0).astype(np.float32)
 
 
@@ -62,9 +64,7 @@ def _shift_group(graph: ir.Graph, names: NameScope, group: ScaleGroup, midpoint:
     for layer in group.layers:
         add_to_layer_bias(graph, names, layer, weight_times(layer, midpoint).astype(np.float32))
     readers = [layer.node for layer in group.layers]
-    shifted, _ = apply_channel_affine(
-        graph, names, group.activation, readers, np.ones_like(midpoint), -midpoint
-    )
+    shifted, _ = apply_channel_affine(graph, names, group.activation, readers, np.ones_like(midpoint), -midpoint)
     shifted.meta[SHIFT_KEY] = midpoint
     return True
 

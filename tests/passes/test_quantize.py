@@ -153,7 +153,7 @@ def test_override_skip_keeps_the_layer_float(mlp_and_data):
 
 def test_override_wbits_4_gives_codes_in_plus_minus_7(mlp_and_data):
     model, data = mlp_and_data
-    w1, w2 = initializer(model, "w1"), initializer(model, "w2")
+    w1 = initializer(model, "w1")
     calibrated(model, data, overrides=[NodeOverride("fc*", {"wbits": 6}), NodeOverride("fc1", {"wbits": 4})])
     by_name = nodes(model)
     spec = by_name["fc1"].meta[INPUT_SPECS_KEY][1]
