@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from graphquant.passes.outlier_decompose import OutlierDecomposePass
 from graphquant.passes.preexecute_dequant import PreexecuteDequantPass
 from graphquant.passes.quantize import QuantizePass
 from graphquant.passes.symmetrize import SymmetrizePass
@@ -11,7 +12,8 @@ from graphquant.passes.symmetrize import SymmetrizePass
 PASSES: dict[str, type[ir.passes.PassBase]] = {
     "symmetrize": SymmetrizePass,
     "preexecute-dequant": PreexecuteDequantPass,
+    "outlier-decompose": OutlierDecomposePass,
     "quantize": QuantizePass,
 }
 
-__all__ = ["PASSES", "PreexecuteDequantPass", "QuantizePass", "SymmetrizePass"]
+__all__ = ["PASSES", "OutlierDecomposePass", "PreexecuteDequantPass", "QuantizePass", "SymmetrizePass"]

@@ -1,0 +1,84 @@
+"""OutlierDecomposePass: static LLM.int8() decomposition, exact in fp32, with the outlier set from calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from builders import OUTLIER_CHANNELS, assert_same_outputs, gaussian_feeds, ln_qkv, ops, post_ln, relu_only, run
+
+import graphquant
+from graphquant.analysis.calibration import Calibrator
+from graphquant.passes import OutlierDecomposePass, PreexecuteDequantPass, SymmetrizePass
+from graphquant.quant_spec import SCHEME_NOTE_KEY
+
+CALIB = gaussian_feeds(seed=300)
+HELD_OUT = gaussian_feeds(seed=301, batches=2)
+
+
+def calibrator(model) -> Calibrator:
+    return Calibrator.for_model(model, CALIB, show_progress=False)
+
+
+@pytest.mark.parametrize("build_model", [ln_qkv, post_ln], ids=["exclusive-ln", "post-ln-residual"])
+def test_decomposition_is_exact_and_routes_exactly_the_outlier_channels(build_model):
+    model = build_model(np.random.default_rng(0))
+    reference = model.clone()
+    result = OutlierDecomposePass(calibrator(model), max_fraction=0.25)(model)
+    assert result.modified
+    assert ops(model).count("Gather") == 1  # one gather shared by the group
+    gather = next(node for node in model.graph if node.op_type == "Gather")
+    np.testing.assert_array_equal(gather.inputs[1].const_value.numpy(), np.array(OUTLIER_CHANNELS))
+    notes = {node.meta[SCHEME_NOTE_KEY] for node in model.graph if SCHEME_NOTE_KEY in node.meta}
+    assert notes == {"LLM.int8(): 2 of 16 input channels in float (12.5% of MACs)"}
+    assert_same_outputs(reference, model, HELD_OUT)
+
+
+def test_threshold_above_every_channel_changes_nothing():
+    model = ln_qkv(np.random.default_rng(1))
+    assert not OutlierDecomposePass(calibrator(model), threshold=1e6)(model).modified
+    assert "Gather" not in ops(model)
+
+
+def test_max_fraction_caps_the_routed_channels():
+    model = ln_qkv(np.random.default_rng(2))
+    reference = model.clone()
+    OutlierDecomposePass(calibrator(model), threshold=1e-3, max_fraction=0.25)(model)
+    gather = next(node for node in model.graph if node.op_type == "Gather")
+    assert gather.inputs[1].const_value.numpy().size == 4
+    assert_same_outputs(reference, model, HELD_OUT)
+
+
+def test_decomposition_composes_with_symmetrize_and_preexecution_exactly():
+    model = post_ln(np.random.default_rng(3))
+    reference = model.clone()
+    shared = calibrator(model)
+    for pass_ in (
+        OutlierDecomposePass(shared, max_fraction=0.25),
+        SymmetrizePass(shared),
+        PreexecuteDequantPass(shared),
+    ):
+        pass_(model)
+    assert ops(model).count("Gather") == 1
+    assert_same_outputs(reference, model, HELD_OUT)
+
+
+def test_no_matmul_is_not_modified_and_calibration_is_required():
+    model = relu_only()
+    data = gaussian_feeds(seed=302, features=4)
+    assert not OutlierDecomposePass(Calibrator.for_model(model, data, show_progress=False))(model).modified
+    with pytest.raises(ValueError):
+        OutlierDecomposePass(None, threshold=0)
+
+
+def test_llm_int8_recipe_beats_w8a8_on_planted_outliers():
+    model = ln_qkv(np.random.default_rng(5))
+    errors = {}
+    for recipe in ("w8a8", "llm-int8"):
+        chosen = graphquant.Recipe.named(recipe)
+        if recipe == "llm-int8":  # 2 of this model's 16 channels are outliers: more than the default 10% cap
+            chosen = chosen.with_options(max_fraction=0.25)
+        result = graphquant.optimize(model, chosen, calibration=CALIB, validation=HELD_OUT, show_progress=False)
+        errors[recipe] = min(c.sqnr_db for c in result.report.outputs.values())
+        assert len(result.report.quantized) == 3
+    assert errors["llm-int8"] >= errors["w8a8"] + 10
+    assert np.isfinite(run(model, HELD_OUT[0])[0]).all()
