@@ -13,6 +13,8 @@ from graphquant.quant_spec import KEEP_FLOAT_KEY
 
 # Marks the Mul/Add nodes that carry a group's channel affine, so later passes can compose into them.
 AFFINE_BRANCH_KEY = "graphquant.affine_branch"
+# Marks the Add that sums a layer's int path and its float path (the layer's real output).
+FLOAT_PATH_SUM_KEY = "graphquant.float_path_sum"
 
 
 def apply_channel_affine(
@@ -293,6 +295,16 @@ def bias_add_of(node: ir.Node) -> tuple[ir.Node, int] | None:
     return None
 
 
+def layer_output(node: ir.Node) -> ir.Value:
+    """The layer's full output: after its bias Add and the Add of its float path, where it has them."""
+    bias_add = bias_add_of(node) if node.op_type == "MatMul" else None
+    output = bias_add[0].outputs[0] if bias_add is not None else node.outputs[0]
+    readers = list(output.consumers())
+    if len(readers) == 1 and FLOAT_PATH_SUM_KEY in readers[0].meta:
+        output = readers[0].outputs[0]
+    return output
+
+
 def layer_bias(layer: Layer) -> np.ndarray:
     """The layer's constant bias per output channel (zeros where there is none or it is not constant)."""
     node = layer.node
@@ -315,7 +327,7 @@ def _insert_bias_add(graph: ir.Graph, names: NameScope, node: ir.Node, bias: np.
 
 def _append_add(
     graph: ir.Graph, names: NameScope, producer: ir.Node, operand: ir.Value, node_name: str, old_output_suffix: str
-) -> None:
+) -> ir.Node:
     """Insert Add(producer's output, operand) after the producer; the sum takes over the output's name and readers."""
     output = producer.outputs[0]
     original_name = output.name
@@ -328,6 +340,7 @@ def _append_add(
     output.name = names.fresh(f"{original_name or 'output'}_{old_output_suffix}")
     result.name = original_name
     graph.insert_after(producer, add_node)
+    return add_node
 
 
 def route_channels_to_float(
@@ -373,4 +386,5 @@ def _add_to_layer_output(graph: ir.Graph, names: NameScope, layer: Layer, extra:
     """Add ``extra`` to the layer's output (after its bias Add, if any); the sum keeps the output's name."""
     found = bias_add_of(layer.node) if layer.node.op_type == "MatMul" else None
     last = found[0] if found is not None else layer.node
-    _append_add(graph, names, last, extra, f"{layer.node.name}_add_float_path", "int_path")
+    sum_node = _append_add(graph, names, last, extra, f"{layer.node.name}_add_float_path", "int_path")
+    sum_node.meta[FLOAT_PATH_SUM_KEY] = True

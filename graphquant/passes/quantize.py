@@ -23,7 +23,7 @@ from graphquant.quant_spec import (
     QuantSpec,
     symmetric_spec,
 )
-from graphquant.rewrites import bias_add_of
+from graphquant.rewrites import layer_output
 
 ACTIVATION_METHODS = ("minmax", "percentile")
 
@@ -182,7 +182,5 @@ def _check_bits(options: LayerOptions) -> None:
 
 
 def _output_name(node: ir.Node) -> str:
-    """The layer's output as the reference model names it: the bias Add's output where there is one."""
-    bias_add = bias_add_of(node) if node.op_type == "MatMul" else None
-    output = bias_add[0].outputs[0] if bias_add is not None else node.outputs[0]
-    return output.name or ""
+    """The name of the layer's full output, as the reference model names it too."""
+    return layer_output(node).name or ""

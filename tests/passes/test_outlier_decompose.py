@@ -82,3 +82,12 @@ def test_llm_int8_recipe_beats_w8a8_on_planted_outliers():
         assert len(result.report.quantized) == 3
     assert errors["llm-int8"] >= errors["w8a8"] + 10
     assert np.isfinite(run(model, HELD_OUT[0])[0]).all()
+
+
+def test_routed_layers_are_measured_at_their_full_output():
+    model = post_ln(np.random.default_rng(6))
+    recipe = graphquant.Recipe.named("llm-int8").with_options(max_fraction=0.25)
+    result = graphquant.optimize(model, recipe, calibration=CALIB, validation=HELD_OUT, show_progress=False)
+    (layer,) = result.report.quantized
+    assert layer.output == "fb"  # the sum of the int and float paths keeps the bias Add's original name
+    assert result.report.layer_metrics[layer.node].sqnr_db > 20
