@@ -29,6 +29,7 @@ GRAPHQUANT_CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("graphquant outliertune W6A6 (ort-cpu)", "outliertune", {"wbits": 6, "abits": 6, "target": "ort-cpu"}),
     ("graphquant smoothquant W8A8 (ort-cpu)", "smoothquant", {"target": "ort-cpu"}),
     ("graphquant os-plus W8A8 (ort-cpu)", "os-plus", {"target": "ort-cpu"}),
+    ("graphquant llm-int8 W8A8 (ort-cpu)", "llm-int8", {"target": "ort-cpu"}),
 ]
 
 FP32 = "FP32 (torch.onnx dynamo export)"
