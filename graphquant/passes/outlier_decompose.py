@@ -6,40 +6,35 @@ import numpy as np
 import onnx_ir as ir
 
 from graphquant.analysis.calibration import Calibrator
-from graphquant.analysis.layers import ScaleGroup, migratable_groups
+from graphquant.analysis.layers import ScaleGroup
 from graphquant.graph_edit import NameScope
+from graphquant.passes._calibrated import CalibratedGroupPass
 from graphquant.quant_spec import SCHEME_NOTE_KEY
 from graphquant.rewrites import apply_channel_affine, route_channels_to_float
 
 DECOMPOSED_KEY = "graphquant.decomposed"
 
 
-class OutlierDecomposePass(ir.passes.InPlacePass):
+class OutlierDecomposePass(CalibratedGroupPass):
     """Exact: Y = X[:, O]·W[O, :] in float + X_rest·W_rest, O = {j : calibrated max|X_j| >= threshold}."""
 
+    cli_name = "outlier-decompose"
+    done_key = DECOMPOSED_KEY
+
     def __init__(self, calibrator: Calibrator | None = None, *, threshold: float = 6.0, max_fraction: float = 0.1):
-        super().__init__()
+        super().__init__(calibrator)
         if threshold <= 0 or not 0 < max_fraction <= 1:
             raise ValueError("threshold must be positive and max_fraction in (0, 1]")
-        self.calibrator = calibrator
         self.threshold = threshold
         self.max_fraction = max_fraction
 
-    def requires(self, model: ir.Model) -> None:
-        """The outlier set is fixed at calibration."""
-        if self.calibrator is None:
-            raise ir.passes.PreconditionError("outlier-decompose needs calibration data")
-
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Route each group's outlier channels to float and zero them on the quantized path."""
-        assert self.calibrator is not None
         graph = model.graph
-        groups = [g for g in migratable_groups(graph) if DECOMPOSED_KEY not in g.activation.meta]
-        stats = self.calibrator.collect(model, [g.activation.name or "" for g in groups])
         names = NameScope(graph)
         modified = False
-        for group in groups:
-            outliers = self._outlier_channels(stats[group.activation.name or ""].channel_absmax)
+        for group, stats in self.pending_groups(model):
+            outliers = self._outlier_channels(stats.channel_absmax)
             if outliers.size:
                 _decompose(graph, names, group, outliers)
                 modified = True

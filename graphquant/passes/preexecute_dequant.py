@@ -8,10 +8,11 @@ import numpy as np
 import onnx_ir as ir
 
 from graphquant.analysis.calibration import Calibrator
-from graphquant.analysis.layers import ScaleGroup, migratable_groups
+from graphquant.analysis.layers import ScaleGroup
 from graphquant.analysis.simulate import group_sqnr_db, weight_matrix
 from graphquant.analysis.stats import TensorStats
 from graphquant.graph_edit import NameScope
+from graphquant.passes._calibrated import CalibratedGroupPass
 from graphquant.quant_spec import KEEP_FLOAT_KEY, PREEXECUTED_KEY, SCHEME_NOTE_KEY
 from graphquant.rewrites import apply_channel_affine, route_channels_to_float, scale_weight_rows
 
@@ -36,8 +37,11 @@ class Choice:
     float_channels: np.ndarray | None = None
 
 
-class PreexecuteDequantPass(ir.passes.InPlacePass):
+class PreexecuteDequantPass(CalibratedGroupPass):
     """Exact: X <- X/d per channel (folded into the producer) and W <- diag(d)·W; d chosen per method."""
+
+    cli_name = "preexecute-dequant"
+    done_key = MIGRATED_KEY
 
     def __init__(
         self,
@@ -53,10 +57,9 @@ class PreexecuteDequantPass(ir.passes.InPlacePass):
         float_route_below_db: float = 30.0,
         max_float_fraction: float = 0.05,
     ):
-        super().__init__()
+        super().__init__(calibrator)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        self.calibrator = calibrator
         self.method = method
         self.abits = abits
         self.wbits = wbits
@@ -67,21 +70,13 @@ class PreexecuteDequantPass(ir.passes.InPlacePass):
         self.float_route_below_db = float_route_below_db
         self.max_float_fraction = max_float_fraction
 
-    def requires(self, model: ir.Model) -> None:
-        """Channel ranges come from calibration."""
-        if self.calibrator is None:
-            raise ir.passes.PreconditionError("preexecute-dequant needs calibration data")
-
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Choose and apply a divisor for every MatMul/Gemm scale group."""
-        assert self.calibrator is not None
         graph = model.graph
-        groups = [g for g in migratable_groups(graph) if MIGRATED_KEY not in g.activation.meta]
-        stats = self.calibrator.collect(model, [g.activation.name or "" for g in groups], sample_rows=SAMPLE_ROWS)
         names = NameScope(graph)
         modified = False
-        for group in groups:
-            choice = self._choose(group, stats[group.activation.name or ""])
+        for group, stats in self.pending_groups(model, sample_rows=SAMPLE_ROWS):
+            choice = self._choose(group, stats)
             modified |= self._apply(graph, names, group, choice)
         return ir.passes.PassResult(model, modified=modified)
 

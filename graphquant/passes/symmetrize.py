@@ -5,37 +5,27 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphquant.analysis.calibration import Calibrator
-from graphquant.analysis.layers import ScaleGroup, migratable_groups
+from graphquant.analysis.layers import ScaleGroup
 from graphquant.analysis.stats import TensorStats
 from graphquant.graph_edit import NameScope
+from graphquant.passes._calibrated import CalibratedGroupPass
 from graphquant.rewrites import add_to_layer_bias, apply_channel_affine, weight_times
 
 SHIFT_KEY = "graphquant.shift"
 
 
-class SymmetrizePass(ir.passes.InPlacePass):
+class SymmetrizePass(CalibratedGroupPass):
     """Exact: X~ = X - z, z the calibrated channel midpoint where it lowers E[x^2]; each layer's bias gains z·W."""
 
-    def __init__(self, calibrator: Calibrator | None = None):
-        super().__init__()
-        self.calibrator = calibrator
-
-    def requires(self, model: ir.Model) -> None:
-        """Channel midpoints come from calibration."""
-        if self.calibrator is None:
-            raise ir.passes.PreconditionError("symmetrize needs calibration data")
+    cli_name = "symmetrize"
+    done_key = SHIFT_KEY
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Shift every MatMul/Gemm scale group whose channels are off-centre."""
-        assert self.calibrator is not None
         graph = model.graph
-        groups = [g for g in migratable_groups(graph) if SHIFT_KEY not in g.activation.meta]
-        stats = self.calibrator.collect(model, [g.activation.name or "" for g in groups])
         names = NameScope(graph)
         modified = False
-        for group in groups:
-            channel_stats = stats[group.activation.name or ""]
+        for group, channel_stats in self.pending_groups(model):
             midpoint = useful_shift(channel_stats)
             if not np.any(midpoint):
                 continue
