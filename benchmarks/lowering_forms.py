@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from minilm_common import time_runs
 from onnx import TensorProto, helper, numpy_helper
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -340,16 +341,6 @@ def sqnr_db(reference: np.ndarray, output: np.ndarray) -> float:
     ref = reference.astype(np.float64)
     noise = float(np.sum((ref - output.astype(np.float64)) ** 2))
     return float("inf") if noise == 0 else 10.0 * np.log10(float(np.sum(ref**2)) / noise)
-
-
-def time_runs(session: ort.InferenceSession, feed: dict[str, np.ndarray], repeats: int) -> list[float]:
-    """Wall time in ms of `repeats` consecutive runs."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 @dataclasses.dataclass

@@ -178,7 +178,7 @@ def topk_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
     return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(first, second)]))
 
 
-def _time_runs(session, feed: Feed, repeats: int) -> list[float]:  # noqa: ANN001
+def time_runs(session, feed: Feed, repeats: int) -> list[float]:  # noqa: ANN001
     """Wall time in ms of `repeats` consecutive runs."""
     times = []
     for _ in range(repeats):
@@ -192,8 +192,8 @@ def latency_ms(model_path: str | os.PathLike[str], feed: Feed, repeats: int = 20
     """Median ms per run of one model on `feed` after `warmup` untimed runs."""
     session = make_session(model_path)
     own = _session_feed(session, feed)
-    _time_runs(session, own, warmup)
-    return statistics.median(_time_runs(session, own, repeats))
+    time_runs(session, own, warmup)
+    return statistics.median(time_runs(session, own, repeats))
 
 
 def compare_latency(
@@ -215,7 +215,7 @@ def compare_latency(
     for label, path in paths.items():
         session = make_session(path)
         own = _session_feed(session, feed)
-        _time_runs(session, own, warmup)
+        time_runs(session, own, warmup)
         sessions[label] = (session, own)
     labels = list(sessions)
     samples: dict[str, list[float]] = {label: [] for label in labels}
@@ -224,7 +224,7 @@ def compare_latency(
         shift = round_index % len(labels)
         for label in labels[shift:] + labels[:shift]:
             session, own = sessions[label]
-            samples[label].extend(_time_runs(session, own, repeats))
+            samples[label].extend(time_runs(session, own, repeats))
             bar.update()
     bar.close()
     return {label: statistics.median(samples[label]) for label in labels}
