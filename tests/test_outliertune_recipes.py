@@ -31,9 +31,9 @@ CALIB = gaussian_feeds(seed=700)
 HELD_OUT = gaussian_feeds(seed=701, batches=3)
 
 EXPECTED_PIPELINES = {
-    "outliertune": ["NameFixPass", "SymmetrizePass", "PreexecuteDequantPass", "QuantizePass"],
-    "os-plus": ["NameFixPass", "SymmetrizePass", "PreexecuteDequantPass", "QuantizePass"],
-    "smoothquant": ["NameFixPass", "PreexecuteDequantPass", "QuantizePass"],
+    "outliertune": ["UpgradeOpsetPass", "NameFixPass", "SymmetrizePass", "PreexecuteDequantPass", "QuantizePass"],
+    "os-plus": ["UpgradeOpsetPass", "NameFixPass", "SymmetrizePass", "PreexecuteDequantPass", "QuantizePass"],
+    "smoothquant": ["UpgradeOpsetPass", "NameFixPass", "PreexecuteDequantPass", "QuantizePass"],
 }
 EXPECTED_METHODS = {"outliertune": "outliertune", "os-plus": "os-plus", "smoothquant": "smoothquant"}
 

@@ -73,13 +73,14 @@ def test_toml_recipe_builds_the_pipeline_it_describes(tmp_path):
     calibrator = Calibrator.for_model(model, feeds(rng, 2, 64, 16), show_progress=False)
     pipeline = Recipe.from_toml(write(tmp_path, CUSTOM)).to_pipeline(calibrator)
     assert pipeline.describe() == [
+        "UpgradeOpsetPass",
         "NameFixPass",
         "QuantizePass",
         "QdqLoweringPass",
         "RemoveUnusedNodesPass",
         "TopologicalSortPass",
     ]
-    quantize = pipeline.passes[1]
+    quantize = pipeline.passes[2]
     assert isinstance(quantize, QuantizePass)
     assert (quantize.defaults.wbits, quantize.defaults.abits) == (4, 8)
     assert (quantize.activation_method, quantize.percentile) == ("percentile", 99.9)

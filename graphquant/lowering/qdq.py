@@ -18,10 +18,12 @@ class QdqLoweringPass(ir.passes.InPlacePass):
     """Materialize annotated inputs: integer weight initializers + DequantizeLinear, Q/DQ on activations."""
 
     def requires(self, model: ir.Model) -> None:
-        """Per-axis DequantizeLinear needs opset 13."""
+        """Per-axis DequantizeLinear needs opset 13 (recipes upgrade older models first, see UpgradeOpsetPass)."""
         opset = model.graph.opset_imports.get("", 0)
         if any(INPUT_SPECS_KEY in node.meta for node in model.graph) and opset < MIN_OPSET:
-            raise ir.passes.PreconditionError(f"QDQ lowering needs opset >= {MIN_OPSET}, the model has {opset}")
+            raise ir.passes.PreconditionError(
+                f"QDQ lowering needs opset >= {MIN_OPSET}; the model has {opset} and could not be converted"
+            )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Replace each annotated input with its dequantized form, sharing one Q/DQ per tensor and spec."""
@@ -58,12 +60,18 @@ def _int4_available(model: ir.Model) -> bool:
     )
     if not wants_int4:
         return False
-    if model.graph.opset_imports.get("", 0) < INT4_OPSET:
+    # No fallback to onnx's C converter here: it rebuilds every node and would drop the annotations.
+    return upgrade_opset(model, INT4_OPSET, fallback=False)
+
+
+def upgrade_opset(model: ir.Model, version: int, fallback: bool) -> bool:
+    """Move the model to at least ``version`` of the default opset with onnxscript's converter; False if it fails."""
+    if model.graph.opset_imports.get("", 0) < version:
         try:
-            ConvertVersionPass(INT4_OPSET)(model)
-        except Exception:  # the converter raises many types; int8 storage with a narrow range still works
+            ConvertVersionPass(version, fallback=fallback)(model)
+        except Exception:  # the converter raises many types; the caller falls back or refuses clearly
             return False
-    return model.graph.opset_imports.get("", 0) >= INT4_OPSET
+    return model.graph.opset_imports.get("", 0) >= version
 
 
 def _dequantized(graph: ir.Graph, names: NameScope, source: ir.Value, spec: QuantSpec, int4: bool) -> ir.Value:

@@ -18,6 +18,7 @@ from graphquant.errors import RecipeError
 from graphquant.lowering import TARGETS
 from graphquant.passes import PASSES
 from graphquant.passes.quantize import NodeOverride
+from graphquant.passes.upgrade_opset import UpgradeOpsetPass
 from graphquant.pipeline import Pipeline
 
 if sys.version_info >= (3, 11):
@@ -119,8 +120,8 @@ class Recipe:
         return self if target is None else dataclasses.replace(self, target=target)
 
     def to_pipeline(self, calibrator: Calibrator | None = None) -> Pipeline:
-        """Name fixing, the passes, the target's lowering, then dead-node removal and a topological sort."""
-        passes: list[ir.passes.PassBase] = [NameFixPass()]
+        """Opset floor and name fixing, the passes, the target's lowering, then dead-node removal and a sort."""
+        passes: list[ir.passes.PassBase] = [UpgradeOpsetPass(), NameFixPass()]
         passes.extend(self._build(step, calibrator) for step in self.steps)
         passes.extend(lowering() for lowering in TARGETS[self.target])
         passes.extend([RemoveUnusedNodesPass(), TopologicalSortPass()])

@@ -6,8 +6,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-
-import graphquant
 from builders import (
     build,
     feeds,
@@ -21,6 +19,8 @@ from builders import (
     sqnr_db,
     weights,
 )
+
+import graphquant
 from graphquant.analysis.calibration import Calibrator
 from graphquant.lowering.ort_cpu import MICROSOFT_DOMAIN, OrtCpuLoweringPass
 from graphquant.lowering.qdq import QdqLoweringPass
@@ -303,13 +303,16 @@ old (float[N, 16] x) => (float[N, 8] y) {
 """
 
 
-def test_old_opset_lowers_eight_bit_activations_and_refuses_narrower_ones_clearly():
+def test_old_opset_models_are_upgraded_to_13_and_lowered():
     rng = np.random.default_rng(8)
     model = build(OLD_OPSET, {"w": weights(rng, 16, 8)})
     calib = gaussian_feeds(800, batches=2)
     result = graphquant.optimize(model, "w8a8", calib, target="ort-cpu", show_progress=False)
+    assert result.model.graph.opset_imports[""] == 13
+    assert model.graph.opset_imports[""] == 11  # the input model is left alone
     assert ops(result.model) == ["QuantizeLinear", "MatMulIntegerToFloat"]
     assert result.report.outputs["y"].sqnr_db > 30
-    # A6 codes need an integer Clip (opset 12); the layer goes to QDQ lowering, which states its opset need.
-    with pytest.raises(graphquant.RecipeError, match="opset >= 13"):
-        graphquant.optimize(model, "w8a8", calib, wbits=6, abits=6, target="ort-cpu", show_progress=False)
+    # A6 codes need an integer Clip (opset 12), which the upgrade makes available.
+    narrow = graphquant.optimize(model, "w8a8", calib, wbits=6, abits=6, target="ort-cpu", show_progress=False)
+    assert ops(narrow.model) == ["QuantizeLinear", "Clip", "MatMulIntegerToFloat"]
+    assert narrow.report.outputs["y"].sqnr_db > 20
