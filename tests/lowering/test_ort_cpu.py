@@ -261,7 +261,9 @@ def test_recipes_lowered_to_ort_cpu_match_their_qdq_form(recipe):
 
 def test_float_routed_channels_stay_a_float_matmul_under_ort_cpu():
     model = ln_qkv(np.random.default_rng(7))
-    recipe = graphquant.Recipe.named("outliertune").with_options(float_channels=2, float_route_below_db=1000.0, max_float_fraction=0.5)
+    recipe = graphquant.Recipe.named("outliertune").with_options(
+        float_channels=2, float_route_below_db=1000.0, max_float_fraction=0.5
+    )
     calib, held_out = gaussian_feeds(700), gaussian_feeds(701, batches=2)
     lowered = graphquant.optimize(model, recipe, calib, target="ort-cpu", show_progress=False)
     qdq = graphquant.optimize(model, recipe, calib, target="qdq", show_progress=False)
