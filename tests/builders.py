@@ -214,6 +214,11 @@ def assert_same_outputs(reference: ir.Model, candidate: ir.Model, data: list[dic
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
+def by_name(model: ir.Model) -> dict[str, ir.Node]:
+    """The main graph's nodes by name."""
+    return {node.name: node for node in model.graph}
+
+
 def ops(model: ir.Model) -> list[str]:
     """The op types of the main graph's nodes, in order."""
     return [node.op_type for node in model.graph]

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from builders import assert_same_outputs, build, initializer, ops, outlier_layer_norm, run, weights
+from builders import assert_same_outputs, build, by_name, initializer, ops, outlier_layer_norm, run, weights
 from graphquant.analysis.layers import classify
 from graphquant.graph_edit import NameScope
 from graphquant.rewrites import (
@@ -21,10 +21,6 @@ from graphquant.rewrites import (
 )
 
 F32 = np.float32
-
-
-def by_name(model: ir.Model) -> dict[str, ir.Node]:
-    return {node.name: node for node in model.graph}
 
 
 def value(model: ir.Model, name: str) -> ir.Value:

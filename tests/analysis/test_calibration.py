@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from builders import build, weights
+from builders import build, initializer, weights
 from graphquant.analysis.calibration import Calibrator, NonFiniteCalibrationWarning
 from graphquant.analysis.stats import HIST_BINS
 from graphquant.errors import CalibrationError
@@ -29,10 +29,6 @@ net (float[N, 6] x) => (float[N, 3] y) {
 def model():
     rng = np.random.default_rng(0)
     return build(GRAPH, {"w": weights(rng, 6, 5), "b": weights(rng, 5), "w2": weights(rng, 5, 3)})
-
-
-def initializer(model, name: str) -> np.ndarray:
-    return model.graph.initializers[name].const_value.numpy()
 
 
 def numpy_intermediates(model, x: np.ndarray) -> dict[str, np.ndarray]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from builders import build, qkv, weights
+from builders import build, by_name, qkv, weights
 from graphquant.analysis.layers import candidates, classify, scale_groups
 
 LAYERS = """
@@ -43,10 +43,6 @@ def layers_model():
             "w_h": weights(rng, 8, 4).astype(np.float16),
         },
     )
-
-
-def by_name(model):
-    return {node.name: node for node in model.graph}
 
 
 def test_matmul_with_constant_weight():

@@ -6,8 +6,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+
+import graphquant
 from builders import (
     build,
+    by_name,
     feeds,
     gaussian_feeds,
     initializer,
@@ -19,8 +22,6 @@ from builders import (
     sqnr_db,
     weights,
 )
-
-import graphquant
 from graphquant.analysis.calibration import Calibrator
 from graphquant.lowering.ort_cpu import MICROSOFT_DOMAIN, OrtCpuLoweringPass
 from graphquant.lowering.qdq import QdqLoweringPass
@@ -29,10 +30,6 @@ from graphquant.quant_spec import DECISION_KEY, INPUT_SPECS_KEY
 from graphquant.report import layer_decisions
 
 F32 = np.float32
-
-
-def by_name(model: ir.Model) -> dict[str, ir.Node]:
-    return {node.name: node for node in model.graph}
 
 
 def annotate(model: ir.Model, data, **options) -> dict[str, dict]:

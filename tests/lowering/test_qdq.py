@@ -7,17 +7,13 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from builders import build, feeds, named_mlp, qkv, run, weights
+from builders import build, feeds, initializer, named_mlp, qkv, run, weights
 from graphquant.analysis.calibration import Calibrator
 from graphquant.lowering.qdq import QdqLoweringPass
 from graphquant.passes.quantize import QuantizePass
 from graphquant.quant_spec import INPUT_SPECS_KEY
 
 F32 = np.float32
-
-
-def initializer(model: ir.Model, name: str) -> np.ndarray:
-    return model.graph.initializers[name].const_value.numpy()
 
 
 def quantize_and_lower(model: ir.Model, data) -> ir.passes.PassResult:

@@ -10,6 +10,7 @@ from builders import (
     OUTLIER_CHANNELS,
     activation_outputs,
     assert_same_outputs,
+    by_name,
     gaussian_feeds,
     initializer,
     input_layer,
@@ -51,10 +52,6 @@ GRAPHS = {
 
 def calibrator(model: ir.Model, data=CALIB) -> Calibrator:
     return Calibrator.for_model(model, data, show_progress=False)
-
-
-def by_name(model: ir.Model) -> dict[str, ir.Node]:
-    return {node.name: node for node in model.graph}
 
 
 @pytest.mark.parametrize("method", list(METHODS))

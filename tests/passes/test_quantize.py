@@ -6,19 +6,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from builders import build, feeds, named_mlp, qkv, relu_only, run, weights
+from builders import build, by_name, feeds, initializer, named_mlp, qkv, relu_only, run, weights
 from graphquant.analysis.calibration import Calibrator
 from graphquant.lowering.qdq import QdqLoweringPass
 from graphquant.passes.quantize import NodeOverride, QuantizePass
 from graphquant.quant_spec import DECISION_KEY, INPUT_SPECS_KEY, QuantSpec, symmetric_spec
-
-
-def initializer(model: ir.Model, name: str) -> np.ndarray:
-    return model.graph.initializers[name].const_value.numpy()
-
-
-def nodes(model: ir.Model) -> dict[str, ir.Node]:
-    return {node.name: node for node in model.graph}
 
 
 def calibrated(model: ir.Model, data, **options) -> ir.passes.PassResult:
@@ -36,9 +28,9 @@ def test_annotations_on_a_matching_graph(mlp_and_data):
     w1, b1, w2 = initializer(model, "w1"), initializer(model, "b1"), initializer(model, "w2")
     result = calibrated(model, data)
     assert result.modified
-    by_name = nodes(model)
+    named = by_name(model)
 
-    fc1 = by_name["fc1"].meta[INPUT_SPECS_KEY]
+    fc1 = named["fc1"].meta[INPUT_SPECS_KEY]
     assert sorted(fc1) == [0, 1]
     weight = fc1[1]
     assert (weight.bits, weight.signed, weight.axis, weight.qmin, weight.qmax) == (8, True, 1, -127, 127)
@@ -50,25 +42,25 @@ def test_annotations_on_a_matching_graph(mlp_and_data):
     assert activation.axis is None and activation.scale.shape == ()
     np.testing.assert_allclose(activation.scale, np.abs(x).max() / 127, rtol=1e-6)
 
-    fc2 = by_name["fc2"].meta[INPUT_SPECS_KEY]
+    fc2 = named["fc2"].meta[INPUT_SPECS_KEY]
     assert fc2[1].axis == 0  # Gemm transB: out channels are the rows of w2
     np.testing.assert_allclose(fc2[1].scale, np.abs(w2).max(axis=1) / 127, rtol=1e-6)
     relu = np.maximum(x @ w1 + b1, 0)
     np.testing.assert_allclose(fc2[0].scale, relu.max() / 127, rtol=1e-5)
     assert 2 not in fc2  # the bias stays float
 
-    decision = by_name["fc1"].meta[DECISION_KEY]
+    decision = named["fc1"].meta[DECISION_KEY]
     assert (decision.node, decision.op_type, decision.status) == ("fc1", "MatMul", "quantized")
     assert decision.scheme == "W8 per-channel, A8 per-tensor minmax"
-    assert INPUT_SPECS_KEY not in by_name["act"].meta  # Relu is not a layer
+    assert INPUT_SPECS_KEY not in named["act"].meta  # Relu is not a layer
 
 
 def test_running_again_changes_nothing(mlp_and_data):
     model, data = mlp_and_data
     calibrated(model, data)
-    before = {name: node.meta[INPUT_SPECS_KEY] for name, node in nodes(model).items() if INPUT_SPECS_KEY in node.meta}
+    before = {name: node.meta[INPUT_SPECS_KEY] for name, node in by_name(model).items() if INPUT_SPECS_KEY in node.meta}
     assert not calibrated(model, data).modified
-    after = {name: node.meta[INPUT_SPECS_KEY] for name, node in nodes(model).items() if INPUT_SPECS_KEY in node.meta}
+    after = {name: node.meta[INPUT_SPECS_KEY] for name, node in by_name(model).items() if INPUT_SPECS_KEY in node.meta}
     assert {k: [s.key for s in v.values()] for k, v in before.items()} == {
         k: [s.key for s in v.values()] for k, v in after.items()
     }
@@ -93,7 +85,7 @@ def test_activation_times_activation_is_recorded_as_float():
     model = build(ACT_ACT)
     data = [{"a": np.ones((2, 4), np.float32), "b": np.ones((4, 2), np.float32)}]
     assert not calibrated(model, data).modified
-    decision = nodes(model)["scores"].meta[DECISION_KEY]
+    decision = by_name(model)["scores"].meta[DECISION_KEY]
     assert decision.status == "float"
     assert decision.reason == "activation x activation MatMul (left float)"
 
@@ -103,11 +95,11 @@ def test_shared_input_gets_identical_activation_specs():
     model = qkv(rng)
     data = feeds(rng, batches=2, rows=4, features=8)
     calibrated(model, data)
-    specs = [nodes(model)[name].meta[INPUT_SPECS_KEY][0] for name in ("q_proj", "k_proj", "v_proj")]
+    specs = [by_name(model)[name].meta[INPUT_SPECS_KEY][0] for name in ("q_proj", "k_proj", "v_proj")]
     assert specs[0].key == specs[1].key == specs[2].key
     x = np.concatenate([feed["x"] for feed in data])
     np.testing.assert_allclose(specs[0].scale, np.abs(x).max() / 127, rtol=1e-6)
-    assert INPUT_SPECS_KEY not in nodes(model)["residual"].meta
+    assert INPUT_SPECS_KEY not in by_name(model)["residual"].meta
 
 
 OUTPUT_CONSUMER = """
@@ -144,10 +136,10 @@ def test_override_skip_keeps_the_layer_float(mlp_and_data):
     model, data = mlp_and_data
     result = calibrated(model, data, overrides=[NodeOverride("fc2", {"skip": True})])
     assert result.modified
-    by_name = nodes(model)
-    assert INPUT_SPECS_KEY in by_name["fc1"].meta
-    assert INPUT_SPECS_KEY not in by_name["fc2"].meta
-    decision = by_name["fc2"].meta[DECISION_KEY]
+    named = by_name(model)
+    assert INPUT_SPECS_KEY in named["fc1"].meta
+    assert INPUT_SPECS_KEY not in named["fc2"].meta
+    decision = named["fc2"].meta[DECISION_KEY]
     assert (decision.status, decision.reason) == ("float", "skipped by a recipe override")
 
 
@@ -155,13 +147,13 @@ def test_override_wbits_4_gives_codes_in_plus_minus_7(mlp_and_data):
     model, data = mlp_and_data
     w1 = initializer(model, "w1")
     calibrated(model, data, overrides=[NodeOverride("fc*", {"wbits": 6}), NodeOverride("fc1", {"wbits": 4})])
-    by_name = nodes(model)
-    spec = by_name["fc1"].meta[INPUT_SPECS_KEY][1]
+    named = by_name(model)
+    spec = named["fc1"].meta[INPUT_SPECS_KEY][1]
     assert (spec.bits, spec.qmin, spec.qmax) == (4, -7, 7)
     np.testing.assert_allclose(spec.scale, np.abs(w1).max(axis=0) / 7, rtol=1e-6)
-    assert by_name["fc2"].meta[INPUT_SPECS_KEY][1].bits == 6  # the later, narrower pattern wins only for fc1
-    assert by_name["fc1"].meta[INPUT_SPECS_KEY][0].bits == 8  # activation bits untouched
-    assert by_name["fc1"].meta[DECISION_KEY].scheme.startswith("W4 per-channel")
+    assert named["fc2"].meta[INPUT_SPECS_KEY][1].bits == 6  # the later, narrower pattern wins only for fc1
+    assert named["fc1"].meta[INPUT_SPECS_KEY][0].bits == 8  # activation bits untouched
+    assert named["fc1"].meta[DECISION_KEY].scheme.startswith("W4 per-channel")
 
     QdqLoweringPass()(model)
     assert model.graph.initializers["w1_quantized"].const_value.dtype == ir.DataType.INT4  # 4 bits: native INT4
@@ -177,9 +169,9 @@ def test_weight_only_needs_no_calibration(mlp_and_data):
     model, _ = mlp_and_data
     result = QuantizePass(None, abits=None)(model)
     assert result.modified
-    specs = nodes(model)["fc1"].meta[INPUT_SPECS_KEY]
+    specs = by_name(model)["fc1"].meta[INPUT_SPECS_KEY]
     assert sorted(specs) == [1]
-    assert nodes(model)["fc1"].meta[DECISION_KEY].scheme == "W8 per-channel"
+    assert by_name(model)["fc1"].meta[DECISION_KEY].scheme == "W8 per-channel"
 
 
 def test_activation_bits_without_calibration_is_a_precondition_error(mlp_and_data):
@@ -199,13 +191,13 @@ def test_percentile_gives_a_smaller_scale_than_minmax_on_heavy_tails():
     percentile_model = named_mlp(np.random.default_rng(4))
     calibrated(percentile_model, data, activation_method="percentile", percentile=99.9)
 
-    minmax = float(nodes(minmax_model)["fc1"].meta[INPUT_SPECS_KEY][0].scale)
-    percentile = float(nodes(percentile_model)["fc1"].meta[INPUT_SPECS_KEY][0].scale)
+    minmax = float(by_name(minmax_model)["fc1"].meta[INPUT_SPECS_KEY][0].scale)
+    percentile = float(by_name(percentile_model)["fc1"].meta[INPUT_SPECS_KEY][0].scale)
     assert minmax == pytest.approx(500.0 / 127, rel=1e-6)
     exact = float(np.percentile(np.abs(x), 99.9)) / 127
     assert exact * (1 - 1e-3) <= percentile <= exact * 2 ** (1 / 16) * (1 + 1e-3)
     assert percentile < minmax / 50
-    assert nodes(percentile_model)["fc1"].meta[DECISION_KEY].scheme.endswith("per-tensor percentile")
+    assert by_name(percentile_model)["fc1"].meta[DECISION_KEY].scheme.endswith("per-tensor percentile")
 
 
 @pytest.mark.parametrize(

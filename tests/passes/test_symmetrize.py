@@ -11,6 +11,7 @@ from builders import (
     activation_outputs,
     assert_same_outputs,
     build,
+    by_name,
     gaussian_feeds,
     initializer,
     input_layer,
@@ -34,10 +35,6 @@ HELD_OUT = gaussian_feeds(seed=101, batches=2)
 
 def symmetrize(model: ir.Model, data=CALIB) -> ir.passes.PassResult:
     return SymmetrizePass(Calibrator.for_model(model, data, show_progress=False))(model)
-
-
-def by_name(model: ir.Model) -> dict[str, ir.Node]:
-    return {node.name: node for node in model.graph}
 
 
 def branch_nodes(model: ir.Model) -> list[ir.Node]:
