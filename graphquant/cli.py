@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     optimize.add_argument("--validate-data", help="held-out data for validation (default: the calibration data)")
     optimize.add_argument("--wbits", type=int)
     optimize.add_argument("--abits", type=int)
+    optimize.add_argument("--block-size", type=int, help="weight block size along the input channels")
+    optimize.add_argument("--gptq", action="store_const", const=True, help="GPTQ rounding of the weights")
+    optimize.add_argument("--embed-bits", type=int, help="bits of the embedding tables (recipes that quantize them)")
+    optimize.add_argument("--embed-block-size", type=int, help="embedding block size along the hidden axis")
+    optimize.add_argument("--max-overhead", type=float, help="extra MACs the split passes may add (default 0.10)")
     optimize.add_argument("--passes", help="comma-separated pass names replacing the recipe's list")
     optimize.add_argument("--target", choices=sorted(TARGETS))
     optimize.add_argument("--report", type=Path, help="write the run report as JSON")
@@ -95,11 +100,16 @@ def _optimize(args: argparse.Namespace) -> int:
         model,
         recipe=args.recipe,
         calibration=args.calib,
-        wbits=args.wbits,
-        abits=args.abits,
         passes=passes,
         target=args.target,
         validation=args.validate_data,
+        wbits=args.wbits,
+        abits=args.abits,
+        block_size=args.block_size,
+        gptq=args.gptq,
+        embed_bits=args.embed_bits,
+        embed_block_size=args.embed_block_size,
+        max_overhead=args.max_overhead,
     )
     graphquant.save(result, args.output, overwrite=args.overwrite)
     if args.layers:

@@ -11,10 +11,10 @@ import onnx.parser
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from builders import feeds, mlp, mlp_reference, relu_only, run, save_model
 
 import graphquant
-from builders import feeds, mlp, mlp_reference, relu_only, run, save_model
-from graphquant.errors import CalibrationError, InvalidModelError, OutputError, RecipeError
+from graphquant.errors import OutputError, RecipeError
 
 
 def snapshot(model: ir.Model) -> tuple:
@@ -100,12 +100,6 @@ def test_optimize_without_calibration_is_a_recipe_error(model_and_data):
         graphquant.optimize(model, show_progress=False)
 
 
-def test_calibration_errors_inside_the_pipeline_stay_calibration_errors(model_and_data):
-    model, _ = model_and_data
-    with pytest.raises(CalibrationError, match="no finite value"):
-        graphquant.optimize(model, calibration=[{"x": np.full((2, 16), np.nan, np.float32)}], show_progress=False)
-
-
 def test_save_is_atomic_and_never_overwrites_the_input(tmp_path, model_and_data):
     model, data = model_and_data
     source = tmp_path / "model.onnx"
@@ -131,17 +125,6 @@ def test_save_is_atomic_and_never_overwrites_the_input(tmp_path, model_and_data)
     graphquant.save(result, source, overwrite=True)
     assert source.read_bytes() != original
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "quantized.onnx"]
-
-
-def test_save_into_a_missing_folder_or_onto_a_folder_fails_cleanly(tmp_path, model_and_data):
-    model, _ = model_and_data
-    with pytest.raises(OutputError, match="output folder does not exist"):
-        graphquant.save(model, tmp_path / "missing" / "out.onnx")
-    assert list(tmp_path.iterdir()) == []
-    (tmp_path / "taken").mkdir()
-    with pytest.raises(OutputError, match="cannot write"):
-        graphquant.save(model, tmp_path / "taken")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
 def test_nothing_to_quantize_saves_fine_and_says_so(tmp_path):
@@ -214,40 +197,19 @@ def test_external_data_models_optimize_and_save_elsewhere(tmp_path):
     assert metrics(x @ w, y)[1] > 30
 
 
-@pytest.mark.parametrize("location", ["../secret.bin", "ABSOLUTE"])
-def test_load_refuses_external_data_outside_the_model_folder(tmp_path, location):
-    secret = tmp_path / "secret.bin"
-    secret.write_bytes(np.zeros(16, np.float32).tobytes())
-    location = str(secret) if location == "ABSOLUTE" else location
-    write_external(tmp_path / "models" / "model.onnx", location)
-    with pytest.raises(InvalidModelError, match="outside the model directory"):
-        graphquant.load(tmp_path / "models" / "model.onnx")
-
-
-def test_load_refuses_missing_external_data(tmp_path):
-    write_external(tmp_path / "model.onnx", "weights.bin")
-    with pytest.raises(InvalidModelError, match="'weights.bin' is missing"):
-        graphquant.load(tmp_path / "model.onnx")
-
-
-def test_load_refuses_bad_files(tmp_path):
-    empty = tmp_path / "empty.onnx"
-    empty.write_bytes(b"")
-    with pytest.raises(InvalidModelError, match="file is empty"):
-        graphquant.load(empty)
-
-    noise = tmp_path / "noise.onnx"
-    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    with pytest.raises(InvalidModelError, match="not a valid ONNX model"):
-        graphquant.load(noise)
-
-    whole = ir.to_proto(mlp(np.random.default_rng(1))).SerializeToString()
-    truncated = tmp_path / "truncated.onnx"
-    truncated.write_bytes(whole[: len(whole) - 100])
-    with pytest.raises(InvalidModelError, match="not a valid ONNX model"):
-        graphquant.load(truncated)
-
-    with pytest.raises(InvalidModelError, match="no such file"):
-        graphquant.load(tmp_path / "absent.onnx")
-    with pytest.raises(InvalidModelError, match="no such file"):
-        graphquant.load(tmp_path)  # a folder is not a model file
+def test_forced_external_data_round_trips_through_optimize_and_save(tmp_path, monkeypatch, model_and_data):
+    model, data = model_and_data
+    monkeypatch.setattr(graphquant.api, "PROTO_SIZE_LIMIT", 0)  # every model counts as large: external data
+    (tmp_path / "float").mkdir()
+    (tmp_path / "int8").mkdir()
+    saved = graphquant.save(model, tmp_path / "float" / "model.onnx")
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    loaded = graphquant.load(saved)
+    assert isinstance(loaded.graph.initializers["w1"].const_value, ir.ExternalTensor)
+    result = graphquant.optimize(loaded, "outliertune", calibration=data, show_progress=False)
+    quantized = graphquant.save(result, tmp_path / "int8" / "model.onnx")
+    assert sorted(p.name for p in quantized.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    x = data[0]["x"]
+    np.testing.assert_array_equal(run_file(saved, {"x": x})[0], run(model, {"x": x})[0])
+    np.testing.assert_allclose(run_file(quantized, {"x": x})[0], run(result.model, {"x": x})[0], rtol=1e-5, atol=1e-6)
+    assert metrics(mlp_reference(model, x), run_file(quantized, {"x": x})[0])[0] > 0.99

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import build, mlp, mlp_reference, outlier_activations, run, save_model, weights
 
 import graphquant
-from builders import build, mlp, mlp_reference, outlier_activations, run, save_model, weights
 from graphquant.cli import main
 
 SCRIPT = Path(sys.executable).parent / "graphquant"
@@ -73,49 +73,6 @@ def test_optimize_with_wbits_and_passes(files, tmp_path, capsys):
     assert {layer["scheme"] for layer in json.loads(report.read_text())["layers"]} == {
         "W4 per-channel, A8 per-tensor minmax"
     }
-
-
-def test_output_equal_to_input_is_refused(files, capsys):
-    _, model_path, calib = files
-    before = model_path.read_bytes()
-    same = model_path.parent / "." / model_path.name
-    assert main(["optimize", str(model_path), "-o", str(same), "--calib", str(calib)]) != 0
-    stderr = capsys.readouterr().err
-    assert model_path.read_bytes() == before
-    (line,) = error_lines(stderr)
-    assert line.startswith("graphquant: error:") and "--overwrite" in line
-
-
-def test_overwrite_replaces_the_input(files, capsys):
-    _, model_path, calib = files
-    before = model_path.read_bytes()
-    assert main(["optimize", str(model_path), "-o", str(model_path), "--calib", str(calib), "--overwrite"]) == 0
-    assert model_path.read_bytes() != before
-    assert sorted(p.name for p in model_path.parent.iterdir()) == ["calib.npz", "model.onnx"]
-
-
-@pytest.mark.parametrize("problem", ["missing-model", "garbage-model", "missing-calib", "wrong-calib-input"])
-def test_bad_input_gives_one_error_line_and_no_traceback(files, tmp_path, capsys, problem):
-    _, model_path, calib = files
-    if problem == "missing-model":
-        model_path = tmp_path / "absent.onnx"
-    elif problem == "garbage-model":
-        model_path = tmp_path / "garbage.onnx"
-        model_path.write_bytes(b"\x08\x07\x12\x03abc not a model at all \xff\xfe")
-    elif problem == "missing-calib":
-        calib = tmp_path / "absent.npz"
-    else:
-        calib = tmp_path / "wrong.npz"
-        np.savez(calib, tokens=np.zeros((4, 16), np.float32))
-    out = tmp_path / "out.onnx"
-    assert main(["optimize", str(model_path), "-o", str(out), "--calib", str(calib)]) == 1
-    captured = capsys.readouterr()
-    (line,) = error_lines(captured.err)
-    assert line.startswith("graphquant: error:")
-    assert "Traceback" not in captured.err + captured.out
-    assert not out.exists()
-    if problem == "wrong-calib-input":
-        assert "'tokens'" in line
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys):
@@ -208,7 +165,7 @@ def test_validate_needs_calibration_data(files):
 def test_passes_and_recipes_lists(capsys):
     assert main(["passes"]) == 0
     passes = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
-    assert "quantize" in passes and "Lossy: symmetric per-output-channel weights" in passes["quantize"]
+    assert "quantize" in passes and "Lossy: per-channel or block-wise weights" in passes["quantize"]
     assert main(["recipes"]) == 0
     lines = capsys.readouterr().out.splitlines()
     w8a8 = next(line for line in lines if line.startswith("w8a8 "))
@@ -255,7 +212,12 @@ def test_random_calibration_warns_on_stderr(files, tmp_path, capsys):
 def test_optimize_layers_flag_prints_each_layers_scheme_and_reason(files, tmp_path, capsys):
     _, model_path, calib = files
     out = tmp_path / "out.onnx"
-    assert main(["optimize", str(model_path), "-o", str(out), "--calib", str(calib), "--recipe", "outliertune", "--layers"]) == 0
+    assert (
+        main(
+            ["optimize", str(model_path), "-o", str(out), "--calib", str(calib), "--recipe", "outliertune", "--layers"]
+        )
+        == 0
+    )
     stdout = capsys.readouterr().out
     layer_lines = [line for line in stdout.splitlines() if " quantized " in line]
     assert len(layer_lines) == 2

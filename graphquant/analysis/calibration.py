@@ -25,40 +25,51 @@ class Calibrator:
     def __init__(self, data: CalibrationData, show_progress: bool = True):
         self.data = data
         self.show_progress = show_progress
+        self._warned_nonfinite = False
 
     @classmethod
     def for_model(cls, model: ir.Model, source: CalibrationSource, show_progress: bool = True) -> Calibrator:
         """A calibrator whose feeds are checked against the model's inputs."""
         return cls(CalibrationData(source, InputSpec.of_model(model)), show_progress)
 
-    def collect(self, model: ir.Model, tensor_names: Sequence[str], sample_rows: int = 0) -> CalibrationStats:
-        """Run the model over the data once and reduce the named tensors per batch (keeping a bounded row sample)."""
+    def collect(
+        self, model: ir.Model, tensor_names: Sequence[str], sample_rows: int = 0, gram_names: Sequence[str] = ()
+    ) -> CalibrationStats:
+        """Run the model over the data once and reduce the named tensors per batch (keeping a bounded row sample).
+
+        Tensors in ``gram_names`` also accumulate their channel Gram matrix X^T X.
+        """
         names = sorted(set(tensor_names))
         stats = CalibrationStats()
         if not names:
             return stats
         with open_session(model, names) as session:
-            batches = tqdm(self.data, desc="calibrating", unit="batch", disable=not self.show_progress, leave=False)
+            batches = tqdm(
+                self.data, desc="calibrating", unit="batch", disable=None if self.show_progress else True, leave=False
+            )
             for feed in batches:
                 for name, value in zip(names, session.run(names, feed)):
                     if np.issubdtype(np.asarray(value).dtype, np.floating):
-                        stats.update(name, value, sample_rows)
+                        stats.update(name, value, sample_rows, gram=name in gram_names)
                 stats.batches += 1
-        _check_finite(stats)
+            del session  # before open_session unmaps the weights that it shares
+        self._check_finite(stats)
         return stats
 
-
-def _check_finite(stats: CalibrationStats) -> None:
-    """Warn about left-out NaN/Inf values, and refuse tensors that had no finite value at all."""
-    for name, tensor_stats in stats.tensors.items():
-        if not tensor_stats.has_finite_values:
-            raise CalibrationError(f"tensor {name!r} has no finite value in the calibration data")
-    nonfinite = {name: s.nonfinite for name, s in stats.tensors.items() if s.nonfinite}
-    if nonfinite:
-        worst = max(nonfinite, key=nonfinite.__getitem__)
+    def _check_finite(self, stats: CalibrationStats) -> None:
+        """Refuse tensors with no finite value; warn once about left-out NaN/Inf (in the inputs, else inside)."""
+        for name, tensor_stats in stats.tensors.items():
+            if not tensor_stats.has_finite_values:
+                raise CalibrationError(f"tensor {name!r} has no finite value in the calibration data")
+        counts = self.data.nonfinite or {name: s.nonfinite for name, s in stats.tensors.items() if s.nonfinite}
+        if not counts or self._warned_nonfinite:
+            return
+        self._warned_nonfinite = True
+        where = "inputs" if self.data.nonfinite else "tensors"
+        listed = ", ".join(f"{name!r}: {count}" for name, count in sorted(counts.items()))
         warnings.warn(
-            f"{sum(nonfinite.values())} NaN/Inf values in {len(nonfinite)} tensors were left out of the "
-            f"statistics (most in {worst!r}: {nonfinite[worst]})",
+            f"{sum(counts.values())} NaN/Inf values in the calibration {where} were left out of the statistics "
+            f"({listed})",
             NonFiniteCalibrationWarning,
             stacklevel=3,
         )

@@ -71,6 +71,7 @@ class CalibrationData:
         self.batch_size = batch_size
         self.is_random = isinstance(source, str) and source == "random"
         self._materialized: list[Feed] | None = None
+        self.nonfinite: dict[str, int] = {}
         if self.is_random:
             warnings.warn(
                 "calibrating on RANDOM inputs: the activation ranges will not represent real data, "
@@ -93,9 +94,21 @@ class CalibrationData:
             raise CalibrationError("the calibration data set is empty")
 
     def __iter__(self) -> Iterator[Feed]:
-        """Yield checked feeds, one batch at a time."""
+        """Yield checked feeds, one batch at a time; a full pass counts NaN/Inf per input into ``nonfinite``."""
+        finite: dict[str, int] = {}
+        nonfinite: dict[str, int] = {}
         for feed in self._raw_feeds():
-            yield self._checked(feed)
+            checked = self._checked(feed)
+            for name, array in checked.items():
+                if np.issubdtype(array.dtype, np.floating):
+                    good = int(np.count_nonzero(np.isfinite(array)))
+                    finite[name] = finite.get(name, 0) + good
+                    nonfinite[name] = nonfinite.get(name, 0) + array.size - good
+            yield checked
+        for name, count in nonfinite.items():
+            if count and not finite[name]:
+                raise CalibrationError(f"input {name!r} has no finite value in the calibration data")
+        self.nonfinite = {name: count for name, count in nonfinite.items() if count}
 
     def __len__(self) -> int:
         """The number of batches."""

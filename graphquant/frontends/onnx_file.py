@@ -40,7 +40,8 @@ def check_external_data_locations(proto: onnx.ModelProto, base_dir: Path) -> Non
     for tensor in _all_tensors(proto):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        location = entries.get("location", "")
         target = (root / location).resolve()
         if Path(location).is_absolute() or not target.is_relative_to(root):
             raise InvalidModelError(
@@ -48,6 +49,13 @@ def check_external_data_locations(proto: onnx.ModelProto, base_dir: Path) -> Non
             )
         if not target.is_file():
             raise InvalidModelError(f"tensor {tensor.name!r}: external data file {location!r} is missing")
+        if target.stat().st_nlink > 1:  # a hard link can bring any file of the same file system inside the folder
+            raise InvalidModelError(f"tensor {tensor.name!r}: external data file {location!r} has several hard links")
+        end = int(entries.get("offset", 0)) + int(entries.get("length", 0))
+        if end > target.stat().st_size:
+            raise InvalidModelError(
+                f"tensor {tensor.name!r}: external data file {location!r} is shorter than the tensor ({end} bytes)"
+            )
 
 
 def _all_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:

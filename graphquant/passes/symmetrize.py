@@ -25,7 +25,9 @@ class SymmetrizePass(CalibratedGroupPass):
         graph = model.graph
         names = NameScope(graph)
         modified = False
-        for group, channel_stats in self.pending_groups(model):
+        # Last group first: a bias Add inserted after an earlier group's layer takes over that layer's output,
+        # which a later group may read; rewriting the later group first keeps its activation value current.
+        for group, channel_stats in reversed(self.pending_groups(model)):
             midpoint = useful_shift(channel_stats)
             if not np.any(midpoint):
                 continue

@@ -86,7 +86,7 @@ def test_clean_data_gives_no_warning(model):
 
 def test_tensor_with_no_finite_value_is_refused(model):
     data = [{"x": np.full((3, 6), np.nan, np.float32)}]
-    with pytest.raises(CalibrationError, match="'h' has no finite value"):
+    with pytest.raises(CalibrationError, match="input 'x' has no finite value"):
         Calibrator.for_model(model, data, show_progress=False).collect(model, ["h"])
 
 
@@ -111,3 +111,23 @@ def test_stats_size_does_not_grow_with_the_sample_count(model):
 def test_for_model_checks_the_data_against_the_model(model):
     with pytest.raises(CalibrationError, match="'x': shape"):
         Calibrator.for_model(model, [{"x": np.zeros((2, 5), np.float32)}], show_progress=False)
+
+
+def stats_bytes(stats) -> dict[str, int]:
+    """The bytes each tensor's statistics hold (every numpy field, the row sample included)."""
+    return {
+        name: sum(field.nbytes for field in dataclasses.astuple(tensor) if isinstance(field, np.ndarray))
+        for name, tensor in stats.tensors.items()
+    }
+
+
+def test_statistics_do_not_grow_with_the_number_of_samples(model):
+    rng = np.random.default_rng(5)
+    few = [{"x": rng.standard_normal((32, 6)).astype(np.float32)} for _ in range(4)]
+    many = [{"x": rng.standard_normal((32, 6)).astype(np.float32)} for _ in range(16)]
+    sizes = []
+    for data in (few, many):
+        stats = Calibrator.for_model(model, iter(data), show_progress=False).collect(model, ["h", "r"], sample_rows=64)
+        assert all(tensor.sample.shape == (64, 5) for tensor in stats.tensors.values())
+        sizes.append(stats_bytes(stats))
+    assert sizes[0] == sizes[1]

@@ -1,0 +1,498 @@
+"""Every bad input of the reliability issue, through the CLI (exit code, one error line, input untouched, no partial
+output) and through the API (a typed exception from graphquant.errors)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import onnx.parser
+import onnx_ir as ir
+import pytest
+from builders import mlp, run, save_model
+
+import graphquant
+from graphquant.cli import main
+from graphquant.errors import CalibrationError, GraphQuantError, InvalidModelError, OutputError
+
+ROWS, FEATURES = 32, 16
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> tuple[Path, Path]:
+    """An input folder holding model.onnx (the builders' mlp) and calib.npz, and an empty output folder."""
+    source, target = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    target.mkdir()
+    rng = np.random.default_rng(0)
+    save_model(mlp(rng), source / "model.onnx")
+    np.savez(source / "calib.npz", x=rng.standard_normal((ROWS, FEATURES)).astype(np.float32))
+    return source, target
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file in a folder tree with its bytes (links not followed)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str], str]:
+    """main()'s exit code, its non-empty stderr lines, and stdout."""
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, [line for line in captured.err.splitlines() if line.strip()], captured.out
+
+
+def assert_one_error_line(lines: list[str], *fragments: str) -> None:
+    """Exactly one stderr line, a graphquant error naming every fragment, and no traceback."""
+    (line,) = lines
+    assert line.startswith("graphquant: error: ")
+    assert "Traceback" not in line
+    for fragment in fragments:
+        assert fragment in line
+
+
+# --- bad model files ---
+
+
+MATMUL = """
+<ir_version: 8, opset_import: ["" : 17]>
+ext (float[N, 16] x) => (float[N, 16] y) {
+  y = MatMul(x, w)
+}
+"""
+WEIGHT = ((np.arange(256, dtype=np.float32).reshape(16, 16) - 128) / 64).astype(np.float32)
+
+
+def write_external(model_path: Path, location: str, length: int = WEIGHT.nbytes) -> None:
+    """A model whose 1 KiB weight is stored as external data at ``location`` (relative to the model's folder)."""
+    proto = onnx.parser.parse_model(MATMUL)
+    tensor = onnx.numpy_helper.from_array(WEIGHT, "w")
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    proto.graph.initializer.append(tensor)
+    model_path.write_bytes(proto.SerializeToString())
+
+
+def outside_secret(source: Path) -> Path:
+    """A weight file beside (not inside) the model's folder."""
+    secret = source.parent / "secret.bin"
+    secret.write_bytes(WEIGHT.tobytes())
+    return secret
+
+
+def empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def random_bytes(path: Path) -> None:
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+
+
+def json_text(path: Path) -> None:
+    path.write_text(json.dumps({"model": "not onnx", "layers": [1, 2, 3]}))
+
+
+def npz_archive(path: Path) -> None:
+    with path.open("wb") as file:
+        np.savez(file, w=WEIGHT)
+
+
+def folder_instead_of_file(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def absolute_location(path: Path) -> None:
+    write_external(path, str(outside_secret(path.parent)))
+
+
+def dotdot_location(path: Path) -> None:
+    outside_secret(path.parent)
+    write_external(path, "../secret.bin")
+
+
+def symlinked_location(path: Path) -> None:
+    (path.parent / "weights.bin").symlink_to(outside_secret(path.parent))
+    write_external(path, "weights.bin")
+
+
+def hardlinked_location(path: Path) -> None:
+    (path.parent / "weights.bin").hardlink_to(outside_secret(path.parent))
+    write_external(path, "weights.bin")
+
+
+def missing_external(path: Path) -> None:
+    write_external(path, "weights.bin")
+
+
+def short_external(path: Path) -> None:
+    (path.parent / "weights.bin").write_bytes(WEIGHT.tobytes()[:100])
+    write_external(path, "weights.bin")
+
+
+BAD_MODELS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "empty": (empty, "file is empty"),
+    "truncated": (truncated, "not a valid ONNX model"),
+    "random-bytes": (random_bytes, "not a valid ONNX model"),
+    "json-text": (json_text, "not a valid ONNX model"),
+    "npz-archive": (npz_archive, "not a valid ONNX model"),
+    "folder": (folder_instead_of_file, "no such file"),
+    "absolute-location": (absolute_location, "outside the model directory"),
+    "dotdot-location": (dotdot_location, "outside the model directory"),
+    "symlinked-location": (symlinked_location, "outside the model directory"),
+    "hardlinked-location": (hardlinked_location, "'weights.bin' has several hard links"),
+    "missing-external-file": (missing_external, "'weights.bin' is missing"),
+    "short-external-file": (short_external, "'weights.bin' is shorter"),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(BAD_MODELS))
+def test_bad_model_file_cli(folders, capsys, problem):
+    source, target = folders
+    spoil, message = BAD_MODELS[problem]
+    spoil(source / "model.onnx")
+    before = snapshot(source.parent)
+    argv = ["optimize", str(source / "model.onnx"), "-o", str(target / "q.onnx"), "--calib", str(source / "calib.npz")]
+    code, lines, _ = run_cli(argv, capsys)
+    assert code == 1
+    assert_one_error_line(lines, message)
+    assert snapshot(source.parent) == before
+    assert list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize("problem", sorted(BAD_MODELS))
+def test_bad_model_file_api(folders, problem):
+    source, _ = folders
+    spoil, message = BAD_MODELS[problem]
+    spoil(source / "model.onnx")
+    with pytest.raises(InvalidModelError, match=message):
+        graphquant.load(source / "model.onnx")
+
+
+def test_missing_model_file(folders, capsys):
+    source, target = folders
+    code, lines, _ = run_cli(["optimize", str(source / "absent.onnx"), "-o", str(target / "q.onnx")], capsys)
+    assert code == 1
+    assert_one_error_line(lines, "absent.onnx: no such file")
+    with pytest.raises(InvalidModelError, match="no such file"):
+        graphquant.load(source / "absent.onnx")
+
+
+def test_external_data_inside_the_folder_loads(folders):
+    source, _ = folders
+    (source / "weights.bin").write_bytes(WEIGHT.tobytes())
+    write_external(source / "model.onnx", "weights.bin")
+    model = graphquant.load(source / "model.onnx")
+    np.testing.assert_array_equal(model.graph.initializers["w"].const_value.numpy(), WEIGHT)
+
+
+def test_graphquant_errors_share_one_base():
+    for error in (InvalidModelError, CalibrationError, OutputError, graphquant.RecipeError):
+        assert issubclass(error, GraphQuantError)
+
+
+# --- bad calibration data ---
+
+
+def rows(rng: np.random.Generator) -> np.ndarray:
+    return rng.standard_normal((ROWS, FEATURES)).astype(np.float32)
+
+
+def all_nan(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {"x": np.full((ROWS, FEATURES), np.nan, np.float32)}
+
+
+BAD_FEEDS: dict[str, tuple[Callable[[np.random.Generator], dict[str, np.ndarray]], str]] = {
+    "wrong-name": (lambda rng: {"tokens": rows(rng)}, "input 'tokens' is not an input of the model"),
+    "extra-name": (lambda rng: {"x": rows(rng), "mask": rows(rng)}, "input 'mask' is not an input of the model"),
+    "wrong-dtype": (lambda rng: {"x": rows(rng).astype(np.float64)}, "input 'x': dtype float64 given"),
+    "integer-dtype": (lambda rng: {"x": rows(rng).astype(np.int64)}, "input 'x': dtype int64 given"),
+    "wrong-width": (lambda rng: {"x": rows(rng)[:, :15]}, "input 'x': shape (8, 15) given, model expects ('?', 16)"),
+    "wrong-rank": (lambda rng: {"x": rows(rng).reshape(ROWS, 4, 4)}, "input 'x': shape (8, 4, 4) given"),
+    "all-nan": (all_nan, "no finite value"),
+    "all-inf": (lambda rng: {"x": np.full((ROWS, FEATURES), np.inf, np.float32)}, "no finite value"),
+    "empty": (lambda rng: {"x": np.zeros((0, FEATURES), np.float32)}, "the calibration data set is empty"),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(BAD_FEEDS))
+def test_bad_calibration_data_cli(folders, capsys, problem):
+    source, target = folders
+    make, message = BAD_FEEDS[problem]
+    np.savez(source / "bad.npz", **make(np.random.default_rng(1)))
+    before = snapshot(source)
+    argv = ["optimize", str(source / "model.onnx"), "-o", str(target / "q.onnx"), "--calib", str(source / "bad.npz")]
+    code, lines, _ = run_cli(argv, capsys)
+    assert code == 1
+    assert_one_error_line(lines, message)
+    assert snapshot(source) == before
+    assert list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize("problem", sorted(BAD_FEEDS))
+def test_bad_calibration_data_api(problem):
+    make, message = BAD_FEEDS[problem]
+    arrays = make(np.random.default_rng(1))
+    feeds = [] if problem == "empty" else [{k: v[start : start + 8] for k, v in arrays.items()} for start in (0, 8)]
+    model = mlp(np.random.default_rng(0))
+    with pytest.raises(CalibrationError, match=re.escape(message)):
+        graphquant.optimize(model, calibration=feeds, show_progress=False)
+
+
+def test_bad_calibration_source_cli(folders, capsys):
+    source, target = folders
+    (source / "calib.txt").write_text("1 2 3\n")
+    for calib, message in (("absent.npz", "calibration data not found"), ("calib.txt", "must be an .npz file")):
+        argv = ["optimize", str(source / "model.onnx"), "-o", str(target / "q.onnx"), "--calib", str(source / calib)]
+        code, lines, _ = run_cli(argv, capsys)
+        assert code == 1
+        assert_one_error_line(lines, message)
+    assert list(target.iterdir()) == []
+
+
+def with_nonfinite(rng: np.random.Generator) -> np.ndarray:
+    """Gaussian rows with 3 NaN, 2 +Inf and 1 -Inf planted."""
+    x = rows(rng)
+    x[0, 0] = x[5, 3] = x[9, 15] = np.nan
+    x[2, 1] = x[30, 7] = np.inf
+    x[4, 4] = -np.inf
+    return x
+
+
+def test_nan_and_inf_are_counted_and_left_out_cli(folders, capsys):
+    source, target = folders
+    np.savez(source / "nonfinite.npz", x=with_nonfinite(np.random.default_rng(2)))
+    argv = ["optimize", str(source / "model.onnx"), "-o", str(target / "q.onnx"), "--calib"]
+    code, lines, stdout = run_cli([*argv, str(source / "nonfinite.npz")], capsys)
+    assert code == 0
+    warnings = [line for line in lines if "NaN/Inf" in line]
+    assert warnings and all(line.startswith("graphquant: warning: ") for line in lines)
+    assert warnings == [
+        "graphquant: warning: 6 NaN/Inf values in the calibration inputs were left out of the statistics ('x': 6)"
+    ]
+    assert f"wrote {target / 'q.onnx'}" in stdout
+    (y,) = run(graphquant.load(target / "q.onnx"), {"x": rows(np.random.default_rng(3))})
+    assert np.isfinite(y).all()
+
+
+def test_nan_and_inf_are_counted_and_left_out_api():
+    rng = np.random.default_rng(2)
+    model = mlp(rng)
+    x = with_nonfinite(rng)
+    clean = x.copy()
+    clean[~np.isfinite(clean)] = 0.0
+    with pytest.warns(graphquant.analysis.calibration.NonFiniteCalibrationWarning, match="6 NaN/Inf values"):
+        result = graphquant.optimize(model, calibration=[{"x": x}], validation=[{"x": clean}], show_progress=False)
+    assert len(result.report.quantized) == 2
+    assert result.report.outputs["y"].cosine > 0.99
+
+
+CONSTANT_FEEDS: dict[str, Callable[[np.random.Generator], np.ndarray]] = {
+    "all-zero": lambda rng: np.zeros((ROWS, FEATURES), np.float32),
+    "constant": lambda rng: np.full((ROWS, FEATURES), 0.75, np.float32),
+    "zero-range-channels": lambda rng: np.where(np.arange(FEATURES) % 3 == 0, 2.5, rows(rng)).astype(np.float32),
+}
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "outliertune", "smoothquant", "os-plus", "llm-int8"])
+@pytest.mark.parametrize("data", sorted(CONSTANT_FEEDS))
+def test_constant_and_zero_range_data_quantize_without_nan(recipe, data):
+    model = mlp(np.random.default_rng(0))
+    x = CONSTANT_FEEDS[data](np.random.default_rng(4))
+    result = graphquant.optimize(model, recipe, calibration=[{"x": x}], show_progress=False)
+    for value in result.model.graph.initializers.values():
+        array = value.const_value.numpy()
+        if np.issubdtype(array.dtype, np.floating):
+            assert np.isfinite(array).all(), value.name
+    for feed in ({"x": x}, {"x": rows(np.random.default_rng(5))}):
+        assert np.isfinite(run(result.model, feed)[0]).all()
+    assert {layer.status for layer in result.report.layers} == {"quantized"}
+
+
+def test_zero_range_channels_cli(folders, capsys):
+    source, target = folders
+    np.savez(source / "flat.npz", x=CONSTANT_FEEDS["zero-range-channels"](np.random.default_rng(4)))
+    argv = ["optimize", str(source / "model.onnx"), "-o", str(target / "q.onnx"), "--recipe", "outliertune"]
+    code, lines, _ = run_cli([*argv, "--calib", str(source / "flat.npz")], capsys)
+    assert (code, lines) == (0, [])
+    assert sorted(p.name for p in target.iterdir()) == ["q.onnx"]
+
+
+# --- output problems ---
+
+
+def test_output_equal_to_input_is_refused(folders, capsys):
+    source, _ = folders
+    before = snapshot(source)
+    model = str(source / "model.onnx")
+    for same in (model, str(source / "." / "model.onnx")):
+        code, lines, _ = run_cli(["optimize", model, "-o", same, "--calib", str(source / "calib.npz")], capsys)
+        assert code == 1
+        assert_one_error_line(lines, "--overwrite")
+    assert snapshot(source) == before
+    loaded = graphquant.load(model)
+    with pytest.raises(OutputError, match="refusing to overwrite the input"):
+        graphquant.save(loaded, source / "model.onnx")
+    assert snapshot(source) == before
+
+
+def test_overwrite_replaces_the_input_and_leaves_nothing_else(folders, capsys):
+    source, _ = folders
+    model = source / "model.onnx"
+    before = model.read_bytes()
+    code, _, _ = run_cli(
+        ["optimize", str(model), "-o", str(model), "--calib", str(source / "calib.npz"), "--overwrite"], capsys
+    )
+    assert code == 0
+    assert model.read_bytes() != before
+    assert sorted(p.name for p in source.iterdir()) == ["calib.npz", "model.onnx"]
+
+
+def missing_folder(target: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    return target / "missing" / "q.onnx"
+
+
+def file_as_folder(target: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (target / "blocker").write_text("a file, not a folder")
+    return target / "blocker" / "q.onnx"
+
+
+def output_is_a_folder(target: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (target / "q.onnx").mkdir()
+    return target / "q.onnx"
+
+
+def read_only_folder(target: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    if os.geteuid() == 0:  # root writes anywhere: refuse temporary files in the folder as a read-only folder would
+        make_folder = tempfile.mkdtemp
+
+        def refuse(suffix: str | None = None, prefix: str | None = None, dir: str | None = None) -> str:
+            if dir is not None and Path(dir) == target:
+                raise PermissionError(13, "Permission denied")
+            return make_folder(suffix, prefix, dir)
+
+        monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    else:
+        target.chmod(0o500)
+    return target / "q.onnx"
+
+
+BAD_OUTPUTS: dict[str, tuple[Callable[[Path, pytest.MonkeyPatch], Path], str]] = {
+    "missing-folder": (missing_folder, "output folder does not exist"),
+    "file-as-folder": (file_as_folder, "output folder does not exist"),
+    "output-is-a-folder": (output_is_a_folder, "cannot write"),
+    "read-only-folder": (read_only_folder, "cannot write"),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(BAD_OUTPUTS))
+def test_unwritable_output_cli(folders, capsys, monkeypatch, problem):
+    source, target = folders
+    make, message = BAD_OUTPUTS[problem]
+    output = make(target, monkeypatch)
+    before = snapshot(target)
+    argv = ["optimize", str(source / "model.onnx"), "-o", str(output), "--calib", str(source / "calib.npz")]
+    code, lines, _ = run_cli(argv, capsys)
+    target.chmod(0o700)
+    assert code == 1
+    assert_one_error_line(lines, message)
+    assert snapshot(target) == before and not any(p.name.endswith(".tmp") for p in target.rglob("*"))
+
+
+@pytest.mark.parametrize("problem", sorted(BAD_OUTPUTS))
+def test_unwritable_output_api(folders, monkeypatch, problem):
+    source, target = folders
+    make, message = BAD_OUTPUTS[problem]
+    model = graphquant.load(source / "model.onnx")
+    output = make(target, monkeypatch)
+    before = snapshot(target)
+    with pytest.raises(OutputError, match=message):
+        graphquant.save(model, output)
+    target.chmod(0o700)
+    assert snapshot(target) == before
+
+
+def fail_while_writing(error: BaseException) -> Callable[..., None]:
+    """An ir.save stand-in that writes half a file (and half its external data) and then raises ``error``."""
+
+    def save(model: ir.Model, path: str | os.PathLike[str], external_data: str | None = None, **_: object) -> None:
+        data = ir.to_proto(model).SerializeToString()
+        Path(path).write_bytes(data[: len(data) // 2])
+        if external_data is not None:
+            Path(path).with_name(external_data).write_bytes(data[: len(data) // 3])
+        raise error
+
+    return save
+
+
+INTERRUPTIONS: dict[str, tuple[BaseException, int, str]] = {
+    "interrupted": (KeyboardInterrupt(), 130, "interrupted"),
+    "disk-full": (OSError(28, "No space left on device"), 1, "No space left on device"),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(INTERRUPTIONS))
+def test_failed_save_leaves_no_partial_file_cli(folders, capsys, monkeypatch, problem):
+    source, target = folders
+    error, exit_code, message = INTERRUPTIONS[problem]
+    monkeypatch.setattr(graphquant.api.ir, "save", fail_while_writing(error))
+    before = snapshot(source)
+    argv = ["optimize", str(source / "model.onnx"), "-o", str(target / "q.onnx"), "--calib", str(source / "calib.npz")]
+    code, lines, _ = run_cli(argv, capsys)
+    assert code == exit_code
+    assert_one_error_line(lines, message)
+    assert snapshot(source) == before
+    assert list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["one-file", "external-data"])
+@pytest.mark.parametrize("problem", sorted(INTERRUPTIONS))
+def test_failed_save_leaves_no_partial_file_api(folders, monkeypatch, problem, external):
+    source, target = folders
+    error, _, message = INTERRUPTIONS[problem]
+    previous = {"q.onnx": b"the previous output", "q.onnx.data": b"its previous weights"}
+    for name, data in previous.items():
+        (target / name).write_bytes(data)
+    model = graphquant.load(source / "model.onnx")
+    if external:
+        monkeypatch.setattr(graphquant.api, "PROTO_SIZE_LIMIT", 0)
+    monkeypatch.setattr(graphquant.api.ir, "save", fail_while_writing(error))
+    expected = KeyboardInterrupt if isinstance(error, KeyboardInterrupt) else OutputError
+    with pytest.raises(expected, match=None if expected is KeyboardInterrupt else message):
+        graphquant.save(model, target / "q.onnx")
+    assert snapshot(target) == previous
+
+
+def test_output_that_onnxruntime_cannot_load_is_not_written(folders, monkeypatch):
+    source, target = folders
+    model = graphquant.load(source / "model.onnx")
+    relu = next(node for node in model.graph if node.op_type == "Relu")
+    relu.domain = "com.example.unknown"
+    model.opset_imports["com.example.unknown"] = 1
+    with pytest.raises(OutputError, match="onnxruntime cannot load the output.*com.example.unknown"):
+        graphquant.save(model, target / "q.onnx")
+    assert list(target.iterdir()) == []
+
+
+def test_saved_file_follows_the_umask(folders):
+    source, target = folders
+    old = os.umask(0o022)
+    try:
+        written = graphquant.save(graphquant.load(source / "model.onnx"), target / "q.onnx")
+    finally:
+        os.umask(old)
+    assert written.stat().st_mode & 0o777 == 0o644
