@@ -30,10 +30,11 @@ MIGRATING = ("outliertune", "smoothquant", "os-plus")
 CALIB = gaussian_feeds(seed=700)
 HELD_OUT = gaussian_feeds(seed=701, batches=3)
 
+PROLOGUE = ["UpgradeOpsetPass", "NameFixPass", "FoldBatchNormPass"]
 EXPECTED_PIPELINES = {
-    "outliertune": ["UpgradeOpsetPass", "NameFixPass", "SymmetrizePass", "PreexecuteDequantPass", "QuantizePass"],
-    "os-plus": ["UpgradeOpsetPass", "NameFixPass", "SymmetrizePass", "PreexecuteDequantPass", "QuantizePass"],
-    "smoothquant": ["UpgradeOpsetPass", "NameFixPass", "PreexecuteDequantPass", "QuantizePass"],
+    "outliertune": [*PROLOGUE, "SymmetrizePass", "PreexecuteDequantPass", "QuantizePass"],
+    "os-plus": [*PROLOGUE, "SymmetrizePass", "PreexecuteDequantPass", "QuantizePass"],
+    "smoothquant": [*PROLOGUE, "PreexecuteDequantPass", "QuantizePass"],
 }
 EXPECTED_METHODS = {"outliertune": "outliertune", "os-plus": "os-plus", "smoothquant": "smoothquant"}
 
@@ -51,7 +52,15 @@ def test_recipes_command_lists_the_migrating_presets(capsys):
 def test_each_preset_builds_its_pipeline(name):
     model = ln_qkv(np.random.default_rng(0))
     calibrator = graphquant.Calibrator.for_model(model, CALIB, show_progress=False)
-    for target, lowering in (("qdq", ["QdqLoweringPass"]), ("ort-cpu", ["OrtCpuLoweringPass", "QdqLoweringPass"])):
+    ort_cpu = [
+        "FuseActivationPass",
+        "MatMulNBitsLoweringPass",
+        "GatherBlockQuantizedLoweringPass",
+        "OrtCpuLoweringPass",
+        "QLinearConvLoweringPass",
+        "QdqLoweringPass",
+    ]
+    for target, lowering in (("qdq", ["QdqLoweringPass"]), ("ort-cpu", ort_cpu)):
         pipeline = Recipe.named(name).with_target(target).to_pipeline(calibrator)
         assert pipeline.describe() == [
             *EXPECTED_PIPELINES[name],

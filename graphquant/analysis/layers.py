@@ -9,17 +9,20 @@ import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
-QUANTIZABLE_OPS = ("MatMul", "Gemm", "Conv")
+QUANTIZABLE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
-    """A MatMul/Gemm/Conv with a constant weight: activation input index, weight input index, out-channel axis."""
+    """A MatMul/Gemm/Conv/ConvTranspose with a constant weight: activation and weight input indices, out-channel axis.
+
+    ``out_axis`` None means the weight cannot take one scale per output channel and is quantized per tensor.
+    """
 
     node: ir.Node
     activation_index: int
     weight_index: int
-    out_axis: int
+    out_axis: int | None
 
     @property
     def activation(self) -> ir.Value:
@@ -44,10 +47,12 @@ class Layer:
 
     @property
     def in_axis(self) -> int:
-        """The weight axis that runs over the activation's channels."""
+        """The weight axis that runs over the activation's channels (those of one group for a grouped Conv)."""
         if self.node.op_type == "Conv":
             return 1
-        return 1 - self.out_axis
+        if self.node.op_type == "ConvTranspose":
+            return 0
+        return 1 - (self.out_axis or 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,11 +90,23 @@ def classify(node: ir.Node) -> Candidate:
         if constant_array(inputs[1]) is None:
             return Candidate(node, None, "Gemm with a non-constant B")
         return _float_weight(node, Layer(node, 0, 1, out_axis=0 if attributes.get_int("transB", 0) else 1))
-    if node.op_type == "Conv":
+    if node.op_type in ("Conv", "ConvTranspose"):
         if constant_array(inputs[1]) is None:
-            return Candidate(node, None, "Conv with a non-constant weight")
-        return _float_weight(node, Layer(node, 0, 1, out_axis=0))
+            return Candidate(node, None, f"{node.op_type} with a non-constant weight")
+        return _float_weight(node, Layer(node, 0, 1, out_axis=conv_out_axis(node)))
     return Candidate(node, None, f"{node.op_type} is not a quantizable op")
+
+
+def conv_out_axis(node: ir.Node) -> int | None:
+    """The weight axis of a Conv/ConvTranspose that one per-axis scale can follow per output channel.
+
+    Conv weights are [C_out, C_in/group, k...]: axis 0 for any group, depthwise included. ConvTranspose weights are
+    [C_in, C_out/group, k...]: output channel g·(C_out/group) + j needs a scale per (group g, column j), which a
+    DequantizeLinear on one axis cannot express, so a grouped ConvTranspose is quantized per tensor.
+    """
+    if node.op_type == "Conv":
+        return 0
+    return 1 if node.attributes.get_int("group", 1) == 1 else None
 
 
 def _float_weight(node: ir.Node, layer: Layer) -> Candidate:
@@ -150,6 +167,10 @@ def scale_groups(layers: list[Layer]) -> list[ScaleGroup]:
 
 
 def migratable_groups(graph: ir.Graph) -> list[ScaleGroup]:
-    """Scale groups of MatMul/Gemm layers, whose input channels can take per-channel shifts and scales."""
+    """Scale groups of MatMul/Gemm layers, whose input channels can take per-channel shifts and scales.
+
+    Conv layers are left out: a channel shift is not exact where a Conv zero-pads its input, and the input axis of a
+    grouped Conv weight runs over C_in/group channels, so a per-channel factor cannot be migrated into it row by row.
+    """
     layers = [c.layer for c in candidates(graph) if c.layer is not None and c.node.op_type in ("MatMul", "Gemm")]
     return scale_groups(layers)

@@ -29,10 +29,10 @@ def fake_quant_weight(w: np.ndarray, out_axis: int, bits: int = 8) -> np.ndarray
     return (np.clip(np.rint(w / scale), -qmax, qmax) * scale).astype(F32)
 
 
-def fake_quant_activation(x: np.ndarray, absmax: float) -> np.ndarray:
-    """Per-tensor int8 fake quantization as QuantizeLinear/DequantizeLinear compute it."""
-    scale = F32(absmax) / F32(127)
-    return (np.clip(np.rint(x / scale), -128, 127) * scale).astype(F32)
+def fake_quant_activation(x: np.ndarray, absmax: float, unsigned: bool = False) -> np.ndarray:
+    """Per-tensor int8 (or, for a non-negative tensor, uint8 [0, absmax]) fake quantization as Q/DQ compute it."""
+    scale = F32(absmax) / F32(255 if unsigned else 127)
+    return (np.clip(np.rint(x / scale), 0 if unsigned else -128, 255 if unsigned else 127) * scale).astype(F32)
 
 
 def producer_op(value: ir.Value) -> str | None:
@@ -60,7 +60,7 @@ def test_onnxruntime_matches_numpy_fake_quant(lowered_mlp):
     for feed in data:
         x = feed["x"]
         r = np.maximum(fake_quant_activation(x, x_absmax) @ w1_q + w["b1"], 0)
-        expected = fake_quant_activation(r, r_absmax) @ w2_q.T + w["b2"]
+        expected = fake_quant_activation(r, r_absmax, unsigned=True) @ w2_q.T + w["b2"]
         (got,) = run(model, feed)
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
         float_out = np.maximum(x @ w["w1"] + w["b1"], 0) @ w["w2"].T + w["b2"]
@@ -202,8 +202,9 @@ def test_four_bit_activations_use_int4_quantize_linear():
     data = feeds(rng, batches=4, rows=8, features=16)
     QuantizePass(Calibrator.for_model(model, data, show_progress=False), wbits=4, abits=4)(model)
     QdqLoweringPass()(model)
-    quantizers = [node for node in model.graph if node.op_type == "QuantizeLinear"]
-    assert quantizers and all(node.inputs[2].const_value.dtype == ir.DataType.INT4 for node in quantizers)
+    quantizers = {node.inputs[0].name: node for node in model.graph if node.op_type == "QuantizeLinear"}
+    assert quantizers["x"].inputs[2].const_value.dtype == ir.DataType.INT4
+    assert quantizers["r"].inputs[2].const_value.dtype == ir.DataType.UINT4  # the Relu output's unsigned grid
     assert not any(node.op_type == "Clip" for node in model.graph)
     (y,) = run(model, data[0])
     assert np.all(np.isfinite(y))
