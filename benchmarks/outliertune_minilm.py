@@ -132,13 +132,15 @@ def ort_rows(fp32: Path, calib: list[dict], out: Path) -> list[Row]:
     ]
 
 
-def graphquant_rows(fp32: Path, calib: list[dict], out: Path) -> list[Row]:
-    """One row per GRAPHQUANT_CONFIGS entry; GraphQuantError becomes 'n/a: <message>'."""
+def graphquant_rows(
+    fp32: Path, calib: list[dict], out: Path, configs: list[tuple[str, str, dict[str, Any]]] = GRAPHQUANT_CONFIGS
+) -> list[Row]:
+    """One row per config (label, recipe, optimize options); GraphQuantError becomes 'n/a: <message>'."""
     import graphquant
 
     model = graphquant.load(fp32)
     rows = []
-    for label, recipe, kwargs in GRAPHQUANT_CONFIGS:
+    for label, recipe, kwargs in configs:
         path = out / f"{slug(label)}.onnx"
         log(f"[graphquant] {label} ...")
         start = time.perf_counter()

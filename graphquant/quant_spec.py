@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -14,17 +15,27 @@ PREEXECUTED_KEY = "graphquant.preexecuted_bits"
 SCHEME_NOTE_KEY = "graphquant.scheme_note"
 # On a layer node: the reason it must stay float.
 KEEP_FLOAT_KEY = "graphquant.keep_float"
+# On a graph: the list of SplitCost records of the split passes (analysis/cost.py), for the report.
+SPLIT_COST_KEY = "graphquant.split_costs"
+# On a Conv layer node: the calibrated per-tensor QuantSpec of its output, for lowerings that requantize it.
+OUTPUT_SPEC_KEY = "graphquant.output_spec"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class QuantSpec:
-    """How one node input is quantized: q = clamp(round(x / scale) + zero_point, qmin, qmax)."""
+    """How one node input is quantized: q = clamp(round(x / scale) + zero_point, qmin, qmax).
+
+    Granularity: per tensor (axis None, scalar scale), per axis (1-D scale along ``axis``), or blocked (ONNX opset-21
+    DequantizeLinear semantics: scale has the tensor's rank, and each entry covers ``block_size`` consecutive
+    elements along ``axis``).
+    """
 
     bits: int
     signed: bool
     scale: np.ndarray
     zero_point: np.ndarray
     axis: int | None = None
+    block_size: int | None = None
 
     def __post_init__(self) -> None:
         """Validate bit width, scale and granularity."""
@@ -35,7 +46,11 @@ class QuantSpec:
         if self.scale.shape != self.zero_point.shape:
             raise ValueError("scale and zero_point shapes differ")
         if (self.axis is None) != (self.scale.ndim == 0):
-            raise ValueError("a per-axis spec needs a 1-D scale; a per-tensor spec a scalar one")
+            raise ValueError("a per-axis or blocked spec needs an axis and an array scale; a per-tensor one neither")
+        if self.block_size is not None and (self.axis is None or self.block_size < 1):
+            raise ValueError("a blocked spec needs an axis and a positive block size")
+        if self.block_size is None and self.scale.ndim > 1:
+            raise ValueError("a per-axis spec needs a 1-D scale")
 
     @property
     def qmin(self) -> int:
@@ -55,37 +70,72 @@ class QuantSpec:
     @property
     def key(self) -> tuple[object, ...]:
         """A hashable identity of the spec's contents, for sharing one Q/DQ pair."""
-        return (self.bits, self.signed, self.axis, self.scale.tobytes(), self.zero_point.tobytes())
+        return (
+            self.bits,
+            self.signed,
+            self.axis,
+            self.block_size,
+            self.scale.shape,
+            self.scale.tobytes(),
+            self.zero_point.tobytes(),
+        )
 
-    def broadcast(self, array: np.ndarray, rank: int) -> np.ndarray:
-        """Reshape a per-axis parameter so it broadcasts against a tensor of the given rank."""
+    def expand(self, parameter: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+        """A scale or zero point reshaped (and, for blocks, repeated) to broadcast against a tensor of ``shape``."""
         if self.axis is None:
-            return array
-        shape = [1] * rank
-        shape[self.axis % rank] = array.size
-        return array.reshape(shape)
+            return parameter
+        axis = self.axis % len(shape)
+        if self.block_size is None:
+            target = [1] * len(shape)
+            target[axis] = parameter.size
+            return parameter.reshape(target)
+        repeated = np.repeat(parameter, self.block_size, axis=axis)
+        return np.take(repeated, np.arange(shape[axis]), axis=axis)
 
     def quantize(self, values: np.ndarray) -> np.ndarray:
         """Integer codes of ``values`` (round half to even, as QuantizeLinear does)."""
-        scale = self.broadcast(self.scale, values.ndim)
-        zero_point = self.broadcast(self.zero_point.astype(np.float64), values.ndim)
+        scale = self.expand(self.scale, values.shape)
+        zero_point = self.expand(self.zero_point.astype(np.float64), values.shape)
         codes = np.rint(values.astype(np.float64) / scale) + zero_point
         return np.clip(codes, self.qmin, self.qmax).astype(self.storage_dtype)
 
     def dequantize(self, codes: np.ndarray) -> np.ndarray:
         """Float values of integer codes."""
-        scale = self.broadcast(self.scale, codes.ndim)
-        zero_point = self.broadcast(self.zero_point.astype(np.float32), codes.ndim)
+        scale = self.expand(self.scale, codes.shape)
+        zero_point = self.expand(self.zero_point.astype(np.float32), codes.shape)
         return ((codes.astype(np.float32) - zero_point) * scale).astype(np.float32)
 
 
-def symmetric_spec(absmax: np.ndarray | float, bits: int, axis: int | None = None) -> QuantSpec:
+def symmetric_spec(
+    absmax: np.ndarray | float, bits: int, axis: int | None = None, block_size: int | None = None
+) -> QuantSpec:
     """A signed symmetric spec whose grid covers ±absmax; zero ranges get scale 1 instead of 0."""
     qmax = 2 ** (bits - 1) - 1
-    scale = np.asarray(absmax, dtype=np.float32) / np.float32(qmax)
+    scale = _usable_scale(np.asarray(absmax, dtype=np.float32) / np.float32(qmax))
+    zero_point = np.zeros(scale.shape, np.int8)
+    return QuantSpec(bits=bits, signed=True, scale=scale, zero_point=zero_point, axis=axis, block_size=block_size)
+
+
+def asymmetric_spec(
+    minimum: np.ndarray | float,
+    maximum: np.ndarray | float,
+    bits: int,
+    axis: int | None = None,
+    block_size: int | None = None,
+) -> QuantSpec:
+    """An unsigned spec whose grid covers [min(minimum, 0), max(maximum, 0)], zero exactly on the grid."""
+    qmax = 2**bits - 1
+    low = np.minimum(np.asarray(minimum, dtype=np.float32), 0)
+    high = np.maximum(np.asarray(maximum, dtype=np.float32), 0)
+    scale = _usable_scale((high - low) / np.float32(qmax))
+    zero_point = np.clip(np.rint(-low / scale), 0, qmax).astype(np.uint8)
+    return QuantSpec(bits=bits, signed=False, scale=scale, zero_point=zero_point, axis=axis, block_size=block_size)
+
+
+def _usable_scale(scale: np.ndarray) -> np.ndarray:
+    """The scale with zero, subnormal or non-finite entries (zero-range channels) replaced by 1."""
     usable = np.isfinite(scale) & (scale > np.finfo(np.float32).tiny)
-    scale = np.where(usable, scale, np.float32(1.0)).astype(np.float32)
-    return QuantSpec(bits=bits, signed=True, scale=scale, zero_point=np.zeros(scale.shape, np.int8), axis=axis)
+    return np.where(usable, scale, np.float32(1.0)).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)

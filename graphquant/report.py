@@ -10,6 +10,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from graphquant.analysis.cost import SplitCost
 from graphquant.quant_spec import DECISION_KEY, LayerDecision
 from graphquant.validate import TensorComparison
 
@@ -27,6 +28,9 @@ class Report:
     outputs: dict[str, TensorComparison] = dataclasses.field(default_factory=dict)
     layer_metrics: dict[str, TensorComparison] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    split_costs: list[SplitCost] = dataclasses.field(default_factory=list)
+    # Per quantized layer: bytes of the stored tensors it reads (weights, scales, codes) before and after.
+    layer_bytes: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
     @property
     def quantized(self) -> list[LayerDecision]:
@@ -54,11 +58,20 @@ class Report:
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
             "layers": [
-                {**dataclasses.asdict(layer), **_metrics(self.layer_metrics, layer.node)} for layer in self.layers
+                {**dataclasses.asdict(layer), **_metrics(self.layer_metrics, layer.node), **self._bytes(layer.node)}
+                for layer in self.layers
             ],
             "outputs": {name: _finite(c.as_dict()) for name, c in self.outputs.items()},
             "notes": self.notes,
+            "split_costs": [dataclasses.asdict(cost) for cost in self.split_costs],
         }
+
+    def _bytes(self, node_name: str) -> dict[str, int]:
+        """The layer's stored bytes before and after, if known."""
+        if node_name not in self.layer_bytes:
+            return {}
+        before, after = self.layer_bytes[node_name]
+        return {"bytes_before": before, "bytes_after": after}
 
     def save_json(self, path: str | Path) -> None:
         """Write the report as JSON."""
@@ -83,17 +96,39 @@ class Report:
         worst = self.worst_layer()
         if worst is not None:
             lines.append(f"worst layer: {worst[0]} SQNR {worst[1]:.1f} dB")
+        lines.extend(self.format_splits())
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
+    def format_splits(self) -> list[str]:
+        """The MACs and parameters the split passes added, in total and per layer."""
+        if not self.split_costs:
+            return []
+        model_macs = min(cost.model_macs for cost in self.split_costs)
+        added = sum(cost.added_macs for cost in self.split_costs)
+        params = sum(cost.added_params for cost in self.split_costs)
+        share = added / max(model_macs, 1)
+        unit = self.split_costs[0].unit
+        lines = [
+            f"splitting: +{added} MACs {unit} (+{share:.1%}), +{params} parameters, {len(self.split_costs)} layers"
+        ]
+        lines.extend(
+            f"  {cost.pass_name:<12} {cost.layer:<36} +{cost.added_macs_fraction:.1%} MACs  +{cost.added_params} params"
+            f"  {cost.gain_db:+.1f} dB simulated"
+            for cost in self.split_costs
+        )
+        return lines
+
     def format_layers(self) -> str:
         """One line per layer: status, scheme, measured SQNR, and why."""
-        lines = [f"{'layer':<36} {'status':<9} {'SQNR dB':>8}  scheme / reason"]
+        lines = [f"{'layer':<36} {'status':<9} {'SQNR dB':>8} {'kB before -> after':>20}  scheme / reason"]
         for layer in self.layers:
             metric = self.layer_metrics.get(layer.node)
             sqnr = f"{metric.sqnr_db:8.1f}" if metric is not None else f"{'':8}"
+            sizes = self.layer_bytes.get(layer.node)
+            size = f"{sizes[0] / 1e3:9.1f} -> {sizes[1] / 1e3:7.1f}" if sizes is not None else ""
             detail = "; ".join(part for part in (layer.scheme, layer.reason) if part)
-            lines.append(f"{layer.node:<36} {layer.status:<9} {sqnr}  {detail}")
+            lines.append(f"{layer.node:<36} {layer.status:<9} {sqnr} {size:>20}  {detail}")
         return "\n".join(lines)
 
 

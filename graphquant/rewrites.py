@@ -8,6 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphquant.analysis.layers import Layer, classify, constant_array
+from graphquant.analysis.runner import release_mapping
 from graphquant.graph_edit import NameScope, add_initializer, insert_after_producer, remove_if_unused
 from graphquant.quant_spec import KEEP_FLOAT_KEY
 
@@ -225,10 +226,12 @@ def scale_weight_rows(graph: ir.Graph, names: NameScope, layer: Layer, factors: 
     shape = [1] * weight.ndim
     shape[layer.in_axis] = factors.size
     scaled = (weight * factors.reshape(shape)).astype(weight.dtype)
+    del weight
     value = add_initializer(graph, names, f"{layer.weight.name or 'weight'}_scaled", scaled)
     old = layer.weight
     layer.node.replace_input_with(layer.weight_index, value)
     remove_if_unused(graph, old)
+    release_mapping(old.const_value)  # drop the pages of a memory-mapped original (it maps again if read)
 
 
 def scale_weight_columns(graph: ir.Graph, names: NameScope, layer: Layer, factors: np.ndarray) -> None:
@@ -236,12 +239,13 @@ def scale_weight_columns(graph: ir.Graph, names: NameScope, layer: Layer, factor
     weight = layer.weight_array
     shape = [1] * weight.ndim
     shape[layer.out_axis] = factors.size
-    value = add_initializer(
-        graph, names, f"{layer.weight.name or 'weight'}_scaled", (weight * factors.reshape(shape)).astype(weight.dtype)
-    )
+    scaled = (weight * factors.reshape(shape)).astype(weight.dtype)
+    del weight
+    value = add_initializer(graph, names, f"{layer.weight.name or 'weight'}_scaled", scaled)
     old = layer.weight
     layer.node.replace_input_with(layer.weight_index, value)
     remove_if_unused(graph, old)
+    release_mapping(old.const_value)
 
 
 def weight_times(layer: Layer, vector: np.ndarray) -> np.ndarray:
@@ -379,12 +383,20 @@ def route_channels_to_float(
         matmul.meta[KEEP_FLOAT_KEY] = f"float path of {len(channels)} outlier channels of {layer.node.name}"
         matmul.outputs[0].name = names.fresh(f"{layer.node.name}_float_path_out")
         graph.insert_after(gather, matmul)
-        _add_to_layer_output(graph, names, layer, matmul.outputs[0])
+        add_to_layer_output(graph, names, layer, matmul.outputs[0])
 
 
-def _add_to_layer_output(graph: ir.Graph, names: NameScope, layer: Layer, extra: ir.Value) -> None:
+def add_to_layer_output(graph: ir.Graph, names: NameScope, layer: Layer, extra: ir.Value) -> None:
     """Add ``extra`` to the layer's output (after its bias Add, if any); the sum keeps the output's name."""
     found = bias_add_of(layer.node) if layer.node.op_type == "MatMul" else None
     last = found[0] if found is not None else layer.node
     sum_node = _append_add(graph, names, last, extra, f"{layer.node.name}_add_float_path", "int_path")
     sum_node.meta[FLOAT_PATH_SUM_KEY] = True
+
+
+def replace_weight(graph: ir.Graph, names: NameScope, layer: Layer, array: np.ndarray, suffix: str) -> None:
+    """Give the layer a new weight initializer holding ``array`` (in the weight's layout and dtype)."""
+    old = layer.weight
+    value = add_initializer(graph, names, f"{old.name or 'weight'}_{suffix}", array.astype(layer.weight_array.dtype))
+    layer.node.replace_input_with(layer.weight_index, value)
+    remove_if_unused(graph, old)

@@ -19,9 +19,17 @@ def build(text: str, initializers: dict[str, np.ndarray] | None = None) -> ir.Mo
     return ir.serde.deserialize_model(proto)
 
 
-def run(model: ir.Model, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Run a model in onnxruntime on the CPU and return its outputs."""
-    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+def run(model: ir.Model, feed: dict[str, np.ndarray], optimize: bool = True) -> list[np.ndarray]:
+    """Run a model in onnxruntime on the CPU and return its outputs.
+
+    ``optimize=False`` runs the graph as written: onnxruntime otherwise fuses a blocked DequantizeLinear -> MatMul
+    into MatMulNBits with int8 compute, which is not the exact QDQ semantics a reference needs.
+    """
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    proto = ir.to_proto(model).SerializeToString()
+    session = ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"])
     return session.run(None, feed)
 
 

@@ -60,23 +60,3 @@ def group_sqnr_db(
         relative_errors.append(np.sum((reference - approximate) ** 2, axis=0) / signal)
     mean_error = float(np.mean(np.concatenate(relative_errors)))
     return math.inf if mean_error == 0 else -10.0 * math.log10(mean_error)
-
-
-CLIP_RATIOS = np.linspace(1.0, 0.5, 21)
-
-
-def clipped_weight_bound(layer: Layer, bits: int, input_energy: np.ndarray) -> np.ndarray:
-    """Per output column, the clip bound minimizing sum_j E[x_j^2]·(w_jk - q(w_jk))^2 (the expected output error)."""
-    weight = weight_matrix(layer)
-    absmax = np.abs(weight).max(axis=0)
-    qmax = 2 ** (bits - 1) - 1
-    energy = np.maximum(input_energy, 0.0)[:, None]
-    best_error = np.full(absmax.shape, np.inf)
-    best_bound = absmax.copy()
-    for ratio in CLIP_RATIOS:
-        bound = np.maximum(absmax * ratio, 1e-12)
-        error = np.sum(energy * (weight - fake_quantize(weight, bound / qmax, bits)) ** 2, axis=0)
-        better = error < best_error
-        best_error = np.where(better, error, best_error)
-        best_bound = np.where(better, bound, best_bound)
-    return best_bound

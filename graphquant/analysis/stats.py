@@ -27,10 +27,14 @@ class TensorStats:
     nonfinite: int = 0
     sample: np.ndarray | None = None
     sample_limit: int = 0
+    gram: np.ndarray | None = None
 
     @classmethod
-    def from_batch(cls, values: np.ndarray, sample_rows: int = 0) -> TensorStats:
-        """Statistics of one batch; non-finite values are counted and left out; keeps up to ``sample_rows`` rows."""
+    def from_batch(cls, values: np.ndarray, sample_rows: int = 0, gram: bool = False) -> TensorStats:
+        """Statistics of one batch; non-finite values are counted and left out; keeps up to ``sample_rows`` rows.
+
+        With ``gram``, also the channel Gram matrix X^T X (GPTQ's Hessian, summed over rows, so it streams).
+        """
         data = np.asarray(values, dtype=np.float32)
         if data.ndim == 0:
             data = data.reshape(1)
@@ -55,6 +59,7 @@ class TensorStats:
             nonfinite=nonfinite,
             sample=_evenly_spaced(rows[np.all(finite, axis=1)], sample_rows) if sample_rows else None,
             sample_limit=sample_rows,
+            gram=clean.T @ clean if gram else None,
         )
 
     def merge(self, other: TensorStats) -> TensorStats:
@@ -73,6 +78,7 @@ class TensorStats:
                 self.sample, self.count, other.sample, other.count, max(self.sample_limit, other.sample_limit)
             ),
             sample_limit=max(self.sample_limit, other.sample_limit),
+            gram=_add(self.gram, other.gram),
         )
 
     def channel_mean_square(self) -> np.ndarray:
@@ -167,9 +173,9 @@ class CalibrationStats:
     tensors: dict[str, TensorStats] = dataclasses.field(default_factory=dict)
     batches: int = 0
 
-    def update(self, name: str, values: np.ndarray, sample_rows: int = 0) -> None:
+    def update(self, name: str, values: np.ndarray, sample_rows: int = 0, gram: bool = False) -> None:
         """Fold one batch of one tensor into the running statistics."""
-        batch_stats = TensorStats.from_batch(values, sample_rows)
+        batch_stats = TensorStats.from_batch(values, sample_rows, gram)
         previous = self.tensors.get(name)
         self.tensors[name] = batch_stats if previous is None else previous.merge(batch_stats)
 
@@ -214,6 +220,7 @@ class CalibrationStats:
                     nonfinite=int(archive[f"{i}.nonfinite"]),
                     sample=archive[f"{i}.sample"] if f"{i}.sample" in archive.files else None,
                     sample_limit=int(archive[f"{i}.sample_limit"]),
+                    gram=archive[f"{i}.gram"] if f"{i}.gram" in archive.files else None,
                 )
                 for i in indices
             }

@@ -4,18 +4,45 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from graphquant.lowering.fuse_activation import FuseActivationPass
+from graphquant.lowering.gather_block_quantized import GatherBlockQuantizedLoweringPass
+from graphquant.lowering.matmul_nbits import MatMulNBitsLoweringPass
 from graphquant.lowering.ort_cpu import OrtCpuLoweringPass
 from graphquant.lowering.qdq import QdqLoweringPass
+from graphquant.lowering.qlinear_conv import QLinearConvLoweringPass
+from graphquant.lowering.qoperator import QOperatorLoweringPass
 
 # Later passes pick up what earlier ones leave: ort-cpu lowers what MatMulIntegerToFloat covers, QDQ the rest.
+# FuseActivationPass runs first: it drops Relu/Clip that the readers' saturating uint8 grids compute anyway.
 TARGETS: dict[str, tuple[type[ir.passes.PassBase], ...]] = {
     "qdq": (QdqLoweringPass,),
-    "ort-cpu": (OrtCpuLoweringPass, QdqLoweringPass),
+    "ort-cpu": (
+        FuseActivationPass,
+        MatMulNBitsLoweringPass,
+        GatherBlockQuantizedLoweringPass,
+        OrtCpuLoweringPass,
+        QLinearConvLoweringPass,
+        QdqLoweringPass,
+    ),
+    "qoperator": (FuseActivationPass, QLinearConvLoweringPass, QOperatorLoweringPass, QdqLoweringPass),
 }
 
 TARGET_DOCS: dict[str, str] = {
     "qdq": "portable QuantizeLinear/DequantizeLinear pairs (TensorRT, QNN, XNNPACK, onnxruntime)",
-    "ort-cpu": "fastest on onnxruntime CPU: uint8 x int8 MatMulIntegerToFloat with the bias fused, QDQ elsewhere",
+    "ort-cpu": "fastest on onnxruntime CPU: uint8 x int8 MatMulIntegerToFloat with the bias fused, MatMulNBits for "
+    "weight-only and W4A8 layers, GatherBlockQuantized for embeddings, QLinearConv, QDQ elsewhere",
+    "qoperator": "standard integer ops: QLinearConv, QLinearMatMul into another integer op, else MatMulInteger + "
+    "Cast + Mul; QDQ elsewhere",
 }
 
-__all__ = ["TARGETS", "TARGET_DOCS", "OrtCpuLoweringPass", "QdqLoweringPass"]
+__all__ = [
+    "TARGETS",
+    "TARGET_DOCS",
+    "FuseActivationPass",
+    "GatherBlockQuantizedLoweringPass",
+    "MatMulNBitsLoweringPass",
+    "OrtCpuLoweringPass",
+    "QLinearConvLoweringPass",
+    "QOperatorLoweringPass",
+    "QdqLoweringPass",
+]

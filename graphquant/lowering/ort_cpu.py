@@ -5,17 +5,38 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphquant.analysis.layers import Layer, classify, constant_array
-from graphquant.graph_edit import NameScope, add_initializer, insert_after_producer, remove_if_unused
-from graphquant.lowering.qdq import narrow_grid_clip
+from graphquant.analysis.layers import Layer, constant_array
+from graphquant.graph_edit import NameScope, add_initializer, remove_if_unused
+from graphquant.lowering.qdq import INT4_OPSET, upgrade_opset
+from graphquant.lowering.qlinear import QuantizedValue, lowerable_linear, quantize_to_uint8
 from graphquant.quant_spec import DECISION_KEY, INPUT_SPECS_KEY, QuantSpec
 from graphquant.rewrites import bias_add_of
 
 MICROSOFT_DOMAIN = "com.microsoft"
-# uint8 codes are the signed codes moved up by 128: identical grids, and the fast x86 kernels take u8 x s8.
-UINT8_OFFSET = 128
-# Clip takes integer tensors from opset 12 on (needed for activation grids narrower than 8 bits).
-CLIP_INTEGER_OPSET = 12
+
+
+def _int4_weights_available(model: ir.Model) -> bool:
+    """Whether weights of 4 bits or less can be stored as INT4 (opset 21, converting the model if needed)."""
+    wants = any(
+        spec.bits <= 4
+        for node in model.graph
+        if lowerable_linear(model.graph, node) is not None
+        for spec in node.meta[INPUT_SPECS_KEY].values()
+    )
+    return wants and upgrade_opset(model, INT4_OPSET, fallback=False)
+
+
+def _stored_weight(graph: ir.Graph, names: NameScope, base: str, codes: np.ndarray, int4: bool) -> ir.Value:
+    """The int8 weight codes; 4-bit ones stored as INT4 behind a Cast to int8, which onnxruntime folds at load."""
+    if not int4:
+        return add_initializer(graph, names, f"{base}_quantized", codes)
+    packed = add_initializer(graph, names, f"{base}_quantized", codes, dtype=ir.DataType.INT4)
+    cast = ir.node("Cast", [packed], {"to": ir.DataType.INT8}, name=names.fresh(f"{base}_Cast"))
+    cast.outputs[0].name = names.fresh(f"{base}_int8")
+    cast.outputs[0].dtype = ir.DataType.INT8
+    cast.outputs[0].shape = ir.Shape(codes.shape)
+    graph.insert_before(graph[0], [cast])
+    return cast.outputs[0]
 
 
 class OrtCpuLoweringPass(ir.passes.InPlacePass):
@@ -25,72 +46,23 @@ class OrtCpuLoweringPass(ir.passes.InPlacePass):
         """Replace each lowerable layer (and its bias Add) with one MatMulIntegerToFloat."""
         graph = model.graph
         names = NameScope(graph)
-        quantized_activations: dict[tuple[object, ...], tuple[ir.Value, ir.Value, ir.Value]] = {}
+        quantized_activations: dict[tuple[object, ...], QuantizedValue] = {}
         modified = False
+        int4 = _int4_weights_available(model)
         for node in list(graph):
-            layer = _lowerable_layer(node)
+            layer = lowerable_linear(graph, node)
             if layer is None:
                 continue
             specs: dict[int, QuantSpec] = node.meta[INPUT_SPECS_KEY]
             activation_spec = specs[layer.activation_index]
-            if activation_spec.bits < 8 and graph.opset_imports.get("", 0) < CLIP_INTEGER_OPSET:
-                continue  # its codes need an integer Clip; left to QDQ lowering, which checks the opset
             key = (id(layer.activation), *activation_spec.key)
             if key not in quantized_activations:
-                quantized_activations[key] = _quantize_activation(graph, names, layer.activation, activation_spec)
-            _replace_layer(graph, names, layer, specs[layer.weight_index], quantized_activations[key])
+                quantized_activations[key] = quantize_to_uint8(graph, names, layer.activation, activation_spec)
+            _replace_layer(graph, names, layer, specs[layer.weight_index], quantized_activations[key], int4)
             modified = True
         if modified:
             graph.opset_imports.setdefault(MICROSOFT_DOMAIN, 1)
         return ir.passes.PassResult(model, modified=modified)
-
-
-def _lowerable_layer(node: ir.Node) -> Layer | None:
-    """The node's layer if its annotation fits MatMulIntegerToFloat: per-tensor activation, per-column weight."""
-    specs: dict[int, QuantSpec] | None = node.meta.get(INPUT_SPECS_KEY)
-    if not specs or node.op_type not in ("MatMul", "Gemm"):
-        return None
-    layer = classify(node).layer
-    if layer is None or set(specs) != {layer.activation_index, layer.weight_index}:
-        return None
-    activation_spec, weight_spec = specs[layer.activation_index], specs[layer.weight_index]
-    if activation_spec.axis is not None or not activation_spec.signed or not weight_spec.signed:
-        return None
-    if weight_spec.axis not in (None, layer.out_axis) or layer.weight_array.ndim != 2:
-        return None
-    if node.op_type == "Gemm" and not _plain_gemm(node):
-        return None
-    return layer
-
-
-def _plain_gemm(node: ir.Node) -> bool:
-    """Gemm with alpha = beta = 1 and a 1-D (or absent) constant C."""
-    attributes = node.attributes
-    if attributes.get_float("alpha", 1.0) != 1.0 or attributes.get_float("beta", 1.0) != 1.0:
-        return False
-    if len(node.inputs) < 3 or node.inputs[2] is None:
-        return True
-    bias = constant_array(node.inputs[2])
-    return bias is not None and bias.ndim == 1
-
-
-def _quantize_activation(
-    graph: ir.Graph, names: NameScope, activation: ir.Value, spec: QuantSpec
-) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """QuantizeLinear to uint8 after the producer; returns (codes, scale, zero point)."""
-    base = activation.name or "activation"
-    scale = add_initializer(graph, names, f"{base}_scale", spec.scale.astype(np.float32))
-    zero_point = add_initializer(
-        graph, names, f"{base}_zero_point", (spec.zero_point.astype(np.int16) + UINT8_OFFSET).astype(np.uint8)
-    )
-    quantize = ir.node("QuantizeLinear", [activation, scale, zero_point], name=names.fresh(f"{base}_QuantizeLinear"))
-    codes = quantize.outputs[0]
-    codes.name = names.fresh(f"{base}_quantized")
-    codes.dtype = ir.DataType.UINT8
-    codes.shape = activation.shape
-    clamp = narrow_grid_clip(graph, names, codes, spec, offset=UINT8_OFFSET)
-    insert_after_producer(graph, activation, [quantize] if clamp is None else [quantize, clamp])
-    return (codes if clamp is None else clamp.outputs[0]), scale, zero_point
 
 
 def _replace_layer(
@@ -98,7 +70,8 @@ def _replace_layer(
     names: NameScope,
     layer: Layer,
     weight_spec: QuantSpec,
-    activation: tuple[ir.Value, ir.Value, ir.Value],
+    activation: QuantizedValue,
+    int4: bool,
 ) -> None:
     """Swap the layer (and a following bias Add) for MatMulIntegerToFloat with the bias fused in."""
     node = layer.node
@@ -109,11 +82,11 @@ def _replace_layer(
         weight_codes = np.ascontiguousarray(weight_codes.T)
     columns = weight_codes.shape[1]
     base = layer.weight.name or "weight"
-    weight_value = add_initializer(graph, names, f"{base}_quantized", weight_codes)
+    weight_value = _stored_weight(graph, names, base, weight_codes, int4 and weight_spec.bits <= 4)
     scale_value = add_initializer(
         graph, names, f"{base}_scale", np.broadcast_to(weight_scale, (columns,)).astype(np.float32).copy()
     )
-    bias, replaced = _fused_bias(node, columns)
+    bias, replaced = fused_bias(node, columns)
     inputs: list[ir.Value | None] = [codes, weight_value, activation_scale, scale_value, activation_zero_point, None]
     if bias is not None:
         inputs.append(add_initializer(graph, names, f"{node.name or 'layer'}_bias", bias))
@@ -132,7 +105,7 @@ def _replace_layer(
     remove_if_unused(graph, old_weight)
 
 
-def _fused_bias(node: ir.Node, columns: int) -> tuple[np.ndarray | None, list[ir.Node]]:
+def fused_bias(node: ir.Node, columns: int) -> tuple[np.ndarray | None, list[ir.Node]]:
     """The bias to fuse and the nodes the fused op replaces (the layer, plus its bias Add if any)."""
     if node.op_type == "Gemm":
         bias = constant_array(node.inputs[2]) if len(node.inputs) > 2 else None

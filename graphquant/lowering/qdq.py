@@ -10,7 +10,7 @@ from graphquant.graph_edit import NameScope, add_initializer, insert_after_produ
 from graphquant.quant_spec import INPUT_SPECS_KEY, QuantSpec
 
 MIN_OPSET = 13
-# The INT4 element type (and Q/DQ on it) exists from opset 21.
+# The INT4/UINT4 element types and blocked Q/DQ (the block_size attribute) exist from opset 21.
 INT4_OPSET = 21
 
 
@@ -28,7 +28,7 @@ class QdqLoweringPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Replace each annotated input with its dequantized form, sharing one Q/DQ per tensor and spec."""
         graph = model.graph
-        int4 = _int4_available(model)
+        opset_21 = _opset_21_available(model)
         names = NameScope(graph)
         lowered: dict[tuple[object, ...], ir.Value] = {}
         modified = False
@@ -41,7 +41,7 @@ class QdqLoweringPass(ir.passes.InPlacePass):
                 assert source is not None
                 key = (id(source), *spec.key)
                 if key not in lowered:
-                    lowered[key] = _dequantized(graph, names, source, spec, int4)
+                    lowered[key] = _dequantized(graph, names, source, spec, opset_21)
                 node.replace_input_with(index, lowered[key])
                 remove_if_unused(graph, source)
             modified = True
@@ -53,15 +53,22 @@ class QdqLoweringPass(ir.passes.InPlacePass):
             raise ir.passes.PostconditionError("QDQ lowering left annotated inputs behind")
 
 
-def _int4_available(model: ir.Model) -> bool:
-    """Whether 4-bit specs can use the INT4 type, upgrading the model to opset 21 (onnxscript) if it needs it."""
-    wants_int4 = any(
-        spec.bits <= 4 and spec.signed for node in model.graph for spec in node.meta.get(INPUT_SPECS_KEY, {}).values()
-    )
-    if not wants_int4:
+def _opset_21_available(model: ir.Model) -> bool:
+    """Whether 4-bit types and blocks can be used, upgrading the model to opset 21 (onnxscript) if it needs them.
+
+    Raises PreconditionError when blocked specs need opset 21 and the model cannot be converted.
+    """
+    specs = [spec for node in model.graph for spec in node.meta.get(INPUT_SPECS_KEY, {}).values()]
+    if not any(spec.bits <= 4 or spec.block_size is not None for spec in specs):
         return False
     # No fallback to onnx's C converter here: it rebuilds every node and would drop the annotations.
-    return upgrade_opset(model, INT4_OPSET, fallback=False)
+    available = upgrade_opset(model, INT4_OPSET, fallback=False)
+    if not available and any(spec.block_size is not None for spec in specs):
+        raise ir.passes.PreconditionError(
+            f"block-wise weights need opset {INT4_OPSET}; converting the model from opset "
+            f"{model.graph.opset_imports.get('', 0)} failed (use per-channel weights: no block_size)"
+        )
+    return available
 
 
 def upgrade_opset(model: ir.Model, version: int, fallback: bool) -> bool:
@@ -74,15 +81,15 @@ def upgrade_opset(model: ir.Model, version: int, fallback: bool) -> bool:
     return model.graph.opset_imports.get("", 0) >= version
 
 
-def _dequantized(graph: ir.Graph, names: NameScope, source: ir.Value, spec: QuantSpec, int4: bool) -> ir.Value:
+def _dequantized(graph: ir.Graph, names: NameScope, source: ir.Value, spec: QuantSpec, opset_21: bool) -> ir.Value:
     """The float value that the quantized form of ``source`` dequantizes to."""
     base = source.name or "tensor"
-    storage = ir.DataType.INT4 if int4 and spec.bits <= 4 and spec.signed else None
+    storage = storage_type(spec) if opset_21 else None
     scale = add_initializer(graph, names, f"{base}_scale", spec.scale)
     zero_point = add_initializer(
         graph, names, f"{base}_zero_point", spec.zero_point.astype(spec.storage_dtype), dtype=storage
     )
-    axis = {} if spec.axis is None else {"axis": spec.axis}
+    axis = dequantize_attributes(spec)
     if source.const_value is not None:
         codes = add_initializer(
             graph, names, f"{base}_quantized", spec.quantize(source.const_value.numpy()), dtype=storage
@@ -107,6 +114,21 @@ def _dequantized(graph: ir.Graph, names: NameScope, source: ir.Value, spec: Quan
     output.dtype = ir.DataType.FLOAT
     output.shape = source.shape
     return output
+
+
+def storage_type(spec: QuantSpec) -> ir.DataType | None:
+    """INT4/UINT4 for grids of at most 4 bits (opset 21), else None: the 8-bit type of the spec."""
+    if spec.bits > 4:
+        return None
+    return ir.DataType.INT4 if spec.signed else ir.DataType.UINT4
+
+
+def dequantize_attributes(spec: QuantSpec) -> dict[str, int]:
+    """The axis and block_size attributes of the spec's Q/DQ nodes."""
+    attributes = {} if spec.axis is None else {"axis": spec.axis}
+    if spec.block_size is not None:
+        attributes["block_size"] = spec.block_size
+    return attributes
 
 
 def narrow_grid_clip(

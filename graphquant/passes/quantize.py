@@ -4,26 +4,38 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import onnx_ir as ir
 
 from graphquant.analysis.calibration import Calibrator
+from graphquant.analysis.gptq import gptq_round
 from graphquant.analysis.layers import Candidate, Layer, candidates, scale_groups
-from graphquant.analysis.simulate import clipped_weight_bound
-from graphquant.analysis.stats import CalibrationStats
+from graphquant.analysis.stats import CalibrationStats, TensorStats
+from graphquant.analysis.weight_fit import (
+    WeightScheme,
+    block_rows,
+    fit_weight_spec,
+    in_major,
+    row_energy,
+    spec_from_ranges,
+)
+from graphquant.graph_edit import NameScope
 from graphquant.quant_spec import (
     DECISION_KEY,
     INPUT_SPECS_KEY,
     KEEP_FLOAT_KEY,
+    OUTPUT_SPEC_KEY,
     PREEXECUTED_KEY,
     SCHEME_NOTE_KEY,
     LayerDecision,
     QuantSpec,
+    asymmetric_spec,
     symmetric_spec,
 )
-from graphquant.rewrites import layer_output
+from graphquant.rewrites import layer_output, replace_weight
 
 ACTIVATION_METHODS = ("minmax", "percentile")
 
@@ -38,7 +50,7 @@ class NodeOverride:
 
 @dataclasses.dataclass(frozen=True)
 class LayerOptions:
-    """The quantization options of one layer after overrides."""
+    """The quantization options of one layer after overrides (abits None or 0: float activations)."""
 
     wbits: int
     abits: int | None
@@ -46,7 +58,10 @@ class LayerOptions:
 
 
 class QuantizePass(ir.passes.InPlacePass):
-    """Lossy: symmetric per-output-channel weights and per-tensor activations, recorded as QuantSpecs."""
+    """Lossy: per-channel or block-wise weights (RTN with clip search, or GPTQ), per-tensor activations, as QuantSpecs.
+
+    ``abits`` None or 0 keeps activations float (weight-only). Blocks run along the weight's input-channel axis.
+    """
 
     def __init__(
         self,
@@ -57,39 +72,52 @@ class QuantizePass(ir.passes.InPlacePass):
         activation_method: str = "minmax",
         percentile: float = 99.99,
         weight_clip_search: bool = False,
+        weight_symmetric: bool = True,
+        block_size: int | None = None,
+        gptq: bool = False,
+        gptq_act_order: bool = False,
         overrides: Sequence[NodeOverride] = (),
     ):
         super().__init__()
         if activation_method not in ACTIVATION_METHODS:
             raise ValueError(f"activation_method must be one of {ACTIVATION_METHODS}, got {activation_method!r}")
+        if block_size is not None and block_size < 1:
+            raise ValueError(f"block_size must be positive, got {block_size}")
         self.calibrator = calibrator
-        self.defaults = LayerOptions(wbits=wbits, abits=abits)
+        self.defaults = LayerOptions(wbits=wbits, abits=abits or None)
         self.activation_method = activation_method
         self.percentile = percentile
         self.weight_clip_search = weight_clip_search
+        self.weight_symmetric = weight_symmetric
+        self.block_size = block_size
+        self.gptq = gptq
+        self.gptq_act_order = gptq_act_order
         self.overrides = tuple(overrides)
         for options in [self.defaults, *(self._options_for_pattern(o) for o in self.overrides)]:
             _check_bits(options)
 
     def requires(self, model: ir.Model) -> None:
-        """Activation quantization needs calibration data."""
+        """Activation quantization needs calibration data (GPTQ without it falls back to rounding, with a warning)."""
         if self.calibrator is None and self._any_activation_bits():
             raise ir.passes.PreconditionError("quantize: activation quantization needs calibration data")
+        if self.calibrator is None and self.gptq:
+            warnings.warn("quantize: no calibration data, so no GPTQ: weights are rounded to nearest", stacklevel=2)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Annotate every eligible layer; record why the others stay float."""
         graph = model.graph
         layers: list[Layer] = []
         for candidate in candidates(graph):
-            if INPUT_SPECS_KEY in candidate.node.meta:
+            if INPUT_SPECS_KEY in candidate.node.meta or _quantized_by_an_earlier_pass(candidate.node):
                 continue
             layer = self._accept(candidate)
             if layer is not None:
                 layers.append(layer)
         stats = self._activation_stats(model, layers)
+        names = NameScope(graph)
         for group in scale_groups(layers):
             for layer in group.layers:
-                self._annotate(layer, stats)
+                self._annotate(graph, names, layer, stats)
         return ir.passes.PassResult(model, modified=bool(layers))
 
     def _accept(self, candidate: Candidate) -> Layer | None:
@@ -126,57 +154,93 @@ class QuantizePass(ir.passes.InPlacePass):
 
     def _any_activation_bits(self) -> bool:
         """Whether any layer could get quantized activations."""
-        return self.defaults.abits is not None or any(o.options.get("abits") for o in self.overrides)
+        return bool(self.defaults.abits) or any(o.options.get("abits") for o in self.overrides)
 
     def _activation_stats(self, model: ir.Model, layers: list[Layer]) -> CalibrationStats:
-        """Calibrate the activations of the layers that quantize them."""
+        """Calibrate the activations of the layers that quantize them, clip-search their weights or run GPTQ."""
         names = [
             layer.activation.name or ""
             for layer in layers
             if self.weight_clip_search
-            or (self.options_for(layer.node).abits is not None and PREEXECUTED_KEY not in layer.activation.meta)
+            or self.gptq
+            or (self.options_for(layer.node).abits and PREEXECUTED_KEY not in layer.activation.meta)
         ]
-        if not names or self.calibrator is None:
+        # Conv outputs get a calibrated grid too: QLinearConv requantizes its output.
+        outputs = [
+            layer.node.outputs[0].name or ""
+            for layer in layers
+            if layer.node.op_type == "Conv" and self.options_for(layer.node).abits
+        ]
+        if not (names or outputs) or self.calibrator is None:
             return CalibrationStats()
-        return self.calibrator.collect(model, names)
+        gram_names = [layer.activation.name or "" for layer in layers if self._uses_gptq(layer)]
+        return self.calibrator.collect(model, names + outputs, gram_names=gram_names)
 
-    def _annotate(self, layer: Layer, stats: CalibrationStats) -> None:
+    def _uses_gptq(self, layer: Layer) -> bool:
+        """GPTQ applies to 2-D weights that no other node reads (a tied weight keeps plain rounding)."""
+        return self.gptq and layer.weight_array.ndim == 2 and len(layer.weight.uses()) == 1
+
+    def _weight_spec(
+        self, graph: ir.Graph, names: NameScope, layer: Layer, options: LayerOptions, stats: CalibrationStats
+    ) -> tuple[QuantSpec, str]:
+        """The weight's spec and scheme label; under GPTQ the weight is replaced by its rounded values first."""
+        scheme = WeightScheme(options.wbits, self.weight_symmetric, self.block_size, self.weight_clip_search)
+        activation = stats.tensors.get(layer.activation.name or "")
+        if not (self._uses_gptq(layer) and activation is not None and activation.gram is not None):
+            energy = row_energy(layer, None if activation is None else activation.channel_mean_square())
+            return fit_weight_spec(layer, scheme, energy), scheme.describe(layer)
+        rounded, low, high = gptq_round(
+            in_major(layer),
+            activation.gram,
+            scheme.bits,
+            scheme.symmetric,
+            block_rows(layer, scheme),
+            scheme.clip_search,
+            act_order=self.gptq_act_order,
+        )
+        spec = spec_from_ranges(layer, scheme, low, high)
+        # Snapped onto the spec's float32 grid, so that lowering stores exactly the codes GPTQ chose.
+        weight = rounded if layer.in_axis == 0 else rounded.T
+        replace_weight(graph, names, layer, spec.dequantize(spec.quantize(weight)), "gptq")
+        return spec, scheme.describe(layer) + (" GPTQ act-order" if self.gptq_act_order else " GPTQ")
+
+    def _activation_spec(self, stats: TensorStats, bits: int) -> QuantSpec:
+        """Per tensor: unsigned [0, bound] where calibration saw no negative value (Relu/Clip outputs), else ±bound."""
+        bound = stats.abs_percentile(self.percentile) if self.activation_method == "percentile" else stats.absmax
+        return asymmetric_spec(0.0, bound, bits) if stats.minimum >= 0 else symmetric_spec(bound, bits)
+
+    def _annotate(self, graph: ir.Graph, names: NameScope, layer: Layer, stats: CalibrationStats) -> None:
         """Attach the weight and activation specs and the decision to the layer's node."""
         options = self.options_for(layer.node)
-        weight = layer.weight_array
-        reduce_axes = tuple(axis for axis in range(weight.ndim) if axis != layer.out_axis)
-        bound = abs(weight).max(axis=reduce_axes)
-        activation_name = layer.activation.name or ""
-        if self.weight_clip_search and activation_name in stats and layer.node.op_type != "Conv":
-            bound = clipped_weight_bound(layer, options.wbits, stats[activation_name].channel_mean_square())
-        weight_spec = symmetric_spec(bound, options.wbits, axis=layer.out_axis)
+        weight_spec, scheme = self._weight_spec(graph, names, layer, options, stats)
         specs: dict[int, QuantSpec] = {layer.weight_index: weight_spec}
-        scheme = f"W{options.wbits} per-channel" + (" clip-searched" if self.weight_clip_search else "")
         preexecuted_bits = layer.activation.meta.get(PREEXECUTED_KEY)
         if preexecuted_bits is not None:
             qmax = 2 ** (preexecuted_bits - 1) - 1
             specs[layer.activation_index] = symmetric_spec(float(qmax), preexecuted_bits)
             scheme += f", A{preexecuted_bits} per-channel (step pre-executed into W)"
-        elif options.abits is not None:
-            activation_stats = stats[layer.activation.name or ""]
-            bound = (
-                activation_stats.abs_percentile(self.percentile)
-                if self.activation_method == "percentile"
-                else activation_stats.absmax
-            )
-            specs[layer.activation_index] = symmetric_spec(bound, options.abits)
+        elif options.abits:
+            specs[layer.activation_index] = self._activation_spec(stats[layer.activation.name or ""], options.abits)
             scheme += f", A{options.abits} per-tensor {self.activation_method}"
         node = layer.node
         node.meta[INPUT_SPECS_KEY] = specs
+        if options.abits and (output := node.outputs[0].name or "") in stats:
+            node.meta[OUTPUT_SPEC_KEY] = self._activation_spec(stats[output], options.abits)
         reason = node.meta.get(SCHEME_NOTE_KEY, "")
         node.meta[DECISION_KEY] = LayerDecision(
             node.name or "", node.op_type, "quantized", reason, scheme, output=_output_name(node)
         )
 
 
+def _quantized_by_an_earlier_pass(node: ir.Node) -> bool:
+    """Whether a pass before this one already quantized the layer in its own way (e.g. BitMoD's lookup tables)."""
+    decision = node.meta.get(DECISION_KEY)
+    return decision is not None and decision.status == "quantized"
+
+
 def _check_bits(options: LayerOptions) -> None:
     """Refuse bit widths outside 2..8."""
-    for label, bits in (("wbits", options.wbits), ("abits", options.abits)):
+    for label, bits in (("wbits", options.wbits), ("abits", options.abits or None)):
         if bits is not None and not 2 <= bits <= 8:
             raise ValueError(f"{label} must be in 2..8, got {bits}")
 

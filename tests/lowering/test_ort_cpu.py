@@ -92,7 +92,11 @@ def test_layers_become_matmul_integer_to_float_with_the_bias_fused(mlp_pair):
         quantize = codes.producer()
         assert quantize.op_type == "QuantizeLinear" and codes.dtype == ir.DataType.UINT8
         assert quantize.inputs[1] is a_scale and quantize.inputs[2] is a_zero_point
-        assert a_zero_point.const_value.numpy().dtype == np.uint8 and int(a_zero_point.const_value.numpy()) == 128
+        # uint8 codes: a signed grid moves up by 128; fc2's input is a Relu output, with an unsigned grid from 0.
+        assert specs[name][0].signed is (name == "fc1")
+        expected_zero_point = 128 if name == "fc1" else 0
+        assert a_zero_point.const_value.numpy().dtype == np.uint8
+        assert int(a_zero_point.const_value.numpy()) == expected_zero_point
         assert float(a_scale.const_value.numpy()) == float(specs[name][0].scale)
         assert b_zero_point is None  # symmetric int8 weights
         np.testing.assert_array_equal(b_scale.const_value.numpy(), specs[name][1].scale)
@@ -119,7 +123,7 @@ def test_output_matches_qdq_and_the_integer_reference(mlp_pair):
     assert_within_one_step(model, qdq, data, [fc2_a.scale * fc2_w.scale])
     w = {name: initializer(reference, name) for name in ("w1", "b1", "w2", "b2")}
     for feed in data:
-        # int32 accumulation of (uint8 - 128) x int8, scaled, plus the bias: what the kernel computes
+        # int32 accumulation of (uint8 - zero point) x int8, scaled, plus the bias: what the kernel computes
         a1 = specs["fc1"][0].quantize(feed["x"]).astype(np.int32)
         fc1_a, fc1_w = specs["fc1"][0], specs["fc1"][1]
         hidden = (a1 @ fc1_w.quantize(w["w1"]).astype(np.int32)) * (fc1_a.scale * fc1_w.scale)
@@ -315,3 +319,15 @@ def test_old_opset_models_are_upgraded_to_13_and_lowered():
     narrow = graphquant.optimize(model, "w8a8", calib, wbits=6, abits=6, target="ort-cpu", show_progress=False)
     assert ops(narrow.model) == ["QuantizeLinear", "Clip", "MatMulIntegerToFloat"]
     assert narrow.report.outputs["y"].sqnr_db > 20
+
+
+def test_four_bit_weights_are_stored_as_int4_behind_a_cast_and_match_qdq():
+    data = gaussian_feeds(seed=12)
+    ort_cpu, qdq, _, result = lowered_pair(lambda: ln_qkv(np.random.default_rng(13)), data, wbits=4, abits=8)
+    assert result.modified and ort_cpu.graph.opset_imports[""] >= 21
+    fused = fused_nodes(ort_cpu)
+    for node in fused:
+        cast = node.inputs[1].producer()
+        assert cast.op_type == "Cast" and cast.inputs[0].const_value.dtype == ir.DataType.INT4
+    onnx.checker.check_model(ir.to_proto(ort_cpu))
+    assert_within_one_step(ort_cpu, qdq, data, [accumulator_step(node) for node in fused])

@@ -46,7 +46,9 @@ def test_annotations_on_a_matching_graph(mlp_and_data):
     assert fc2[1].axis == 0  # Gemm transB: out channels are the rows of w2
     np.testing.assert_allclose(fc2[1].scale, np.abs(w2).max(axis=1) / 127, rtol=1e-6)
     relu = np.maximum(x @ w1 + b1, 0)
-    np.testing.assert_allclose(fc2[0].scale, relu.max() / 127, rtol=1e-5)
+    # The Relu output never goes below 0: an unsigned [0, max] grid with zero point 0.
+    assert not fc2[0].signed and int(fc2[0].zero_point) == 0 and fc2[0].qmax == 255
+    np.testing.assert_allclose(fc2[0].scale, relu.max() / 255, rtol=1e-5)
     assert 2 not in fc2  # the bias stays float
 
     decision = named["fc1"].meta[DECISION_KEY]
@@ -124,9 +126,9 @@ def test_activation_that_is_also_a_graph_output_keeps_its_values():
     np.testing.assert_array_equal(h, np.maximum(x, 0))  # the graph output is the float tensor, untouched
     # ...while the MatMul reads its fake-quantized form.
     h_all = np.maximum(np.concatenate([feed["x"] for feed in data]), 0)
-    a_scale = np.float32(h_all.max()) / np.float32(127)
+    a_scale = np.float32(h_all.max()) / np.float32(255)  # a Relu output: unsigned grid
     w_scale = (np.abs(w).max(axis=0) / np.float32(127)).astype(np.float32)
-    h_q = np.clip(np.rint(np.maximum(x, 0) / a_scale), -128, 127) * a_scale
+    h_q = np.clip(np.rint(np.maximum(x, 0) / a_scale), 0, 255) * a_scale
     w_q = np.clip(np.rint(w / w_scale), -127, 127) * w_scale
     np.testing.assert_allclose(y, h_q @ w_q, rtol=1e-5, atol=1e-5)
     assert np.abs(y - np.maximum(x, 0) @ w).max() > 1e-4  # and it really is quantized
@@ -206,7 +208,7 @@ def test_percentile_gives_a_smaller_scale_than_minmax_on_heavy_tails():
         {"wbits": 9},
         {"wbits": 1},
         {"abits": 9},
-        {"abits": 0},
+        {"abits": -1},
         {"overrides": [NodeOverride("fc1", {"wbits": 16})]},
         {"overrides": [NodeOverride("fc1", {"abits": 1})]},
     ],

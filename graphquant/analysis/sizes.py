@@ -1,0 +1,35 @@
+"""Bytes of the stored tensors each layer reads: its weights, scales and codes, through any dequantizing ops."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+
+def constant_cones(graph: ir.Graph) -> dict[str, set[str]]:
+    """For each value computed from initializers alone, the names of the initializers it is computed from."""
+    cones: dict[str, set[str]] = {name: {name} for name, value in graph.initializers.items() if value.const_value}
+    for node in graph:  # topological order: a node's inputs are settled before it
+        inputs = [value for value in node.inputs if value is not None]
+        if inputs and all((value.name or "") in cones for value in inputs):
+            cone = set().union(*(cones[value.name or ""] for value in inputs))
+            cones.update({output.name or "": cone for output in node.outputs})
+    return cones
+
+
+def layer_bytes(model: ir.Model, layer_names: set[str]) -> dict[str, int]:
+    """Bytes of the initializers that feed each named node, directly or through constant-only ops (DQ, lookups)."""
+    graph = model.graph
+    cones = constant_cones(graph)
+    sizes: dict[str, int] = {}
+    for node in graph:
+        if node.name not in layer_names:
+            continue
+        sources = set().union(*(cones.get(value.name or "", set()) for value in node.inputs if value is not None))
+        sizes[node.name or ""] = sum(_nbytes(graph.initializers[name]) for name in sources)
+    return sizes
+
+
+def _nbytes(value: ir.Value) -> int:
+    """Stored bytes of an initializer (packed 4-bit types count half a byte per element)."""
+    tensor = value.const_value
+    return 0 if tensor is None else tensor.nbytes

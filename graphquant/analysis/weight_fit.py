@@ -1,0 +1,130 @@
+"""Weight grids: per-channel or block-wise, symmetric or asymmetric, with an output-aware clipping search (RTN)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from graphquant.analysis.layers import Layer
+from graphquant.quant_spec import QuantSpec, asymmetric_spec, symmetric_spec
+
+# Clip ratios tried per channel or block: the range is shrunk to ratio x (min, max).
+CLIP_RATIOS = np.linspace(1.0, 0.5, 21)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightScheme:
+    """How a weight is gridded: bits, symmetric or not, block size along the input channels (None = per channel)."""
+
+    bits: int
+    symmetric: bool = True
+    block_size: int | None = None
+    clip_search: bool = False
+
+    def describe(self, layer: Layer) -> str:
+        """A short label such as 'W4 asym block 32 clip-searched' (symmetric is the unmarked default)."""
+        granularity = f"block {self.block_size}" if self.blocked(layer) else "per-channel"
+        if layer.out_axis is None:
+            granularity = "per-tensor (grouped ConvTranspose: one DequantizeLinear axis cannot follow its channels)"
+        label = f"W{self.bits}{'' if self.symmetric else ' asym'} {granularity}"
+        return label + (" clip-searched" if self.clip_search else "")
+
+    def blocked(self, layer: Layer) -> bool:
+        """Whether this layer gets blocks (2-D weights only; Conv stays per output channel)."""
+        return self.block_size is not None and layer.weight_array.ndim == 2
+
+
+def in_major(layer: Layer) -> np.ndarray:
+    """The weight as [rows along the input channels, output channels] float64 (Conv: C_in*kh*kw rows).
+
+    A per-tensor weight (out_axis None, e.g. a grouped ConvTranspose) is one column.
+    """
+    weight = layer.weight_array.astype(np.float64)
+    if layer.out_axis is None:
+        return weight.reshape(-1, 1)
+    if weight.ndim == 2:
+        return weight if layer.in_axis == 0 else weight.T
+    return np.moveaxis(weight, layer.out_axis, 0).reshape(weight.shape[layer.out_axis], -1).T
+
+
+def row_energy(layer: Layer, channel_mean_square: np.ndarray | None) -> np.ndarray:
+    """E[x_j^2] for each row of in_major(layer) as a column vector; uniform without calibration and for Conv."""
+    rows = in_major(layer).shape[0]
+    if channel_mean_square is None or layer.weight_array.ndim != 2:
+        return np.ones((rows, 1))
+    return np.maximum(np.asarray(channel_mean_square, np.float64), 0.0)[:, None]
+
+
+def block_rows(layer: Layer, scheme: WeightScheme) -> int:
+    """Rows of in_major(layer) per block: the block size, or all rows for per-channel grids."""
+    return scheme.block_size if scheme.block_size is not None and scheme.blocked(layer) else in_major(layer).shape[0]
+
+
+def fit_weight_spec(layer: Layer, scheme: WeightScheme, energy: np.ndarray) -> QuantSpec:
+    """The spec for the layer's weight, in the weight's own layout, fitted to in_major(layer)."""
+    low, high = fit_ranges(
+        in_major(layer), energy, scheme.bits, scheme.symmetric, block_rows(layer, scheme), scheme.clip_search
+    )
+    return spec_from_ranges(layer, scheme, low, high)
+
+
+def spec_from_ranges(layer: Layer, scheme: WeightScheme, low: np.ndarray, high: np.ndarray) -> QuantSpec:
+    """The spec of per-(block, column) ranges [blocks, N] of in_major(layer), laid out along the weight's axes."""
+    block_size = block_rows(layer, scheme) if scheme.blocked(layer) else None
+    if block_size is None:
+        low, high, axis = low[0], high[0], layer.out_axis
+        if axis is None:  # a per-tensor weight is one column of in_major(layer)
+            low, high = low.reshape(()), high.reshape(())
+    elif layer.in_axis == 0:
+        axis = 0
+    else:
+        low, high, axis = low.T, high.T, 1
+    if scheme.symmetric:
+        return symmetric_spec(np.maximum(-low, high), scheme.bits, axis=axis, block_size=block_size)
+    return asymmetric_spec(low, high, scheme.bits, axis=axis, block_size=block_size)
+
+
+def fit_ranges(
+    matrix: np.ndarray, energy: np.ndarray, bits: int, symmetric: bool, block: int, clip_search: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per block of ``block`` rows and per column, the (low, high) range minimizing sum_j E[x_j^2]·(w - q(w))^2."""
+    blocks = _blocked(matrix, block)
+    weights = _blocked(np.broadcast_to(energy, (matrix.shape[0], 1)), block)
+    low = np.minimum(blocks.min(axis=1), 0.0)
+    high = np.maximum(blocks.max(axis=1), 0.0)
+    if symmetric:
+        high = np.maximum(-low, high)
+        low = -high
+    if not clip_search:
+        return low, high
+    best_error, best_low, best_high = np.full(low.shape, np.inf), low, high
+    for ratio in CLIP_RATIOS:
+        rounded = round_trip(blocks, low[:, None, :] * ratio, high[:, None, :] * ratio, bits, symmetric)
+        error = np.sum(weights * (blocks - rounded) ** 2, axis=1)
+        better = error < best_error
+        best_error = np.where(better, error, best_error)
+        best_low = np.where(better, low * ratio, best_low)
+        best_high = np.where(better, high * ratio, best_high)
+    return best_low, best_high
+
+
+def round_trip(values: np.ndarray, low: np.ndarray, high: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
+    """Quantize and dequantize ``values`` on the grid of the range [low, high] (broadcast against ``values``)."""
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        step = np.maximum(high, 1e-30) / qmax
+        return np.clip(np.rint(values / step), -qmax, qmax) * step
+    qmax = 2**bits - 1
+    step = np.maximum(high - low, 1e-30) / qmax
+    zero_point = np.clip(np.rint(-low / step), 0, qmax)
+    return (np.clip(np.rint(values / step) + zero_point, 0, qmax) - zero_point) * step
+
+
+def _blocked(matrix: np.ndarray, block: int) -> np.ndarray:
+    """[rows, columns] -> [blocks, block, columns], zero-padding the last block."""
+    rows, columns = matrix.shape
+    count = -(-rows // block)
+    padded = np.zeros((count * block, columns), dtype=np.float64)
+    padded[:rows] = matrix
+    return padded.reshape(count, block, columns)

@@ -1,0 +1,110 @@
+"""GPTQ rounding against plain rounding on the same grids, in numpy and through QuantizePass in onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from builders import build, run
+from graphquant.analysis.calibration import Calibrator
+from graphquant.analysis.gptq import gptq_round
+from graphquant.analysis.weight_fit import fit_ranges, round_trip
+from graphquant.lowering.qdq import QdqLoweringPass
+from graphquant.passes.quantize import QuantizePass
+
+F32 = np.float32
+
+
+def correlated_inputs(rng: np.random.Generator, rows: int, channels: int) -> np.ndarray:
+    """Activations whose channels are strongly correlated (the case GPTQ exploits)."""
+    mixing = rng.standard_normal((channels, channels)) * 0.3 + np.eye(channels)
+    return (
+        rng.standard_normal((rows, 8)) @ rng.standard_normal((8, channels))
+        + rng.standard_normal((rows, channels)) @ mixing
+    )
+
+
+def output_error(x: np.ndarray, weight: np.ndarray, rounded: np.ndarray) -> float:
+    return float(np.sum((x @ weight - x @ rounded) ** 2))
+
+
+@pytest.mark.parametrize(("bits", "symmetric", "block"), [(3, True, 16), (4, False, 16), (3, False, 64)])
+def test_gptq_lowers_the_output_error_below_plain_rounding(bits, symmetric, block):
+    rng = np.random.default_rng(1)
+    x = correlated_inputs(rng, 512, 64)
+    weight = rng.standard_normal((64, 24))
+    rounded, lows, highs = gptq_round(weight, x.T @ x, bits, symmetric, block, clip_search=False)
+    assert lows.shape == highs.shape == (64 // block, 24)
+    low, high = fit_ranges(weight, np.ones((64, 1)), bits, symmetric, block, clip_search=False)
+    plain = round_trip(weight.reshape(-1, block, 24), low[:, None], high[:, None], bits, symmetric).reshape(64, 24)
+    assert output_error(x, weight, rounded) < 0.7 * output_error(x, weight, plain)
+
+
+def test_gptq_values_lie_on_the_grids_it_returns():
+    rng = np.random.default_rng(2)
+    x = correlated_inputs(rng, 256, 48)
+    rounded, lows, highs = gptq_round(rng.standard_normal((48, 8)), x.T @ x, 4, False, 16, clip_search=True)
+    blocks = rounded.reshape(3, 16, 8)
+    np.testing.assert_allclose(round_trip(blocks, lows[:, None], highs[:, None], 4, False), blocks, atol=1e-12)
+
+
+def test_uncorrelated_equal_energy_inputs_make_gptq_plain_rounding():
+    """With X^T X = c·I the inverse Hessian is diagonal: no error moves, so GPTQ rounds like RTN."""
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((32, 8))
+    rounded, _, _ = gptq_round(weight, 5.0 * np.eye(32), 4, True, 8, clip_search=False)
+    low, high = fit_ranges(weight, np.ones((32, 1)), 4, True, 8, clip_search=False)
+    expected = round_trip(weight.reshape(4, 8, 8), low[:, None], high[:, None], 4, True).reshape(32, 8)
+    np.testing.assert_allclose(rounded, expected, atol=1e-12)
+
+
+def test_channels_that_never_fire_get_zero_weights():
+    rng = np.random.default_rng(4)
+    x = correlated_inputs(rng, 128, 16)
+    x[:, 5] = 0.0
+    rounded, _, _ = gptq_round(rng.standard_normal((16, 4)), x.T @ x, 4, True, 16, clip_search=False)
+    np.testing.assert_array_equal(rounded[5], 0.0)
+
+
+TWO_LAYERS = """
+<ir_version: 8, opset_import: ["" : 17]>
+two (float[N, 64] x) => (float[N, 32] y, float[N, 16] z) {
+  [fc1] y = MatMul(x, w1)
+  [fc2] z = Gemm<transB: int = 1>(x, w2)
+}
+"""
+
+
+def test_gptq_through_quantize_beats_rtn_in_onnxruntime():
+    rng = np.random.default_rng(5)
+    w1, w2 = rng.standard_normal((64, 32)).astype(F32), rng.standard_normal((16, 64)).astype(F32)
+    reference = build(TWO_LAYERS, {"w1": w1, "w2": w2})
+    data = [{"x": rows} for rows in np.split(correlated_inputs(rng, 512, 64).astype(F32), 4)]
+    errors = {}
+    for gptq in (False, True):
+        model = reference.clone()
+        calibrator = Calibrator.for_model(model, data, show_progress=False)
+        QuantizePass(calibrator, wbits=3, abits=0, block_size=16, weight_symmetric=False, gptq=gptq)(model)
+        schemes = [node.meta["graphquant.decision"].scheme for node in model.graph]
+        QdqLoweringPass()(model)
+        errors[gptq] = [
+            sum(float(np.sum((expected - got) ** 2)) for expected, got in zip(run(reference, f), run(model, f)))
+            for f in data
+        ]
+    assert schemes == ["W3 asym block 16 GPTQ"] * 2
+    assert sum(errors[True]) < 0.7 * sum(errors[False])
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_spec_reproduces_the_gptq_weights_exactly(symmetric):
+    """Lowering re-quantizes the weight with the spec: it must give back GPTQ's values, not round them again."""
+    rng = np.random.default_rng(6)
+    w1, w2 = rng.standard_normal((64, 32)).astype(F32), rng.standard_normal((16, 64)).astype(F32)
+    model = build(TWO_LAYERS, {"w1": w1, "w2": w2})
+    data = [{"x": rows} for rows in np.split(correlated_inputs(rng, 256, 64).astype(F32), 2)]
+    calibrator = Calibrator.for_model(model, data, show_progress=False)
+    QuantizePass(calibrator, wbits=3, abits=0, block_size=16, weight_symmetric=symmetric, gptq=True)(model)
+    for node in model.graph:
+        layer_weight = node.inputs[1].const_value.numpy()
+        spec = node.meta["graphquant.input_specs"][1]
+        np.testing.assert_array_equal(spec.dequantize(spec.quantize(layer_weight)), layer_weight)

@@ -1,0 +1,138 @@
+"""Weight grids (per-channel, blocks, asymmetric, clip search) against numpy references and onnxruntime."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from builders import build, run
+from graphquant.analysis.calibration import Calibrator
+from graphquant.analysis.layers import Layer, classify
+from graphquant.analysis.weight_fit import WeightScheme, fit_ranges, fit_weight_spec, in_major, round_trip, row_energy
+from graphquant.lowering.qdq import QdqLoweringPass
+from graphquant.passes.quantize import QuantizePass
+
+F32 = np.float32
+
+HEAVY = """
+<ir_version: 8, opset_import: ["" : 17]>
+heavy (float[N, 70] x) => (float[N, 32] y, float[N, 32] z) {
+  [fc] y = MatMul(x, w)
+  [fc_t] z = Gemm<transB: int = 1>(x, wt)
+}
+"""
+
+
+def heavy_tailed_model(rng: np.random.Generator, rows: int = 70) -> ir.Model:
+    """A MatMul and a Gemm(transB) reading the same Laplace-distributed weight (heavier tails than a Gaussian)."""
+    w = (rng.laplace(size=(rows, 32)) * 0.1).astype(F32)
+    return build(HEAVY.replace("70", str(rows)), {"w": w, "wt": np.ascontiguousarray(w.T)})
+
+
+def layers_of(model: ir.Model) -> list[Layer]:
+    layers = [classify(node).layer for node in model.graph]
+    assert all(layer is not None for layer in layers)
+    return layers  # type: ignore[return-value]
+
+
+def weighted_error(matrix: np.ndarray, rounded: np.ndarray, energy: np.ndarray) -> np.ndarray:
+    return np.sum(energy * (matrix - rounded) ** 2, axis=0)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6, 8])
+def test_clip_search_stays_inside_the_range_and_lowers_the_weighted_error(bits):
+    rng = np.random.default_rng(4)
+    matrix = in_major(layers_of(heavy_tailed_model(rng, rows=128))[0])
+    energy = rng.uniform(0.5, 2.0, (128, 1))
+    absmax = np.abs(matrix).max(axis=0)
+    low, high = fit_ranges(matrix, energy, bits, True, 128, clip_search=True)
+    assert high.shape == (1, 32)
+    np.testing.assert_array_equal(low, -high)
+    assert np.all(high[0] <= absmax) and np.all(high[0] >= 0.5 * absmax - 1e-12)
+    clipped = weighted_error(matrix, round_trip(matrix, low, high, bits, True), energy)
+    unclipped = weighted_error(matrix, round_trip(matrix, -absmax, absmax, bits, True), energy)
+    assert np.all(clipped <= unclipped)
+    if bits <= 4:
+        assert clipped.sum() < 0.85 * unclipped.sum()  # heavy tails: clipping pays off clearly at low bits
+
+
+def test_no_clipping_for_uniform_weights_at_eight_bits():
+    """Weights spread evenly up to their max leave clipping nothing to win at 8 bits."""
+    rng = np.random.default_rng(6)
+    matrix = rng.uniform(-1, 1, (128, 32))
+    matrix[0] = 1.0
+    _, high = fit_ranges(matrix, np.ones((128, 1)), 8, True, 128, clip_search=True)
+    assert np.mean(high >= 0.95) > 0.8
+
+
+def test_asymmetric_grid_beats_symmetric_on_one_sided_weights():
+    rng = np.random.default_rng(7)
+    matrix = rng.uniform(0.2, 1.0, (64, 16))
+    energy = np.ones((64, 1))
+    errors = {}
+    for symmetric in (True, False):
+        low, high = fit_ranges(matrix, energy, 4, symmetric, 64, clip_search=False)
+        errors[symmetric] = weighted_error(matrix, round_trip(matrix, low, high, 4, symmetric), energy).sum()
+    # the symmetric grid spends half its codes on negative values no weight takes
+    assert errors[False] < 0.3 * errors[True]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_blocked_spec_layout_matches_onnx_blocked_dequantize_for_matmul_and_gemm_transb(symmetric):
+    rng = np.random.default_rng(8)
+    matmul, gemm = layers_of(heavy_tailed_model(rng))  # 70 input channels: blocks of 32, 32 and a padded 6
+    scheme = WeightScheme(bits=4, symmetric=symmetric, block_size=32)
+    specs = [fit_weight_spec(layer, scheme, row_energy(layer, None)) for layer in (matmul, gemm)]
+    assert (specs[0].axis, specs[0].block_size, specs[0].scale.shape) == (0, 32, (3, 32))
+    assert (specs[1].axis, specs[1].block_size, specs[1].scale.shape) == (1, 32, (32, 3))
+    np.testing.assert_array_equal(specs[0].scale, specs[1].scale.T)
+    for layer, spec in zip((matmul, gemm), specs):
+        weight = layer.weight_array
+        error = np.abs(spec.dequantize(spec.quantize(weight)) - weight)
+        # without clipping every weight lies inside its block's grid: rounding error at most half a step
+        assert np.all(error <= spec.expand(spec.scale, weight.shape) / 2 + 1e-6)
+    # each block's range is its own: blocks are finer than one range per column
+    per_channel = fit_weight_spec(matmul, WeightScheme(bits=4, symmetric=symmetric), row_energy(matmul, None))
+    blocked_error = np.abs(specs[0].dequantize(specs[0].quantize(matmul.weight_array)) - matmul.weight_array)
+    channel_error = np.abs(per_channel.dequantize(per_channel.quantize(matmul.weight_array)) - matmul.weight_array)
+    assert blocked_error.mean() < channel_error.mean()
+
+
+def test_conv_weights_stay_per_output_channel_when_blocks_are_asked_for():
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    conv (float[1, 3, 8, 8] x) => (float[1, 4, 6, 6] y) {
+      [c] y = Conv(x, w)
+    }
+    """
+    rng = np.random.default_rng(9)
+    model = build(text, {"w": rng.standard_normal((4, 3, 3, 3)).astype(F32)})
+    layer = layers_of(model)[0]
+    scheme = WeightScheme(bits=4, block_size=32)
+    spec = fit_weight_spec(layer, scheme, row_energy(layer, np.ones(3)))
+    assert (spec.axis, spec.block_size, spec.scale.shape) == (0, None, (4,))
+    np.testing.assert_allclose(spec.scale, np.abs(layer.weight_array).reshape(4, -1).max(axis=1) / 7, rtol=1e-6)
+    assert scheme.describe(layer) == "W4 per-channel"
+
+
+def output_sqnr_db(reference: ir.Model, model: ir.Model, data: list[dict[str, np.ndarray]]) -> float:
+    expected = np.concatenate([run(reference, feed)[0] for feed in data])
+    got = np.concatenate([run(model, feed)[0] for feed in data])
+    return -10 * math.log10(np.sum((expected - got) ** 2) / np.sum(expected**2))
+
+
+def test_clip_search_improves_the_weight_only_model_in_onnxruntime():
+    rng = np.random.default_rng(5)
+    reference = heavy_tailed_model(rng, rows=128)
+    data = [{"x": rng.standard_normal((64, 128)).astype(F32)} for _ in range(2)]
+    sqnr = {}
+    for search in (False, True):
+        model = reference.clone()
+        calibrator = Calibrator.for_model(model, data, show_progress=False)
+        QuantizePass(calibrator, wbits=4, abits=0, weight_clip_search=search)(model)
+        QdqLoweringPass()(model)
+        sqnr[search] = output_sqnr_db(reference, model, data)
+    assert sqnr[True] > sqnr[False] + 0.4
