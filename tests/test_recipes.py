@@ -75,12 +75,13 @@ def test_toml_recipe_builds_the_pipeline_it_describes(tmp_path):
     assert pipeline.describe() == [
         "UpgradeOpsetPass",
         "NameFixPass",
+        "FoldBatchNormPass",
         "QuantizePass",
         "QdqLoweringPass",
         "RemoveUnusedNodesPass",
         "TopologicalSortPass",
     ]
-    quantize = pipeline.passes[2]
+    quantize = pipeline.passes[3]
     assert isinstance(quantize, QuantizePass)
     assert (quantize.defaults.wbits, quantize.defaults.abits) == (4, 8)
     assert (quantize.activation_method, quantize.percentile) == ("percentile", 99.9)
@@ -101,7 +102,7 @@ def test_toml_recipe_builds_the_pipeline_it_describes(tmp_path):
         ('[[passes]]\nname = "quantize"\noptions = { wbitz = 4 }\n', "unknown option 'wbitz'"),
         ('target = "tensorrt-int4"\n[[passes]]\nname = "quantize"\n', "unknown target 'tensorrt-int4'"),
         ('[[passes]\nname = "quantize"\n', "cannot read recipe"),
-        ('[[passes]]\noptions = { wbits = 4 }\n', "malformed"),
+        ("[[passes]]\noptions = { wbits = 4 }\n", "malformed"),
         ('passes = "quantize"\n', "malformed"),
         ('[[passes]]\nname = "quantize"\n[[overrides]]\nwbits = 4\n', "malformed"),
         ('name = "nothing"\n', "lists no passes"),
@@ -199,3 +200,9 @@ def test_pipeline_runs_hand_made_passes_in_order():
 def test_empty_pipeline_is_refused():
     with pytest.raises(ValueError, match="at least one pass"):
         Pipeline([])
+
+
+def test_splitquant_runs_the_weight_only_steps_with_the_same_options():
+    """SplitQuant is compared with weight-only at equal options: only the split-quant step differs."""
+    weight_only, splitquant = Recipe.named("weight-only"), Recipe.named("splitquant")
+    assert [step for step in splitquant.steps if step.name != "split-quant"] == list(weight_only.steps)

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import onnx_ir as ir
+from onnx_ir.passes.common import ClearMetadataAndDocStringPass
 
+from graphquant.passes.bitmod import BitModPass
+from graphquant.passes.fold_batchnorm import FoldBatchNormPass
+from graphquant.passes.ocs import OcsPass
 from graphquant.passes.outlier_decompose import OutlierDecomposePass
 from graphquant.passes.preexecute_dequant import PreexecuteDequantPass
 from graphquant.passes.quantize import QuantizePass
+from graphquant.passes.quantize_embeddings import QuantizeEmbeddingsPass
+from graphquant.passes.split_quant import SplitQuantPass
 from graphquant.passes.symmetrize import SymmetrizePass
 from graphquant.passes.upgrade_opset import UpgradeOpsetPass
 
@@ -14,15 +20,27 @@ PASSES: dict[str, type[ir.passes.PassBase]] = {
     "symmetrize": SymmetrizePass,
     "preexecute-dequant": PreexecuteDequantPass,
     "outlier-decompose": OutlierDecomposePass,
+    "ocs": OcsPass,
+    "split-quant": SplitQuantPass,
     "quantize": QuantizePass,
+    "quantize-embeddings": QuantizeEmbeddingsPass,
     "upgrade-opset": UpgradeOpsetPass,
+    # onnx_ir's: drops per-node metadata and doc strings (exporter stack traces), which deployment does not need.
+    "clear-metadata": ClearMetadataAndDocStringPass,
+    "fold-batchnorm": FoldBatchNormPass,
+    "bitmod": BitModPass,
 }
 
 __all__ = [
     "PASSES",
+    "BitModPass",
+    "FoldBatchNormPass",
+    "OcsPass",
     "OutlierDecomposePass",
     "PreexecuteDequantPass",
+    "QuantizeEmbeddingsPass",
     "QuantizePass",
+    "SplitQuantPass",
     "SymmetrizePass",
     "UpgradeOpsetPass",
 ]
