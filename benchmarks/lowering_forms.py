@@ -163,11 +163,7 @@ def form_float(layer: Layer) -> Built:
 
 
 def form_dynamic(layer: Layer) -> Built:
-    nodes = [
-        helper.make_node(
-            "DynamicQuantizeMatMul", ["X", "Wq", "w_scale", "", "B"], ["Y"], domain=MICROSOFT
-        )
-    ]
+    nodes = [helper.make_node("DynamicQuantizeMatMul", ["X", "Wq", "w_scale", "", "B"], ["Y"], domain=MICROSOFT)]
     inits = {"Wq": layer.w_codes, "w_scale": layer.w_scale, "B": layer.b}
     return Built(build_model(layer, nodes, inits), layer.x)
 

@@ -20,8 +20,10 @@ def main() -> int:
     """Run each recipe on both targets, save the outputs, and print one table row per run."""
     OUT.mkdir(exist_ok=True)
     model = graphquant.load(MODEL)
-    print(f"model: {MODEL.name} (planted activation outlier channels); calibration: {CALIBRATION.name}; "
-          f"validation: {HELD_OUT.name} (held out)\n")
+    print(
+        f"model: {MODEL.name} (planted activation outlier channels); calibration: {CALIBRATION.name}; "
+        f"validation: {HELD_OUT.name} (held out)\n"
+    )
     print("| recipe | target | layers quantized | output cosine | output SQNR (dB) | worst layer SQNR (dB) | size |")
     print("|---|---|---|---|---|---|---|")
     for recipe in preset_names():

@@ -51,12 +51,12 @@ def _embeddings(helpers: object, path: Path, batches: list[dict[str, np.ndarray]
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return np.concatenate(
-        [helpers.mean_pool(session.run(None, feed)[0], feed["attention_mask"]) for feed in batches]
-    )
+    return np.concatenate([helpers.mean_pool(session.run(None, feed)[0], feed["attention_mask"]) for feed in batches])
 
 
-@pytest.mark.parametrize(("recipe", "target", "minimum_cosine"), [("w8a8", "qdq", 0.95), ("outliertune", "ort-cpu", 0.99)])
+@pytest.mark.parametrize(
+    ("recipe", "target", "minimum_cosine"), [("w8a8", "qdq", 0.95), ("outliertune", "ort-cpu", 0.99)]
+)
 def test_minilm_quantizes_and_stays_close_to_fp32(
     minilm: tuple[Path, object], tmp_path: Path, recipe: str, target: str, minimum_cosine: float
 ) -> None:

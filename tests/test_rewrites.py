@@ -390,7 +390,9 @@ def test_route_channels_to_float_is_exact_with_the_channels_zeroed_on_the_int_pa
     route_channels_to_float(model.graph, names, value(model, "h"), layers, channels)
     scale = np.ones(16, F32)
     scale[channels] = 0.0
-    apply_channel_affine(model.graph, names, value(model, "h"), [item.node for item in layers], scale, np.zeros(16, F32))
+    apply_channel_affine(
+        model.graph, names, value(model, "h"), [item.node for item in layers], scale, np.zeros(16, F32)
+    )
     assert ops(model).count("Gather") == 1 and ops(model).count("MatMul") == 6
     assert [v.name for v in model.graph.outputs] == ["y", "z", "g"]
     assert model.graph.outputs[1].producer().inputs[0].producer() is by_name(model)["biased_add"]  # after the bias
@@ -457,5 +459,7 @@ def test_relu_fold_is_refused_for_a_negative_scale_or_an_offset():
     rng = np.random.default_rng(6)
     for scale, offset in ((-np.ones(8, F32), np.zeros(8, F32)), (np.ones(8, F32) * 2, np.ones(8, F32))):
         model = build(RELU_CHAIN, {"w1": weights(rng, 16, 8), "b1": weights(rng, 8), "w2": weights(rng, 8, 4)})
-        _, how = apply_channel_affine(model.graph, NameScope(model.graph), value(model, "r"), [by_name(model)["fc2"]], scale, offset)
+        _, how = apply_channel_affine(
+            model.graph, NameScope(model.graph), value(model, "r"), [by_name(model)["fc2"]], scale, offset
+        )
         assert how == "Mul/Add on the quantized branch"

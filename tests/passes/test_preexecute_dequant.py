@@ -140,7 +140,9 @@ def test_forced_float_routing_adds_a_gather_and_a_float_matmul_per_layer(method)
     model = ln_qkv(np.random.default_rng(15))
     reference = model.clone()
     originals = {name: initializer(model, name) for name in ("wq", "wk", "wv")}
-    routed = PreexecuteDequantPass(calibrator(model), method=method, float_channels=2, float_route_below_db=1000, max_float_fraction=0.5)
+    routed = PreexecuteDequantPass(
+        calibrator(model), method=method, float_channels=2, float_route_below_db=1000, max_float_fraction=0.5
+    )
     assert routed(model).modified
     assert ops(model).count("Gather") == 1
     assert ops(model).count("MatMul") == 6  # three integer-path layers, three float-path MatMuls

@@ -69,8 +69,6 @@ def test_exclusive_layer_norm_takes_the_shift_in_beta_and_the_biases_take_z_time
     assert_same_outputs(reference, model, HELD_OUT)
 
 
-
-
 def test_layer_norm_that_also_feeds_a_residual_is_cloned_and_the_residual_keeps_original_values():
     model = post_ln(np.random.default_rng(1))
     gamma, beta = initializer(model, "ln_gamma"), initializer(model, "ln_beta")
@@ -91,8 +89,6 @@ def test_layer_norm_that_also_feeds_a_residual_is_cloned_and_the_residual_keeps_
     assert_same_outputs(reference, model, HELD_OUT)
 
 
-
-
 def test_gemm_trans_b_with_and_without_c():
     model = ln_gemms(np.random.default_rng(2))
     w1, c1, w2 = initializer(model, "w1"), initializer(model, "c1"), initializer(model, "w2")
@@ -105,9 +101,6 @@ def test_gemm_trans_b_with_and_without_c():
     np.testing.assert_allclose(nodes["with_c"].inputs[2].const_value.numpy(), c1 + w1 @ shift, rtol=1e-5, atol=1e-5)
     assert ops(model) == ["LayerNormalization", "Gemm", "Gemm"]
     assert_same_outputs(reference, model, HELD_OUT)
-
-
-
 
 
 def test_graph_input_gets_an_add_branch_and_a_new_bias_add_keeps_the_output_name():
@@ -129,8 +122,6 @@ def test_graph_input_gets_an_add_branch_and_a_new_bias_add_keeps_the_output_name
     expected_bias = shift.astype(np.float64) @ w
     np.testing.assert_allclose(bias_add.inputs[1].const_value.numpy(), expected_bias, rtol=1e-5, atol=1e-4)
     assert_same_outputs(reference, model, outlier_feeds(31, batches=2))
-
-
 
 
 def test_activations_that_are_graph_outputs_keep_their_values():
