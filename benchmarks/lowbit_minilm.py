@@ -9,7 +9,6 @@ model timed in one interleaved run. Writes the models and a markdown table under
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import minilm_common as common  # noqa: E402
-from outliertune_minilm import ORT_DYNAMIC, Row, evaluate, graphquant_rows, log, run_ort, table  # noqa: E402
+from outliertune_minilm import (  # noqa: E402
+    ORT_DYNAMIC,
+    Row,
+    evaluate,
+    graphquant_rows,
+    log,
+    parse_args,
+    run_ort,
+    table,
+)
 
 ORT = {"target": "ort-cpu"}
 
@@ -54,17 +62,9 @@ def ort_nbits_row(fp32: Path, out: Path) -> Row:
     return run_ort(ORT_NBITS, out, build)
 
 
-def parse_args() -> argparse.Namespace:
-    """Command-line arguments."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer latency rounds and repeats")
-    parser.add_argument("--out", type=Path, default=common.DEFAULT_OUT, help="output folder (default benchmarks/out)")
-    return parser.parse_args()
-
-
 def main() -> None:
     """Build every model, evaluate, time, print and write the table."""
-    args = parse_args()
+    args = parse_args(__doc__)
     import onnxruntime
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

@@ -6,10 +6,10 @@ import numpy as np
 import onnx_ir as ir
 
 from graphquant.analysis.layers import Layer, classify
-from graphquant.graph_edit import NameScope, add_initializer, remove_if_unused
-from graphquant.lowering.ort_cpu import MICROSOFT_DOMAIN, fused_bias
+from graphquant.graph_edit import NameScope, add_initializer
+from graphquant.lowering.ort_cpu import MICROSOFT_DOMAIN, fused_bias, swap_in_fused
 from graphquant.lowering.qlinear import plain_gemm
-from graphquant.quant_spec import DECISION_KEY, INPUT_SPECS_KEY, QuantSpec
+from graphquant.quant_spec import INPUT_SPECS_KEY, QuantSpec
 
 # MatMulNBits packs codes of these widths; other widths go into the next wider container with the same grid.
 CONTAINER_BITS = (2, 4, 8)
@@ -137,16 +137,4 @@ def _replace(graph: ir.Graph, names: NameScope, layer: Layer, accuracy_level: in
     activation_specs = {0: specs[layer.activation_index]} if layer.activation_index in specs else {}
     if activation_specs:
         fused.meta[INPUT_SPECS_KEY] = activation_specs
-    if DECISION_KEY in node.meta:
-        fused.meta[DECISION_KEY] = node.meta[DECISION_KEY]
-    old_output = replaced[-1].outputs[0]
-    fused.outputs[0].type = old_output.type
-    fused.outputs[0].shape = old_output.shape
-    graph.insert_after(replaced[-1], fused)
-    old_output.replace_all_uses_with(fused.outputs[0], replace_graph_outputs=True)
-    output_name = old_output.name
-    old_inputs = [value for replaced_node in replaced for value in replaced_node.inputs if value is not None]
-    graph.remove(list(reversed(replaced)), safe=True)
-    fused.outputs[0].name = output_name
-    for value in old_inputs:
-        remove_if_unused(graph, value)
+    swap_in_fused(graph, replaced, fused)

@@ -91,18 +91,24 @@ def _replace_layer(
     if bias is not None:
         inputs.append(add_initializer(graph, names, f"{node.name or 'layer'}_bias", bias))
     fused = ir.node("MatMulIntegerToFloat", inputs, domain=MICROSOFT_DOMAIN, name=node.name, doc_string=node.doc_string)
-    if DECISION_KEY in node.meta:
-        fused.meta[DECISION_KEY] = node.meta[DECISION_KEY]
+    swap_in_fused(graph, replaced, fused)
+
+
+def swap_in_fused(graph: ir.Graph, replaced: list[ir.Node], fused: ir.Node) -> None:
+    """Put ``fused`` in place of the layer (and its bias Add): it takes the output's name, readers and decision."""
+    if DECISION_KEY in replaced[0].meta:
+        fused.meta[DECISION_KEY] = replaced[0].meta[DECISION_KEY]
     old_output = replaced[-1].outputs[0]
     fused.outputs[0].type = old_output.type
     fused.outputs[0].shape = old_output.shape
     graph.insert_after(replaced[-1], fused)
     old_output.replace_all_uses_with(fused.outputs[0], replace_graph_outputs=True)
     output_name = old_output.name
-    old_weight = layer.weight
+    old_inputs = [value for node in replaced for value in node.inputs if value is not None]
     graph.remove(list(reversed(replaced)), safe=True)
     fused.outputs[0].name = output_name
-    remove_if_unused(graph, old_weight)
+    for value in old_inputs:
+        remove_if_unused(graph, value)
 
 
 def fused_bias(node: ir.Node, columns: int) -> tuple[np.ndarray | None, list[ir.Node]]:
