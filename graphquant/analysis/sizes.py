@@ -7,7 +7,7 @@ import onnx_ir as ir
 
 def constant_cones(graph: ir.Graph) -> dict[str, set[str]]:
     """For each value computed from initializers alone, the names of the initializers it is computed from."""
-    cones: dict[str, set[str]] = {name: {name} for name, value in graph.initializers.items() if value.const_value}
+    cones = {name: {name} for name, value in graph.initializers.items() if value.const_value is not None}
     for node in graph:  # topological order: a node's inputs are settled before it
         inputs = [value for value in node.inputs if value is not None]
         if inputs and all((value.name or "") in cones for value in inputs):
