@@ -413,7 +413,9 @@ fallback (float[N, 16] x) => (float[N, 8] a, float[N, 8] b, float[2, N, 8] c, fl
 """
 
 
-def test_layers_that_cannot_be_quantized_stay_float_with_a_reason():
+@pytest.mark.parametrize("recipe", ["w8a8", "outliertune"])
+def test_layers_that_cannot_be_quantized_stay_float_with_a_reason(recipe):
+    """Also under scale migration: the NaN/Inf layers share x with the good one, and must keep reading the original."""
     generator = rng()
     w_nan = weights(generator, 16, 8)
     w_nan[3, 2] = np.nan
@@ -432,9 +434,9 @@ def test_layers_that_cannot_be_quantized_stay_float_with_a_reason():
     proto.graph.node.insert(0, oh.make_node("Cast", ["w_half"], ["w_half_cast"], to=FLOAT))
     model = ir.serde.deserialize_model(proto)
     data = [{"x": gaussian((8, 16), seed)} for seed in range(3)]
-    result = graphquant.optimize(model, calibration=data, show_progress=False)
+    result = graphquant.optimize(model, recipe, calibration=data, show_progress=False)
     found = statuses(result)
-    assert found["good"] == ("quantized", "")
+    assert found["good"][0] == "quantized"
     assert found["rank3"][0] == "float" and "rank 3" in found["rank3"][1]
     assert found["half"][0] == "float" and found["half"][1]
     for name in ("nan_weight", "inf_weight"):
@@ -443,7 +445,11 @@ def test_layers_that_cannot_be_quantized_stay_float_with_a_reason():
     expected, got = run(model, feed), run(result.model, feed)
     for index in (1, 2, 3, 4):
         np.testing.assert_array_equal(got[index], expected[index])
-    assert cosine(expected[0], got[0]) > 0.99
+    assert cosine(expected[0], got[0]) > GOOD_LAYER_COSINE[recipe]
+
+
+# The good layer's output cosine on this tiny model (3 calibration batches of 8 rows), measured, less a small margin.
+GOOD_LAYER_COSINE = {"w8a8": 0.99, "outliertune": 0.985}
 
 
 def test_float16_and_bfloat16_weights_stay_float():

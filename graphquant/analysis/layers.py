@@ -9,6 +9,8 @@ import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
+from graphquant.quant_spec import KEEP_FLOAT_KEY
+
 QUANTIZABLE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 
 
@@ -171,6 +173,12 @@ def migratable_groups(graph: ir.Graph) -> list[ScaleGroup]:
 
     Conv layers are left out: a channel shift is not exact where a Conv zero-pads its input, and the input axis of a
     grouped Conv weight runs over C_in/group channels, so a per-channel factor cannot be migrated into it row by row.
+    Layers marked to stay float (KEEP_FLOAT_KEY: NaN/Inf weights, float paths) are left out too; the rewrites then
+    treat them as other readers of the activation, which keep its original values.
     """
-    layers = [c.layer for c in candidates(graph) if c.layer is not None and c.node.op_type in ("MatMul", "Gemm")]
+    layers = [
+        c.layer
+        for c in candidates(graph)
+        if c.layer is not None and c.node.op_type in ("MatMul", "Gemm") and KEEP_FLOAT_KEY not in c.node.meta
+    ]
     return scale_groups(layers)

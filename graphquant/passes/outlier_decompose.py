@@ -60,7 +60,9 @@ class OutlierDecomposePass(CalibratedGroupPass):
         added = [sum(cost.added_macs for cost in costs) for _, _, costs in plans]
         gains = [costs[0].gain_db for _, _, costs in plans]
         chosen = affordable(plans, added, gains, self.max_overhead * model_macs)
-        for group, outliers, costs in chosen:
+        # Last group first: the float path's Add takes over a layer's output, which a later group may read as its
+        # activation; rewriting the later group first keeps its activation value current (as in symmetrize).
+        for group, outliers, costs in reversed(chosen):
             if self.mode == "static":
                 _decompose(graph, names, group, outliers)
             else:

@@ -75,7 +75,8 @@ class PreexecuteDequantPass(CalibratedGroupPass):
         graph = model.graph
         names = NameScope(graph)
         modified = False
-        for group, stats in self.pending_groups(model, sample_rows=SAMPLE_ROWS):
+        # Last group first: a float path's Add takes over a layer's output, which a later group may read.
+        for group, stats in reversed(self.pending_groups(model, sample_rows=SAMPLE_ROWS)):
             choice = self._choose(group, stats)
             modified |= self._apply(graph, names, group, choice)
         return ir.passes.PassResult(model, modified=modified)
