@@ -222,30 +222,23 @@ def _insert_branch(
 
 def scale_weight_rows(graph: ir.Graph, names: NameScope, layer: Layer, factors: np.ndarray) -> None:
     """W' = diag(factors)·W along the weight's input-channel axis, as a new initializer."""
-    weight = layer.weight_array
-    shape = [1] * weight.ndim
-    shape[layer.in_axis] = factors.size
-    scaled = (weight * factors.reshape(shape)).astype(weight.dtype)
-    del weight
-    value = add_initializer(graph, names, f"{layer.weight.name or 'weight'}_scaled", scaled)
-    old = layer.weight
-    layer.node.replace_input_with(layer.weight_index, value)
-    remove_if_unused(graph, old)
-    release_mapping(old.const_value)  # drop the pages of a memory-mapped original (it maps again if read)
+    _scale_weight(graph, names, layer, factors, layer.in_axis)
 
 
 def scale_weight_columns(graph: ir.Graph, names: NameScope, layer: Layer, factors: np.ndarray) -> None:
     """W' = W·diag(factors) along the weight's output-channel axis, as a new initializer."""
+    assert layer.out_axis is not None
+    _scale_weight(graph, names, layer, factors, layer.out_axis)
+
+
+def _scale_weight(graph: ir.Graph, names: NameScope, layer: Layer, factors: np.ndarray, axis: int) -> None:
+    """The layer's weight times ``factors`` along ``axis``, as a new initializer."""
     weight = layer.weight_array
     shape = [1] * weight.ndim
-    shape[layer.out_axis] = factors.size
-    scaled = (weight * factors.reshape(shape)).astype(weight.dtype)
+    shape[axis] = factors.size
+    scaled = weight * factors.reshape(shape)
     del weight
-    value = add_initializer(graph, names, f"{layer.weight.name or 'weight'}_scaled", scaled)
-    old = layer.weight
-    layer.node.replace_input_with(layer.weight_index, value)
-    remove_if_unused(graph, old)
-    release_mapping(old.const_value)
+    replace_weight(graph, names, layer, scaled, "scaled")
 
 
 def weight_times(layer: Layer, vector: np.ndarray) -> np.ndarray:
@@ -400,3 +393,4 @@ def replace_weight(graph: ir.Graph, names: NameScope, layer: Layer, array: np.nd
     value = add_initializer(graph, names, f"{old.name or 'weight'}_{suffix}", array.astype(layer.weight_array.dtype))
     layer.node.replace_input_with(layer.weight_index, value)
     remove_if_unused(graph, old)
+    release_mapping(old.const_value)  # drop the pages of a memory-mapped original (it maps again if read)

@@ -8,7 +8,7 @@ import onnx_ir as ir
 from graphquant.analysis.layers import Layer, constant_array
 from graphquant.graph_edit import NameScope, add_initializer, remove_if_unused
 from graphquant.lowering.qdq import INT4_OPSET, upgrade_opset
-from graphquant.lowering.qlinear import QuantizedValue, lowerable_linear, quantize_to_uint8
+from graphquant.lowering.qlinear import QuantizedValue, Uint8Activations, lowerable_linear
 from graphquant.quant_spec import DECISION_KEY, INPUT_SPECS_KEY, QuantSpec
 from graphquant.rewrites import bias_add_of
 
@@ -46,7 +46,7 @@ class OrtCpuLoweringPass(ir.passes.InPlacePass):
         """Replace each lowerable layer (and its bias Add) with one MatMulIntegerToFloat."""
         graph = model.graph
         names = NameScope(graph)
-        quantized_activations: dict[tuple[object, ...], QuantizedValue] = {}
+        activations = Uint8Activations(graph, names)
         modified = False
         int4 = _int4_weights_available(model)
         for node in list(graph):
@@ -54,11 +54,8 @@ class OrtCpuLoweringPass(ir.passes.InPlacePass):
             if layer is None:
                 continue
             specs: dict[int, QuantSpec] = node.meta[INPUT_SPECS_KEY]
-            activation_spec = specs[layer.activation_index]
-            key = (id(layer.activation), *activation_spec.key)
-            if key not in quantized_activations:
-                quantized_activations[key] = quantize_to_uint8(graph, names, layer.activation, activation_spec)
-            _replace_layer(graph, names, layer, specs[layer.weight_index], quantized_activations[key], int4)
+            activation = activations.codes(layer.activation, specs[layer.activation_index])
+            _replace_layer(graph, names, layer, specs[layer.weight_index], activation, int4)
             modified = True
         if modified:
             graph.opset_imports.setdefault(MICROSOFT_DOMAIN, 1)

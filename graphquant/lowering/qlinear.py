@@ -54,6 +54,22 @@ def quantize_to_uint8(graph: ir.Graph, names: NameScope, value: ir.Value, spec: 
     return (codes if clamp is None else clamp.outputs[0]), scale, zero_point
 
 
+class Uint8Activations:
+    """uint8 codes of activations, made once per (tensor, grid) and shared by every layer that reads them."""
+
+    def __init__(self, graph: ir.Graph, names: NameScope):
+        self.graph = graph
+        self.names = names
+        self.made: dict[tuple[object, ...], QuantizedValue] = {}
+
+    def codes(self, value: ir.Value, spec: QuantSpec) -> QuantizedValue:
+        """(codes, scale, zero point) of ``value`` on the spec's grid."""
+        key = (id(value), *spec.key)
+        if key not in self.made:
+            self.made[key] = quantize_to_uint8(self.graph, self.names, value, spec)
+        return self.made[key]
+
+
 def _codes_behind(value: ir.Value, spec: QuantSpec) -> QuantizedValue | None:
     """The uint8 codes, scale and zero point of a per-tensor DequantizeLinear producing ``value`` on this grid."""
     producer = value.producer()

@@ -9,11 +9,11 @@ from graphquant.analysis.layers import Layer, classify, constant_array
 from graphquant.graph_edit import NameScope, add_initializer
 from graphquant.lowering.qlinear import (
     QuantizedValue,
+    Uint8Activations,
     activation_fits,
     dequantized_output,
     output_grid,
     output_spec,
-    quantize_to_uint8,
     replace_output,
     weight_codes,
 )
@@ -33,7 +33,7 @@ class QLinearConvLoweringPass(ir.passes.InPlacePass):
         """Replace each lowerable Conv, in graph order."""
         graph = model.graph
         names = NameScope(graph)
-        quantized: dict[tuple[object, ...], QuantizedValue] = {}
+        activations = Uint8Activations(graph, names)
         modified = False
         for node in list(graph):
             layer = _lowerable_conv(graph, node)
@@ -41,11 +41,8 @@ class QLinearConvLoweringPass(ir.passes.InPlacePass):
             if layer is None or y_spec is None or not activation_fits(y_spec, graph):
                 continue
             specs: dict[int, QuantSpec] = node.meta[INPUT_SPECS_KEY]
-            x_spec = specs[layer.activation_index]
-            key = (id(layer.activation), *x_spec.key)
-            if key not in quantized:
-                quantized[key] = quantize_to_uint8(graph, names, layer.activation, x_spec)
-            _replace_conv(graph, names, layer, specs[layer.weight_index], quantized[key], y_spec)
+            x_codes = activations.codes(layer.activation, specs[layer.activation_index])
+            _replace_conv(graph, names, layer, specs[layer.weight_index], x_codes, y_spec)
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 

@@ -9,11 +9,11 @@ from graphquant.analysis.layers import Layer, constant_array
 from graphquant.graph_edit import NameScope, add_initializer
 from graphquant.lowering.qlinear import (
     QuantizedValue,
+    Uint8Activations,
     activation_fits,
     dequantized_output,
     lowerable_linear,
     output_grid,
-    quantize_to_uint8,
     readers_spec,
     replace_output,
     weight_codes,
@@ -34,22 +34,19 @@ class QOperatorLoweringPass(ir.passes.InPlacePass):
         """Replace each lowerable layer, in graph order."""
         graph = model.graph
         names = NameScope(graph)
-        quantized: dict[tuple[object, ...], QuantizedValue] = {}
+        activations = Uint8Activations(graph, names)
         modified = False
         for node in list(graph):
             layer = lowerable_linear(graph, node)
             if layer is None:
                 continue
             specs: dict[int, QuantSpec] = node.meta[INPUT_SPECS_KEY]
-            x_spec = specs[layer.activation_index]
-            key = (id(layer.activation), *x_spec.key)
-            if key not in quantized:
-                quantized[key] = quantize_to_uint8(graph, names, layer.activation, x_spec)
+            x_codes = activations.codes(layer.activation, specs[layer.activation_index])
             y_spec = readers_spec(node) if node.op_type == "MatMul" else None
             if y_spec is not None and activation_fits(y_spec, graph):
-                _to_qlinear_matmul(graph, names, layer, specs[layer.weight_index], quantized[key], y_spec)
+                _to_qlinear_matmul(graph, names, layer, specs[layer.weight_index], x_codes, y_spec)
             else:
-                _to_matmul_integer(graph, names, layer, specs[layer.weight_index], quantized[key])
+                _to_matmul_integer(graph, names, layer, specs[layer.weight_index], x_codes)
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 
