@@ -5,7 +5,14 @@ from __future__ import annotations
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.stats import CalibrationStats, TensorStats
 from graphquant.api import OptimizeResult, from_torch, load, optimize, save
-from graphquant.errors import CalibrationError, GraphQuantError, InvalidModelError, OutputError, RecipeError
+from graphquant.errors import (
+    CalibrationError,
+    FidelityError,
+    GraphQuantError,
+    InvalidModelError,
+    OutputError,
+    RecipeError,
+)
 from graphquant.pipeline import Pipeline
 from graphquant.recipes import PassStep, Recipe
 from graphquant.validate import compare_models
@@ -16,6 +23,7 @@ __all__ = [
     "CalibrationError",
     "CalibrationStats",
     "Calibrator",
+    "FidelityError",
     "GraphQuantError",
     "InvalidModelError",
     "OptimizeResult",

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import os
 import shutil
 import tempfile
+import warnings
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,11 +17,12 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import NameFixPass
 
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.cost import split_costs
 from graphquant.analysis.data import CalibrationSource
-from graphquant.analysis.layers import QUANTIZABLE_OPS, candidates
+from graphquant.analysis.layers import QUANTIZABLE_OPS, candidates, constant_array
 from graphquant.analysis.runner import (
     PROTO_SIZE_LIMIT,
     has_external_data,
@@ -28,14 +32,19 @@ from graphquant.analysis.runner import (
     session_options,
 )
 from graphquant.analysis.sizes import layer_bytes
-from graphquant.errors import GraphQuantError, InvalidModelError, OutputError, RecipeError
+from graphquant.errors import FidelityError, GraphQuantError, InternalError, InvalidModelError, OutputError, RecipeError
 from graphquant.frontends.onnx_file import load as _load_file
+from graphquant.passes import PASSES
+from graphquant.passes.upgrade_opset import INITIALIZERS_AS_INPUTS_BEFORE_IR, UpgradeOpsetPass
+from graphquant.pipeline import PassFailedError
 from graphquant.quant_spec import KEEP_FLOAT_KEY, LayerDecision
 from graphquant.recipes import Recipe
 from graphquant.report import Report, layer_decisions
-from graphquant.validate import compare_models
+from graphquant.validate import DEFAULT_MIN_COSINE, Probe, ReferenceLoadError, compare_models
 
 SOURCE_PATH_KEY = "graphquant.source_path"
+# Integer ops whose inputs 6 and 7 are the per-tensor grid (scale, zero point) of their uint8 output codes.
+INTEGER_OUTPUT_OPS = ("QLinearConv", "QLinearMatMul")
 # Page-aligned external tensors let onnxruntime memory-map them instead of reading them into its own buffers.
 EXTERNAL_ALIGNMENT = 4096
 
@@ -74,28 +83,28 @@ def optimize(
     target: str | None = None,
     validation: CalibrationSource | None = None,
     show_progress: bool = True,
+    min_cosine: float | None = None,
+    keep_failed: bool = False,
     **options: Any,
 ) -> OptimizeResult:
     """Run a recipe on a copy of the model; validate against the original when data is available.
 
     ``options`` (wbits, abits, block_size, gptq, embed_bits, max_overhead, ...) set that option on every pass of the
-    recipe that takes it; None leaves the recipe's value. An option no pass takes is refused.
+    recipe that takes it; None leaves the recipe's value. An option no pass takes is refused. Validation fails (a
+    FidelityError) when an output's cosine against the float model is below ``min_cosine`` (default
+    DEFAULT_MIN_COSINE) or an output is NaN/Inf where the float one is finite; ``keep_failed`` returns the result
+    anyway, with the failures in its report.
     """
+    threshold = _checked_min_cosine(min_cosine)
     chosen = _resolve_recipe(recipe, passes, target, options)
+    _refuse_unlowerable_blocks(chosen)
     calibrator = Calibrator.for_model(model, calibration, show_progress) if calibration is not None else None
     candidate = model.clone()
     if SOURCE_PATH_KEY in model.meta:  # clone() drops meta; keep save()'s guard against overwriting the input
         candidate.meta[SOURCE_PATH_KEY] = model.meta[SOURCE_PATH_KEY]
     _keep_nonfinite_weights_float(candidate)
-    try:
-        chosen.to_pipeline(calibrator)(candidate)
-    except ir.passes.PassError as exc:  # the pipeline wraps every failure of a pass in a PassError
-        cause = _user_facing_cause(exc)
-        if isinstance(cause, ir.passes.PreconditionError):
-            raise RecipeError(str(cause)) from exc
-        if isinstance(cause, GraphQuantError):
-            raise cause from None
-        raise
+    _keep_input_weights_float(candidate)
+    _run_pipeline(chosen, calibrator, candidate)
     report = Report(
         recipe=chosen.name,
         target=chosen.target,
@@ -107,14 +116,111 @@ def optimize(
     )
     report.layer_bytes = _quantized_layer_bytes(model, candidate, report.quantized)
     if not report.quantized:
-        report.notes.append("nothing to quantize: the model was written unchanged apart from clean-ups")
+        _say_nothing_was_quantized(report)
     if report.quantized and (validation is not None or calibrator is not None):
         # Reuse the calibration data as given: a one-shot generator cannot be read twice (and warnings not repeated).
         checker = Calibrator.for_model(model, validation, False) if validation is not None else calibrator
         assert checker is not None
-        _validate_into(report, model, candidate, checker)
+        _validate_into(report, model, candidate, checker, threshold)
     release_mappings(model)  # the pages of memory-mapped weights read so far (both models share the tensors)
+    if report.failures and not keep_failed:
+        more = f" (and {len(report.failures) - 1} more)" if len(report.failures) > 1 else ""
+        raise FidelityError(
+            f"validation failed: {report.failures[0]}{more}; not written (min_cosine / --min-cosine sets the "
+            "threshold, keep_failed / --keep-failed writes it anyway)"
+        )
     return OptimizeResult(candidate, report)
+
+
+def _checked_min_cosine(min_cosine: float | None) -> float:
+    """The validation threshold: the default, or a given cosine in [-1, 1]."""
+    if min_cosine is None:
+        return DEFAULT_MIN_COSINE
+    if not isinstance(min_cosine, (int, float)) or not -1.0 <= min_cosine <= 1.0:
+        raise RecipeError(f"min_cosine must be a number in [-1, 1], got {min_cosine!r}")
+    return float(min_cosine)
+
+
+def _refuse_unlowerable_blocks(recipe: Recipe) -> None:
+    """Refuse blocked weights wider than 4 bits with quantized activations on targets that have no form for them.
+
+    Their QDQ form (an int8 blocked DequantizeLinear into a MatMul whose input is quantized) is valid ONNX, but
+    onnxruntime fuses it into MatMulIntegerToFloat as if it were per column, and that fails at run time. ort-cpu
+    lowers it to MatMulNBits instead; 4-bit blocks are stored as INT4, which onnxruntime does not fuse that way.
+    """
+    if recipe.target == "ort-cpu":
+        return
+    for step in recipe.steps:
+        options = {**_defaults(PASSES[step.name]), **step.options}
+        if step.name == "quantize" and options["block_size"] is not None and options["abits"] and options["wbits"] > 4:
+            raise RecipeError(
+                f"recipe {recipe.name!r}: blocked weights (block_size {options['block_size']}) above 4 bits with "
+                f"quantized activations have no working form on target {recipe.target!r} (onnxruntime mis-fuses "
+                "it); use --target ort-cpu, per-channel weights (no block size), or abits 0"
+            )
+
+
+def _defaults(pass_class: type) -> dict[str, Any]:
+    """The keyword defaults of a pass constructor."""
+    parameters = inspect.signature(pass_class.__init__).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
+def _run_pipeline(recipe: Recipe, calibrator: Calibrator | None, candidate: ir.Model) -> None:
+    """Run the recipe's pipeline on the candidate; a pass's failure reaches the user in one line naming the pass."""
+    try:
+        recipe.to_pipeline(calibrator)(candidate)
+    except ir.passes.PassError as exc:  # the pipeline wraps every failure of a pass in a PassError
+        cause = _user_facing_cause(exc)
+        if isinstance(cause, ir.passes.PreconditionError):
+            raise RecipeError(str(cause)) from exc
+        if isinstance(cause, GraphQuantError):
+            raise cause from None
+        if not isinstance(exc, PassFailedError):
+            raise
+        root = _root_cause(exc)
+        lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+        detail = f"{type(root).__name__}: {lines[0]}" if lines else type(root).__name__
+        raise InternalError(f"pass {_pass_label(exc.failed)} failed: {detail}") from exc
+
+
+def _pass_label(pass_: ir.passes.PassBase) -> str:
+    """A pass's CLI name, or its class name for the fixed and lowering passes that have none."""
+    names = {pass_class: name for name, pass_class in PASSES.items()}
+    return names.get(type(pass_), type(pass_).__name__)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of the chain of causes."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def _keep_input_weights_float(model: ir.Model) -> None:
+    """Mark layers whose weight is also a graph input to stay float: a caller can feed it, so it is not constant.
+
+    Models before IR version 4 list every initializer as an input; onnxruntime treats those as constants (it refuses
+    a feed for them), and the opset upgrade drops them from the inputs, so they are quantized.
+    """
+    if model.ir_version < INITIALIZERS_AS_INPUTS_BEFORE_IR:
+        return
+    for candidate in candidates(model.graph):
+        if candidate.layer is not None and candidate.layer.weight.is_graph_input():
+            name = candidate.layer.weight.name
+            candidate.node.meta[KEEP_FLOAT_KEY] = f"weight {name!r} is also a graph input (a caller can feed it)"
+
+
+def _say_nothing_was_quantized(report: Report) -> None:
+    """A note, and for a model that has layers a one-line warning with the most common reasons they stayed float."""
+    if not report.layers:
+        report.notes.append("nothing to quantize: the model was written unchanged apart from clean-ups")
+        return
+    reasons = Counter(layer.reason or "no reason recorded" for layer in report.layers).most_common(3)
+    summary = "; ".join(f"{count} x {reason}" for reason, count in reasons)
+    message = f"0 of {len(report.layers)} layers quantized: {summary}"
+    report.notes.append(message)
+    warnings.warn(message, stacklevel=3)
 
 
 def _keep_nonfinite_weights_float(model: ir.Model) -> None:
@@ -178,17 +284,82 @@ def _resolve_recipe(
     return chosen.with_options(**options).with_target(target)
 
 
-def _validate_into(report: Report, reference: ir.Model, candidate: ir.Model, calibrator: Calibrator) -> None:
-    """Fill the report's per-output and per-layer metrics."""
-    # A layer output that lowering folded away (integer codes passed straight to the next layer) is not compared.
-    values = _value_names(reference) & _value_names(candidate)
-    layer_outputs = {layer.node: layer.output for layer in report.quantized if layer.output in values}
+def _validate_into(
+    report: Report, reference: ir.Model, candidate: ir.Model, calibrator: Calibrator, min_cosine: float
+) -> None:
+    """Fill the report's per-output and per-layer metrics and its validation verdict.
+
+    Where onnxruntime cannot load the original (an opset it no longer runs, duplicate node names), the float model
+    after graphquant's exact clean-ups (opset upgrade, name fixing) is the reference, and a note says so.
+    """
     try:
-        metrics = compare_models(reference, candidate, calibrator.data, list(layer_outputs.values()))
-    except InvalidModelError as exc:  # the reference ran in calibration: the quantized model is the one refused
-        raise InvalidModelError(str(exc).replace("the model", "the quantized model", 1)) from exc
+        _compare_into(
+            report, reference, candidate, calibrator, ("the original model (the input)", "the quantized model")
+        )
+    except ReferenceLoadError as exc:
+        cleaned = _cleaned_float(reference)
+        label = "the float model after graphquant's opset upgrade and name fixing"
+        try:
+            _compare_into(report, cleaned, candidate, calibrator, (label, "the quantized model"))
+        except ReferenceLoadError:
+            raise exc from None
+        opsets = f"opset {reference.opset_imports.get('', 0)} -> {cleaned.opset_imports.get('', 0)}"
+        report.notes.append(f"validated against {label} ({opsets}): {exc}")
+    report.min_cosine = min_cosine
+    report.failures = [
+        f"output {name!r}: {failure}"
+        for name, comparison in report.outputs.items()
+        if (failure := comparison.failure(min_cosine)) is not None
+    ]
+
+
+def _cleaned_float(model: ir.Model) -> ir.Model:
+    """A copy of the float model after the pipeline's exact clean-ups: opset upgrade and name fixing."""
+    cleaned = model.clone()
+    UpgradeOpsetPass()(cleaned)
+    NameFixPass()(cleaned)
+    return cleaned
+
+
+def _compare_into(
+    report: Report, reference: ir.Model, candidate: ir.Model, calibrator: Calibrator, labels: tuple[str, str]
+) -> None:
+    """Compare the outputs, the layer outputs both models have, and the layers whose output stays integer codes."""
+    names = _value_names(candidate)
+    layer_outputs = {layer.node: layer.output for layer in report.quantized if layer.output in names}
+    produced = {output.name: output for node in reference.graph for output in node.outputs}
+    integer_ops = {node.name: node for node in candidate.graph if node.op_type in INTEGER_OUTPUT_OPS}
+    probes = {
+        layer.node: probe
+        for layer in report.quantized
+        if layer.output not in names and (probe := _codes_probe(produced, names, integer_ops.get(layer.node), layer))
+    }
+    layer_outputs = {node: output for node, output in layer_outputs.items() if output in produced}
+    metrics = compare_models(
+        reference, candidate, calibrator.data, list(layer_outputs.values()), probes=probes, labels=labels
+    )
     report.outputs = {value.name or "": metrics[value.name or ""] for value in reference.graph.outputs}
     report.layer_metrics = {node: metrics[output] for node, output in layer_outputs.items()}
+    report.layer_metrics.update((node, metrics[node]) for node in probes)
+
+
+def _codes_probe(
+    produced: Mapping[str | None, ir.Value], names: set[str | None], node: ir.Node | None, layer: LayerDecision
+) -> Probe | None:
+    """A probe of a layer lowered to an integer op whose codes feed the next integer op (its float output is gone).
+
+    Its dequantized codes are compared with the reference output, taken after a Relu/Clip that lowering fused away.
+    """
+    if node is None or layer.output not in produced or len(node.inputs) < 8:
+        return None
+    scale, zero_point = constant_array(node.inputs[6]), constant_array(node.inputs[7])
+    if scale is None or zero_point is None or scale.size != 1 or zero_point.size != 1:
+        return None
+    reference_name = layer.output
+    readers = produced[layer.output].consumers()
+    if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip") and readers[0].outputs[0].name not in names:
+        reference_name = readers[0].outputs[0].name or ""
+    return Probe(reference_name, node.outputs[0].name or "", float(scale), int(zero_point))
 
 
 def _value_names(model: ir.Model) -> set[str | None]:

@@ -16,7 +16,7 @@ from graphquant.lowering import TARGET_DOCS, TARGETS
 from graphquant.passes import PASSES
 from graphquant.recipes import Recipe, preset_names
 from graphquant.summary import activation_summaries, layer_table, op_histogram
-from graphquant.validate import compare_models
+from graphquant.validate import DEFAULT_MIN_COSINE, compare_models
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,6 +72,14 @@ def _parser() -> argparse.ArgumentParser:
     optimize.add_argument("--report", type=Path, help="write the run report as JSON")
     optimize.add_argument("--layers", action="store_true", help="print every layer's scheme, SQNR and reason")
     optimize.add_argument("--overwrite", action="store_true", help="allow -o to name the input file")
+    optimize.add_argument(
+        "--min-cosine",
+        type=float,
+        help=f"fail unless every output's cosine against the float model reaches this (default {DEFAULT_MIN_COSINE})",
+    )
+    optimize.add_argument(
+        "--keep-failed", action="store_true", help="write the model even if validation fails (exit 1)"
+    )
     optimize.set_defaults(run=_optimize)
 
     inspect = commands.add_parser("inspect", help="op histogram, quantizable layers, activation outliers")
@@ -110,6 +118,8 @@ def _optimize(args: argparse.Namespace) -> int:
         embed_bits=args.embed_bits,
         embed_block_size=args.embed_block_size,
         max_overhead=args.max_overhead,
+        min_cosine=args.min_cosine,
+        keep_failed=args.keep_failed,
     )
     graphquant.save(result, args.output, overwrite=args.overwrite)
     if args.layers:
@@ -119,6 +129,8 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.report:
         result.report.save_json(args.report)
         print(f"wrote {args.report}")
+    if result.report.failures:
+        return _fail(args, f"validation failed: {result.report.failures[0]} (written anyway: --keep-failed)")
     return 0
 
 

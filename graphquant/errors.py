@@ -21,3 +21,11 @@ class RecipeError(GraphQuantError):
 
 class OutputError(GraphQuantError):
     """The output could not be written, or would overwrite the input."""
+
+
+class FidelityError(GraphQuantError):
+    """The quantized model failed validation: an output is far from the float model's, or not finite."""
+
+
+class InternalError(Exception):
+    """A bug inside graphquant: the message names the pass that failed and the first line of its error."""

@@ -7,6 +7,14 @@ from collections.abc import Iterable
 import onnx_ir as ir
 
 
+class PassFailedError(ir.passes.PassError):
+    """A pass of a pipeline raised; ``failed`` is that pass, and the cause is its exception."""
+
+    def __init__(self, failed: ir.passes.PassBase):
+        super().__init__(f"pass {type(failed).__name__} failed")
+        self.failed = failed
+
+
 class Pipeline(ir.passes.Sequential):
     """Runs the given passes in order; ``Pipeline([...])(model)`` returns an onnx_ir PassResult."""
 
@@ -15,6 +23,17 @@ class Pipeline(ir.passes.Sequential):
         if not steps:
             raise ValueError("a pipeline needs at least one pass")
         super().__init__(*steps)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Run each pass on the model; a failure is raised as a PassFailedError that names the pass."""
+        modified = False
+        for step in self.passes:
+            try:
+                result = step(model)
+            except Exception as exc:
+                raise PassFailedError(step) from exc
+            model, modified = result.model, modified or result.modified
+        return ir.passes.PassResult(model, modified)
 
     def describe(self) -> list[str]:
         """The class names of the passes, in order."""

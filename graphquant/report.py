@@ -31,6 +31,9 @@ class Report:
     split_costs: list[SplitCost] = dataclasses.field(default_factory=list)
     # Per quantized layer: bytes of the stored tensors it reads (weights, scales, codes) before and after.
     layer_bytes: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    # Validation: the cosine every output had to reach (None: not validated), and one line per output that failed.
+    min_cosine: float | None = None
+    failures: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def quantized(self) -> list[LayerDecision]:
@@ -43,7 +46,7 @@ class Report:
         return [layer for layer in self.layers if layer.status != "quantized"]
 
     def worst_layer(self) -> tuple[str, float] | None:
-        """The quantized layer with the lowest output SQNR."""
+        """The measured layer with the lowest output SQNR."""
         if not self.layer_metrics:
             return None
         name = min(self.layer_metrics, key=lambda n: self.layer_metrics[n].sqnr_db)
@@ -62,6 +65,7 @@ class Report:
                 for layer in self.layers
             ],
             "outputs": {name: _finite(c.as_dict()) for name, c in self.outputs.items()},
+            "validation": {"min_cosine": self.min_cosine, "failures": self.failures},
             "notes": self.notes,
             "split_costs": [dataclasses.asdict(cost) for cost in self.split_costs],
         }
@@ -96,9 +100,19 @@ class Report:
         worst = self.worst_layer()
         if worst is not None:
             lines.append(f"worst layer: {worst[0]} SQNR {worst[1]:.1f} dB")
+        lines.extend(self.format_validation())
         lines.extend(self.format_splits())
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
+
+    def format_validation(self) -> list[str]:
+        """The validation threshold and its verdict, if the run was validated."""
+        if self.min_cosine is None:
+            return []
+        rule = f"every output cosine >= {self.min_cosine:g} and finite"
+        if not self.failures:
+            return [f"validation: passed ({rule})"]
+        return [f"validation: FAILED ({rule})", *(f"  {failure}" for failure in self.failures)]
 
     def format_splits(self) -> list[str]:
         """The MACs and parameters the split passes added, in total and per layer."""

@@ -2,15 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 
 from graphquant.analysis.data import Feed
 from graphquant.analysis.runner import open_session
+from graphquant.errors import InvalidModelError
+
+# MIN_COSINE_PLACEHOLDER
+DEFAULT_MIN_COSINE = 0.9
+
+
+class ReferenceLoadError(InvalidModelError):
+    """onnxruntime cannot load the reference model of a comparison."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """A tensor compared under its own label: its name in each model; the candidate's codes are dequantized."""
+
+    reference: str
+    candidate: str
+    scale: float = 1.0
+    zero_point: int = 0
+
+    def dequantize(self, values: np.ndarray) -> np.ndarray:
+        """The candidate's float values: (codes - zero point) * scale."""
+        return (values.astype(np.float64) - self.zero_point) * self.scale
 
 
 @dataclasses.dataclass
@@ -23,13 +47,20 @@ class TensorComparison:
     error_energy: float = 0.0
     max_abs_error: float = 0.0
     worst_tolerance_excess: float = -math.inf
+    # Candidate elements that are NaN or Inf where the reference is finite; the sums above skip them.
+    nonfinite: int = 0
 
     def update(self, reference: np.ndarray, candidate: np.ndarray, rtol: float, atol: float) -> None:
-        """Fold one batch in; shapes must match."""
+        """Fold one batch in; shapes must match. Elements where either side is not finite are counted, not summed."""
         ref = np.asarray(reference, dtype=np.float64)
         cand = np.asarray(candidate, dtype=np.float64)
         if ref.shape != cand.shape:
             raise ValueError(f"shapes differ: reference {ref.shape}, candidate {cand.shape}")
+        finite = np.isfinite(ref) & np.isfinite(cand)
+        self.nonfinite += int(np.count_nonzero(np.isfinite(ref) & ~np.isfinite(cand)))
+        if self.nonfinite:
+            self.worst_tolerance_excess = math.inf
+        ref, cand = ref[finite], cand[finite]
         error = np.abs(ref - cand)
         self.dot += float(np.sum(ref * cand))
         self.reference_energy += float(np.sum(ref * ref))
@@ -67,7 +98,16 @@ class TensorComparison:
             "sqnr_db": self.sqnr_db,
             "max_abs_error": self.max_abs_error,
             "within_tolerance": self.within_tolerance,
+            "nonfinite": self.nonfinite,
         }
+
+    def failure(self, min_cosine: float) -> str | None:
+        """Why this tensor fails validation (NaN/Inf where the reference is finite, or a low cosine), or None."""
+        if self.nonfinite:
+            return f"{self.nonfinite} NaN/Inf values where the float model's are finite"
+        if not self.cosine >= min_cosine:
+            return f"cosine {self.cosine:.5f} against the float model, below the threshold {min_cosine:g}"
+        return None
 
 
 def compare_models(
@@ -77,15 +117,50 @@ def compare_models(
     tensors: Sequence[str] = (),
     rtol: float = 1e-4,
     atol: float = 1e-5,
+    probes: Mapping[str, Probe] | None = None,
+    labels: tuple[str, str] = ("the reference model", "the candidate model"),
 ) -> dict[str, TensorComparison]:
-    """Run both models on the same feeds and compare every graph output and the named tensors."""
+    """Run both models on the same feeds; compare every graph output, the named tensors and the probes.
+
+    ``labels`` name the two models in errors; a reference onnxruntime cannot load raises ReferenceLoadError.
+    """
     outputs = [value.name or "" for value in reference.graph.outputs]
     names = outputs + [name for name in dict.fromkeys(tensors) if name not in outputs]
-    comparisons = {name: TensorComparison() for name in names}
-    with open_session(reference, names) as reference_session, open_session(candidate, names) as candidate_session:
+    probes = dict(probes or {})
+    comparisons = {name: TensorComparison() for name in [*names, *probes]}
+    wanted = (
+        list(dict.fromkeys([*names, *(probe.reference for probe in probes.values())])),
+        list(dict.fromkeys([*names, *(probe.candidate for probe in probes.values())])),
+    )
+    with contextlib.ExitStack() as stack:
+        reference_session = _enter(stack, reference, wanted[0], labels[0], ReferenceLoadError)
+        candidate_session = _enter(stack, candidate, wanted[1], labels[1], InvalidModelError)
         for feed in feeds:
-            expected = reference_session.run(names, feed)
-            actual = candidate_session.run(names, feed)
-            for name, want, got in zip(names, expected, actual):
-                comparisons[name].update(want, got, rtol, atol)
+            expected = _run(reference_session, wanted[0], feed, labels[0])
+            actual = _run(candidate_session, wanted[1], feed, labels[1])
+            for name in names:
+                comparisons[name].update(expected[name], actual[name], rtol, atol)
+            for label, probe in probes.items():
+                comparisons[label].update(
+                    expected[probe.reference], probe.dequantize(actual[probe.candidate]), rtol, atol
+                )
     return comparisons
+
+
+def _enter(
+    stack: contextlib.ExitStack, model: ir.Model, names: Sequence[str], label: str, error: type[InvalidModelError]
+) -> ort.InferenceSession:
+    """Open a session on the model within ``stack``; a load failure names the model by its label."""
+    try:
+        return stack.enter_context(open_session(model, names))
+    except InvalidModelError as exc:
+        raise error(str(exc).replace("the model", label, 1)) from exc
+
+
+def _run(session: ort.InferenceSession, names: Sequence[str], feed: Feed, label: str) -> dict[str, np.ndarray]:
+    """The named tensors for one feed; onnxruntime's run-time failure names the model by its label."""
+    try:
+        return dict(zip(names, session.run(list(names), feed)))
+    except Exception as exc:  # onnxruntime raises its own untyped exceptions
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise InvalidModelError(f"onnxruntime cannot run {label}: {lines[0] if lines else type(exc).__name__}") from exc

@@ -31,6 +31,7 @@ def test_metrics_of_known_arrays():
         "sqnr_db": c.sqnr_db,
         "max_abs_error": 1.0,
         "within_tolerance": False,
+        "nonfinite": 0,
     }
 
 

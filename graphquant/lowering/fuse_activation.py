@@ -39,12 +39,12 @@ class FuseActivationPass(ir.passes.InPlacePass):
 
 def _activation_bound(node: ir.Node) -> float | None:
     """The upper bound of a Relu (inf) or of a Clip whose lower bound is exactly 0; None for anything else."""
-    if node.domain not in ("", "ai.onnx") or node.inputs[0] is None:
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Relu", "Clip"):
+        return None
+    if not node.inputs or node.inputs[0] is None:
         return None
     if node.op_type == "Relu":
         return float("inf")
-    if node.op_type != "Clip":
-        return None
     if "min" in node.attributes or "max" in node.attributes:  # opset < 11 keeps the bounds in attributes
         low, high = node.attributes.get_float("min", -np.inf), node.attributes.get_float("max", np.inf)
     else:

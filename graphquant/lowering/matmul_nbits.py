@@ -44,7 +44,7 @@ class MatMulNBitsLoweringPass(ir.passes.InPlacePass):
 
 def lowerable_weight_only(node: ir.Node) -> Layer | None:
     """The layer if its weight spec fits MatMulNBits (a 2-D weight, per output channel or in blocks along K of a
-    power of two from 16 on) and it is weight-only, or W4A8 with blocks."""
+    power of two from 16 on) and it is weight-only, or has blocked weights and a per-tensor activation spec."""
     specs: dict[int, QuantSpec] | None = node.meta.get(INPUT_SPECS_KEY)
     if not specs or node.op_type not in ("MatMul", "Gemm"):
         return None
@@ -55,7 +55,7 @@ def lowerable_weight_only(node: ir.Node) -> Layer | None:
         return None
     spec = specs[layer.weight_index]
     activation_spec = specs.get(layer.activation_index)
-    if activation_spec is not None and (activation_spec.axis is not None or spec.bits > 4 or spec.block_size is None):
+    if activation_spec is not None and (activation_spec.axis is not None or spec.block_size is None):
         return None  # per-channel weights with int8 activations are faster as MatMulIntegerToFloat
     if spec.block_size is None:
         return layer if spec.axis == layer.out_axis else None
