@@ -14,7 +14,9 @@ import pytest
 from builders import feeds, mlp, mlp_reference, relu_only, run, save_model
 
 import graphquant
-from graphquant.errors import OutputError, RecipeError
+from graphquant.errors import FidelityError, InternalError, InvalidModelError, OutputError, RecipeError
+from graphquant.lowering.fuse_activation import FuseActivationPass
+from graphquant.passes.quantize import QuantizePass
 
 
 def snapshot(model: ir.Model) -> tuple:
@@ -213,3 +215,159 @@ def test_forced_external_data_round_trips_through_optimize_and_save(tmp_path, mo
     np.testing.assert_array_equal(run_file(saved, {"x": x})[0], run(model, {"x": x})[0])
     np.testing.assert_allclose(run_file(quantized, {"x": x})[0], run(result.model, {"x": x})[0], rtol=1e-5, atol=1e-6)
     assert metrics(mlp_reference(model, x), run_file(quantized, {"x": x})[0])[0] > 0.99
+
+
+# --- validation fails the run when the quantized model is far from the float one ---
+
+
+def test_calibration_near_float_max_collapses_the_model_and_fails_validation(model_and_data):
+    model, data = model_and_data
+    huge = [{"x": feed["x"] / np.abs(feed["x"]).max() * np.float32(3e38)} for feed in data]
+    result = graphquant.optimize(model, calibration=huge, validation=data, show_progress=False, keep_failed=True)
+    expected = np.concatenate([mlp_reference(model, feed["x"]) for feed in data])
+    got = np.concatenate([run(result.model, feed)[0] for feed in data])
+    cosine = metrics(expected, got)[0]
+    assert cosine < 0.9 and result.report.outputs["y"].cosine == pytest.approx(cosine, abs=1e-6)
+    assert result.report.failures == [
+        f"output 'y': cosine {result.report.outputs['y'].cosine:.5f} against the float model, below the threshold 0.9"
+    ]
+    assert "validation: FAILED (every output cosine >= 0.9 and finite)" in result.report.format_table()
+    assert result.report.to_dict()["validation"] == {"min_cosine": 0.9, "failures": result.report.failures}
+    with pytest.raises(FidelityError, match=f"^validation failed: {result.report.failures[0]}; not written"):
+        graphquant.optimize(model, calibration=huge, validation=data, show_progress=False)
+
+
+def test_the_threshold_is_settable_and_printed(model_and_data):
+    model, data = model_and_data
+    result = graphquant.optimize(model, calibration=data, show_progress=False)
+    cosine = result.report.outputs["y"].cosine
+    expected = mlp_reference(model, data[0]["x"])
+    assert cosine == pytest.approx(metrics(expected, run(result.model, data[0])[0])[0], abs=5e-4)
+    assert "validation: passed (every output cosine >= 0.9 and finite)" in result.report.format_table()
+    with pytest.raises(FidelityError, match="below the threshold"):
+        graphquant.optimize(model, calibration=data, show_progress=False, min_cosine=min(1.0, cosine + 1e-7))
+    for bad in (1.5, float("nan"), "0.9"):
+        with pytest.raises(RecipeError, match="min_cosine must be a number in"):
+            graphquant.optimize(model, calibration=data, show_progress=False, min_cosine=bad)
+
+
+# --- which model onnxruntime cannot run ---
+
+
+PLUGIN = """
+<ir_version: 8, opset_import: ["" : 17, "com.example.plugins" : 1]>
+plugin (float[N, 16] x) => (float[N, 8] y) {
+  [fc1] h = MatMul(x, w1)
+  [plugin] g = com.example.plugins.FancyActivation(h)
+  [fc2] y = MatMul(g, w2)
+}
+"""
+
+
+def test_an_original_onnxruntime_cannot_load_is_named_as_the_input():
+    rng = np.random.default_rng(3)
+    proto = onnx.parser.parse_model(PLUGIN)
+    for name, shape in (("w1", (16, 16)), ("w2", (16, 8))):
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+        )
+    model = ir.serde.deserialize_model(proto)
+    data = feeds(rng, batches=2, rows=4, features=16)
+    with pytest.raises(InvalidModelError, match=r"^onnxruntime cannot load the original model \(the input\): .*Fancy"):
+        graphquant.optimize(model, "weight-only", validation=data, show_progress=False)
+
+
+DUPLICATE_NAMES = """
+<ir_version: 8, opset_import: ["" : 17]>
+duplicate (float[N, 16] x) => (float[N, 4] y) {
+  [fc] h = MatMul(x, w1)
+  [fc] y = MatMul(h, w2)
+}
+"""
+
+
+def test_an_original_with_duplicate_node_names_is_validated_after_name_fixing():
+    rng = np.random.default_rng(4)
+    proto = onnx.parser.parse_model(DUPLICATE_NAMES)
+    w1, w2 = rng.standard_normal((16, 8)).astype(np.float32), rng.standard_normal((8, 4)).astype(np.float32)
+    proto.graph.initializer.extend([onnx.numpy_helper.from_array(w1, "w1"), onnx.numpy_helper.from_array(w2, "w2")])
+    with pytest.raises(Exception, match="two nodes with same node name"):
+        ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    data = feeds(rng, batches=3, rows=8, features=16)
+    result = graphquant.optimize(ir.serde.deserialize_model(proto), calibration=data, show_progress=False)
+    (note,) = [note for note in result.report.notes if note.startswith("validated against")]
+    assert "name fixing" in note and "onnxruntime cannot load the original model (the input)" in note
+    expected = np.concatenate([feed["x"] @ w1 @ w2 for feed in data])
+    got = np.concatenate([run(result.model, feed)[0] for feed in data])
+    cosine, sqnr = metrics(expected, got)
+    assert result.report.outputs["y"].cosine == pytest.approx(cosine, abs=1e-6)
+    assert result.report.outputs["y"].sqnr_db == pytest.approx(sqnr, abs=0.01)
+
+
+# --- an unexpected failure inside a pass names the pass ---
+
+
+@pytest.mark.parametrize(
+    ("pass_class", "label"),
+    [(QuantizePass, "quantize"), (FuseActivationPass, "FuseActivationPass")],
+    ids=["cli-named", "lowering"],
+)
+def test_a_failing_pass_is_named_with_the_first_line_of_its_error(monkeypatch, model_and_data, pass_class, label):
+    def broken(self, model):
+        raise IndexError("tuple index out of range\nsecond line")
+
+    monkeypatch.setattr(pass_class, "call", broken)
+    model, data = model_and_data
+    with pytest.raises(InternalError) as raised:
+        graphquant.optimize(model, calibration=data, target="ort-cpu", show_progress=False)
+    assert str(raised.value) == f"pass {label} failed: IndexError: tuple index out of range"
+
+
+# --- weights a caller can feed, and models with nothing quantized ---
+
+
+FED_WEIGHT = """
+<ir_version: 8, opset_import: ["" : 17]>
+fed (float[N, 16] x, float[16, 8] w1) => (float[N, 4] y) {
+  [fc1] h = MatMul(x, w1)
+  [fc2] y = MatMul(h, w2)
+}
+"""
+
+
+def test_a_weight_that_is_also_a_graph_input_stays_float_and_can_still_be_fed():
+    rng = np.random.default_rng(5)
+    w1, w2 = rng.standard_normal((16, 8)).astype(np.float32), rng.standard_normal((8, 4)).astype(np.float32)
+    proto = onnx.parser.parse_model(FED_WEIGHT)
+    proto.graph.initializer.extend([onnx.numpy_helper.from_array(w1, "w1"), onnx.numpy_helper.from_array(w2, "w2")])
+    data = feeds(rng, batches=3, rows=8, features=16)
+    result = graphquant.optimize(ir.serde.deserialize_model(proto), calibration=data, show_progress=False)
+    decisions = {layer.node: (layer.status, layer.reason) for layer in result.report.layers}
+    assert decisions == {
+        "fc1": ("float", "weight 'w1' is also a graph input (a caller can feed it)"),
+        "fc2": ("quantized", ""),
+    }
+    other = rng.standard_normal((16, 8)).astype(np.float32)
+    x = data[0]["x"]
+    (fed,) = run(result.model, {"x": x, "w1": other})
+    assert metrics(x @ other @ w2, fed)[1] > 30  # the fed weight is used; only fc2's quantization differs
+
+
+ACTIVATION_PRODUCTS = """
+<ir_version: 8, opset_import: ["" : 17]>
+products (float[N, 8] x) => (float[N, 8] y) {
+  [square] s = MatMul(x, x)
+  [cube] y = MatMul(s, x)
+}
+"""
+
+
+def test_zero_of_n_layers_quantized_warns_with_the_reasons():
+    model = ir.serde.deserialize_model(onnx.parser.parse_model(ACTIVATION_PRODUCTS))
+    data = [{"x": np.eye(8, dtype=np.float32) * 2}]
+    with pytest.warns(
+        UserWarning, match=r"^0 of 2 layers quantized: 2 x activation x activation MatMul \(left float\)$"
+    ):
+        result = graphquant.optimize(model, calibration=data, show_progress=False)
+    assert result.report.notes == ["0 of 2 layers quantized: 2 x activation x activation MatMul (left float)"]
+    np.testing.assert_array_equal(run(result.model, data[0])[0], np.eye(8, dtype=np.float32) * 8)

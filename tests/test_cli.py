@@ -222,3 +222,24 @@ def test_optimize_layers_flag_prints_each_layers_scheme_and_reason(files, tmp_pa
     layer_lines = [line for line in stdout.splitlines() if " quantized " in line]
     assert len(layer_lines) == 2
     assert all("W8 per-channel" in line and "simulated SQNR" in line for line in layer_lines)
+
+
+def test_a_run_that_fails_validation_exits_1_and_writes_nothing_unless_asked(files, tmp_path, capsys):
+    model, model_path, calib = files
+    x = np.load(calib)["x"]
+    np.savez(tmp_path / "huge.npz", x=x / np.abs(x).max() * np.float32(3e38))
+    out = tmp_path / "out.onnx"
+    argv = ["optimize", str(model_path), "-o", str(out), "--calib", str(tmp_path / "huge.npz"), "--validate-data"]
+    assert main([*argv, str(calib)]) == 1
+    (line,) = [e for e in error_lines(capsys.readouterr().err) if e.startswith("graphquant: error")]
+    assert line.startswith("graphquant: error: validation failed: output 'y': cosine ") and not out.exists()
+    assert main([*argv, str(calib), "--keep-failed"]) == 1
+    captured = capsys.readouterr()
+    assert "validation: FAILED (every output cosine >= 0.9 and finite)" in captured.out and out.exists()
+    (line,) = [e for e in error_lines(captured.err) if e.startswith("graphquant: error")]
+    assert line.endswith("(written anyway: --keep-failed)")
+    expected, (got,) = mlp_reference(model, x).ravel(), run(graphquant.load(out), {"x": x})
+    cosine = float(expected @ got.ravel() / (np.linalg.norm(expected) * np.linalg.norm(got)))
+    assert float(line.split("cosine ")[1].split()[0]) == pytest.approx(cosine, abs=2e-5) and cosine < 0.9
+    assert main([*argv, str(calib), "--min-cosine", "-1"]) == 0
+    assert "validation: passed (every output cosine >= -1 and finite)" in capsys.readouterr().out

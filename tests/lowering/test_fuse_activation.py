@@ -172,3 +172,24 @@ def test_clip_with_attribute_bounds_from_opset_10_is_fused():
     by_name(model)["fc"].meta[INPUT_SPECS_KEY] = {0: asymmetric_spec(0.0, 6.0, 8)}
     assert FuseActivationPass()(model).modified
     assert ops(model) == ["MatMul"] and by_name(model)["fc"].inputs[0].name == "x"
+
+
+def test_constant_nodes_without_inputs_are_passed_over():
+    """A Constant node (no inputs, as legacy exporters and the opset upgrade make them) beside a fusable Relu."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    constant (float[N, 8] x) => (float[N, 4] y) {
+      [half] c = Constant<value = float {0.5}>()
+      [scaled] s = Mul(x, c)
+      [relu] r = Relu(s)
+      [fc] y = MatMul(r, w)
+    }
+    """
+    data = wide_feeds(6, scale=2.0)
+    fused, reference, result = fused_and_reference(
+        lambda: build(text, {"w": weights(np.random.default_rng(4), 8, 4)}), data
+    )
+    assert result.modified
+    assert ops(fused).count("Relu") == 0 and ops(fused).count("Constant") == 1
+    for feed in wide_feeds(7, scale=4.0):
+        np.testing.assert_array_equal(run(fused, feed)[0], run(reference, feed)[0])

@@ -78,8 +78,9 @@ def test_int8_compute_stays_within_activation_rounding_of_the_qdq_form():
             assert np.abs(got - expected).max() < 0.02 * np.abs(expected).max()
 
 
-def test_w4a8_keeps_the_activation_quantization_in_front_of_matmul_nbits():
-    reference, model, data = lowered_pair({"wbits": 4, "abits": 8, "block_size": 32}, accuracy_level=0)
+@pytest.mark.parametrize("wbits", [4, 8], ids=["w4a8", "w8a8"])
+def test_blocked_weights_with_int8_activations_keep_the_quantization_in_front_of_matmul_nbits(wbits):
+    reference, model, data = lowered_pair({"wbits": wbits, "abits": 8, "block_size": 32}, accuracy_level=0)
     ops = [node.op_type for node in model.graph]
     assert ops.count("MatMulNBits") == 2 and ops.count("QuantizeLinear") == 1  # one Q/DQ shared by both readers of x
     for feed in data:
