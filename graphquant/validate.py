@@ -15,7 +15,10 @@ from graphquant.analysis.data import Feed
 from graphquant.analysis.runner import open_session
 from graphquant.errors import InvalidModelError
 
-# MIN_COSINE_PLACEHOLDER
+# The cosine every output must reach against the float model. The shipped presets reach 0.957 or more on the repo's
+# test models (lowest: w8a8 on the ort-cpu lowering tests' graph) and 0.960 on all-MiniLM-L6-v2 (w8a8, 32-token
+# sentences, dynamo and legacy exports); a collapsed model (every code 0, or a constant output) scores near 0, and
+# NaN/Inf fails apart from this. Only w8a8 on a graph built with planted 30x outlier channels falls below (0.29).
 DEFAULT_MIN_COSINE = 0.9
 
 
