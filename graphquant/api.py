@@ -150,9 +150,9 @@ def _refuse_unlowerable_blocks(recipe: Recipe) -> None:
     """
     if recipe.target == "ort-cpu":
         return
-    for step in recipe.steps:
+    for step in (step for step in recipe.steps if step.name == "quantize"):
         options = {**_defaults(PASSES[step.name]), **step.options}
-        if step.name == "quantize" and options["block_size"] is not None and options["abits"] and options["wbits"] > 4:
+        if options["block_size"] is not None and options["abits"] and options["wbits"] > 4:
             raise RecipeError(
                 f"recipe {recipe.name!r}: blocked weights (block_size {options['block_size']}) above 4 bits with "
                 f"quantized activations have no working form on target {recipe.target!r} (onnxruntime mis-fuses "
