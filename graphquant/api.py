@@ -359,7 +359,10 @@ def _codes_probe(
     readers = produced[layer.output].consumers()
     if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip") and readers[0].outputs[0].name not in names:
         reference_name = readers[0].outputs[0].name or ""
-    return Probe(reference_name, node.outputs[0].name or "", float(scale), int(zero_point))
+    codes = node.outputs[0]
+    clips = [user for user in codes.consumers() if user.op_type == "Clip"]  # a grid narrower than 8 bits
+    codes = clips[0].outputs[0] if len(clips) == 1 and len(codes.consumers()) == 1 else codes
+    return Probe(reference_name, codes.name or "", float(scale), int(zero_point))
 
 
 def _value_names(model: ir.Model) -> set[str | None]:

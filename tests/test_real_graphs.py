@@ -151,21 +151,26 @@ def test_every_quantized_cnn_layer_is_measured_even_when_its_codes_feed_the_next
     assert report.worst_layer() == (worst, report.layer_metrics[worst].sqnr_db)
 
 
-def test_a_fused_layer_is_measured_on_its_dequantized_codes_against_the_reference_activation():
+@pytest.mark.parametrize("bits", [8, 6])
+def test_a_fused_layer_is_measured_on_its_dequantized_codes_against_the_reference_activation(bits):
     model = resnet_block()
     data = [{"x": gaussian((4, 3, 12, 12), seed)} for seed in range(3)]
-    result = graphquant.optimize(model, "w8a8", data, target="ort-cpu", show_progress=False)
+    wide = [{"x": gaussian((4, 3, 12, 12), 10 + seed) * 3} for seed in range(2)]  # beyond the calibrated ranges
+    result = graphquant.optimize(
+        model, "w8a8", data, validation=wide, target="ort-cpu", wbits=bits, abits=bits, show_progress=False
+    )
     conv_a = by_name(result.model)["conv_a"]
     assert conv_a.op_type == "QLinearConv" and "a" not in {v.name for n in result.model.graph for v in n.outputs}
     scale, zero_point = (float(conv_a.inputs[i].const_value.numpy()) for i in (6, 7))
+    assert zero_point == 0  # the fused Relu's grid
     probe_model, reference = result.model.clone(), model.clone()
     probe_model.graph.outputs.append(probe_model.graph.node("conv_a").outputs[0])
     reference.graph.outputs.append(reference.graph.node("relu_a").outputs[0])
-    codes = np.concatenate([run(probe_model, feed)[1] for feed in data]).astype(np.float64)
-    expected = np.concatenate([run(reference, feed)[1] for feed in data])
-    assert result.report.layer_metrics["conv_a"].sqnr_db == pytest.approx(
-        sqnr_db(expected, (codes - zero_point) * scale), abs=1e-3
-    )
+    codes = np.concatenate([run(probe_model, feed)[1] for feed in wide]).astype(np.float64)
+    assert codes.max() > 2**bits - 1 if bits < 8 else codes.max() == 255  # saturated codes the next Clip cuts
+    expected = np.concatenate([run(reference, feed)[1] for feed in wide])
+    dequantized = np.clip(codes, 0, 2**bits - 1) * scale
+    assert result.report.layer_metrics["conv_a"].sqnr_db == pytest.approx(sqnr_db(expected, dequantized), abs=1e-3)
 
 
 LINEARS = """
