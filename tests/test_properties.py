@@ -204,7 +204,8 @@ def test_exact_passes_keep_the_outputs(name, options, spec):
 def test_lossy_pipelines_give_checked_runnable_graphs(recipe, target, spec):
     model, input_shape = build_model(spec)
     calibration, held_out = feeds(spec, input_shape, 1), feeds(spec, input_shape, 2)
-    result = graphquant.optimize(model, recipe, calibration, target=target, show_progress=False)
+    # The property is a checked, runnable, finite graph; the fidelity threshold is for real models, not random ones.
+    result = graphquant.optimize(model, recipe, calibration, target=target, show_progress=False, keep_failed=True)
     onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
     for feed in held_out:
         (y,) = run(result.model, feed)
