@@ -330,7 +330,7 @@ def _compare_into(
     produced = {output.name: output for node in reference.graph for output in node.outputs}
     integer_ops = {node.name: node for node in candidate.graph if node.op_type in INTEGER_OUTPUT_OPS}
     probes = {
-        layer.node: probe
+        f"{layer.node} (codes)": probe
         for layer in report.quantized
         if layer.output not in names and (probe := _codes_probe(produced, names, integer_ops.get(layer.node), layer))
     }
@@ -340,7 +340,7 @@ def _compare_into(
     )
     report.outputs = {value.name or "": metrics[value.name or ""] for value in reference.graph.outputs}
     report.layer_metrics = {node: metrics[output] for node, output in layer_outputs.items()}
-    report.layer_metrics.update((node, metrics[node]) for node in probes)
+    report.layer_metrics.update((label.removesuffix(" (codes)"), metrics[label]) for label in probes)
 
 
 def _codes_probe(

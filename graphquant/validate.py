@@ -130,6 +130,8 @@ def compare_models(
     outputs = [value.name or "" for value in reference.graph.outputs]
     names = outputs + [name for name in dict.fromkeys(tensors) if name not in outputs]
     probes = dict(probes or {})
+    if set(probes) & set(names):
+        raise ValueError(f"probe labels {sorted(set(probes) & set(names))} are also tensor names")
     comparisons = {name: TensorComparison() for name in [*names, *probes]}
     wanted = (
         list(dict.fromkeys([*names, *(probe.reference for probe in probes.values())])),

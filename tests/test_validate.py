@@ -177,3 +177,9 @@ def test_a_reference_onnxruntime_cannot_load_is_named():
     with pytest.raises(InvalidModelError, match="^onnxruntime cannot load the int8 model: .*Unknown") as raised:
         compare_models(scaled(1.0), broken, data, labels=("the float model", "the int8 model"))
     assert not isinstance(raised.value, ReferenceLoadError)
+
+
+def test_a_probe_label_that_is_also_a_tensor_name_is_refused():
+    data = feeds(np.random.default_rng(5), batches=1, rows=2, features=4)
+    with pytest.raises(ValueError, match=r"probe labels \['y'\] are also tensor names"):
+        compare_models(scaled(1.0), scaled(1.0), data, probes={"y": Probe("h", "h")})
