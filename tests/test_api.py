@@ -17,6 +17,7 @@ import graphquant
 from graphquant.errors import FidelityError, InternalError, InvalidModelError, OutputError, RecipeError
 from graphquant.lowering.fuse_activation import FuseActivationPass
 from graphquant.passes.quantize import QuantizePass
+from graphquant.validate import DEFAULT_MIN_COSINE
 
 
 def snapshot(model: ir.Model) -> tuple:
@@ -227,12 +228,17 @@ def test_calibration_near_float_max_collapses_the_model_and_fails_validation(mod
     expected = np.concatenate([mlp_reference(model, feed["x"]) for feed in data])
     got = np.concatenate([run(result.model, feed)[0] for feed in data])
     cosine = metrics(expected, got)[0]
-    assert cosine < 0.9 and result.report.outputs["y"].cosine == pytest.approx(cosine, abs=1e-6)
+    assert cosine < DEFAULT_MIN_COSINE and result.report.outputs["y"].cosine == pytest.approx(cosine, abs=1e-6)
     assert result.report.failures == [
-        f"output 'y': cosine {result.report.outputs['y'].cosine:.5f} against the float model, below the threshold 0.9"
+        f"output 'y': cosine {result.report.outputs['y'].cosine:.5f} against the float model, below the threshold {DEFAULT_MIN_COSINE:g}"
     ]
-    assert "validation: FAILED (every output cosine >= 0.9 and finite)" in result.report.format_table()
-    assert result.report.to_dict()["validation"] == {"min_cosine": 0.9, "failures": result.report.failures}
+    assert (
+        f"validation: FAILED (every output cosine >= {DEFAULT_MIN_COSINE:g} and finite)" in result.report.format_table()
+    )
+    assert result.report.to_dict()["validation"] == {
+        "min_cosine": DEFAULT_MIN_COSINE,
+        "failures": result.report.failures,
+    }
     with pytest.raises(FidelityError, match=f"^validation failed: {result.report.failures[0]}; not written"):
         graphquant.optimize(model, calibration=huge, validation=data, show_progress=False)
 
@@ -243,7 +249,9 @@ def test_the_threshold_is_settable_and_printed(model_and_data):
     cosine = result.report.outputs["y"].cosine
     expected = mlp_reference(model, data[0]["x"])
     assert cosine == pytest.approx(metrics(expected, run(result.model, data[0])[0])[0], abs=5e-4)
-    assert "validation: passed (every output cosine >= 0.9 and finite)" in result.report.format_table()
+    assert (
+        f"validation: passed (every output cosine >= {DEFAULT_MIN_COSINE:g} and finite)" in result.report.format_table()
+    )
     with pytest.raises(FidelityError, match="below the threshold"):
         graphquant.optimize(model, calibration=data, show_progress=False, min_cosine=min(1.0, cosine + 1e-7))
     for bad in (1.5, float("nan"), "0.9"):

@@ -13,6 +13,7 @@ from builders import build, mlp, mlp_reference, outlier_activations, run, save_m
 
 import graphquant
 from graphquant.cli import main
+from graphquant.validate import DEFAULT_MIN_COSINE
 
 SCRIPT = Path(sys.executable).parent / "graphquant"
 
@@ -235,11 +236,14 @@ def test_a_run_that_fails_validation_exits_1_and_writes_nothing_unless_asked(fil
     assert line.startswith("graphquant: error: validation failed: output 'y': cosine ") and not out.exists()
     assert main([*argv, str(calib), "--keep-failed"]) == 1
     captured = capsys.readouterr()
-    assert "validation: FAILED (every output cosine >= 0.9 and finite)" in captured.out and out.exists()
+    assert (
+        f"validation: FAILED (every output cosine >= {DEFAULT_MIN_COSINE:g} and finite)" in captured.out
+        and out.exists()
+    )
     (line,) = [e for e in error_lines(captured.err) if e.startswith("graphquant: error")]
     assert line.endswith("(written anyway: --keep-failed)")
     expected, (got,) = mlp_reference(model, x).ravel(), run(graphquant.load(out), {"x": x})
     cosine = float(expected @ got.ravel() / (np.linalg.norm(expected) * np.linalg.norm(got)))
-    assert float(line.split("cosine ")[1].split()[0]) == pytest.approx(cosine, abs=2e-5) and cosine < 0.9
+    assert float(line.split("cosine ")[1].split()[0]) == pytest.approx(cosine, abs=2e-5) and cosine < DEFAULT_MIN_COSINE
     assert main([*argv, str(calib), "--min-cosine", "-1"]) == 0
     assert "validation: passed (every output cosine >= -1 and finite)" in capsys.readouterr().out
