@@ -100,14 +100,14 @@ def _producer(value: ir.Value) -> ir.Node:
 
 
 def _fold_constant_inputs(node: ir.Node) -> bool:
-    """True: the folder asks only about nodes whose inputs are all constants, and those are folded whatever size.
+    """Fold whatever size: the folder asks only about nodes whose inputs are all constants. Not multi-output nodes.
 
     onnxruntime folds the same nodes when it loads the model, so their outputs cost no memory a session would not
     spend; ConstantOfShape and DequantizeLinear, which the folder keeps by default, are folded too (see
-    `quantized_ops` for why a DequantizeLinear of a constant may be).
+    `quantized_ops` for why a DequantizeLinear of a constant may be). The folder cannot store a node with several
+    outputs (a Split of a weight): it would evaluate it and log a warning, so such a node is left to run.
     """
-    del node
-    return True
+    return len(node.outputs) == 1
 
 
 def quantized_ops(model: ir.Model) -> Counter[str]:

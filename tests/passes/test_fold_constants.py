@@ -115,6 +115,22 @@ def test_an_initializer_that_is_also_a_graph_input_is_not_folded() -> None:
     np.testing.assert_allclose(expected, feed["x"])
 
 
+SPLIT_WEIGHT = """<ir_version: 8, opset_import: ["" : 18]>
+split (float[N, 16] x) => (float[N, 8] y, float[N, 8] z) {
+  a, b = Split<axis: int = 1, num_outputs: int = 2>(w)
+  y = MatMul(x, a)
+  z = MatMul(x, b)
+}
+"""
+
+
+def test_a_constant_node_with_several_outputs_is_left_to_run_without_a_log_line(capsys) -> None:
+    model = build(SPLIT_WEIGHT, {"w": weights(np.random.default_rng(50), 16, 16)})
+    assert not FoldConstantsPass()(model).modified
+    assert [node.op_type for node in model.graph] == ["Split", "MatMul", "MatMul"]
+    assert capsys.readouterr().err == ""
+
+
 def test_folding_is_deterministic() -> None:
     outputs = []
     for _ in range(2):
