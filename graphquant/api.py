@@ -30,6 +30,7 @@ from graphquant.analysis.runner import (
 from graphquant.analysis.sizes import layer_bytes
 from graphquant.errors import GraphQuantError, InvalidModelError, OutputError, RecipeError
 from graphquant.frontends.onnx_file import load as _load_file
+from graphquant.passes.fold_constants import refuse_quantized
 from graphquant.quant_spec import KEEP_FLOAT_KEY, LayerDecision
 from graphquant.recipes import Recipe
 from graphquant.report import Report, layer_decisions
@@ -81,6 +82,7 @@ def optimize(
     ``options`` (wbits, abits, block_size, gptq, embed_bits, max_overhead, ...) set that option on every pass of the
     recipe that takes it; None leaves the recipe's value. An option no pass takes is refused.
     """
+    refuse_quantized(model)  # before the calibration data is read (the pipeline's fold-constants pass checks again)
     chosen = _resolve_recipe(recipe, passes, target, options)
     calibrator = Calibrator.for_model(model, calibration, show_progress) if calibration is not None else None
     candidate = model.clone()

@@ -248,15 +248,15 @@ def test_an_already_quantized_model_is_refused_naming_its_quantized_ops(kind: st
     assert ir.to_proto(model).SerializeToString() == before
 
 
-def test_a_quantized_file_is_refused_by_optimize_before_calibration(tmp_path, monkeypatch) -> None:
+def test_a_quantized_file_is_refused_by_optimize_before_its_calibration_data_is_read(tmp_path, monkeypatch) -> None:
     model, _ = quantized_models()["qdq"]
     path = tmp_path / "already.onnx"
     ir.save(model, path)
 
     def no_calibration(*_: object, **__: object) -> None:
-        raise AssertionError("calibration ran on a quantized model")
+        raise AssertionError("calibration data was read for a quantized model")
 
-    monkeypatch.setattr(Calibrator, "collect", no_calibration)
+    monkeypatch.setattr(Calibrator, "for_model", no_calibration)
     with pytest.raises(InvalidModelError, match=f"{path.name}: already quantized \\(1 QuantizeLinear\\)"):
         graphquant.optimize(graphquant.load(path), "w8a8", calibration=gaussian_feeds(seed=48, batches=1))
 
