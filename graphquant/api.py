@@ -35,6 +35,7 @@ from graphquant.analysis.sizes import layer_bytes
 from graphquant.errors import FidelityError, GraphQuantError, InternalError, InvalidModelError, OutputError, RecipeError
 from graphquant.frontends.onnx_file import load as _load_file
 from graphquant.passes import PASSES
+from graphquant.passes.fold_constants import refuse_quantized
 from graphquant.passes.upgrade_opset import INITIALIZERS_AS_INPUTS_BEFORE_IR, UpgradeOpsetPass
 from graphquant.pipeline import PassFailedError
 from graphquant.quant_spec import KEEP_FLOAT_KEY, LayerDecision
@@ -96,6 +97,7 @@ def optimize(
     anyway, with the failures in its report.
     """
     threshold = _checked_min_cosine(min_cosine)
+    refuse_quantized(model)  # before the calibration data is read (the pipeline's fold-constants pass checks again)
     chosen = _resolve_recipe(recipe, passes, target, options)
     _refuse_unlowerable_blocks(chosen)
     calibrator = Calibrator.for_model(model, calibration, show_progress) if calibration is not None else None

@@ -438,14 +438,15 @@ def test_layers_that_cannot_be_quantized_stay_float_with_a_reason(recipe):
     found = statuses(result)
     assert found["good"][0] == "quantized"
     assert found["rank3"][0] == "float" and "rank 3" in found["rank3"][1]
-    assert found["half"][0] == "float" and found["half"][1]
+    assert found["half"][0] == "quantized"  # Cast(fp16 -> fp32) of a constant is folded into a float32 weight
     for name in ("nan_weight", "inf_weight"):
         assert found[name][0] == "float" and "NaN/Inf" in found[name][1]
     feed = {"x": gaussian((8, 16), 9)}
     expected, got = run(model, feed), run(result.model, feed)
-    for index in (1, 2, 3, 4):
+    for index in (1, 2, 4):
         np.testing.assert_array_equal(got[index], expected[index])
-    assert cosine(expected[0], got[0]) > GOOD_LAYER_COSINE[recipe]
+    for index in (0, 3):
+        assert cosine(expected[index], got[index]) > GOOD_LAYER_COSINE[recipe]
 
 
 # The good layer's output cosine on this tiny model (3 calibration batches of 8 rows), measured, less a small margin.

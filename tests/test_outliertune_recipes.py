@@ -30,7 +30,7 @@ MIGRATING = ("outliertune", "smoothquant", "os-plus")
 CALIB = gaussian_feeds(seed=700)
 HELD_OUT = gaussian_feeds(seed=701, batches=3)
 
-PROLOGUE = ["UpgradeOpsetPass", "NameFixPass", "FoldBatchNormPass"]
+PROLOGUE = ["UpgradeOpsetPass", "FoldConstantsPass", "NameFixPass", "FoldBatchNormPass"]
 EXPECTED_PIPELINES = {
     "outliertune": [*PROLOGUE, "SymmetrizePass", "PreexecuteDequantPass", "QuantizePass"],
     "os-plus": [*PROLOGUE, "SymmetrizePass", "PreexecuteDequantPass", "QuantizePass"],

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
+from builders import build, feeds, named_mlp, run, weights
 
-from builders import feeds, named_mlp, run
+import graphquant
 from graphquant.analysis.calibration import Calibrator
 from graphquant.errors import RecipeError
 from graphquant.lowering import TARGETS
@@ -74,6 +75,7 @@ def test_toml_recipe_builds_the_pipeline_it_describes(tmp_path):
     pipeline = Recipe.from_toml(write(tmp_path, CUSTOM)).to_pipeline(calibrator)
     assert pipeline.describe() == [
         "UpgradeOpsetPass",
+        "FoldConstantsPass",
         "NameFixPass",
         "FoldBatchNormPass",
         "QuantizePass",
@@ -81,7 +83,7 @@ def test_toml_recipe_builds_the_pipeline_it_describes(tmp_path):
         "RemoveUnusedNodesPass",
         "TopologicalSortPass",
     ]
-    quantize = pipeline.passes[3]
+    quantize = pipeline.passes[4]
     assert isinstance(quantize, QuantizePass)
     assert (quantize.defaults.wbits, quantize.defaults.abits) == (4, 8)
     assert (quantize.activation_method, quantize.percentile) == ("percentile", 99.9)
@@ -206,3 +208,21 @@ def test_splitquant_runs_the_weight_only_steps_with_the_same_options():
     """SplitQuant is compared with weight-only at equal options: only the split-quant step differs."""
     weight_only, splitquant = Recipe.named("weight-only"), Recipe.named("splitquant")
     assert [step for step in splitquant.steps if step.name != "split-quant"] == list(weight_only.steps)
+
+
+TRANSPOSED_WEIGHT = """
+<ir_version: 8, opset_import: ["" : 17]>
+transposed (float[N, 16] x) => (float[N, 8] y) {
+  [wt] t = Transpose<perm: ints = [1, 0]>(w)
+  [fc] y = MatMul(x, t)
+}
+"""
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "outliertune", "weight-only"])
+def test_every_recipe_quantizes_a_weight_that_a_constant_subgraph_computes(recipe):
+    rng = np.random.default_rng(7)
+    model = build(TRANSPOSED_WEIGHT, {"w": weights(rng, 8, 16)})
+    result = graphquant.optimize(model, recipe, calibration=feeds(rng, 2, 32, 16), show_progress=False)
+    assert [layer.node for layer in result.report.quantized] == ["fc"]
+    assert result.report.outputs["y"].sqnr_db > 15.0  # weight-only is W4

@@ -7,6 +7,7 @@ from onnx_ir.passes.common import ClearMetadataAndDocStringPass
 
 from graphquant.passes.bitmod import BitModPass
 from graphquant.passes.fold_batchnorm import FoldBatchNormPass
+from graphquant.passes.fold_constants import FoldConstantsPass
 from graphquant.passes.ocs import OcsPass
 from graphquant.passes.outlier_decompose import OutlierDecomposePass
 from graphquant.passes.preexecute_dequant import PreexecuteDequantPass
@@ -28,6 +29,7 @@ PASSES: dict[str, type[ir.passes.PassBase]] = {
     # onnx_ir's: drops per-node metadata and doc strings (exporter stack traces), which deployment does not need.
     "clear-metadata": ClearMetadataAndDocStringPass,
     "fold-batchnorm": FoldBatchNormPass,
+    "fold-constants": FoldConstantsPass,
     "bitmod": BitModPass,
 }
 
@@ -35,6 +37,7 @@ __all__ = [
     "PASSES",
     "BitModPass",
     "FoldBatchNormPass",
+    "FoldConstantsPass",
     "OcsPass",
     "OutlierDecomposePass",
     "PreexecuteDequantPass",

@@ -18,6 +18,7 @@ from graphquant.errors import RecipeError
 from graphquant.lowering import TARGETS
 from graphquant.passes import PASSES
 from graphquant.passes.fold_batchnorm import FoldBatchNormPass
+from graphquant.passes.fold_constants import FoldConstantsPass
 from graphquant.passes.quantize import NodeOverride
 from graphquant.passes.upgrade_opset import UpgradeOpsetPass
 from graphquant.pipeline import Pipeline
@@ -121,8 +122,8 @@ class Recipe:
         return self if target is None else dataclasses.replace(self, target=target)
 
     def to_pipeline(self, calibrator: Calibrator | None = None) -> Pipeline:
-        """Opset floor, name fixing, BN folding, the passes, the target's lowering, dead-node removal and a sort."""
-        passes: list[ir.passes.PassBase] = [UpgradeOpsetPass(), NameFixPass(), FoldBatchNormPass()]
+        """Opset floor, constant folding, name fixing, BN folding, the passes, lowering, dead-node removal, a sort."""
+        passes: list[ir.passes.PassBase] = [UpgradeOpsetPass(), FoldConstantsPass(), NameFixPass(), FoldBatchNormPass()]
         passes.extend(self._build(step, calibrator) for step in self.steps)
         passes.extend(lowering() for lowering in TARGETS[self.target])
         passes.extend([RemoveUnusedNodesPass(), TopologicalSortPass()])
