@@ -183,7 +183,8 @@ def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
     if not zipfile.is_zipfile(path):
         with path.open("rb") as file:
             npy = file.read(len(NPY_MAGIC)) == NPY_MAGIC
-        raise CalibrationError(f"{path}: not an .npz archive ({'a .npy file' if npy else 'truncated, or not a zip file'})")
+        kind = "a .npy file, not an .npz archive" if npy else "not a zip archive: truncated, or another kind of file"
+        raise CalibrationError(f"{path}: cannot read .npz ({kind})")
     try:
         with zipfile.ZipFile(path) as archive:
             members = [info for info in archive.infolist() if not info.is_dir()]
