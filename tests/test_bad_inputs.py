@@ -3,10 +3,12 @@ output) and through the API (a typed exception from graphquant.errors)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -419,6 +421,213 @@ def test_bad_calibration_source_cli(folders, capsys):
         assert code == 1
         assert_one_error_line(lines, message)
     assert list(target.iterdir()) == []
+
+
+def npy_member(header: dict[str, object], data: bytes = b"") -> bytes:
+    """A .npy file with a hand-written header (its shape need not match the data)."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue() + data
+
+
+def zip_members(path: Path, members: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+def object_array(path: Path) -> None:
+    np.savez(path, x=np.array([{"a": 1}, None], dtype=object))
+
+
+def truncated_zip(path: Path) -> None:
+    np.savez(path, x=rows(np.random.default_rng(1)))
+    path.write_bytes(path.read_bytes()[:-200])
+
+
+def npy_renamed(path: Path) -> None:
+    with path.open("wb") as file:
+        np.save(file, rows(np.random.default_rng(1)))
+
+
+def bytes_member(path: Path) -> None:
+    zip_members(path, {"x.npy": b"not an array at all"})
+
+
+def text_member(path: Path) -> None:
+    zip_members(path, {"x.npy": npy_member({"descr": "<f4", "fortran_order": False, "shape": (0, 16)}), "a.txt": b"hi"})
+
+
+def huge_shape(path: Path) -> None:
+    """A member that declares 36 TiB of float32 (32 x 309237645312) and stores none of it."""
+    zip_members(path, {"x.npy": npy_member({"descr": "<f4", "fortran_order": False, "shape": (32, 309237645312)})})
+
+
+def short_member(path: Path) -> None:
+    data = rows(np.random.default_rng(1)).tobytes()
+    zip_members(
+        path, {"x.npy": npy_member({"descr": "<f4", "fortran_order": False, "shape": (ROWS, FEATURES)}, data[:-64])}
+    )
+
+
+def bad_crc(path: Path) -> None:
+    np.savez(path, x=rows(np.random.default_rng(1)))
+    data = bytearray(path.read_bytes())
+    data[200] ^= 0xFF  # inside the stored array: the zip's CRC no longer matches
+    path.write_bytes(bytes(data))
+
+
+BAD_NPZ: dict[str, tuple[Callable[[Path], None], str]] = {
+    "object-array": (object_array, "member 'x.npy' holds Python objects (pickled data is never loaded)"),
+    "truncated-zip": (truncated_zip, "cannot read .npz (not a zip archive: truncated, or another kind of file)"),
+    "npy-renamed-npz": (npy_renamed, "cannot read .npz (a .npy file, not an .npz archive)"),
+    "bytes-member": (bytes_member, "member 'x.npy' is not a .npy array"),
+    "text-member": (text_member, "member 'a.txt' is not a .npy array"),
+    "36-tib-shape": (
+        huge_shape,
+        "member 'x.npy' declares shape (32, 309237645312) of float32: 3.69e+04 GiB, more than",
+    ),
+    "short-member": (short_member, "member 'x.npy' stores 1984 bytes, its shape (32, 16) of float32 needs 2048"),
+    "bad-crc": (bad_crc, "cannot read .npz (BadZipFile: Bad CRC-32 for file 'x.npy')"),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(BAD_NPZ))
+def test_bad_npz_file_cli(folders, capsys, problem):
+    source, target = folders
+    write, message = BAD_NPZ[problem]
+    write(source / "bad.npz")
+    before = snapshot(source)
+    argv = ["optimize", str(source / "model.onnx"), "-o", str(target / "q.onnx"), "--calib", str(source / "bad.npz")]
+    code, lines, _ = run_cli(argv, capsys)
+    assert code == 1
+    assert_one_error_line(lines, f"{source / 'bad.npz'}: ", message)
+    assert snapshot(source) == before
+    assert list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize("problem", sorted(BAD_NPZ))
+def test_bad_npz_file_api(folders, problem):
+    source, _ = folders
+    write, message = BAD_NPZ[problem]
+    write(source / "bad.npz")
+    with pytest.raises(CalibrationError, match=re.escape(message)):
+        graphquant.optimize(graphquant.load(source / "model.onnx"), calibration=source / "bad.npz", show_progress=False)
+
+
+def test_big_endian_calibration_is_converted(folders, capsys):
+    source, target = folders
+    x = rows(np.random.default_rng(6))
+    np.savez(source / "native.npz", x=x)
+    np.savez(source / "big.npz", x=x.astype(">f4"))
+    outputs = {}
+    for name in ("native", "big"):
+        argv = ["optimize", str(source / "model.onnx"), "-o", str(target / f"{name}.onnx")]
+        code, lines, _ = run_cli([*argv, "--calib", str(source / f"{name}.npz")], capsys)
+        assert (code, lines) == (0, [])
+        outputs[name] = run(graphquant.load(target / f"{name}.onnx"), {"x": rows(np.random.default_rng(7))})[0]
+    np.testing.assert_array_equal(outputs["big"], outputs["native"])
+    (reference,) = run(graphquant.load(source / "model.onnx"), {"x": rows(np.random.default_rng(7))})
+    assert (
+        np.dot(reference.ravel(), outputs["big"].ravel()) / (np.linalg.norm(reference) * np.linalg.norm(outputs["big"]))
+        > 0.999
+    )
+
+
+# --- bad test-data folders (test_data_set_*/input_*.pb) ---
+
+
+def write_data_set(folder: Path, files: dict[str, bytes]) -> Path:
+    """A test-data folder with one data set holding the given files; returns the folder."""
+    data_set = folder / "test_data_set_0"
+    data_set.mkdir(parents=True)
+    for name, data in files.items():
+        (data_set / name).write_bytes(data)
+    return folder
+
+
+def input_tensor(x: np.ndarray, **external: str) -> onnx.TensorProto:
+    tensor = onnx.numpy_helper.from_array(x, "x")
+    if external:
+        external_entry(tensor, **external)
+    return tensor
+
+
+def batch(seed: int = 1) -> np.ndarray:
+    return rows(np.random.default_rng(seed))[:8]
+
+
+def letter_name(folder: Path) -> Path:
+    return write_data_set(folder, {"input_a.pb": input_tensor(batch()).SerializeToString()})
+
+
+def sequence(folder: Path) -> Path:
+    value = onnx.helper.make_sequence("x", onnx.SequenceProto.TENSOR, [input_tensor(batch())])
+    return write_data_set(folder, {"input_0.pb": value.SerializeToString()})
+
+
+def dims_vs_data(folder: Path) -> Path:
+    tensor = input_tensor(batch())
+    tensor.dims[1] = 17
+    return write_data_set(folder, {"input_0.pb": tensor.SerializeToString()})
+
+
+def escaping_location(location: str) -> Callable[[Path], Path]:
+    """A data set whose input's external data is at ``location`` (a file beside the data folder holds it)."""
+
+    def make(folder: Path) -> Path:
+        secret = folder.parent / "secret.bin"
+        secret.write_bytes(batch().tobytes())
+        tensor = input_tensor(batch(), location=location.format(secret=secret), length=str(batch().nbytes))
+        return write_data_set(folder, {"input_0.pb": tensor.SerializeToString()})
+
+    return make
+
+
+def symlinked_data(folder: Path) -> Path:
+    made = escaping_location("data.bin")(folder)
+    (folder / "test_data_set_0" / "data.bin").symlink_to(folder.parent / "secret.bin")
+    return made
+
+
+BAD_TEST_DATA: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "letter-name": (letter_name, "input_a.pb: test-data inputs must be named input_<number>.pb"),
+    "sequence": (sequence, "input_0.pb: the tensor is segmented: not a plain tensor (a sequence or map?)"),
+    "dims-vs-data": (dims_vs_data, "input_0.pb: tensor 'x': dims (8, 17) need 544 bytes, the data holds 512"),
+    "dotdot-location": (
+        escaping_location("../../secret.bin"),
+        "'../../secret.bin' is outside its test_data_set folder",
+    ),
+    "absolute-location": (escaping_location("{secret}"), "secret.bin' is outside its test_data_set folder"),
+    "symlinked-location": (symlinked_data, "'data.bin' is outside its test_data_set folder"),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(BAD_TEST_DATA))
+def test_bad_test_data_folder_cli(folders, capsys, monkeypatch, problem):
+    source, target = folders
+    make, message = BAD_TEST_DATA[problem]
+    data = make(source / "data")
+    before = snapshot(source.parent)
+    monkeypatch.chdir(source.parent)  # a location relative to the working directory must not resolve either
+    argv = ["optimize", str(source / "model.onnx"), "-o", str(target / "q.onnx"), "--calib", str(data)]
+    code, lines, _ = run_cli(argv, capsys)
+    assert code == 1
+    assert_one_error_line(lines, str(data / "test_data_set_0"), message)
+    assert snapshot(source.parent) == before
+    assert list(target.iterdir()) == []
+
+
+def test_external_data_inside_the_data_set_is_read(folders):
+    source, _ = folders
+    x = batch(8)
+    (source / "data" / "test_data_set_0").mkdir(parents=True)
+    (source / "data" / "test_data_set_0" / "x.bin").write_bytes(x.tobytes())
+    tensor = input_tensor(x, location="x.bin", length=str(x.nbytes))
+    (source / "data" / "test_data_set_0" / "input_0.pb").write_bytes(tensor.SerializeToString())
+    model = graphquant.load(source / "model.onnx")
+    (feed,) = list(graphquant.Calibrator.for_model(model, source / "data").data)
+    np.testing.assert_array_equal(feed["x"], x)
 
 
 def with_nonfinite(rng: np.random.Generator) -> np.ndarray:
