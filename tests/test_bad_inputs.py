@@ -3,10 +3,12 @@ output) and through the API (a typed exception from graphquant.errors)."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import re
+import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -21,8 +23,14 @@ import pytest
 from builders import mlp, run, save_model
 
 import graphquant
+import graphquant.analysis.runner
 from graphquant.cli import main
 from graphquant.errors import CalibrationError, GraphQuantError, InvalidModelError, OutputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 ROWS, FEATURES = 32, 16
 
@@ -49,6 +57,11 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, l
     code = main(argv)
     captured = capsys.readouterr()
     return code, [line for line in captured.err.splitlines() if line.strip()], captured.out
+
+
+def cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Cosine similarity of two outputs, flattened."""
+    return float(np.dot(reference.ravel(), candidate.ravel()) / (np.linalg.norm(reference) * np.linalg.norm(candidate)))
 
 
 def assert_one_error_line(lines: list[str], *fragments: str) -> None:
@@ -320,7 +333,7 @@ BAD_MODELS: dict[str, tuple[Callable[[Path], None], str]] = {
 
 
 @pytest.mark.parametrize("problem", sorted(BAD_MODELS))
-def test_bad_model_file_cli(folders, capsys, problem):
+def test_bad_model_file_cli(folders, capsys, caplog, problem):
     source, target = folders
     spoil, message = BAD_MODELS[problem]
     spoil(source / "model.onnx")
@@ -329,6 +342,7 @@ def test_bad_model_file_cli(folders, capsys, problem):
     code, lines, _ = run_cli(argv, capsys)
     assert code == 1
     assert_one_error_line(lines, f"{source / 'model.onnx'}: ", message)
+    assert [record.getMessage() for record in caplog.records] == []  # the CLI has no log handler: they would print
     assert snapshot(source.parent) == before
     assert list(target.iterdir()) == []
 
@@ -528,10 +542,7 @@ def test_big_endian_calibration_is_converted(folders, capsys):
         outputs[name] = run(graphquant.load(target / f"{name}.onnx"), {"x": rows(np.random.default_rng(7))})[0]
     np.testing.assert_array_equal(outputs["big"], outputs["native"])
     (reference,) = run(graphquant.load(source / "model.onnx"), {"x": rows(np.random.default_rng(7))})
-    assert (
-        np.dot(reference.ravel(), outputs["big"].ravel()) / (np.linalg.norm(reference) * np.linalg.norm(outputs["big"]))
-        > 0.999
-    )
+    assert cosine(reference, outputs["big"]) > 0.99
 
 
 # --- bad test-data folders (test_data_set_*/input_*.pb) ---
@@ -862,3 +873,141 @@ def test_saved_file_follows_the_umask(folders):
     finally:
         os.umask(old)
     assert written.stat().st_mode & 0o777 == 0o644
+
+
+# --- the environment and the options ---
+
+
+def optimize_argv(source: Path, target: Path, *extra: str) -> list[str]:
+    """The optimize command on the fixture's model and calibration data, writing target/q.onnx."""
+    return [
+        "optimize",
+        str(source / "model.onnx"),
+        "-o",
+        str(target / "q.onnx"),
+        "--calib",
+        str(source / "calib.npz"),
+        *extra,
+    ]
+
+
+def refuse_to_write(error_number: int) -> Callable[..., None]:
+    """An onnx.save stand-in that writes half the file and then fails as a full (or read-only) disk does."""
+
+    def save(proto: onnx.ModelProto, path: str | os.PathLike[str], *_: object, **__: object) -> None:
+        Path(path).write_bytes(proto.SerializeToString()[:100])
+        raise OSError(error_number, os.strerror(error_number), str(path))
+
+    return save
+
+
+@pytest.mark.parametrize("error_number", [errno.ENOSPC, errno.EDQUOT, errno.EROFS])
+def test_full_tmpdir_is_one_error_line(folders, capsys, monkeypatch, tmp_path, error_number):
+    source, target = folders
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(graphquant.analysis.runner.onnx, "save", refuse_to_write(error_number))
+    before = snapshot(source)
+    code, lines, _ = run_cli(optimize_argv(source, target), capsys)
+    assert code == 1
+    assert_one_error_line(lines, f"{scratch}: cannot write temporary files ({os.strerror(error_number)})", "TMPDIR")
+    assert list(scratch.iterdir()) == [] and list(target.iterdir()) == []
+    assert snapshot(source) == before
+
+
+def test_tmpdir_that_cannot_hold_a_folder_is_one_error_line(folders, capsys, monkeypatch, tmp_path):
+    source, target = folders
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))  # e.g. removed while graphquant runs
+    code, lines, _ = run_cli(optimize_argv(source, target), capsys)
+    assert code == 1
+    assert_one_error_line(lines, f"{tmp_path / 'missing'}: cannot write temporary files (No such file or directory)")
+    assert list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize("setting", ["missing", "a-file"])
+def test_unusable_tmpdir_setting_falls_back_to_a_usable_folder(folders, capsys, monkeypatch, tmp_path, setting):
+    source, target = folders
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("TMPDIR", str(tmp_path / setting))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    code, lines, _ = run_cli(optimize_argv(source, target), capsys)
+    assert (code, lines) == (0, [])
+    x = rows(np.random.default_rng(9))
+    (reference,) = run(graphquant.load(source / "model.onnx"), {"x": x})
+    (quantized,) = run(graphquant.load(target / "q.onnx"), {"x": x})
+    assert cosine(reference, quantized) > 0.99
+
+
+WRONG_OPTIONS: dict[str, tuple[str, str]] = {
+    "string-for-int": ('wbits = "eight"', "option 'wbits' must be int, got 'eight'"),
+    "float-for-int": ("wbits = 8.5", "option 'wbits' must be int, got 8.5"),
+    "bool-for-int": ("wbits = true", "option 'wbits' must be int, got True"),
+    "string-for-bool": ('gptq = "yes"', "option 'gptq' must be bool, got 'yes'"),
+    "list-for-optional-int": ("block_size = [32]", "option 'block_size' must be int or None, got [32]"),
+    "nan-for-float": ("percentile = nan", "option 'percentile' must be a finite number, got nan"),
+    "inf-for-float": ("percentile = inf", "option 'percentile' must be a finite number, got inf"),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(WRONG_OPTIONS))
+def test_recipe_option_of_the_wrong_type_cli(folders, capsys, problem):
+    source, target = folders
+    option, message = WRONG_OPTIONS[problem]
+    recipe = source / "recipe.toml"
+    recipe.write_text(f'name = "typo"\n[[passes]]\nname = "quantize"\noptions = {{ {option} }}\n')
+    code, lines, _ = run_cli(optimize_argv(source, target, "--recipe", str(recipe)), capsys)
+    assert code == 1
+    assert_one_error_line(lines, f"{recipe}: pass 'quantize': {message}")
+    assert list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize("problem", sorted(WRONG_OPTIONS))
+def test_recipe_option_of_the_wrong_type_api(problem):
+    option, message = WRONG_OPTIONS[problem]
+    name, value = (part.strip() for part in option.split("="))
+    parsed = tomllib.loads(f"v = {value}")["v"]
+    with pytest.raises(graphquant.RecipeError, match=re.escape(message)):
+        graphquant.Recipe("typo", (graphquant.PassStep("quantize", {name: parsed}),))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_max_overhead_must_be_finite(folders, capsys, value):
+    source, target = folders
+    code, lines, _ = run_cli(optimize_argv(source, target, "--recipe", "splitquant", f"--max-overhead={value}"), capsys)
+    assert code == 1
+    assert_one_error_line(lines, "option 'max_overhead' must be a finite number")
+    assert list(target.iterdir()) == []
+
+
+def test_numpy_numbers_are_accepted_as_options():
+    recipe = graphquant.Recipe(
+        "np", (graphquant.PassStep("quantize", {"wbits": np.int64(6), "percentile": np.float32(99)}),)
+    )
+    assert recipe.steps[0].options["wbits"] == 6
+
+
+# --- onnxscript's version converter stays quiet ---
+
+
+OPSET_6_MLP = """
+<ir_version: 3, opset_import: ["" : 6]>
+old (float[N, 16] x, float[16, 16] w, float[16] b) => (float[N, 16] y) {
+  h = Gemm(x, w, b)
+  y = Relu(h)
+}
+"""
+
+
+def test_old_opset_model_with_a_symbolic_batch_prints_no_traceback(folders, capsys, caplog):
+    source, target = folders
+    write_proto(source / "model.onnx", OPSET_6_MLP)
+    model = onnx.load(source / "model.onnx")
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(16, np.float32), "b"))
+    onnx.save(model, source / "model.onnx")
+    code, lines, _ = run_cli(optimize_argv(source, target), capsys)
+    assert code == 1  # onnx's converter cannot move Gemm-6 with a symbolic batch, and onnxruntime has no Gemm-6
+    (line,) = lines
+    assert line.startswith("graphquant: error: ") and "Gemm" in line
+    assert [record.getMessage() for record in caplog.records] == []  # the CLI has no handler: they would print
+    assert list(target.iterdir()) == []
