@@ -326,6 +326,10 @@ BAD_MODELS: dict[str, tuple[Callable[[Path], None], str]] = {
     ),
     "function-dotdot-location": (function_dotdot_location, "'../secret.bin' is outside the model directory"),
     "subgraph-dotdot-location": (subgraph_dotdot_location, "'../secret.bin' is outside the model directory"),
+    "unknown-op": (
+        lambda path: write_proto(path, MATMUL.replace("MatMul(", "MatMull(")),
+        "an unnamed MatMull node: opset 17 of the default domain has no op 'MatMull'",
+    ),
     "opset-99": (opset(99), "default-domain opset 99 is not one onnx knows"),
     "opset-0": (opset(0), "default-domain opset 0 is not one onnx knows"),
     "no-default-opset": (no_default_opset, "the model imports no default-domain (ai.onnx) opset"),
@@ -411,7 +415,7 @@ def test_bad_calibration_data_cli(folders, capsys, problem):
     argv = ["optimize", str(source / "model.onnx"), "-o", str(target / "q.onnx"), "--calib", str(source / "bad.npz")]
     code, lines, _ = run_cli(argv, capsys)
     assert code == 1
-    assert_one_error_line(lines, message)
+    assert_one_error_line(lines, f"{source / 'bad.npz'}: ", message)
     assert snapshot(source) == before
     assert list(target.iterdir()) == []
 

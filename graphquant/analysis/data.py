@@ -104,14 +104,17 @@ class CalibrationData:
             self._materialized = [dict(feed) for feed in source]
         first = next(iter(self), None)
         if first is None:
-            raise CalibrationError("the calibration data set is empty")
+            raise CalibrationError(f"{self._where}the calibration data set is empty")
 
     def __iter__(self) -> Iterator[Feed]:
         """Yield checked feeds, one batch at a time; a full pass counts NaN/Inf per input into ``nonfinite``."""
         finite: dict[str, int] = {}
         nonfinite: dict[str, int] = {}
         for feed in self._raw_feeds():
-            checked = self._checked(feed)
+            try:
+                checked = self._checked(feed)
+            except CalibrationError as exc:
+                raise CalibrationError(f"{self._where}{exc}") from None
             for name, array in checked.items():
                 if np.issubdtype(array.dtype, np.floating):
                     good = int(np.count_nonzero(np.isfinite(array)))
@@ -120,8 +123,13 @@ class CalibrationData:
             yield checked
         for name, count in nonfinite.items():
             if count and not finite[name]:
-                raise CalibrationError(f"input {name!r} has no finite value in the calibration data")
+                raise CalibrationError(f"{self._where}input {name!r} has no finite value in the calibration data")
         self.nonfinite = {name: count for name, count in nonfinite.items() if count}
+
+    @property
+    def _where(self) -> str:
+        """The prefix that names the calibration file or folder in errors ("" for data given in memory)."""
+        return f"{self.source}: " if isinstance(self.source, (str, Path)) and not self.is_random else ""
 
     def __len__(self) -> int:
         """The number of batches."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import networkx as nx
@@ -143,6 +143,22 @@ def _check_opsets(proto: onnx.ModelProto) -> None:
             raise InvalidModelError("the model imports no default-domain (ai.onnx) opset")
     elif not 1 <= default <= newest:
         raise InvalidModelError(f"default-domain opset {default} is not one onnx knows (1 to {newest})")
+    else:
+        _check_default_ops(proto.graph.node, default)
+    for function in proto.functions:
+        imported = {entry.domain: entry.version for entry in function.opset_import}
+        version = next((imported[domain] for domain in DEFAULT_DOMAINS if domain in imported), default)
+        if version is not None and 1 <= version <= newest:
+            _check_default_ops(function.node, version)
+
+
+def _check_default_ops(nodes: Iterable[onnx.NodeProto], opset: int) -> None:
+    """Refuse default-domain nodes (subgraphs included) whose op the opset does not define."""
+    for node in nodes:
+        if node.domain in DEFAULT_DOMAINS and not onnx.defs.has(node.op_type, opset, ""):
+            raise InvalidModelError(f"{_label(node)}: opset {opset} of the default domain has no op {node.op_type!r}")
+        for subgraph in _subgraphs(node):
+            _check_default_ops(subgraph.node, opset)
 
 
 def _check_graph(graph: onnx.GraphProto | onnx.FunctionProto, outer: set[str], where: str) -> None:
