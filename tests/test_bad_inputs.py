@@ -319,7 +319,10 @@ BAD_MODELS: dict[str, tuple[Callable[[Path], None], str]] = {
         lambda path: external_weight(path, location="weights.bin", offset="4096"),
         "'weights.bin' is shorter than the tensor (5120 bytes)",
     ),
-    "location-is-the-model": (location_is_the_model, "external data location 'model.onnx' is the model file itself"),
+    "location-is-the-model": (
+        location_is_the_model,
+        "external data location 'model.onnx' is the file that holds the tensor",
+    ),
     "nul-in-location": (
         lambda path: external_weight(path, location="weights.bin\0.txt"),
         "external data location 'weights.bin\\x00.txt' is not a file name",

@@ -120,9 +120,9 @@ def _check_external(
     if Path(location).is_absolute() or not target.is_relative_to(root):
         raise InvalidModelError(f"{label}: external data location {location!r} is outside {folder}")
     if not target.is_file():
-        raise InvalidModelError(f"{label}: external data file {location!r} is missing")
+        raise InvalidModelError(f"{label}: external data file {location!r} is missing or not a regular file")
     if own_file is not None and target.samefile(own_file):
-        raise InvalidModelError(f"{label}: external data location {location!r} is the model file itself")
+        raise InvalidModelError(f"{label}: external data location {location!r} is the file that holds the tensor")
     if target.stat().st_nlink > 1:  # a hard link can bring any file of the same file system inside the folder
         raise InvalidModelError(f"{label}: external data file {location!r} has several hard links")
     length = int(entries.get("length", size))
