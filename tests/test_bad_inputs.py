@@ -268,6 +268,18 @@ def subgraph_dotdot_location(path: Path) -> None:
     write_proto(path, change=change)
 
 
+def not_utf8(text: bytes, spoiled: bytes, write: Callable[[Path], None]) -> Callable[[Path], None]:
+    """Write a file with ``write``, then replace ``text`` in it by ``spoiled`` (same length, not UTF-8)."""
+
+    def spoil(path: Path) -> None:
+        write(path)
+        data = path.read_bytes()
+        assert data.count(text) == 1
+        path.write_bytes(data.replace(text, spoiled))
+
+    return spoil
+
+
 def opset(version: int) -> Callable[[Path], None]:
     return lambda path: write_proto(path, MATMUL.replace('"" : 17', f'"" : {version}'))
 
@@ -332,6 +344,14 @@ BAD_MODELS: dict[str, tuple[Callable[[Path], None], str]] = {
     "unknown-op": (
         lambda path: write_proto(path, MATMUL.replace("MatMul(", "MatMull(")),
         "an unnamed MatMull node: opset 17 of the default domain has no op 'MatMull'",
+    ),
+    "op-type-not-utf8": (
+        not_utf8(b"MatMul", b"Mat\xb4ul", write_proto),
+        "the NodeProto field 'op_type' is not UTF-8 text",
+    ),
+    "location-not-utf8": (
+        not_utf8(b"weights.bin", b"wei\xffhts.bin", lambda path: external_weight(path, location="weights.bin")),
+        "the StringStringEntryProto field 'value' is not UTF-8 text",
     ),
     "opset-99": (opset(99), "default-domain opset 99 is not one onnx knows"),
     "opset-0": (opset(0), "default-domain opset 0 is not one onnx knows"),
@@ -608,7 +628,16 @@ def symlinked_data(folder: Path) -> Path:
     return made
 
 
+def name_not_utf8(folder: Path) -> Path:
+    tensor = onnx.numpy_helper.from_array(batch(), "input-name")
+    made = write_data_set(folder, {"input_0.pb": tensor.SerializeToString()})
+    file = made / "test_data_set_0" / "input_0.pb"
+    file.write_bytes(file.read_bytes().replace(b"input-name", b"input\xffname"))
+    return made
+
+
 BAD_TEST_DATA: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "name-not-utf8": (name_not_utf8, "input_0.pb: the TensorProto field 'name' is not UTF-8 text"),
     "letter-name": (letter_name, "input_a.pb: test-data inputs must be named input_<number>.pb"),
     "sequence": (sequence, "input_0.pb: the tensor is segmented: not a plain tensor (a sequence or map?)"),
     "dims-vs-data": (dims_vs_data, "input_0.pb: tensor 'x': dims (8, 17) need 544 bytes, the data holds 512"),

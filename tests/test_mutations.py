@@ -28,6 +28,7 @@ from graphquant.cli import main
 DEEP = os.environ.get("GRAPHQUANT_MUTATIONS") == "deep"
 MUTANTS_PER_INPUT = 600 if DEEP else 40
 ROWS, FEATURES = 16, 16
+MAX_SECONDS_PER_MUTANT = 30  # a hang or a runaway allocation shows up as a slow mutant
 
 OPSET_11_MLP = """
 <ir_version: 6, opset_import: ["" : 11]>
@@ -194,9 +195,13 @@ def test_mutants_end_cleanly(subject, tmp_path, monkeypatch):
         data, change = mutate(original, rng)
         (folder / subject.mutated).write_bytes(data)
         before = snapshot(folder)
+        began = time.perf_counter()
         code, err, logs = run_in(folder, subject.argv)
+        took = time.perf_counter() - began
         outcomes[code] = outcomes.get(code, 0) + 1
         found = problems_of(subject, folder, code, err, logs)
+        if took > MAX_SECONDS_PER_MUTANT:
+            found.append(f"took {took:.0f} s")
         shutil.rmtree(folder / "out")
         (folder / "out").mkdir()
         if snapshot(folder) != before:

@@ -19,7 +19,7 @@ import onnx.numpy_helper
 import onnx_ir as ir
 
 from graphquant.errors import CalibrationError, InvalidModelError
-from graphquant.frontends.onnx_file import check_tensor
+from graphquant.frontends.onnx_file import check_tensor, check_text
 
 Feed = dict[str, np.ndarray]
 CalibrationSource = str | Path | Iterable[Mapping[str, np.ndarray]]
@@ -285,6 +285,7 @@ def _read_tensor(file: Path) -> onnx.TensorProto:
     except Exception as exc:  # protobuf raises DecodeError or RuntimeWarning-derived errors
         raise CalibrationError(f"{file}: not a serialized TensorProto") from exc
     try:
+        check_text(tensor)
         check_tensor(tensor, file.parent, own_file=file, folder="its test_data_set folder")
     except InvalidModelError as exc:
         raise CalibrationError(f"{file}: {exc}") from None

@@ -12,7 +12,8 @@ import networkx as nx
 import onnx
 import onnx.helper
 import onnx_ir as ir
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 
 from graphquant.errors import InvalidModelError
 from graphquant.logs import silenced
@@ -49,12 +50,26 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
 
 def check_model_proto(proto: onnx.ModelProto, model_path: Path) -> None:
     """Refuse what graphquant cannot read safely: bad opsets, sparse or malformed tensors, broken graphs."""
+    check_text(proto)
     _check_opsets(proto)
     for tensor in _all_tensors(proto):
         check_tensor(tensor, model_path.parent, model_path)
     _check_graph(proto.graph, set(), "the main graph")
     for function in proto.functions:
         _check_graph(function, set(), f"function {function.domain}.{function.name}")
+
+
+def check_text(message: Message) -> None:
+    """Refuse string fields that are not UTF-8 text (protobuf hands them over as bytes), nested messages included."""
+    pending = [message]
+    while pending:
+        current = pending.pop()
+        for field, value in current.ListFields():
+            values = [value] if isinstance(value, (str, bytes, Message)) else value  # else a repeated field
+            if field.type == FieldDescriptor.TYPE_MESSAGE:
+                pending.extend(values)
+            elif field.type == FieldDescriptor.TYPE_STRING and not all(isinstance(text, str) for text in values):
+                raise InvalidModelError(f"the {current.DESCRIPTOR.name} field {field.name!r} is not UTF-8 text")
 
 
 def check_tensor(
