@@ -28,6 +28,8 @@ from graphquant.cli import main
 DEEP = os.environ.get("GRAPHQUANT_MUTATIONS") == "deep"
 MUTANTS_PER_INPUT = 600 if DEEP else 40
 ROWS, FEATURES = 16, 16
+# An error names an input by its path (every input is in the mutant's folder) or as one of the run's models.
+MODEL_NAMES = ("the model", "the original model", "the quantized model")
 MAX_SECONDS_PER_MUTANT = 30  # a hang or a runaway allocation shows up as a slow mutant
 
 OPSET_11_MLP = """
@@ -168,6 +170,8 @@ def problems_of(subject: Subject, folder: Path, code: int, err: str, logs: list[
             found.append(f"not one error line: {errors!r}")
         elif "internal error" in errors[0] or "Traceback" in errors[0]:
             found.append(errors[0])
+        elif str(folder) not in errors[0] and not any(name in errors[0] for name in MODEL_NAMES):
+            found.append(f"names no input: {errors[0]}")
     written = sorted(str(p.relative_to(folder / "out")) for p in (folder / "out").rglob("*"))
     expected = [["q.onnx"], ["q.onnx", "q.onnx.data"]] if code == 0 and subject.argv[0] == "optimize" else [[]]
     if written not in expected:

@@ -129,7 +129,7 @@ class CalibrationData:
     @property
     def _where(self) -> str:
         """The prefix that names the calibration file or folder in errors ("" for data given in memory)."""
-        return f"{self.source}: " if isinstance(self.source, (str, Path)) and not self.is_random else ""
+        return f"{Path(self.source)}: " if isinstance(self.source, (str, Path)) and not self.is_random else ""
 
     def __len__(self) -> int:
         """The number of batches."""
