@@ -1042,8 +1042,10 @@ def test_old_opset_model_with_a_symbolic_batch_prints_no_traceback(folders, caps
     model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(16, np.float32), "b"))
     onnx.save(model, source / "model.onnx")
     code, lines, _ = run_cli(optimize_argv(source, target), capsys)
-    assert code == 1  # onnx's converter cannot move Gemm-6 with a symbolic batch, and onnxruntime has no Gemm-6
+    # onnx's converter cannot move Gemm-6 with a symbolic batch (and logs why, with a traceback), and onnxruntime
+    # has no Gemm-6: the run ends in one error line, whichever model it names.
+    assert code == 1
     (line,) = lines
-    assert line.startswith("graphquant: error: ") and "Gemm" in line
+    assert line.startswith("graphquant: error: ") and "Traceback" not in line and "internal error" not in line
     assert [record.getMessage() for record in caplog.records] == []  # the CLI has no handler: they would print
     assert list(target.iterdir()) == []
