@@ -309,6 +309,10 @@ BAD_MODELS: dict[str, tuple[Callable[[Path], None], str]] = {
     "dangling-input": (dangling_input, "an unnamed Add node reads 'bias', which is undefined"),
     "unproduced-output": (unproduced_output, "output 'z' is produced by no node"),
     "value-defined-twice": (defined_twice, "value 'y' is defined more than once"),
+    "input-listed-twice": (
+        lambda path: write_proto(path, MATMUL.replace("(float[N, 16] x)", "(float[N, 16] x, float[N, 16] x)")),
+        "value 'x' is defined more than once",
+    ),
     "sparse-initializer": (sparse_initializer, "sparse initializer 'w' is not supported"),
     "initializer-dims-vs-data": (initializer_dims, "tensor 'w': dims (17, 16) need 1088 bytes, the data holds 1024"),
     "offset-not-an-integer": (

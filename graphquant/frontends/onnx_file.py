@@ -179,12 +179,14 @@ def _check_default_ops(nodes: Iterable[onnx.NodeProto], opset: int) -> None:
 def _check_graph(graph: onnx.GraphProto | onnx.FunctionProto, outer: set[str], where: str) -> None:
     """Refuse reads of undefined values, outputs nothing defines, values defined twice, and cycles."""
     if isinstance(graph, onnx.GraphProto):
-        given = [value.name for value in graph.input] + [tensor.name for tensor in graph.initializer]
-        outputs = [value.name for value in graph.output]
+        inputs, outputs = [value.name for value in graph.input], [value.name for value in graph.output]
+        initializers = [tensor.name for tensor in graph.initializer]
     else:
-        given, outputs = list(graph.input), list(graph.output)
+        inputs, outputs, initializers = list(graph.input), list(graph.output), []
+    given = inputs + initializers  # a name may be both (an input with a default), but only once in each
     produced = [name for node in graph.node for name in node.output if name]
-    repeated = _first_repeat(produced) or next((name for name in produced if name in given), None)
+    repeated = _first_repeat(inputs) or _first_repeat(initializers) or _first_repeat(produced)
+    repeated = repeated or next((name for name in produced if name in given), None)
     if repeated is not None:
         raise InvalidModelError(f"{where}: value {repeated!r} is defined more than once")
     defined = outer | set(given) | set(produced)
