@@ -64,11 +64,17 @@ def check_text(message: Message) -> None:
     pending = [message]
     while pending:
         current = pending.pop()
-        for field, value in current.ListFields():
-            values = [value] if isinstance(value, (str, bytes, Message)) else value  # else a repeated field
+        for field in current.DESCRIPTOR.fields:  # not ListFields: that would copy every tensor's raw bytes
+            if field.type not in (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_STRING):
+                continue
+            value = getattr(current, field.name)
+            if isinstance(value, (str, bytes, Message)):  # a singular field
+                if isinstance(value, Message) and not current.HasField(field.name):
+                    continue
+                value = [value]
             if field.type == FieldDescriptor.TYPE_MESSAGE:
-                pending.extend(values)
-            elif field.type == FieldDescriptor.TYPE_STRING and not all(isinstance(text, str) for text in values):
+                pending.extend(value)
+            elif not all(isinstance(text, str) for text in value):
                 raise InvalidModelError(f"the {current.DESCRIPTOR.name} field {field.name!r} is not UTF-8 text")
 
 
