@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import os
+import re
 import warnings
+import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -12,7 +18,8 @@ import onnx
 import onnx.numpy_helper
 import onnx_ir as ir
 
-from graphquant.errors import CalibrationError
+from graphquant.errors import CalibrationError, InvalidModelError
+from graphquant.frontends.onnx_file import check_tensor, check_text
 
 Feed = dict[str, np.ndarray]
 CalibrationSource = str | Path | Iterable[Mapping[str, np.ndarray]]
@@ -20,6 +27,12 @@ CalibrationSource = str | Path | Iterable[Mapping[str, np.ndarray]]
 DEFAULT_BATCH_SIZE = 8
 RANDOM_BATCHES = 8
 RANDOM_SYMBOLIC_DIM = 8
+GIB = 1 << 30
+NPY_MAGIC = b"\x93NUMPY"
+NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+# What a damaged archive raises: zipfile, zlib and numpy's .npy header parser each have their own types.
+NPZ_READ_ERRORS = (OSError, EOFError, ValueError, SyntaxError, zipfile.BadZipFile, zlib.error, NotImplementedError)
+INPUT_FILE = re.compile(r"input_(\d+)\.pb")
 
 
 class RandomCalibrationWarning(UserWarning):
@@ -91,14 +104,17 @@ class CalibrationData:
             self._materialized = [dict(feed) for feed in source]
         first = next(iter(self), None)
         if first is None:
-            raise CalibrationError("the calibration data set is empty")
+            raise CalibrationError(f"{self._where}the calibration data set is empty")
 
     def __iter__(self) -> Iterator[Feed]:
         """Yield checked feeds, one batch at a time; a full pass counts NaN/Inf per input into ``nonfinite``."""
         finite: dict[str, int] = {}
         nonfinite: dict[str, int] = {}
         for feed in self._raw_feeds():
-            checked = self._checked(feed)
+            try:
+                checked = self._checked(feed)
+            except CalibrationError as exc:
+                raise CalibrationError(f"{self._where}{exc}") from None
             for name, array in checked.items():
                 if np.issubdtype(array.dtype, np.floating):
                     good = int(np.count_nonzero(np.isfinite(array)))
@@ -107,8 +123,13 @@ class CalibrationData:
             yield checked
         for name, count in nonfinite.items():
             if count and not finite[name]:
-                raise CalibrationError(f"input {name!r} has no finite value in the calibration data")
+                raise CalibrationError(f"{self._where}input {name!r} has no finite value in the calibration data")
         self.nonfinite = {name: count for name, count in nonfinite.items() if count}
+
+    @property
+    def _where(self) -> str:
+        """The prefix that names the calibration file or folder in errors ("" for data given in memory)."""
+        return f"{Path(self.source)}: " if isinstance(self.source, (str, Path)) and not self.is_random else ""
 
     def __len__(self) -> int:
         """The number of batches."""
@@ -141,6 +162,8 @@ class CalibrationData:
         checked = {}
         for name, value in feed.items():
             array = np.asarray(value)
+            if not array.dtype.isnative:  # big-endian data (from another machine) is read, not refused
+                array = array.astype(array.dtype.newbyteorder("="))
             expected[name].check(array)
             checked[name] = array
         return checked
@@ -148,12 +171,7 @@ class CalibrationData:
 
 def _npz_feeds(path: Path, inputs: list[InputSpec], batch_size: int) -> Iterator[Feed]:
     """Slice an .npz of stacked samples (first axis) into batches."""
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise CalibrationError(f"{path}: cannot read .npz ({exc})") from exc
-    with archive:
-        arrays = {key: archive[key] for key in archive.files}
+    arrays = _npz_arrays(path)
     if not arrays:
         raise CalibrationError(f"{path}: the .npz holds no arrays")
     samples = {key: (array.shape[0] if array.ndim else 0) for key, array in arrays.items()}
@@ -168,6 +186,65 @@ def _npz_feeds(path: Path, inputs: list[InputSpec], batch_size: int) -> Iterator
         yield {key: array[start : start + step] for key, array in arrays.items()}
 
 
+def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz archive, each member's header checked before its data is read (nothing unpickled)."""
+    if not zipfile.is_zipfile(path):
+        with path.open("rb") as file:
+            npy = file.read(len(NPY_MAGIC)) == NPY_MAGIC
+        kind = "a .npy file, not an .npz archive" if npy else "not a zip archive: truncated, or another kind of file"
+        raise CalibrationError(f"{path}: cannot read .npz ({kind})")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [info for info in archive.infolist() if not info.is_dir()]
+            return {info.filename.removesuffix(".npy"): _npy_member(path, archive, info) for info in members}
+    except NPZ_READ_ERRORS as exc:
+        raise CalibrationError(f"{path}: cannot read .npz ({type(exc).__name__}: {_first_line(exc)})") from exc
+
+
+def _npy_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """One .npy member, refused if it holds objects or declares more bytes than it stores or memory can hold."""
+    label = f"{path}: member {info.filename!r}"
+    with archive.open(info) as member:
+        if not info.filename.endswith(".npy") or member.read(len(NPY_MAGIC)) != NPY_MAGIC:
+            raise CalibrationError(f"{label} is not a .npy array")
+        member.seek(0)
+        version = np.lib.format.read_magic(member)
+        if version not in NPY_HEADER_READERS:
+            raise CalibrationError(f"{label}: .npy format version {version} is not supported")
+        shape, _, dtype = NPY_HEADER_READERS[version](member)
+        stored = info.file_size - member.tell()
+    if dtype.hasobject:
+        raise CalibrationError(f"{label} holds Python objects (pickled data is never loaded)")
+    declared = math.prod(shape) * dtype.itemsize
+    available = available_memory()
+    if available is not None and declared > available:
+        raise CalibrationError(
+            f"{label} declares shape {shape} of {dtype}: {declared / GIB:.3g} GiB, "
+            f"more than the {available / GIB:.3g} GiB of available memory"
+        )
+    if declared > stored:
+        raise CalibrationError(f"{label} stores {stored} bytes, its shape {shape} of {dtype} needs {declared}")
+    with archive.open(info) as member:
+        return np.lib.format.read_array(member, allow_pickle=False)
+
+
+def available_memory() -> int | None:
+    """Bytes a new allocation can take: MemAvailable on Linux, else the physical memory, if either is known."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def _batch_size_for(inputs: list[InputSpec], default: int) -> int:
     """The static batch dim shared by the inputs, or the default where the batch dim is symbolic."""
     static = {spec.shape[0] for spec in inputs if spec.shape and spec.shape[0] is not None}
@@ -175,22 +252,44 @@ def _batch_size_for(inputs: list[InputSpec], default: int) -> int:
 
 
 def _test_data_feeds(directory: Path, inputs: list[InputSpec]) -> Iterator[Feed]:
-    """Read the ONNX test-data layout: test_data_set_*/input_*.pb."""
-    data_sets = sorted(directory.glob("test_data_set_*"))
+    """Read the ONNX test-data layout: test_data_set_*/input_<n>.pb, external data kept inside each data set."""
+    data_sets = sorted(path for path in directory.glob("test_data_set_*") if path.is_dir())
     if not data_sets:
         raise CalibrationError(f"{directory}: no test_data_set_* folders")
     for data_set in data_sets:
-        files = sorted(data_set.glob("input_*.pb"), key=lambda p: int(p.stem.split("_")[-1]))
         feed = {}
-        for index, file in enumerate(files):
-            tensor = onnx.TensorProto()
-            try:
-                tensor.ParseFromString(file.read_bytes())
-            except Exception as exc:  # protobuf raises DecodeError or RuntimeWarning-derived errors
-                raise CalibrationError(f"{file}: not a serialized TensorProto") from exc
+        for index, file in enumerate(_input_files(data_set)):
+            tensor = _read_tensor(file)
             name = tensor.name or (inputs[index].name if index < len(inputs) else f"input_{index}")
-            feed[name] = onnx.numpy_helper.to_array(tensor)
+            try:
+                feed[name] = onnx.numpy_helper.to_array(tensor, base_dir=str(data_set))
+            except Exception as exc:  # onnx raises many types on tensors it cannot convert
+                raise CalibrationError(f"{file}: cannot read the tensor ({_first_line(exc)})") from exc
         yield feed
+
+
+def _input_files(data_set: Path) -> list[Path]:
+    """The data set's input_<n>.pb files in the order of n."""
+    files = sorted(data_set.glob("input_*.pb"))
+    for file in files:
+        if not INPUT_FILE.fullmatch(file.name):
+            raise CalibrationError(f"{file}: test-data inputs must be named input_<number>.pb")
+    return sorted(files, key=lambda file: int(INPUT_FILE.fullmatch(file.name)[1]))  # type: ignore[index]
+
+
+def _read_tensor(file: Path) -> onnx.TensorProto:
+    """A checked TensorProto: dims match its data, external data stays inside the data set's folder."""
+    tensor = onnx.TensorProto()
+    try:
+        tensor.ParseFromString(file.read_bytes())
+    except Exception as exc:  # protobuf raises DecodeError or RuntimeWarning-derived errors
+        raise CalibrationError(f"{file}: not a serialized TensorProto") from exc
+    try:
+        check_text(tensor)
+        check_tensor(tensor, file.parent, own_file=file, folder="its test_data_set folder")
+    except InvalidModelError as exc:
+        raise CalibrationError(f"{file}: {exc}") from None
+    return tensor
 
 
 def _random_feeds(inputs: list[InputSpec]) -> Iterator[Feed]:

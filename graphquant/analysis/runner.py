@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,6 +12,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from graphquant.errors import InvalidModelError
+from graphquant.scratch import scratch_folder
 
 # Above this many initializer bytes the model is written with external data (the protobuf limit is 2 GiB).
 PROTO_SIZE_LIMIT = 1 << 30
@@ -88,11 +87,11 @@ def open_session(model: ir.Model, extra_outputs: Sequence[str] = ()) -> Iterator
     for name, buffer in zip(shared, buffers):
         options.add_initializer(name, buffer)
     try:
-        with tempfile.TemporaryDirectory(prefix="graphquant-") as scratch:
-            with open(Path(scratch) / SHARED_LOCATION, "wb") as placeholder:
+        with scratch_folder() as scratch:
+            with open(scratch / SHARED_LOCATION, "wb") as placeholder:
                 placeholder.truncate(max((tensor.nbytes for tensor in shared.values()), default=0))
-            onnx.save(proto, Path(scratch) / "model.onnx")
-            session = load_session(str(Path(scratch) / "model.onnx"), options)
+            onnx.save(proto, scratch / "model.onnx")
+            session = load_session(str(scratch / "model.onnx"), options)
         yield session
     finally:
         # The mappings can only close once nothing holds the buffers: callers drop the session first.

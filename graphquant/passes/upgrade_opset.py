@@ -5,6 +5,7 @@ from __future__ import annotations
 import onnx.helper
 import onnx_ir as ir
 
+from graphquant.logs import silenced
 from graphquant.lowering.qdq import MIN_OPSET, upgrade_opset
 
 # From IR version 4 on, initializers need not be listed as graph inputs.
@@ -28,7 +29,8 @@ class UpgradeOpsetPass(ir.passes.InPlacePass):
         if before >= self.minimum:
             return ir.passes.PassResult(model, modified=False)
         legacy_inputs = model.ir_version < INITIALIZERS_AS_INPUTS_BEFORE_IR
-        upgrade_opset(model, self.minimum, fallback=True)
+        with silenced("onnxscript.version_converter"):  # it logs failures with full tracebacks on stderr
+            upgrade_opset(model, self.minimum, fallback=True)
         after = model.graph.opset_imports.get("", 0)
         if after == before:
             return ir.passes.PassResult(model, modified=False)

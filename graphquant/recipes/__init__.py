@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
+import numbers
 import sys
+import typing
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass, TopologicalSortPass
 
@@ -85,7 +89,10 @@ class Recipe:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise RecipeError(f"{path}: cannot read recipe ({exc})") from exc
-        return cls.from_dict(data, default_name=Path(path).stem)
+        try:
+            return cls.from_dict(data, default_name=Path(path).stem)
+        except RecipeError as exc:
+            raise RecipeError(f"{path}: {exc}") from None
 
     @classmethod
     def named(cls, name_or_path: str | Path) -> Recipe:
@@ -159,3 +166,20 @@ def _check_options(step: PassStep) -> None:
     unknown = sorted(set(step.options) - _parameters(PASSES[step.name]))
     if unknown:
         raise RecipeError(f"pass {step.name!r}: unknown option {unknown[0]!r}")
+    hints = typing.get_type_hints(PASSES[step.name].__init__)
+    for key, value in step.options.items():
+        allowed = typing.get_args(hints[key]) or (hints[key],)  # X | None gives (X, NoneType)
+        if all(isinstance(kind, type) for kind in allowed) and not _fits(value, allowed):
+            names = " or ".join("None" if kind is type(None) else kind.__name__ for kind in allowed)
+            raise RecipeError(f"pass {step.name!r}: option {key!r} must be {names}, got {value!r}")
+        if isinstance(value, numbers.Real) and not math.isfinite(value):
+            raise RecipeError(f"pass {step.name!r}: option {key!r} must be a finite number, got {value!r}")
+
+
+def _fits(value: Any, allowed: tuple[type, ...]) -> bool:
+    """Whether an option value has one of the allowed types (any integer passes for a float; a bool only for a bool)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool in allowed
+    if isinstance(value, numbers.Integral) and (int in allowed or float in allowed):
+        return True
+    return isinstance(value, allowed) or (isinstance(value, numbers.Real) and float in allowed)
