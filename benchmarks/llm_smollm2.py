@@ -21,9 +21,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import minilm_common as common  # noqa: E402  (also puts examples/ on sys.path)
-import smollm2  # noqa: E402
-from outliertune_minilm import log, make_reader, one_line, run_ort, slug  # noqa: E402
+import minilm_common as common  # also puts examples/ on sys.path
+import smollm2
+from outliertune_minilm import log, make_reader, one_line, run_ort, slug
 
 ORT_DYNAMIC = "ORT quantize_dynamic (S8 per-channel weights)"
 ORT_NBITS = "ORT MatMulNBitsQuantizer W4 block 32 (RTN, asym)"
@@ -158,8 +158,10 @@ def table(rows: list[Row], latency: dict[str, float], dynamic_s: float | None) -
     """The markdown table of every row."""
     fp32_ms, dynamic_ms = latency.get(rows[0].label), latency.get(ORT_DYNAMIC)
     lines = [
-        "| model | perplexity | next-token agreement | KL vs FP32 | latency ms | speed vs FP32 | speed vs dynamic "
-        "| size MB | quant time s | time vs dynamic |",
+        (
+            "| model | perplexity | next-token agreement | KL vs FP32 | latency ms | speed vs FP32 "
+            "| speed vs dynamic | size MB | quant time s | time vs dynamic |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
