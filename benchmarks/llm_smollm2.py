@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +98,15 @@ def score(fp32: Path, row: Row, feeds: list[dict[str, np.ndarray]]) -> None:
     row.kl = scores.kl / scores.positions
 
 
-def ort_rows(fp32: Path, calib: list[dict[str, np.ndarray]], out: Path, static: bool) -> list[Row]:
+def score_and_log(fp32: Path, row: Row, feeds: list[dict[str, np.ndarray]]) -> None:
+    """Score a built row and log its figures at once (a long run shows its results as it goes)."""
+    if row.path is None:
+        return
+    score(fp32, row, feeds)
+    log(f"{row.label}: perplexity {row.perplexity:.3f}, agreement {row.agreement:.4f}, KL {row.kl:.5f}")
+
+
+def ort_rows(fp32: Path, calib: list[dict[str, np.ndarray]], out: Path, static: bool) -> Iterator[Row]:
     """quantize_dynamic, MatMulNBitsQuantizer 4-bit and (with --static) quantize_static S8S8 MatMul-only."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic, quantize_static
@@ -124,7 +134,8 @@ def ort_rows(fp32: Path, calib: list[dict[str, np.ndarray]], out: Path, static: 
     ]
     if static:
         builders.append((ORT_STATIC, static_s8s8))
-    return [_row(run_ort(label, out, build)) for label, build in builders]
+    for label, build in builders:
+        yield _row(run_ort(label, out, build))
 
 
 def _row(ort_row: Any) -> Row:
@@ -132,11 +143,10 @@ def _row(ort_row: Any) -> Row:
     return Row(ort_row.label, ort_row.path, ort_row.quant_s, ort_row.error)
 
 
-def graphquant_rows(fp32: Path, calib: list[dict[str, np.ndarray]], out: Path, keys: list[str]) -> list[Row]:
+def graphquant_rows(fp32: Path, calib: list[dict[str, np.ndarray]], out: Path, keys: list[str]) -> Iterator[Row]:
     """Quantize with each chosen graphquant config (quant time includes graphquant's validation run)."""
     import graphquant
 
-    rows = []
     for key in keys:
         label, recipe, options = CONFIGS[key]
         path = out / f"{slug(label)}.onnx"
@@ -147,11 +157,11 @@ def graphquant_rows(fp32: Path, calib: list[dict[str, np.ndarray]], out: Path, k
             graphquant.save(result, path, overwrite=True)
         except Exception as exc:  # noqa: BLE001 - a failing config is a row of the table, not the end of the run
             log(f"[graphquant] {label} failed: {one_line(exc)}")
-            rows.append(Row(label, error=f"n/a: {one_line(exc)}"))
+            yield Row(label, error=f"n/a: {one_line(exc)}")
             continue
-        rows.append(Row(label, path, time.perf_counter() - start))
-        log(f"[graphquant] {label} done in {rows[-1].quant_s:.1f}s\n{result.report.format_table()}")
-    return rows
+        seconds = time.perf_counter() - start
+        log(f"[graphquant] {label} done in {seconds:.1f}s\n{result.report.format_table()}")
+        yield Row(label, path, seconds)
 
 
 def table(rows: list[Row], latency: dict[str, float], dynamic_s: float | None) -> str:
@@ -220,14 +230,14 @@ def main() -> None:
     calib = smollm2.feeds_for(smollm2.token_sequences(smollm2.CALIBRATION_MODULES, args.calib_seqs), LATENCY_BATCH)
     evaluation = smollm2.feeds_for(smollm2.token_sequences(smollm2.EVALUATION_MODULES, args.eval_seqs), LATENCY_BATCH)
     rows = [Row(f"FP32 (torch.onnx {args.exporter} export)", fp32)]
-    if not args.no_ort:
-        rows += ort_rows(fp32, calib, out, args.static)
     keys = [key for key in args.configs.split(",") if key]
-    rows += graphquant_rows(fp32, calib, out, keys)
-    for row in rows:
-        if row.path is not None:
-            log(f"scoring {row.label} ...")
-            score(fp32, row, evaluation)
+    built = itertools.chain(
+        [] if args.no_ort else ort_rows(fp32, calib, out, args.static), graphquant_rows(fp32, calib, out, keys)
+    )
+    score_and_log(fp32, rows[0], evaluation)
+    for row in built:  # each model is scored as soon as it is built
+        score_and_log(fp32, row, evaluation)
+        rows.append(row)
     rounds, repeats = (3, 3) if args.quick else (5, 10)
     built = {row.label: row.path for row in rows if row.path is not None}
     log(f"timing {len(built)} models interleaved: {rounds} rounds x {repeats} runs, batch {LATENCY_BATCH}x128")
