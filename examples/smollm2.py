@@ -174,17 +174,26 @@ def parse_args() -> argparse.Namespace:
     """Parse the command-line arguments."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument("--exporter", choices=("dynamo", "legacy", "both"), default="both")
+    parser.add_argument("--exporter", choices=("dynamo", "legacy", "both", "none"), default="both")
+    parser.add_argument("--write-calib", type=Path, help="also write this .npz of calibration windows (for the CLI)")
+    parser.add_argument("--calib-seqs", type=int, default=8)
     return parser.parse_args()
 
 
 def main() -> None:
     """Export the prefill graph(s) and print the largest logit difference against torch on two held-out sequences."""
     args = parse_args()
+    if args.write_calib is not None:
+        ids = token_sequences(CALIBRATION_MODULES, args.calib_seqs)
+        np.savez(args.write_calib, input_ids=ids, attention_mask=np.ones_like(ids))
+        print(f"wrote {args.write_calib}: {ids.shape[0]} calibration windows of {ids.shape[1]} tokens")
+    exporters = {"dynamo": (True,), "legacy": (False,), "both": (True, False), "none": ()}[args.exporter]
+    if not exporters:
+        return
     model = load_torch_model()
     feeds = feeds_for(token_sequences(EVALUATION_MODULES, 2), 2)
     reference = torch_logits(model, feeds[0])
-    for dynamo in {"dynamo": (True,), "legacy": (False,), "both": (True, False)}[args.exporter]:
+    for dynamo in exporters:
         start = time.perf_counter()
         path = Path(args.cache) / f"smollm2_prefill_{'dynamo' if dynamo else 'legacy'}.onnx"
         export_prefill(path, dynamo, model)
