@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from graphquant.analysis.layers import Layer, classify, constant_array
+from graphquant.analysis.layers import RMS_NORM_OPS, Layer, channel_scale_input, classify, constant_array
 from graphquant.analysis.runner import release_mapping
 from graphquant.graph_edit import NameScope, add_initializer, insert_after_producer, remove_if_unused
 from graphquant.quant_spec import KEEP_FLOAT_KEY
@@ -16,6 +16,8 @@ from graphquant.quant_spec import KEEP_FLOAT_KEY
 AFFINE_BRANCH_KEY = "graphquant.affine_branch"
 # Marks the Add that sums a layer's int path and its float path (the layer's real output).
 FLOAT_PATH_SUM_KEY = "graphquant.float_path_sum"
+# Readers that see only a tensor's shape, which a per-channel affine keeps.
+SHAPE_ONLY_OPS = ("Shape", "Size")
 
 
 def apply_channel_affine(
@@ -38,31 +40,101 @@ def apply_channel_affine(
         if exclusive:
             _fold_into_layer_norm(graph, names, producer, producer, scale, offset)
             return activation, "folded into LayerNormalization"
-        clone = _clone_layer_norm(graph, names, producer)
+        clone = _clone_node(graph, names, producer)
         _fold_into_layer_norm(graph, names, clone, producer, scale, offset)
         _redirect(readers, activation, clone.outputs[0])
         return clone.outputs[0], "folded into a copy of LayerNormalization"
     if exclusive and producer is not None and _fold_through_relu(graph, names, producer, scale, offset):
         return activation, "folded through Relu into the producing layer"
-    source = activation
     if exclusive:
         base, old_scale, old_offset = _existing_branch(activation)
         if old_scale is not None and old_offset is not None:
-            # (x*a1 + c1)*a2 + c2 = x*(a1*a2) + (c1*a2 + c2)
-            scale, offset = old_scale * scale, old_offset * scale + offset
             _remove_branch(graph, activation)
-            source = base
-    new_value = _insert_branch(graph, names, source, scale, offset)
-    _redirect(readers, source, new_value)
+            # (x*a1 + c1)*a2 + c2 = x*(a1*a2) + (c1*a2 + c2), placed afresh on the branch's input
+            return apply_channel_affine(graph, names, base, readers, old_scale * scale, old_offset * scale + offset)
+    if producer is not None and np.any(scale != 1):
+        scaled, how = _absorb_scale(graph, names, producer, readers, exclusive, scale)
+        if scaled is not None:
+            return _offset_branch(graph, names, scaled, readers, offset, how)
+    new_value = _insert_branch(graph, names, activation, scale, offset)
+    _redirect(readers, activation, new_value)
     return new_value, "Mul/Add on the quantized branch"
+
+
+def _absorb_scale(
+    graph: ir.Graph, names: NameScope, producer: ir.Node, readers: Sequence[ir.Node], exclusive: bool, scale: np.ndarray
+) -> tuple[ir.Value | None, str]:
+    """Fold x*scale into the producer: its per-channel weight (RMSNorm) or the layer making a factor of a product.
+
+    Returns the value that now carries x*scale for the readers (None if the producer cannot absorb it) and how.
+    """
+    index = None if AFFINE_BRANCH_KEY in producer.meta else channel_scale_input(producer, scale.size)
+    if index is not None:
+        target = producer if exclusive else _clone_node(graph, names, producer)
+        factor = constant_array(target.inputs[index])
+        assert factor is not None
+        scaled = (factor * scale.reshape(factor.shape)).astype(factor.dtype)
+        target.replace_input_with(index, add_initializer(graph, names, f"{target.name or 'mul'}_scaled", scaled))
+        if not exclusive:
+            _redirect(readers, producer.outputs[0], target.outputs[0])
+        kind = "RMSNorm scale" if producer.op_type in RMS_NORM_OPS else "per-channel Mul weight (RMSNorm)"
+        return target.outputs[0], f"folded into {'a copy of ' if not exclusive else ''}the {kind}"
+    if exclusive and _fold_into_gated_product(graph, names, producer, scale):
+        return producer.outputs[0], "folded into the output columns of the layer making one factor of the product"
+    return None, ""
+
+
+def _offset_branch(
+    graph: ir.Graph, names: NameScope, value: ir.Value, readers: Sequence[ir.Node], offset: np.ndarray, how: str
+) -> tuple[ir.Value, str]:
+    """Make ``readers`` see value + offset (an Add on the quantized branch), or value itself for a zero offset."""
+    if np.all(offset == 0):
+        return value, how
+    shifted = _insert_branch(graph, names, value, np.ones_like(offset), offset)
+    _redirect(readers, value, shifted)
+    return shifted, f"{how}, shift as an Add on the quantized branch"
+
+
+def _fold_into_gated_product(graph: ir.Graph, names: NameScope, product: ir.Node, scale: np.ndarray) -> bool:
+    """(a ⊙ (X·W + b))·s = a ⊙ (X·(W·diag(s)) + b·s): scale the columns of a layer whose output only the Mul reads.
+
+    This is SwiGLU's down_proj input, SiLU(gate) ⊙ up: linear in up, so up's output columns take the scale.
+    """
+    if product.op_type != "Mul" or product.domain not in ("", "ai.onnx") or len(product.inputs) != 2:
+        return False
+    first, second = product.inputs
+    if first is None or second is None or first is second:
+        return False
+    return any(_scale_layer_output(graph, names, operand, product, scale) for operand in (second, first))
+
+
+def _clone_node(graph: ir.Graph, names: NameScope, node: ir.Node) -> ir.Node:
+    """A single-output copy of the node reading the same inputs, placed right after it."""
+    clone = ir.node(
+        node.op_type,
+        list(node.inputs),
+        {name: attr.value for name, attr in node.attributes.items()},
+        domain=node.domain,
+        name=names.fresh(f"{node.name or node.op_type}_quantized_branch"),
+    )
+    output = clone.outputs[0]
+    output.name = names.fresh(f"{node.outputs[0].name or node.op_type}_quantized_branch")
+    output.type = node.outputs[0].type
+    output.shape = node.outputs[0].shape
+    graph.insert_after(node, clone)
+    return clone
 
 
 def _fold_through_relu(graph: ir.Graph, names: NameScope, relu: ir.Node, scale: np.ndarray, offset: np.ndarray) -> bool:
     """Relu(x)·s = Relu(x·s) for s > 0: scale the output columns and bias of the MatMul/Gemm feeding the Relu."""
     if relu.op_type != "Relu" or np.any(offset != 0) or np.any(scale <= 0) or relu.inputs[0] is None:
         return False
-    source = relu.inputs[0]
-    if source.is_graph_output() or list(source.consumers()) != [relu] or (producer := source.producer()) is None:
+    return _scale_layer_output(graph, names, relu.inputs[0], relu, scale)
+
+
+def _scale_layer_output(graph: ir.Graph, names: NameScope, value: ir.Value, reader: ir.Node, scale: np.ndarray) -> bool:
+    """Scale the output columns and bias of the MatMul(+bias Add)/Gemm making ``value``, which only ``reader`` reads."""
+    if value.is_graph_output() or list(value.consumers()) != [reader] or (producer := value.producer()) is None:
         return False
     bias_site: tuple[ir.Node, int] | None = None
     if producer.op_type == "Add":
@@ -97,8 +169,9 @@ def _gemm_scalable(node: ir.Node) -> bool:
 
 
 def _exclusive(activation: ir.Value, readers: Sequence[ir.Node]) -> bool:
-    """Whether only ``readers`` read the activation (and it is no graph output)."""
-    return not activation.is_graph_output() and set(activation.consumers()) <= set(readers)
+    """Whether only ``readers`` read the activation's values (and it is no graph output); Shape/Size read none."""
+    others = set(activation.consumers()) - set(readers)
+    return not activation.is_graph_output() and all(node.op_type in SHAPE_ONLY_OPS for node in others)
 
 
 def _redirect(readers: Sequence[ir.Node], old: ir.Value, new: ir.Value) -> None:
@@ -142,22 +215,6 @@ def _fold_into_layer_norm(
         target.resize_inputs(3)
     target.replace_input_with(1, new_gamma)
     target.replace_input_with(2, new_beta)
-
-
-def _clone_layer_norm(graph: ir.Graph, names: NameScope, node: ir.Node) -> ir.Node:
-    """A copy of a LayerNormalization reading the same input, placed right after it."""
-    clone = ir.node(
-        "LayerNormalization",
-        list(node.inputs),
-        {name: attr.value for name, attr in node.attributes.items()},
-        name=names.fresh(f"{node.name or 'layer_norm'}_quantized_branch"),
-    )
-    output = clone.outputs[0]
-    output.name = names.fresh(f"{node.outputs[0].name or 'layer_norm'}_quantized_branch")
-    output.type = node.outputs[0].type
-    output.shape = node.outputs[0].shape
-    graph.insert_after(node, clone)
-    return clone
 
 
 def _existing_branch(activation: ir.Value) -> tuple[ir.Value, np.ndarray | None, np.ndarray | None]:

@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import onnx
@@ -339,3 +340,87 @@ def examples_module(name: str) -> ModuleType:
         return module
     finally:
         sys.path.remove(str(EXAMPLES))
+
+
+LLAMA_LAYERS = 2
+
+
+def export_tiny_llama(path: Path, exporter: str) -> Path:
+    """A random-initialised 2-layer LlamaForCausalLM (RMSNorm, SwiGLU, GQA, tied embeddings), prefill graph
+    (input_ids, attention_mask) -> logits, exported with torch.onnx ("dynamo" or "legacy"); no download.
+
+    The RMSNorm weights are drawn in [0.5, 2] and a few residual channels are made large, as in real LLMs.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=LLAMA_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.uniform_(0.5, 2.0)
+        model.model.embed_tokens.weight[:, [3, 17]] *= 20.0
+    return _export_logits(model, path, exporter)
+
+
+def _export_logits(model: Any, path: Path, exporter: str) -> Path:
+    """Export a causal LM's logits for (input_ids, attention_mask) with dynamic batch and sequence."""
+    import torch
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    args, names = (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"]
+    if exporter == "dynamo":
+        batch, seq = torch.export.Dim("batch", min=1, max=16), torch.export.Dim("seq", min=2, max=64)
+        program = torch.onnx.export(
+            Logits().eval(),
+            args,
+            input_names=names,
+            output_names=["logits"],
+            dynamic_shapes={name: {0: batch, 1: seq} for name in names},
+            opset_version=18,
+            dynamo=True,
+            verbose=False,
+        )
+        program.save(path)
+    else:
+        axes = {0: "batch", 1: "seq"}
+        torch.onnx.export(
+            Logits().eval(),
+            args,
+            path,
+            input_names=names,
+            output_names=["logits"],
+            dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": axes},
+            opset_version=18,
+            dynamo=False,
+        )
+    return path
+
+
+def token_feeds(seed: int, batches: int = 3, batch: int = 4, seq: int = 16, vocab: int = 128) -> list[dict]:
+    """Random token-id feeds with an all-ones attention mask."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(batches):
+        ids = rng.integers(0, vocab, (batch, seq)).astype(np.int64)
+        feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    return feeds

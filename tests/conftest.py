@@ -30,3 +30,14 @@ def minilm_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from builders import examples_module
 
     return examples_module("minilm").export_minilm(tmp_path_factory.mktemp("minilm") / "minilm.onnx", seq_len=32)
+
+
+@pytest.fixture(scope="session", params=["legacy", "dynamo"])
+def tiny_llama(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-initialised 2-layer Llama prefill graph, exported once per session with each torch.onnx exporter."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from builders import export_tiny_llama
+
+    folder = tmp_path_factory.mktemp(f"llama_{request.param}")
+    return export_tiny_llama(folder / "llama.onnx", request.param)

@@ -5,9 +5,20 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
+from builders import (
+    LLAMA_LAYERS,
+    assert_same_outputs,
+    build,
+    by_name,
+    initializer,
+    ops,
+    outlier_layer_norm,
+    run,
+    token_feeds,
+    weights,
+)
 
-from builders import assert_same_outputs, build, by_name, initializer, ops, outlier_layer_norm, run, weights
-from graphquant.analysis.layers import classify
+from graphquant.analysis.layers import ScaleGroup, classify, constant_array, migratable_groups
 from graphquant.graph_edit import NameScope
 from graphquant.rewrites import (
     AFFINE_BRANCH_KEY,
@@ -463,3 +474,114 @@ def test_relu_fold_is_refused_for_a_negative_scale_or_an_offset():
             model.graph, NameScope(model.graph), value(model, "r"), [by_name(model)["fc2"]], scale, offset
         )
         assert how == "Mul/Add on the quantized branch"
+
+
+# --- Llama structure: RMSNorm weights and SwiGLU products absorb per-channel scales ---
+
+RMS_NORM = "folded into the per-channel Mul weight (RMSNorm)"
+GATED = "folded into the output columns of the layer making one factor of the product"
+
+
+def migrate(model: ir.Model, group: ScaleGroup, rng: np.random.Generator, offset: bool = False) -> str:
+    """Readers see (x + o)*s, layers take b <- b - o·W and W <- diag(1/s)·W: exact as a whole; returns how."""
+    graph = model.graph
+    names = NameScope(graph)
+    channels = group.layers[0].weight_array.shape[group.layers[0].in_axis]
+    scale = rng.uniform(0.25, 4.0, channels).astype(F32)
+    shift = rng.uniform(-1.0, 1.0, channels).astype(F32) if offset else np.zeros(channels, F32)
+    for member in group.layers:
+        if offset:
+            add_to_layer_bias(graph, names, member, -weight_times(member, shift).astype(F32))
+        scale_weight_rows(graph, names, member, 1 / scale)
+    readers = [member.node for member in group.layers]
+    return apply_channel_affine(graph, names, group.activation, readers, scale, shift * scale)[1]
+
+
+def is_product(node: ir.Node | None) -> bool:
+    """A Mul of two activations (SwiGLU's SiLU(gate) * up)."""
+    return node is not None and node.op_type == "Mul" and all(constant_array(v) is None for v in node.inputs)
+
+
+def lm_head_is_a_layer(model: ir.Model) -> bool:
+    """The legacy exporter reads the tied embedding as a constant lm_head weight; dynamo transposes it at run time."""
+    last_matmul = [node for node in model.graph if node.op_type == "MatMul"][-1]
+    return classify(last_matmul).layer is not None
+
+
+def test_rms_norm_weights_absorb_the_scales_of_q_k_v_gate_up_and_lm_head(tiny_llama):
+    rng = np.random.default_rng(0)
+    model = ir.load(tiny_llama)
+    reference = model.clone()
+    before = ops(model)
+    hows = [migrate(model, group, rng) for group in reversed(migratable_groups(model.graph)) if len(group.layers) > 1]
+    assert hows == [RMS_NORM] * (2 * LLAMA_LAYERS)  # gate/up and q/k/v of each layer
+    if lm_head_is_a_layer(reference):
+        (last,) = [group for group in migratable_groups(model.graph) if group.layers[0].node.op_type == "MatMul"][-1:]
+        assert migrate(model, last, rng) == RMS_NORM
+    assert ops(model) == before  # no Mul at run time: every scale lives in an RMSNorm weight
+    assert_same_outputs(reference, model, token_feeds(1))
+
+
+def test_a_shift_on_an_rms_norm_output_stays_an_add_while_its_scale_folds(tiny_llama):
+    rng = np.random.default_rng(1)
+    model = ir.load(tiny_llama)
+    reference = model.clone()
+    before = ops(model)
+    (qkv, *_) = [group for group in migratable_groups(model.graph) if len(group.layers) == 3]
+    assert migrate(model, qkv, rng, offset=True) == f"{RMS_NORM}, shift as an Add on the quantized branch"
+    # One Add for the shift and one bias Add per projection (an RMSNorm has no bias to take the shift).
+    assert sorted(ops(model)) == sorted(before + ["Add"] * 4)
+    assert_same_outputs(reference, model, token_feeds(2))
+
+
+def test_down_proj_scale_folds_into_up_proj_output_columns(tiny_llama):
+    rng = np.random.default_rng(2)
+    model = ir.load(tiny_llama)
+    reference = model.clone()
+    before = ops(model)
+    downs = [group for group in migratable_groups(model.graph) if is_product(group.producer)]
+    assert len(downs) == LLAMA_LAYERS
+    assert [migrate(model, group, rng) for group in reversed(downs)] == [GATED] * LLAMA_LAYERS
+    assert ops(model) == before
+    assert_same_outputs(reference, model, token_feeds(3))
+
+
+def test_a_product_whose_factor_another_node_reads_keeps_a_mul_branch():
+    rng = np.random.default_rng(3)
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    glu (float[N, 16] x) => (float[N, 8] y, float[N, 16] u) {
+      [gate] g = MatMul(x, wg)
+      [up] u = MatMul(x, wu)
+      [silu] a = Sigmoid(g)
+      [product] h = Mul(a, u)
+      [down] y = MatMul(h, wd)
+    }
+    """
+    model = build(text, {"wg": weights(rng, 16, 16), "wu": weights(rng, 16, 16), "wd": weights(rng, 16, 8)})
+    reference = model.clone()
+    (group,) = [g for g in migratable_groups(model.graph) if g.layers[0].node.name == "down"]
+    assert migrate(model, group, rng) == "Mul/Add on the quantized branch"  # u is a graph output: it keeps its values
+    assert_same_outputs(reference, model, [x_feed(rng, 8, 16)])
+
+
+RMS_NORMALIZATION = """
+<ir_version: 10, opset_import: ["" : 23]>
+rms (float[N, 16] x) => (float[N, 8] y, float[N, 16] n) {
+  [norm] n = RMSNormalization<axis: int = -1>(x, gamma)
+  [fc] y = MatMul(n, w)
+}
+"""
+
+
+@pytest.mark.parametrize("exclusive", [True, False], ids=["exclusive", "shared"])
+def test_a_fused_rms_normalization_absorbs_the_scale_into_its_scale_input(exclusive):
+    rng = np.random.default_rng(4)
+    text = RMS_NORMALIZATION if not exclusive else RMS_NORMALIZATION.replace(", float[N, 16] n)", ")")
+    model = build(text, {"gamma": rng.uniform(0.5, 2, 16).astype(F32), "w": weights(rng, 16, 8)})
+    reference = model.clone()
+    (group,) = migratable_groups(model.graph)
+    how = migrate(model, group, rng)
+    assert how == ("folded into the RMSNorm scale" if exclusive else "folded into a copy of the RMSNorm scale")
+    assert ops(model) == (["RMSNormalization", "MatMul"] if exclusive else ["RMSNormalization"] * 2 + ["MatMul"])
+    assert_same_outputs(reference, model, [x_feed(rng, 8, 16)])

@@ -12,6 +12,9 @@ import onnx_ir as ir
 from graphquant.quant_spec import KEEP_FLOAT_KEY
 
 QUANTIZABLE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+# Fused RMSNorm ops, y = x / sqrt(mean(x^2) + eps) * scale: SimplifiedLayerNormalization (onnxruntime), RMSNormalization
+# (ONNX opset 23).
+RMS_NORM_OPS = ("SimplifiedLayerNormalization", "RMSNormalization")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +119,35 @@ def _float_weight(node: ir.Node, layer: Layer) -> Candidate:
     if layer.weight.dtype != ir.DataType.FLOAT:
         return Candidate(node, None, f"weight dtype {layer.weight.dtype} (only float32 is quantized)")
     return Candidate(node, layer)
+
+
+def channel_scale_input(node: ir.Node, channels: int) -> int | None:
+    """The input index of the constant per-channel vector g by which the node multiplies its output, if any.
+
+    That is the scale of a fused RMSNorm over the last axis, the weight of a decomposed one (its last op is
+    Mul(x·rsqrt(mean(x²) + ε), g)), or the constant of any Mul of an activation by a [C] vector. y·s = x·(g·s) there,
+    so a per-channel scale folds into g exactly; a shift does not (an RMSNorm has no bias).
+    """
+    if node.domain not in ("", "ai.onnx", "com.microsoft"):
+        return None
+    if node.op_type in RMS_NORM_OPS:
+        unused_extras = not any(output.uses() or output.is_graph_output() for output in node.outputs[1:])
+        last_axis = node.attributes.get_int("axis", -1) == -1
+        return 1 if unused_extras and last_axis and _is_channel_vector(node, 1, channels) else None
+    if node.op_type != "Mul" or len(node.inputs) != 2:
+        return None
+    vectors = [index for index in (0, 1) if _is_channel_vector(node, index, channels)]
+    if len(vectors) != 1 or constant_array(node.inputs[1 - vectors[0]]) is not None:
+        return None
+    return vectors[0]
+
+
+def _is_channel_vector(node: ir.Node, index: int, channels: int) -> bool:
+    """Whether the node's input ``index`` is a constant float32 of shape [C] (or [1, ..., 1, C])."""
+    array = constant_array(node.inputs[index]) if index < len(node.inputs) else None
+    if array is None or array.dtype != np.float32 or array.ndim < 1:
+        return False
+    return array.shape[-1] == channels and all(d == 1 for d in array.shape[:-1])
 
 
 def candidates(graph: ir.Graph) -> Iterator[Candidate]:

@@ -8,7 +8,7 @@ import onnx_ir as ir
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.cost import SplitCost, affordable, layer_cost, model_layer_macs, record_split
 from graphquant.analysis.layers import ScaleGroup
-from graphquant.analysis.simulate import group_sqnr_db, weight_matrix
+from graphquant.analysis.simulate import GroupSimulator, weight_matrix
 from graphquant.analysis.stats import TensorStats
 from graphquant.graph_edit import NameScope, add_initializer, insert_after_producer
 from graphquant.passes._calibrated import CalibratedGroupPass
@@ -86,9 +86,8 @@ def _costs(group: ScaleGroup, outliers: np.ndarray, stats: TensorStats, model_ma
     rows = stats.sample
     assert rows is not None, "pending_groups was asked for sample rows"
     ones = np.ones(rows.shape[1])
-    gain = group_sqnr_db(rows, group.layers, ones, INT8, INT8, float_channels=outliers) - group_sqnr_db(
-        rows, group.layers, ones, INT8, INT8
-    )
+    simulator = GroupSimulator(rows, group.layers)
+    gain = simulator.sqnr_db(ones, INT8, INT8, float_channels=outliers) - simulator.sqnr_db(ones, INT8, INT8)
     costs = []
     for layer in group.layers:
         base = layer_cost(layer)

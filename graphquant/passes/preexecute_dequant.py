@@ -9,7 +9,7 @@ import onnx_ir as ir
 
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.layers import ScaleGroup
-from graphquant.analysis.simulate import group_sqnr_db, weight_matrix
+from graphquant.analysis.simulate import GroupSimulator, weight_matrix
 from graphquant.analysis.stats import TensorStats
 from graphquant.graph_edit import NameScope
 from graphquant.passes._calibrated import CalibratedGroupPass
@@ -85,7 +85,8 @@ class PreexecuteDequantPass(CalibratedGroupPass):
         """The best-scoring all-integer divisor; outlier channels go to float only where it stays below target."""
         absmax = stats.channel_absmax
         rows = stats.sample if stats.sample is not None else np.zeros((1, absmax.size), np.float32)
-        best = max(self._scored(group, rows, self._candidates(group, absmax)), key=lambda c: c.sqnr_db)
+        simulator = GroupSimulator(rows, group.layers)
+        best = max(self._scored(simulator, self._candidates(group, absmax)), key=lambda c: c.sqnr_db)
         count = min(self.float_channels, int(self.max_float_fraction * absmax.size))
         if count < 1 or best.sqnr_db >= self.float_route_below_db:
             return best
@@ -96,21 +97,15 @@ class PreexecuteDequantPass(CalibratedGroupPass):
             dataclasses.replace(c, float_channels=outliers, label=f"{c.label}, {count} outlier channels in float")
             for c in self._candidates(group, remaining)
         ]
-        return max([best, *self._scored(group, rows, routed)], key=lambda c: c.sqnr_db)
+        return max([best, *self._scored(simulator, routed)], key=lambda c: c.sqnr_db)
 
-    def _scored(self, group: ScaleGroup, rows: np.ndarray, candidates: list[Choice]) -> list[Choice]:
+    def _scored(self, simulator: GroupSimulator, candidates: list[Choice]) -> list[Choice]:
         """The candidates with their simulated output SQNR filled in."""
         return [
             dataclasses.replace(
                 c,
-                sqnr_db=group_sqnr_db(
-                    rows,
-                    group.layers,
-                    c.divisor,
-                    self.abits,
-                    self.wbits,
-                    1.0 if c.preexecuted else None,
-                    c.float_channels,
+                sqnr_db=simulator.sqnr_db(
+                    c.divisor, self.abits, self.wbits, 1.0 if c.preexecuted else None, c.float_channels
                 ),
             )
             for c in candidates

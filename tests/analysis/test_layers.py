@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from builders import build, by_name, qkv, weights
-from graphquant.analysis.layers import candidates, classify, scale_groups
+from graphquant.analysis.layers import candidates, channel_scale_input, classify, scale_groups
 
 LAYERS = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -130,3 +130,40 @@ def test_scale_groups_keep_layer_order_and_see_graph_outputs():
     assert groups[1].other_consumers == ()
     # Given a subset (e.g. after overrides), only those layers are grouped.
     assert [[layer.node.name for layer in g.layers] for g in scale_groups(layers[2:])] == [["third"]]
+
+
+CHANNEL_SCALES = """
+<ir_version: 10, opset_import: ["" : 23]>
+scales (float[N, 8] x) => (float[N, 8] a, float[N, 8] b, float[2, 8] c, float[N, 8] d, float[N, 8] e, float[N, 8] f) {
+  [weight_first] a = Mul(g, x)
+  [weight_last] b = Mul(x, g3)
+  [two_constants] c = Mul(g, g2)
+  [per_row] d = Mul(x, rows)
+  [rms] e = RMSNormalization<axis: int = -1>(x, g)
+  [activations] f = Mul(x, x)
+}
+"""
+
+
+def test_channel_scale_input_finds_the_per_channel_weight_of_rms_norms_and_muls():
+    rng = np.random.default_rng(0)
+    model = build(
+        CHANNEL_SCALES,
+        {
+            "g": weights(rng, 8),
+            "g3": weights(rng, 1, 1, 8),
+            "g2": weights(rng, 2, 8),
+            "rows": weights(rng, 2, 8),
+        },
+    )
+    nodes = by_name(model)
+    found = {name: channel_scale_input(node, 8) for name, node in nodes.items()}
+    assert found == {
+        "weight_first": 0,
+        "weight_last": 1,
+        "two_constants": None,
+        "per_row": None,
+        "rms": 1,
+        "activations": None,
+    }
+    assert channel_scale_input(nodes["rms"], 16) is None  # the weight must match the activation's channels

@@ -1,4 +1,4 @@
-"""Scheme simulation (group_sqnr_db) against onnxruntime, and the stats it relies on."""
+"""Scheme simulation (GroupSimulator) against onnxruntime, and the stats it relies on."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from builders import build, run, weights
 
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.layers import classify
-from graphquant.analysis.simulate import fake_quantize, group_sqnr_db
+from graphquant.analysis.simulate import GroupSimulator, fake_quantize, scored_columns
 from graphquant.analysis.stats import CalibrationStats, TensorStats
 from graphquant.graph_edit import NameScope
 from graphquant.lowering.qdq import QdqLoweringPass
@@ -61,7 +61,11 @@ def channel_averaged_sqnr_db(references: list[np.ndarray], candidates: list[np.n
     return -10 * math.log10(float(np.mean(np.concatenate(errors))))
 
 
-# --- group_sqnr_db ---
+# --- GroupSimulator ---
+
+
+def group_sqnr_db(rows, layers, divisor, abits, wbits, activation_step=None, float_channels=None):
+    return GroupSimulator(rows, layers).sqnr_db(divisor, abits, wbits, activation_step, float_channels)
 
 
 def test_exactly_representable_group_has_infinite_sqnr():
@@ -144,6 +148,27 @@ def test_routing_the_outlier_channels_beats_per_tensor_in_simulation():
     ones = np.ones(16)
     routed = group_sqnr_db(rows, layers, ones, 8, 8, None, np.array([2, 9]))
     assert routed > group_sqnr_db(rows, layers, ones, 8, 8) + 10
+
+
+WIDE = """
+<ir_version: 8, opset_import: ["" : 17]>
+wide (float[N, 16] x) => (float[N, 3000] y) {
+  [head] y = MatMul(x, w)
+}
+"""
+
+
+def test_a_wide_layer_is_scored_on_evenly_spaced_columns_close_to_all_of_them():
+    rng = np.random.default_rng(4)
+    model = build(WIDE, {"w": weights(rng, 16, 3000)})
+    rows = outlier_rows(rng)
+    layers = layers_of(model)
+    capped = GroupSimulator(rows, layers, max_columns=512)
+    assert capped.weights[0].shape == (16, 512)
+    np.testing.assert_array_equal(scored_columns(3000, 512)[[0, -1]], [0, 2999])
+    full = GroupSimulator(rows, layers, max_columns=3000)
+    for divisor in (np.ones(16), np.sqrt(np.abs(rows).max(axis=0))):
+        assert capped.sqnr_db(divisor, 8, 8) == pytest.approx(full.sqnr_db(divisor, 8, 8), abs=0.3)
 
 
 def test_fake_quantize_is_symmetric_round_to_nearest_with_restricted_range():

@@ -21,6 +21,7 @@ from builders import (
     post_ln,
     relu_only,
     run,
+    token_feeds,
 )
 from graphquant.analysis.calibration import Calibrator
 from graphquant.lowering.qdq import QdqLoweringPass
@@ -299,3 +300,19 @@ def test_bad_method_and_missing_calibration_are_refused():
         PreexecuteDequantPass(None, method="awq")
     with pytest.raises(ir.passes.PreconditionError, match="calibration"):
         PreexecuteDequantPass(None)(relu_only())
+
+
+def test_outliertune_migrations_on_a_llama_are_exact_and_add_no_mul_outside_attention(tiny_llama):
+    model = ir.load(tiny_llama)
+    reference = model.clone()
+    calibrator = Calibrator.for_model(model, token_feeds(10), show_progress=False)
+    SymmetrizePass(calibrator)(model)
+    result = PreexecuteDequantPass(calibrator, float_channels=0)(model)
+    assert result.modified
+    notes = [node.meta[SCHEME_NOTE_KEY] for node in model.graph if SCHEME_NOTE_KEY in node.meta]
+    assert any("no migration" not in note for note in notes)
+    # RMSNorm weights and up_proj's columns take the divisors; only o_proj's input (the attention output, reshaped)
+    # needs a Mul at run time.
+    branch_muls = [node for node in model.graph if node.op_type == "Mul" and AFFINE_BRANCH_KEY in node.meta]
+    assert all(node.inputs[0].producer().op_type == "Reshape" for node in branch_muls)
+    assert_same_outputs(reference, model, token_feeds(11))

