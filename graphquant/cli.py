@@ -21,8 +21,8 @@ from graphquant.errors import CalibrationError, GraphQuantError, InvalidModelErr
 
 # Signals that end the run through an exception, so that every context manager removes its temp files.
 TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-# onnxruntime's logger severity for the whole process: errors and worse only (its warnings are not for users).
-ORT_LOG_SEVERITY = 3
+# onnxruntime's logger severity for the whole process: fatal only (graphquant reports its errors as exceptions).
+ORT_LOG_SEVERITY = 4
 
 
 class Terminated(BaseException):

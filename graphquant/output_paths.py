@@ -95,7 +95,9 @@ def check_outputs(
                 raise OutputError(
                     f"{outputs[label]}: refusing to overwrite the input model (pass overwrite=True / --overwrite)"
                 )
-            raise OutputError(f"{outputs[label]}: {label} would overwrite {read.what} ({read.path}), which the run reads")
+            raise OutputError(
+                f"{outputs[label]}: {label} would overwrite {read.what} ({read.path}), which the run reads"
+            )
     return resolved
 
 
@@ -110,14 +112,14 @@ def writable_path(path: str | os.PathLike[str], label: str) -> Path:
     target = Path(path).resolve()
     try:
         mode = target.stat().st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         mode = None
     except OSError as exc:
         raise OutputError(f"{path}: cannot check {label} ({exc.strerror or exc})") from exc
     if mode is not None and not stat.S_ISREG(mode):
         kind = next((name for test, name in _KINDS.items() if test(mode)), "not a regular file")
-        raise OutputError(f"{path}: {label} is {kind}; it must be a regular file or a new path")
-    if not target.parent.is_dir():
+        raise OutputError(f"{path}: cannot write {label} there: it is {kind}, not a regular file or a new path")
+    if not target.parent.is_dir():  # missing, or a file
         raise OutputError(f"{target.parent}: output folder does not exist")
     if not os.access(target.parent, os.W_OK):
         raise OutputError(f"{target.parent}: output folder is not writable")
