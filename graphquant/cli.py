@@ -267,10 +267,10 @@ def _validate(args: argparse.Namespace) -> int:
             f"{args.candidate}: its inputs ({_signature(given)}) differ from those of {args.reference} "
             f"({_signature(expected)})"
         )
-    print(f"  {'output':<30} {'cosine':>9} {'SQNR dB':>9} {'max abs err':>12}")
     with _naming_data_file(args.calib):
         data = graphquant.Calibrator.for_model(reference, args.calib).data
         comparisons = graphquant.compare_models(reference, candidate, data)
+    print(f"  {'output':<30} {'cosine':>9} {'SQNR dB':>9} {'max abs err':>12}")
     for name, comparison in comparisons.items():
         print(f"  {name:<30} {comparison.cosine:9.5f} {comparison.sqnr_db:9.1f} {comparison.max_abs_error:12.4g}")
     return 0

@@ -245,6 +245,7 @@ def optimize_argv(model_path: Path, output: Path | str, calib: Path, *extra: str
     return ["optimize", str(model_path), "-o", str(output), "--calib", str(calib), *extra]
 
 
+@pytest.mark.usefixtures("device_files")
 @pytest.mark.parametrize("device", ["/dev/null", "/dev/full"])
 def test_optimize_refuses_a_device_output_and_leaves_it_a_device(files, tmp_path, capsys, device):
     _, model_path, calib = files
@@ -418,7 +419,12 @@ def test_a_signal_mid_run_leaves_no_temp_files(files, tmp_path, where, signum, c
     env = {**os.environ, "TMPDIR": str(scratch), "PYTHONPATH": str(Path(graphquant.__file__).parent.parent)}
     argv = optimize_argv(model_path, tmp_path / "out.onnx", calib)
     completed = subprocess.run(
-        [sys.executable, "-c", SIGNAL_RUN, where, signum, *argv], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-c", SIGNAL_RUN, where, signum, *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
     )
     assert completed.returncode == code
     assert error_lines(completed.stderr) == [f"graphquant: error: {message}"]
@@ -450,12 +456,13 @@ def test_ctrl_c_during_start_up_prints_one_line_and_exits_130(files):
         text=True,
         env=env,
         timeout=60,
+        check=False,
     )
     assert (completed.returncode, completed.stderr) == (130, "graphquant: error: interrupted\n")
 
 
 def test_debug_is_accepted_after_the_subcommand(files, tmp_path, capsys):
-    _, model_path, calib = files
+    _, model_path, _ = files
     assert main(["inspect", str(tmp_path / "absent.onnx"), "--debug"]) == 1
     stderr = capsys.readouterr().err
     assert "Traceback (most recent call last)" in stderr and "InvalidModelError" in stderr
@@ -557,3 +564,25 @@ def test_a_directory_output_leaves_no_external_data_behind(files, tmp_path, caps
     (line,) = error_lines(capsys.readouterr().err)
     assert line.endswith("out: cannot write the output there: it is a directory, not a regular file or a new path")
     assert folder_listing(tmp_path) == before  # no out.data
+
+
+def test_a_model_that_fails_in_onnxruntime_gives_one_line_and_no_log(tmp_path, capfd):
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    bad (float[N, 4] x) => (float[M] y) {
+      s = Constant<value = int64[2] {3, 5}>()
+      y = Reshape(x, s)
+    }
+    """
+    model_path = tmp_path / "bad.onnx"
+    save_model(build(text), model_path)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.ones((8, 4), np.float32))
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.Fail, match="cannot be reshaped"):
+        run(graphquant.load(model_path), {"x": np.ones((8, 4), np.float32)})
+    capfd.readouterr()
+    assert main(["validate", str(model_path), str(model_path), "--calib", str(calib)]) == 1
+    captured = capfd.readouterr()
+    (line,) = error_lines(captured.err)
+    assert line.startswith("graphquant: error:") and "cannot be reshaped" in line
+    assert captured.out == ""

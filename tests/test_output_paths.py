@@ -58,6 +58,7 @@ def run_file(path: Path, x: np.ndarray) -> np.ndarray:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
+@pytest.mark.usefixtures("device_files")
 @pytest.mark.parametrize("device", ["/dev/null", "/dev/full"])
 def test_a_device_is_refused_and_stays_a_device(device):
     with pytest.raises(
@@ -182,6 +183,7 @@ def test_save_refuses_the_inputs_weights_even_after_quantizing_them_all(tmp_path
     np.testing.assert_allclose(run_file(model_path, data[0]["x"]), data[0]["x"] @ w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("device_files")
 def test_staged_text_renames_on_success_and_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "report.json"
     target.write_text("old\n")
