@@ -50,10 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated as exc:
         return _fail(args, f"terminated by {exc}", code=128 + exc.signum)
     except Exception as exc:  # last resort: one line, traceback only under --debug
-        cause = _root_cause(exc)
-        if isinstance(cause, GraphQuantError):
-            return _fail(args, str(cause))
-        return _fail(args, f"internal error: {type(cause).__name__}: {_first_line(cause)}")
+        causes = _causes(exc)
+        user_error = next((cause for cause in causes if isinstance(cause, GraphQuantError)), None)
+        if user_error is not None:  # wrapped, e.g. in onnx_ir's PassError
+            return _fail(args, str(user_error))
+        return _fail(args, f"internal error: {type(causes[-1]).__name__}: {_first_line(causes[-1])}")
 
 
 @contextlib.contextmanager
@@ -83,11 +84,12 @@ def _quiet_onnxruntime() -> None:
     onnxruntime.set_default_logger_severity(ORT_LOG_SEVERITY)
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    """The innermost cause of a chain of wrapped exceptions (e.g. onnx_ir's PassError)."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    return exc
+def _causes(exc: BaseException) -> list[BaseException]:
+    """The exception and its chain of causes, outermost first (a wrapper such as onnx_ir's PassError, ..., root)."""
+    chain = [exc]
+    while chain[-1].__cause__ is not None and chain[-1].__cause__ not in chain:
+        chain.append(chain[-1].__cause__)
+    return chain
 
 
 def _first_line(exc: BaseException) -> str:
@@ -257,15 +259,16 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     """graphquant validate."""
+    from graphquant.analysis.data import InputSpec
     from graphquant.summary import graph_inputs
 
     reference = graphquant.load(args.reference)
     candidate = graphquant.load(args.candidate)
-    expected, given = graph_inputs(reference), graph_inputs(candidate)
-    if given != expected:
+    # What a feed must match: names, dtypes and static dims (symbolic dims may be named differently).
+    if set(InputSpec.of_model(candidate)) != set(InputSpec.of_model(reference)):
         raise InvalidModelError(
-            f"{args.candidate}: its inputs ({_signature(given)}) differ from those of {args.reference} "
-            f"({_signature(expected)})"
+            f"{args.candidate}: its inputs ({_signature(graph_inputs(candidate))}) differ from those of "
+            f"{args.reference} ({_signature(graph_inputs(reference))})"
         )
     with _naming_data_file(args.calib):
         data = graphquant.Calibrator.for_model(reference, args.calib).data

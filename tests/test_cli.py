@@ -515,6 +515,12 @@ def test_validate_on_models_with_different_inputs_says_so(files, tmp_path, capsy
         f"graphquant: error: {other}: its inputs (z: float32 [N, 16]) differ from those of {model_path} "
         "(x: float32 [N, 16])"
     )
+    renamed = onnx.load(str(model_path))  # the same model with its batch dim named differently still compares
+    renamed.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    onnx.save(renamed, tmp_path / "renamed.onnx")
+    assert main(["validate", str(model_path), str(tmp_path / "renamed.onnx"), "--calib", str(calib)]) == 0
+    name, cosine, sqnr, max_err = capsys.readouterr().out.splitlines()[1].split()
+    assert (name, cosine, sqnr, float(max_err)) == ("y", "1.00000", "inf", 0.0)
 
 
 def test_data_errors_name_the_file(files, tmp_path, capsys, monkeypatch):
