@@ -20,7 +20,7 @@ import graphquant
 from graphquant.errors import CalibrationError, GraphQuantError, InvalidModelError
 
 # Signals that end the run through an exception, so that every context manager removes its temp files.
-TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 # onnxruntime's logger severity for the whole process: fatal only (graphquant reports its errors as exceptions).
 ORT_LOG_SEVERITY = 4
 

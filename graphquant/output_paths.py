@@ -52,16 +52,15 @@ def data_path(output: str | os.PathLike[str]) -> Path:
 
 def record_input_files(model: ir.Model, path: str | os.PathLike[str]) -> None:
     """Remember the file a model was loaded from and its external data, so that no save replaces them later."""
-    model.meta[INPUT_FILES_KEY] = (
-        ReadFile(Path(path).resolve(), "the input model", is_input_model=True),
-        *_external_files(model),
-    )
+    source = ReadFile(Path(path).resolve(), "the input model", is_input_model=True)
+    model.meta[INPUT_FILES_KEY] = (source, *_external_files(model, source.path.parent))
 
 
 def model_reads(model: ir.Model) -> list[ReadFile]:
     """The files recorded when the model was loaded, and every external-data file its tensors name now."""
     recorded = list(model.meta.get(INPUT_FILES_KEY, ()))
-    return recorded + [read for read in _external_files(model) if read not in recorded]
+    folder = recorded[0].path.parent if recorded else Path.cwd()
+    return recorded + [read for read in _external_files(model, folder) if read not in recorded]
 
 
 def source_reads(source: object, what: str) -> list[ReadFile]:
@@ -154,9 +153,17 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
 
 
-def _external_files(model: ir.Model) -> list[ReadFile]:
-    """The external-data files that the model's tensors (subgraphs and functions included) name."""
-    paths = {Path(tensor.path).resolve() for tensor in _tensors(model) if isinstance(tensor, ir.ExternalTensor)}
+def _external_files(model: ir.Model, folder: Path) -> list[ReadFile]:
+    """The external-data files that the model's tensors (subgraphs and functions included) name.
+
+    A tensor without a base folder (onnx_ir sets none inside functions) resolves against ``folder``, as onnxruntime
+    resolves it against the model's.
+    """
+    paths = {
+        (Path(tensor.path) if tensor.base_dir else folder / tensor.location).resolve()
+        for tensor in _tensors(model)
+        if isinstance(tensor, ir.ExternalTensor)
+    }
     return [ReadFile(path, "external data of the input model") for path in sorted(paths)]
 
 
@@ -168,6 +175,8 @@ def _tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
             yield from (v.const_value for v in graph.initializers.values() if v.const_value is not None)
         for node in graph:
             for attribute in node.attributes.values():
+                if attribute.is_ref():  # a function's attribute reference holds no tensor
+                    continue
                 if attribute.type == ir.AttributeType.TENSOR:
                     yield attribute.value
                 elif attribute.type == ir.AttributeType.TENSORS:

@@ -408,6 +408,7 @@ sys.exit(main(sys.argv[3:]))
     [
         ("save", "SIGTERM", 143, "terminated by SIGTERM"),
         ("session", "SIGTERM", 143, "terminated by SIGTERM"),
+        ("save", "SIGHUP", 129, "terminated by SIGHUP"),
         ("session", "SIGINT", 130, "interrupted"),
     ],
 )

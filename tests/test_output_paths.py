@@ -204,3 +204,36 @@ def test_staged_text_renames_on_success_and_leaves_nothing_on_failure(tmp_path):
     ):
         pass
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_external_data_read_inside_a_function_is_protected(tmp_path, monkeypatch):
+    text = """
+    <ir_version: 8, opset_import: ["" : 17, "local" : 1]>
+    main (float[4] x) => (float[4] y) {
+      y = local.addk(x)
+    }
+    <domain: "local", opset_import: ["" : 17]>
+    addk (a) => (b) {
+      k = Constant<value = float[4] {1, 2, 3, 4}>()
+      b = Add(a, k)
+    }
+    """
+    proto = onnx.parser.parse_model(text)
+    constant = proto.functions[0].node[0].attribute[0].t
+    constant.ClearField("float_data")
+    constant.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "f.bin"), ("offset", "0"), ("length", "16")):
+        entry = constant.external_data.add()
+        entry.key, entry.value = key, value
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "f.bin").write_bytes(np.arange(1, 5, dtype=np.float32).tobytes())
+    (tmp_path / "in" / "fn.onnx").write_bytes(proto.SerializeToString())
+    monkeypatch.chdir(tmp_path)  # not the model's folder: the function's tensor resolves against the model's
+    model = graphquant.load(Path("in") / "fn.onnx")
+    assert ReadFile((tmp_path / "in" / "f.bin").resolve(), "external data of the input model") in model_reads(model)
+    with pytest.raises(OutputError, match="would overwrite external data of the input model"):
+        graphquant.save(model, tmp_path / "in" / "f.bin")
+    (y,) = ort.InferenceSession(str(tmp_path / "in" / "fn.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": np.zeros(4, np.float32)}
+    )
+    np.testing.assert_array_equal(y, [1, 2, 3, 4])
