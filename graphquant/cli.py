@@ -224,7 +224,7 @@ def _naming_data_file(source: str | None) -> Iterator[None]:
     try:
         yield
     except CalibrationError as exc:
-        if source is None or source == "random" or source in str(exc):
+        if source is None or source == "random" or str(Path(source)) in str(exc):  # data.py names it as a Path
             raise
         raise CalibrationError(f"{source}: {exc}") from exc
 

@@ -121,7 +121,7 @@ def writable_path(path: str | os.PathLike[str], label: str) -> Path:
     if not target.parent.is_dir():  # missing, or a file
         raise OutputError(f"{target.parent}: output folder does not exist")
     if not os.access(target.parent, os.W_OK):
-        raise OutputError(f"{target.parent}: output folder is not writable")
+        raise OutputError(f"{path}: cannot write {label} there: its folder is not writable")
     return target
 
 

@@ -93,6 +93,12 @@ def test_a_new_path_or_a_regular_file_is_accepted_but_not_in_a_missing_folder(tm
         writable_path(tmp_path / "old.onnx" / "new.onnx", "the output")
 
 
+def test_a_folder_the_user_cannot_write_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: not (Path(path) == tmp_path and mode == os.W_OK))
+    with pytest.raises(OutputError, match="new.onnx: cannot write the output there: its folder is not writable$"):
+        writable_path(tmp_path / "new.onnx", "the output")
+
+
 def test_the_input_model_may_be_replaced_only_with_overwrite(tmp_path):
     model_path, _ = external_model(tmp_path)
     reads = model_reads(graphquant.load(model_path))
