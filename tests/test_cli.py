@@ -406,9 +406,8 @@ sys.exit(main(sys.argv[3:]))
 @pytest.mark.parametrize(
     ("where", "signum", "code", "message"),
     [
-        ("save", "SIGTERM", 143, "terminated by SIGTERM"),
-        ("session", "SIGTERM", 143, "terminated by SIGTERM"),
-        ("save", "SIGHUP", 129, "terminated by SIGHUP"),
+        ("save", "SIGHUP", 129, "terminated by SIGHUP"),  # the scratch folder beside the output
+        ("session", "SIGTERM", 143, "terminated by SIGTERM"),  # the session's scratch folder in TMPDIR
         ("session", "SIGINT", 130, "interrupted"),
     ],
 )
