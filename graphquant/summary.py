@@ -72,11 +72,10 @@ def activation_summaries(model: ir.Model, calibrator: Calibrator) -> list[Activa
     """
     probe = model.clone()
     layers = [c.layer for c in candidates(probe.graph) if c.layer is not None]
-    tensors = {layer.node.name or "": _channels_last(probe.graph, layer) for layer in layers}
-    stats = calibrator.collect(probe, list(tensors.values()))
+    tensors = [_channels_last(probe.graph, layer) for layer in layers]
+    stats = calibrator.collect(probe, tensors)
     summaries = []
-    for layer in layers:
-        tensor = tensors[layer.node.name or ""]
+    for layer, tensor in zip(layers, tensors):
         if tensor not in stats:
             continue
         absmax = stats[tensor].channel_absmax
@@ -101,7 +100,9 @@ def _channels_last(graph: ir.Graph, layer: Layer) -> str:
     activation = layer.activation
     if layer.node.op_type not in ("Conv", "ConvTranspose"):
         return activation.name or ""
-    rank = layer.weight_array.ndim  # a Conv input has the rank of its weight
+    weight = layer.weight.const_value
+    assert weight is not None
+    rank = len(weight.shape)  # a Conv input has the rank of its weight (read without loading the weight's data)
     transpose = ir.node(
         "Transpose", [activation], {"perm": [0, *range(2, rank), 1]}, name=f"{layer.node.name}/channels_last"
     )
