@@ -34,6 +34,14 @@ from graphquant.analysis.runner import (
 from graphquant.analysis.sizes import layer_bytes
 from graphquant.errors import FidelityError, GraphQuantError, InternalError, InvalidModelError, OutputError, RecipeError
 from graphquant.frontends.onnx_file import load as _load_file
+from graphquant.output_paths import (
+    INPUT_FILES_KEY,
+    MODEL_OUTPUT,
+    check_outputs,
+    model_outputs,
+    model_reads,
+    record_input_files,
+)
 from graphquant.passes import PASSES
 from graphquant.passes.fold_constants import refuse_quantized
 from graphquant.passes.upgrade_opset import INITIALIZERS_AS_INPUTS_BEFORE_IR, UpgradeOpsetPass
@@ -43,7 +51,6 @@ from graphquant.recipes import Recipe
 from graphquant.report import Report, layer_decisions
 from graphquant.validate import DEFAULT_MIN_COSINE, Probe, ReferenceLoadError, compare_models
 
-SOURCE_PATH_KEY = "graphquant.source_path"
 # Integer ops whose inputs 6 and 7 are the per-tensor grid (scale, zero point) of their uint8 output codes.
 INTEGER_OUTPUT_OPS = ("QLinearConv", "QLinearMatMul")
 # Page-aligned external tensors let onnxruntime memory-map them instead of reading them into its own buffers.
@@ -61,7 +68,7 @@ class OptimizeResult:
 def load(path: str | os.PathLike[str]) -> ir.Model:
     """Read an ONNX file into onnx_ir, refusing external data outside the model's directory."""
     model = _load_file(path)
-    model.meta[SOURCE_PATH_KEY] = str(Path(path).resolve())
+    record_input_files(model, path)
     return model
 
 
@@ -102,8 +109,8 @@ def optimize(
     _refuse_unlowerable_blocks(chosen)
     calibrator = Calibrator.for_model(model, calibration, show_progress) if calibration is not None else None
     candidate = model.clone()
-    if SOURCE_PATH_KEY in model.meta:  # clone() drops meta; keep save()'s guard against overwriting the input
-        candidate.meta[SOURCE_PATH_KEY] = model.meta[SOURCE_PATH_KEY]
+    if INPUT_FILES_KEY in model.meta:  # clone() drops meta; keep save()'s guard against overwriting the input
+        candidate.meta[INPUT_FILES_KEY] = model.meta[INPUT_FILES_KEY]
     _keep_nonfinite_weights_float(candidate)
     _keep_input_weights_float(candidate)
     _run_pipeline(chosen, calibrator, candidate)
@@ -375,14 +382,13 @@ def _value_names(model: ir.Model) -> set[str | None]:
 
 
 def save(result_or_model: OptimizeResult | ir.Model, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Write atomically: temp file in the target folder, checker and onnxruntime load, then rename."""
+    """Write atomically: temp file in the target folder, checker and onnxruntime load, then rename.
+
+    The path must be a regular file or a new path; it may replace the input model only with ``overwrite``, and
+    neither it nor its ``.data`` file may replace a file the model reads (output_paths.check_outputs).
+    """
     model = result_or_model.model if isinstance(result_or_model, OptimizeResult) else result_or_model
-    target = Path(path).resolve()
-    source = model.meta.get(SOURCE_PATH_KEY)
-    if source is not None and Path(source) == target and not overwrite:
-        raise OutputError(f"{target}: refusing to overwrite the input model (pass overwrite=True / --overwrite)")
-    if not target.parent.is_dir():
-        raise OutputError(f"{target.parent}: output folder does not exist")
+    target = check_outputs(model_outputs(path), model_reads(model), overwrite=overwrite)[MODEL_OUTPUT]
     # External tensors must be rewritten beside the output: their locations are relative to the input's folder.
     large = initializer_bytes(model) > PROTO_SIZE_LIMIT or has_external_data(model)
     external = f"{target.name}.data" if large else None

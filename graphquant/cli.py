@@ -1,41 +1,105 @@
-"""The `graphquant` command line: a thin layer over the library."""
+"""The `graphquant` command line: a thin layer over the library.
+
+The library (numpy, onnx, onnxruntime) is imported inside main's try, by the functions that need it, so that Ctrl-C
+while it loads ends in one line too.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import graphquant
-from graphquant.analysis.calibration import Calibrator
-from graphquant.errors import GraphQuantError
-from graphquant.lowering import TARGET_DOCS, TARGETS
-from graphquant.passes import PASSES
-from graphquant.recipes import Recipe, preset_names
-from graphquant.summary import activation_summaries, layer_table, op_histogram
-from graphquant.validate import DEFAULT_MIN_COSINE, compare_models
+from graphquant.errors import CalibrationError, GraphQuantError, InternalError, InvalidModelError
+
+# Signals that end the run through an exception, so that every context manager removes its temp files.
+TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+# onnxruntime's logger severity for the whole process: fatal only (graphquant reports its errors as exceptions).
+ORT_LOG_SEVERITY = 4
+
+
+class Terminated(BaseException):
+    """A terminating signal arrived (a BaseException, so that no `except Exception` in a library swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run one subcommand and return its exit code."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    warnings.simplefilter("always")
-    warnings.showwarning = _show_warning
+    args: argparse.Namespace | None = None
     try:
-        return int(args.run(args) or 0)
+        with _signals_raise():
+            args = _parser().parse_args(argv)
+            warnings.simplefilter("always")
+            warnings.showwarning = _show_warning
+            _quiet_onnxruntime()
+            return int(args.run(args) or 0)
     except GraphQuantError as exc:
         return _fail(args, str(exc))
     except KeyboardInterrupt:
         return _fail(args, "interrupted", code=130)
+    except Terminated as exc:
+        return _fail(args, f"terminated by {exc}", code=128 + exc.signum)
     except Exception as exc:  # last resort: one line, traceback only under --debug
-        return _fail(args, f"internal error: {type(exc).__name__}: {exc}".splitlines()[0])
+        causes = _causes(exc)
+        user_error = next((cause for cause in causes if isinstance(cause, GraphQuantError)), None)
+        if user_error is not None:  # wrapped, e.g. in onnx_ir's PassError
+            return _fail(args, str(user_error))
+        if isinstance(exc, InternalError):  # already one line naming the pass and its root cause
+            return _fail(args, f"internal error: {exc}")
+        return _fail(args, f"internal error: {type(causes[-1]).__name__}: {_first_line(causes[-1])}")
 
 
-def _fail(args: argparse.Namespace, message: str, code: int = 1) -> int:
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """While the block runs (in the main thread), a terminating signal raises Terminated instead of killing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _raise_terminated) for signum in TERMINATING_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    """Signal handler: ignore repeats of the signal while cleaning up, and unwind the run."""
+    signal.signal(signum, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def _quiet_onnxruntime() -> None:
+    """Keep onnxruntime's own log lines (default logger included, not only sessions') off the terminal."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(ORT_LOG_SEVERITY)
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """The exception and its chain of causes, outermost first (a wrapper such as onnx_ir's PassError, ..., root)."""
+    chain = [exc]
+    while chain[-1].__cause__ is not None and chain[-1].__cause__ not in chain:
+        chain.append(chain[-1].__cause__)
+    return chain
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name if it has none)."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+def _fail(args: argparse.Namespace | None, message: str, code: int = 1) -> int:
     """Print one error line (and the traceback under --debug) and return the exit code."""
     if getattr(args, "debug", False):
         traceback.print_exc()
@@ -50,13 +114,26 @@ def _show_warning(message: Warning | str, category: type[Warning], *_: object, *
 
 def _parser() -> argparse.ArgumentParser:
     """The argument parser with all subcommands."""
+    from graphquant.lowering import TARGETS
+    from graphquant.validate import DEFAULT_MIN_COSINE
+
     parser = argparse.ArgumentParser(prog="graphquant", description="Post-training quantization compiler for ONNX.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    # --debug after the subcommand too; SUPPRESS keeps a subcommand from resetting `graphquant --debug ...`.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    optimize = commands.add_parser("optimize", help="quantize a model with a recipe")
+    optimize = commands.add_parser("optimize", help="quantize a model with a recipe", parents=[common])
     optimize.add_argument("model", type=Path)
-    optimize.add_argument("-o", "--output", type=Path, required=True)
+    optimize.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="output model: a new path or a regular file, which is replaced; never a directory or device, nor the "
+        "input (without --overwrite), its external data or a file the run reads",
+    )
     optimize.add_argument("--recipe", default="w8a8", help="preset name or recipe .toml")
     optimize.add_argument("--calib", help="calibration .npz, test-data folder, or 'random'")
     optimize.add_argument("--validate-data", help="held-out data for validation (default: the calibration data)")
@@ -69,9 +146,11 @@ def _parser() -> argparse.ArgumentParser:
     optimize.add_argument("--max-overhead", type=float, help="extra MACs the split passes may add (default 0.10)")
     optimize.add_argument("--passes", help="comma-separated pass names replacing the recipe's list")
     optimize.add_argument("--target", choices=sorted(TARGETS))
-    optimize.add_argument("--report", type=Path, help="write the run report as JSON")
+    optimize.add_argument("--report", type=Path, help="write the run report as JSON (same rules as -o)")
     optimize.add_argument("--layers", action="store_true", help="print every layer's scheme, SQNR and reason")
-    optimize.add_argument("--overwrite", action="store_true", help="allow -o to name the input file")
+    optimize.add_argument(
+        "--overwrite", action="store_true", help="allow -o to replace the input model (never its external data)"
+    )
     optimize.add_argument(
         "--min-cosine",
         type=float,
@@ -82,27 +161,45 @@ def _parser() -> argparse.ArgumentParser:
     )
     optimize.set_defaults(run=_optimize)
 
-    inspect = commands.add_parser("inspect", help="op histogram, quantizable layers, activation outliers")
+    inspect = commands.add_parser(
+        "inspect", help="graph inputs, op histogram, quantizable layers, activation outliers", parents=[common]
+    )
     inspect.add_argument("model", type=Path)
     inspect.add_argument("--calib", help="calibration data for per-layer activation ranges")
     inspect.set_defaults(run=_inspect)
 
-    validate = commands.add_parser("validate", help="compare a model with its reference in onnxruntime")
+    validate = commands.add_parser(
+        "validate", help="compare a model with its reference in onnxruntime", parents=[common]
+    )
     validate.add_argument("reference", type=Path)
     validate.add_argument("candidate", type=Path)
     validate.add_argument("--calib", required=True, help="inputs: .npz, test-data folder, or 'random'")
     validate.set_defaults(run=_validate)
 
-    commands.add_parser("passes", help="list the rewrite passes").set_defaults(run=_list_passes)
-    commands.add_parser("recipes", help="list the preset recipes and targets").set_defaults(run=_list_recipes)
+    commands.add_parser("passes", help="list the rewrite passes", parents=[common]).set_defaults(run=_list_passes)
+    commands.add_parser("recipes", help="list the preset recipes and targets", parents=[common]).set_defaults(
+        run=_list_recipes
+    )
     return parser
 
 
 def _optimize(args: argparse.Namespace) -> int:
     """graphquant optimize."""
-    if args.output.resolve() == args.model.resolve() and not args.overwrite:
-        raise graphquant.OutputError(f"{args.output}: -o names the input file; pass --overwrite to replace it")
+    from graphquant.output_paths import check_outputs, model_outputs, model_reads, source_reads, staged_text
+
     model = graphquant.load(args.model)
+    reads = [
+        *model_reads(model),
+        *source_reads(args.calib, "the calibration data"),
+        *source_reads(args.validate_data, "the validation data"),
+        *source_reads(args.recipe, "the recipe"),
+    ]
+    outputs = {**model_outputs(args.output), **({"the report": args.report} if args.report else {})}
+    check_outputs(outputs, reads, overwrite=args.overwrite)
+    for source in (args.calib, args.validate_data):
+        if source not in (None, "random"):
+            with _naming_data_file(source):
+                graphquant.Calibrator.for_model(model, source, False)  # checks the first batch before any work
     passes = [name.strip() for name in args.passes.split(",") if name.strip()] if args.passes else None
     result = graphquant.optimize(
         model,
@@ -121,21 +218,36 @@ def _optimize(args: argparse.Namespace) -> int:
         min_cosine=args.min_cosine,
         keep_failed=args.keep_failed,
     )
-    graphquant.save(result, args.output, overwrite=args.overwrite)
+    # The report is staged beside its path first: a report that cannot be written leaves no model behind either.
+    report = staged_text(args.report, result.report.to_json(), "the report") if args.report else None
+    with report or contextlib.nullcontext():
+        graphquant.save(result, args.output, overwrite=args.overwrite)
     if args.layers:
         print(result.report.format_layers())
     print(result.report.format_table())
     print(f"wrote {args.output}")
     if args.report:
-        result.report.save_json(args.report)
         print(f"wrote {args.report}")
     if result.report.failures:
         return _fail(args, f"validation failed: {result.report.failures[0]} (written anyway: --keep-failed)")
     return 0
 
 
+@contextlib.contextmanager
+def _naming_data_file(source: str | None) -> Iterator[None]:
+    """Calibration errors raised in the block name the data file they are about, if they do not already."""
+    try:
+        yield
+    except CalibrationError as exc:
+        if source is None or source == "random" or str(Path(source)) in str(exc):  # data.py names it as a Path
+            raise
+        raise CalibrationError(f"{source}: {exc}") from exc
+
+
 def _inspect(args: argparse.Namespace) -> int:
     """graphquant inspect."""
+    from graphquant.summary import activation_summaries, graph_inputs, layer_table, op_histogram
+
     model = graphquant.load(args.model)
     print("op histogram:")
     for op, count in op_histogram(model).items():
@@ -144,8 +256,12 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"MatMul/Gemm/Conv layers: {len(layers)}")
     for name, op, status in layers:
         print(f"  {name:<40} {op:<7} {status}")
+    print("inputs (what a calibration .npz holds, one array per input, samples on the first axis):")
+    for name, dtype, shape in graph_inputs(model):
+        print(f"  {name:<40} {dtype:<9} {shape}")
     if args.calib:
-        summaries = activation_summaries(model, Calibrator.for_model(model, args.calib))
+        with _naming_data_file(args.calib):
+            summaries = activation_summaries(model, graphquant.Calibrator.for_model(model, args.calib))
         print("activations (outlier: channel max|x| > 6x the median channel's):")
         print(f"  {'layer':<40} {'min':>9} {'max':>9} {'outliers':>9} {'spread':>8}")
         for s in summaries:
@@ -158,17 +274,35 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     """graphquant validate."""
+    from graphquant.analysis.data import InputSpec
+    from graphquant.summary import graph_inputs
+
     reference = graphquant.load(args.reference)
     candidate = graphquant.load(args.candidate)
-    data = Calibrator.for_model(reference, args.calib).data
+    # What a feed must match: names, dtypes and static dims (symbolic dims may be named differently).
+    if set(InputSpec.of_model(candidate)) != set(InputSpec.of_model(reference)):
+        raise InvalidModelError(
+            f"{args.candidate}: its inputs ({_signature(graph_inputs(candidate))}) differ from those of "
+            f"{args.reference} ({_signature(graph_inputs(reference))})"
+        )
+    with _naming_data_file(args.calib):
+        data = graphquant.Calibrator.for_model(reference, args.calib).data
+        comparisons = graphquant.compare_models(reference, candidate, data)
     print(f"  {'output':<30} {'cosine':>9} {'SQNR dB':>9} {'max abs err':>12}")
-    for name, comparison in compare_models(reference, candidate, data).items():
+    for name, comparison in comparisons.items():
         print(f"  {name:<30} {comparison.cosine:9.5f} {comparison.sqnr_db:9.1f} {comparison.max_abs_error:12.4g}")
     return 0
 
 
+def _signature(inputs: Sequence[tuple[str, str, str]]) -> str:
+    """Graph inputs as 'name: dtype shape', comma-separated."""
+    return ", ".join(f"{name}: {dtype} {shape}" for name, dtype, shape in inputs)
+
+
 def _list_passes(args: argparse.Namespace) -> int:
     """graphquant passes."""
+    from graphquant.passes import PASSES
+
     for name, pass_class in sorted(PASSES.items()):
         print(f"{name:<22} {(pass_class.__doc__ or '').strip().splitlines()[0]}")
     return 0
@@ -176,8 +310,11 @@ def _list_passes(args: argparse.Namespace) -> int:
 
 def _list_recipes(args: argparse.Namespace) -> int:
     """graphquant recipes."""
+    from graphquant.lowering import TARGET_DOCS
+    from graphquant.recipes import preset_names
+
     for name in preset_names():
-        recipe = Recipe.named(name)
+        recipe = graphquant.Recipe.named(name)
         print(f"{name:<14} {recipe.description}  [{' -> '.join(s.name for s in recipe.steps)} -> {recipe.target}]")
     print("targets:")
     for name, doc in TARGET_DOCS.items():

@@ -11,6 +11,7 @@ from typing import Any
 import onnx_ir as ir
 
 from graphquant.analysis.cost import SplitCost
+from graphquant.output_paths import staged_text
 from graphquant.quant_spec import DECISION_KEY, LayerDecision
 from graphquant.validate import TensorComparison
 
@@ -77,9 +78,14 @@ class Report:
         before, after = self.layer_bytes[node_name]
         return {"bytes_before": before, "bytes_after": after}
 
+    def to_json(self) -> str:
+        """The report as JSON text."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
     def save_json(self, path: str | Path) -> None:
-        """Write the report as JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        """Write the report as JSON, atomically (temp file beside it, then rename); a device or folder is refused."""
+        with staged_text(path, self.to_json(), "the report"):
+            pass
 
     def format_table(self) -> str:
         """A short human-readable summary table."""

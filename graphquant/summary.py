@@ -9,7 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphquant.analysis.calibration import Calibrator
-from graphquant.analysis.layers import candidates
+from graphquant.analysis.layers import Layer, candidates
 
 # A channel is an outlier when its max |x| exceeds this multiple of the median channel's.
 OUTLIER_RATIO = 6.0
@@ -45,13 +45,37 @@ def layer_table(model: ir.Model) -> list[tuple[str, str, str]]:
     ]
 
 
+def graph_inputs(model: ir.Model) -> list[tuple[str, str, str]]:
+    """(name, numpy dtype, shape) of each graph input a feed must give (initializers listed as inputs left out)."""
+    rows = []
+    for value in model.graph.inputs:
+        if value.name in model.graph.initializers:
+            continue
+        dtype = value.dtype.numpy().name if value.dtype is not None else "?"
+        shape = "?" if value.shape is None else f"[{', '.join(_dim(dim) for dim in value.shape)}]"
+        rows.append((value.name or "", dtype, shape))
+    return rows
+
+
+def _dim(dim: int | ir.SymbolicDim) -> str:
+    """A dim as printed: its size, its symbolic name, or '?'."""
+    if isinstance(dim, int):
+        return str(dim)
+    return dim.value or "?"
+
+
 def activation_summaries(model: ir.Model, calibrator: Calibrator) -> list[ActivationSummary]:
-    """Per quantizable layer: its input's range and how many channels are outliers."""
-    layers = [c.layer for c in candidates(model.graph) if c.layer is not None]
-    stats = calibrator.collect(model, [layer.activation.name or "" for layer in layers])
+    """Per quantizable layer: its input's range and how many channels are outliers.
+
+    The channels of a Conv/ConvTranspose input are on axis 1 (NCHW); the statistics reduce over every axis but the
+    last, so those inputs are collected through a Transpose to channels-last, on a copy of the model.
+    """
+    probe = model.clone()
+    layers = [c.layer for c in candidates(probe.graph) if c.layer is not None]
+    tensors = [_channels_last(probe.graph, layer) for layer in layers]
+    stats = calibrator.collect(probe, tensors)
     summaries = []
-    for layer in layers:
-        tensor = layer.activation.name or ""
+    for layer, tensor in zip(layers, tensors):
         if tensor not in stats:
             continue
         absmax = stats[tensor].channel_absmax
@@ -59,7 +83,7 @@ def activation_summaries(model: ir.Model, calibrator: Calibrator) -> list[Activa
         summaries.append(
             ActivationSummary(
                 layer=layer.node.name or "",
-                tensor=tensor,
+                tensor=layer.activation.name or "",
                 minimum=stats[tensor].minimum,
                 maximum=stats[tensor].maximum,
                 median_channel_absmax=median,
@@ -69,3 +93,19 @@ def activation_summaries(model: ir.Model, calibrator: Calibrator) -> list[Activa
             )
         )
     return summaries
+
+
+def _channels_last(graph: ir.Graph, layer: Layer) -> str:
+    """The name of a tensor holding the layer's input with its channels on the last axis (a Transpose for Conv)."""
+    activation = layer.activation
+    if layer.node.op_type not in ("Conv", "ConvTranspose"):
+        return activation.name or ""
+    weight = layer.weight.const_value
+    assert weight is not None
+    rank = len(weight.shape)  # a Conv input has the rank of its weight (read without loading the weight's data)
+    transpose = ir.node(
+        "Transpose", [activation], {"perm": [0, *range(2, rank), 1]}, name=f"{layer.node.name}/channels_last"
+    )
+    transpose.outputs[0].name = f"{activation.name}/{layer.node.name}/channels_last"
+    graph.append(transpose)
+    return transpose.outputs[0].name or ""

@@ -4,7 +4,9 @@ MiniLM export shared by the slow tests."""
 from __future__ import annotations
 
 import os
+import stat
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,16 @@ def tiny_llama(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
     folder = tmp_path_factory.mktemp(f"llama_{request.param}")
     return export_tiny_llama(folder / "llama.onnx", request.param)
+
+
+@pytest.fixture
+def device_files() -> Iterator[tuple[str, ...]]:
+    """/dev/null and /dev/full for tests that try to write over them; should a regression replace one, it is made a
+    device again afterwards (as root), so that one failing test does not break the machine for everything else."""
+    devices = ("/dev/null", "/dev/full")
+    before = {path: os.stat(path) for path in devices}
+    yield devices
+    for path, status in before.items():
+        if not stat.S_ISCHR(os.stat(path).st_mode) and os.geteuid() == 0:
+            os.remove(path)
+            os.mknod(path, status.st_mode, status.st_rdev)

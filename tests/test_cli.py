@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
+import onnx.parser
+import onnxruntime as ort
 import pytest
 from builders import build, mlp, mlp_reference, outlier_activations, run, save_model, weights
 
 import graphquant
+import graphquant.analysis.runner
 from graphquant.cli import main
 from graphquant.validate import DEFAULT_MIN_COSINE
+from graphquant.passes.quantize import QuantizePass
 
 SCRIPT = Path(sys.executable).parent / "graphquant"
 
@@ -247,3 +255,365 @@ def test_a_run_that_fails_validation_exits_1_and_writes_nothing_unless_asked(fil
     assert float(line.split("cosine ")[1].split()[0]) == pytest.approx(cosine, abs=2e-5) and cosine < DEFAULT_MIN_COSINE
     assert main([*argv, str(calib), "--min-cosine", "-1"]) == 0
     assert "validation: passed (every output cosine >= -1 and finite)" in capsys.readouterr().out
+
+
+def folder_listing(folder: Path) -> dict[str, bytes | str]:
+    """Every entry under the folder: regular files with their bytes, anything else by its kind."""
+    listing: dict[str, bytes | str] = {}
+    for path in sorted(folder.rglob("*")):
+        mode = path.lstat().st_mode
+        listing[str(path.relative_to(folder))] = path.read_bytes() if stat.S_ISREG(mode) else stat.filemode(mode)[0]
+    return listing
+
+
+def optimize_argv(model_path: Path, output: Path | str, calib: Path, *extra: str) -> list[str]:
+    return ["optimize", str(model_path), "-o", str(output), "--calib", str(calib), *extra]
+
+
+@pytest.mark.usefixtures("device_files")
+@pytest.mark.parametrize("device", ["/dev/null", "/dev/full"])
+def test_optimize_refuses_a_device_output_and_leaves_it_a_device(files, tmp_path, capsys, device):
+    _, model_path, calib = files
+    before = folder_listing(tmp_path)
+    assert main(optimize_argv(model_path, device, calib)) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert (
+        line
+        == f"graphquant: error: {device}: cannot write the output there: it is a character device, not a regular file or a new path"
+    )
+    assert stat.S_ISCHR(os.stat(device).st_mode)
+    assert folder_listing(tmp_path) == before
+
+
+def test_optimize_refuses_a_fifo_or_a_directory_before_any_work(files, tmp_path, capsys, monkeypatch):
+    _, model_path, calib = files
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "folder.onnx").mkdir()
+    monkeypatch.setattr(graphquant.Calibrator, "collect", lambda *_: pytest.fail("calibration ran"))
+    before = folder_listing(tmp_path)
+    for output, kind in (("fifo", "a FIFO"), ("folder.onnx", "a directory")):
+        assert main(optimize_argv(model_path, tmp_path / output, calib)) == 1
+        (line,) = error_lines(capsys.readouterr().err)
+        assert line.endswith(f"{output}: cannot write the output there: it is {kind}, not a regular file or a new path")
+    assert main([*optimize_argv(model_path, tmp_path / "out.onnx", calib), "--report", str(tmp_path / "fifo")]) == 1
+    assert error_lines(capsys.readouterr().err)[0].endswith(
+        "cannot write the report there: it is a FIFO, not a regular file or a new path"
+    )
+    assert folder_listing(tmp_path) == before  # no folder.onnx.data, no temp files
+
+
+def test_report_may_not_replace_the_input_or_the_output(files, tmp_path, capsys):
+    _, model_path, calib = files
+    before = folder_listing(tmp_path)
+    out = tmp_path / "out.onnx"
+    for report, fault in ((model_path, "the input model"), (out, "the output"), (calib, "the calibration data")):
+        for extra in ([], ["--overwrite"]):
+            assert main([*optimize_argv(model_path, out, calib), "--report", str(report), *extra]) == 1
+            (line,) = error_lines(capsys.readouterr().err)
+            assert line.startswith(f"graphquant: error: {report}: the report would overwrite {fault}")
+    assert folder_listing(tmp_path) == before
+
+
+def test_output_may_not_replace_a_file_the_run_reads(files, tmp_path, capsys):
+    _, model_path, calib = files
+    held_out = tmp_path / "heldout.npz"
+    np.savez(held_out, x=np.random.default_rng(3).standard_normal((16, 16)).astype(np.float32))
+    recipe = tmp_path / "mine.toml"
+    recipe.write_text('name = "mine"\ntarget = "qdq"\n[[passes]]\nname = "quantize"\n')
+    before = folder_listing(tmp_path)
+    cases = ((calib, "the calibration data"), (held_out, "the validation data"), (recipe, "the recipe"))
+    for output, fault in cases:
+        argv = [*optimize_argv(model_path, output, calib), "--validate-data", str(held_out), "--recipe", str(recipe)]
+        assert main([*argv, "--overwrite"]) == 1
+        (line,) = error_lines(capsys.readouterr().err)
+        assert line.startswith(f"graphquant: error: {output}: the output would overwrite {fault}")
+    assert folder_listing(tmp_path) == before
+
+
+def write_external_model(folder: Path, location: str) -> tuple[Path, np.ndarray]:
+    """The mlp's layers as one MatMul whose weight lives in external data at ``location``."""
+    w = np.random.default_rng(4).standard_normal((16, 4)).astype(np.float32)
+    proto = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]> ext (float[N, 16] x) => (float[N, 4] y) { y = MatMul(x, w) }'
+    )
+    tensor = onnx.numpy_helper.from_array(w, "w")
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(w.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    proto.graph.initializer.append(tensor)
+    (folder / location).write_bytes(w.tobytes())
+    (folder / "ext.onnx").write_bytes(proto.SerializeToString())
+    return folder / "ext.onnx", w
+
+
+def test_output_never_replaces_the_inputs_external_data(files, tmp_path, capsys):
+    _, _, calib = files
+    model_path, w = write_external_model(tmp_path, "ext.onnx.data")
+    before = folder_listing(tmp_path)
+    for output, label in ((tmp_path / "ext.onnx.data", "the output"), (model_path, "the output's external data")):
+        assert main([*optimize_argv(model_path, output, calib), "--overwrite"]) == 1
+        (line,) = error_lines(capsys.readouterr().err)
+        assert f": {label} would overwrite external data of the input model" in line
+    assert folder_listing(tmp_path) == before
+    x = np.load(calib)["x"][:4]
+    (y,) = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_overwrite_replaces_the_input_model_with_the_quantized_one(files, tmp_path, capsys):
+    model, model_path, calib = files
+    assert main([*optimize_argv(model_path, model_path, calib), "--overwrite"]) == 0
+    assert f"wrote {model_path}" in capsys.readouterr().out
+    x = np.load(calib)["x"][:8]
+    (y,) = run(graphquant.load(model_path), {"x": x})
+    reference = mlp_reference(model, x)
+    assert 0 < np.abs(y - reference).max() < 0.05 * np.abs(reference).max()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "model.onnx"]
+
+
+def test_help_says_that_an_existing_output_file_is_replaced(capsys):
+    with pytest.raises(SystemExit):
+        main(["optimize", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "a regular file, which is replaced" in help_text
+    assert "--overwrite allow -o to replace the input model (never its external data)" in help_text
+    assert "--report REPORT write the run report as JSON (same rules as -o)" in help_text
+
+
+def test_a_failed_save_leaves_neither_model_nor_report(files, tmp_path, capsys, monkeypatch):
+    _, model_path, calib = files
+
+    def refuse(path: Path) -> None:
+        raise graphquant.OutputError("the output fails onnx's checker: synthetic")
+
+    monkeypatch.setattr(graphquant.api, "_check_written", refuse)
+    before = folder_listing(tmp_path)
+    argv = [*optimize_argv(model_path, tmp_path / "out.onnx", calib), "--report", str(tmp_path / "report.json")]
+    assert main(argv) == 1
+    assert error_lines(capsys.readouterr().err) == ["graphquant: error: the output fails onnx's checker: synthetic"]
+    assert folder_listing(tmp_path) == before
+
+
+def test_report_is_written_only_with_the_model(files, tmp_path, capsys):
+    _, model_path, calib = files
+    report = tmp_path / "report.json"
+    report.write_text("old report\n")
+    argv = [*optimize_argv(model_path, tmp_path / "out.onnx", calib), "--report", str(report)]
+    assert main(argv) == 0
+    data = json.loads(report.read_text())
+    (y,) = run(graphquant.load(tmp_path / "out.onnx"), {"x": np.load(calib)["x"][:8]})
+    assert data["outputs"]["y"]["cosine"] > 0.99 and y.shape == (8, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "model.onnx", "out.onnx", "report.json"]
+
+
+SIGNAL_RUN = """
+import os, signal, sys, time
+import graphquant.api, graphquant.analysis.runner
+from graphquant.cli import main
+
+where, signum = sys.argv[1], getattr(signal, sys.argv[2])
+module = graphquant.api if where == "save" else graphquant.analysis.runner
+name = "_check_written" if where == "save" else "load_session"
+original = getattr(module, name)
+
+def interrupted(*args, **kwargs):
+    os.kill(os.getpid(), signum)  # the real signal, while the temp folder exists
+    time.sleep(5)
+    return original(*args, **kwargs)
+
+setattr(module, name, interrupted)
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("where", "signum", "code", "message"),
+    [
+        ("save", "SIGHUP", 129, "terminated by SIGHUP"),  # the scratch folder beside the output
+        ("session", "SIGTERM", 143, "terminated by SIGTERM"),  # the session's scratch folder in TMPDIR
+        ("session", "SIGINT", 130, "interrupted"),
+    ],
+)
+def test_a_signal_mid_run_leaves_no_temp_files(files, tmp_path, where, signum, code, message):
+    _, model_path, calib = files
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    before = folder_listing(tmp_path)
+    env = {**os.environ, "TMPDIR": str(scratch), "PYTHONPATH": str(Path(graphquant.__file__).parent.parent)}
+    argv = optimize_argv(model_path, tmp_path / "out.onnx", calib)
+    completed = subprocess.run(
+        [sys.executable, "-c", SIGNAL_RUN, where, signum, *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == code
+    assert error_lines(completed.stderr) == [f"graphquant: error: {message}"]
+    leftovers = {name: kind for name, kind in folder_listing(tmp_path).items() if not name.endswith(".ses")}
+    assert leftovers == before  # onnxruntime's own telemetry session id (tmpdir/.ses) aside
+
+
+STARTUP_INTERRUPT = """
+import sys
+
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == "onnxruntime":
+            raise KeyboardInterrupt  # as a Ctrl-C while the heavy libraries load
+        return None
+
+sys.meta_path.insert(0, CtrlC())
+from graphquant.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_during_start_up_prints_one_line_and_exits_130(files):
+    _, model_path, _ = files
+    env = {**os.environ, "PYTHONPATH": str(Path(graphquant.__file__).parent.parent)}
+    completed = subprocess.run(
+        [sys.executable, "-c", STARTUP_INTERRUPT, "inspect", str(model_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert (completed.returncode, completed.stderr) == (130, "graphquant: error: interrupted\n")
+
+
+def test_debug_is_accepted_after_the_subcommand(files, tmp_path, capsys):
+    _, model_path, _ = files
+    assert main(["inspect", str(tmp_path / "absent.onnx"), "--debug"]) == 1
+    stderr = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in stderr and "InvalidModelError" in stderr
+    assert main(["--debug", "optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--calib", "absent.npz"]) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "absent.onnx")]) == 1
+    assert len(error_lines(capsys.readouterr().err)) == 1
+
+
+def test_internal_error_prints_the_root_causes_first_line(files, tmp_path, capsys, monkeypatch):
+    _, model_path, calib = files
+
+    def broken(self, model):
+        raise RuntimeError("synthetic failure\nsecond line")
+
+    monkeypatch.setattr(QuantizePass, "call", broken)
+    assert main(optimize_argv(model_path, tmp_path / "out.onnx", calib)) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line == "graphquant: error: internal error: RuntimeError: synthetic failure"
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_onnxruntime_log_lines_stay_off_the_terminal(files, capfd, monkeypatch):
+    _, model_path, calib = files
+    ort.set_default_logger_severity(2)  # onnxruntime's default, whatever an earlier test set
+    make_options = graphquant.analysis.runner.session_options
+
+    def logging_options() -> ort.SessionOptions:
+        options = make_options()  # a thread affinity that fails makes onnxruntime's default logger print an error
+        options.intra_op_num_threads = 2
+        options.add_session_config_entry("session.intra_op_thread_affinities", "900")
+        return options
+
+    monkeypatch.setattr(graphquant.analysis.runner, "session_options", logging_options)
+    assert main(["validate", str(model_path), str(model_path), "--calib", str(calib)]) == 0
+    captured = capfd.readouterr()
+    assert captured.err == ""
+    name, cosine, sqnr, max_err = captured.out.splitlines()[1].split()
+    assert (name, cosine, sqnr, float(max_err)) == ("y", "1.00000", "inf", 0.0)
+
+
+def test_validate_on_models_with_different_inputs_says_so(files, tmp_path, capsys):
+    _, model_path, calib = files
+    other = tmp_path / "other.onnx"
+    text = '<ir_version: 8, opset_import: ["" : 17]> other (float[N, 16] z) => (float[N, 4] y) { y = MatMul(z, w) }'
+    save_model(build(text, {"w": weights(np.random.default_rng(5), 16, 4)}), other)
+    assert main(["validate", str(model_path), str(other), "--calib", str(calib)]) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line == (
+        f"graphquant: error: {other}: its inputs (z: float32 [N, 16]) differ from those of {model_path} "
+        "(x: float32 [N, 16])"
+    )
+    renamed = onnx.load(str(model_path))  # the same model with its batch dim named differently still compares
+    renamed.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    onnx.save(renamed, tmp_path / "renamed.onnx")
+    assert main(["validate", str(model_path), str(tmp_path / "renamed.onnx"), "--calib", str(calib)]) == 0
+    name, cosine, sqnr, max_err = capsys.readouterr().out.splitlines()[1].split()
+    assert (name, cosine, sqnr, float(max_err)) == ("y", "1.00000", "inf", 0.0)
+
+
+def test_data_errors_name_the_file(files, tmp_path, capsys, monkeypatch):
+    _, model_path, calib = files
+    wrong_name = tmp_path / "wrong_name.npz"
+    np.savez(wrong_name, z=np.zeros((8, 16), np.float32))
+    wrong_dtype = tmp_path / "wrong_dtype.npz"
+    np.savez(wrong_dtype, x=np.zeros((8, 16), np.float64))
+    monkeypatch.setattr(graphquant.Calibrator, "collect", lambda *_: pytest.fail("calibration ran"))
+    out = tmp_path / "out.onnx"
+    assert main([*optimize_argv(model_path, out, calib), "--validate-data", str(wrong_name)]) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line == f"graphquant: error: {wrong_name}: input 'z' is not an input of the model (inputs: ['x'])"
+    assert main(optimize_argv(model_path, out, wrong_dtype)) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line == f"graphquant: error: {wrong_dtype}: input 'x': dtype float64 given, model expects float32"
+    assert main(["validate", str(model_path), str(model_path), "--calib", str(wrong_dtype)]) == 1
+    assert error_lines(capsys.readouterr().err)[0].startswith(f"graphquant: error: {wrong_dtype}: input 'x'")
+    assert not out.exists()
+
+
+def test_inspect_lists_the_graph_inputs(files, capsys):
+    _, model_path, _ = files
+    assert main(["inspect", str(model_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("inputs"))
+    assert lines[header + 1].split() == ["x", "float32", "[N,", "16]"]
+    assert len(lines) == header + 2
+
+
+def test_an_unwritable_report_is_refused_before_the_model_is_written(files, tmp_path, capsys):
+    _, model_path, calib = files
+    before = folder_listing(tmp_path)
+    argv = [*optimize_argv(model_path, tmp_path / "out.onnx", calib), "--report", str(tmp_path / "absent" / "r.json")]
+    assert main(argv) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line == f"graphquant: error: {tmp_path / 'absent'}: output folder does not exist"
+    assert folder_listing(tmp_path) == before
+
+
+def test_a_directory_output_leaves_no_external_data_behind(files, tmp_path, capsys):
+    _, _, calib = files
+    model_path, _ = write_external_model(tmp_path, "weights.bin")
+    (tmp_path / "out").mkdir()
+    before = folder_listing(tmp_path)
+    assert main(optimize_argv(model_path, tmp_path / "out", calib)) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line.endswith("out: cannot write the output there: it is a directory, not a regular file or a new path")
+    assert folder_listing(tmp_path) == before  # no out.data
+
+
+def test_a_model_that_fails_in_onnxruntime_gives_one_line_and_no_log(tmp_path, capfd):
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    bad (float[N, 4] x) => (float[M] y) {
+      s = Constant<value = int64[2] {3, 5}>()
+      y = Reshape(x, s)
+    }
+    """
+    model_path = tmp_path / "bad.onnx"
+    save_model(build(text), model_path)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.ones((8, 4), np.float32))
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.Fail, match="cannot be reshaped"):
+        run(graphquant.load(model_path), {"x": np.ones((8, 4), np.float32)})
+    capfd.readouterr()
+    assert main(["validate", str(model_path), str(model_path), "--calib", str(calib)]) == 1
+    captured = capfd.readouterr()
+    (line,) = error_lines(captured.err)
+    assert line.startswith("graphquant: error:") and "cannot be reshaped" in line
+    assert captured.out == ""

@@ -51,7 +51,7 @@ def has_external_data(model: ir.Model) -> bool:
 def session_options() -> ort.SessionOptions:
     """Quiet CPU options that keep one copy of the weights: no prepacked duplicates, external data memory-mapped."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a failed run raises, and graphquant reports it in one line
     options.add_session_config_entry("session.disable_prepacking", "1")
     return options
 
