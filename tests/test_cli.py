@@ -506,7 +506,7 @@ def test_internal_error_prints_the_root_causes_first_line(files, tmp_path, capsy
     monkeypatch.setattr(QuantizePass, "call", broken)
     assert main(optimize_argv(model_path, tmp_path / "out.onnx", calib)) == 1
     (line,) = error_lines(capsys.readouterr().err)
-    assert line == "graphquant: error: internal error: RuntimeError: synthetic failure"
+    assert line == "graphquant: error: internal error: pass quantize failed: RuntimeError: synthetic failure"
     assert not (tmp_path / "out.onnx").exists()
 
 
