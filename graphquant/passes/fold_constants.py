@@ -11,6 +11,7 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedN
 from onnxscript.rewriter import pattern
 
 from graphquant.errors import InvalidModelError
+from graphquant.output_paths import INPUT_FILES_KEY
 
 # Ops that only a quantized model holds. A DequantizeLinear alone is not one of them: see `quantized_ops`.
 QUANTIZED_OPS = frozenset(
@@ -128,9 +129,8 @@ def refuse_quantized(model: ir.Model) -> None:
     found = quantized_ops(model)
     if not found:
         return
-    from graphquant.api import SOURCE_PATH_KEY  # the API module imports the passes, so not at module level
-
-    source = model.meta.get(SOURCE_PATH_KEY, "the model")
+    recorded = model.meta.get(INPUT_FILES_KEY, ())
+    source = recorded[0].path if recorded else "the model"
     listed = ", ".join(f"{count} {op}" for op, count in sorted(found.items()))
     raise InvalidModelError(f"{source}: already quantized ({listed}); give graphquant the float model")
 
