@@ -79,9 +79,10 @@ class ConstantDequantizeAsArithmetic(pattern.RewriteRuleClassBase):
     def rewrite(self, op: pattern.RewriterContext, x: ir.Value, scale: ir.Value, y: ir.Value) -> ir.Value:
         """The arithmetic form, with constant reshapes of a per-axis scale and zero point."""
         node = _producer(y)
-        rank = len(x.shape or ())
+        assert x.const_value is not None and scale.const_value is not None  # see check
+        rank = len(x.const_value.shape)
         broadcast = None
-        if scale.shape is not None and len(scale.shape) == 1 and rank > 1:
+        if len(scale.const_value.shape) == 1 and rank > 1:
             axis = node.attributes.get_int("axis", 1) % rank
             broadcast = op.Constant(value_ints=[-1 if i == axis else 1 for i in range(rank)])
         codes = op.Cast(x, to=ir.DataType.INT32)

@@ -44,6 +44,14 @@ def weight_forms() -> dict[str, ir.Model]:
             matmul_through("DequantizeLinear<axis: int = 1>(codes, scale, zero)"),
             {"codes": codes, "scale": scale, "zero": np.zeros(8, np.int8)},
         ),
+        "dequantize-rows": build(
+            matmul_through("DequantizeLinear<axis: int = 0>(codes, rows, zeros)"),
+            {
+                "codes": codes,
+                "rows": np.linspace(0.01, 0.02, 16, dtype=np.float32),
+                "zeros": np.arange(16, dtype=np.int8),
+            },
+        ),
         "constant-of-shape": build(
             matmul_through("ConstantOfShape<value: tensor = float[1] {0.25}>(shape)"), {"shape": np.array([16, 8])}
         ),
