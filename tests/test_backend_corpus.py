@@ -38,6 +38,12 @@ REFUSALS: dict[tuple[str, str, str], str] = {}
 KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
     ("test_Linear", "*", "*"): "fixed on branch robust: the opset-6 reference (Gemm-6) cannot load in onnxruntime",
 }
+# Runs not made at all: same keys -> reason.
+SKIPPED: dict[tuple[str, str, str], str] = {
+    ("light_vgg19", "weight-only", "*"): (
+        "GPTQ on fc6 (25088 inputs) holds X^T X and its inverse in float64, about 5 GB each (issue 10 item 8)"
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,14 +117,15 @@ def check_outcome(outcome: Outcome, name: str, recipe: str, target: str, layers:
 
 
 def corpus_cases(models: list[Path]) -> list:
-    """(model, recipe, target) parameters, the known failures marked as strict xfails."""
+    """(model, recipe, target) parameters, the known failures marked as strict xfails and the skipped runs skipped."""
     cases = []
     for model in models:
         name = model.stem if model.suffix == ".onnx" else model.name
         for recipe in RECIPES:
             for target in TARGETS:
-                reason = lookup(KNOWN_FAILURES, name, recipe, target)
+                reason, skipped = lookup(KNOWN_FAILURES, name, recipe, target), lookup(SKIPPED, name, recipe, target)
                 marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
+                marks += [pytest.mark.skip(reason=skipped)] if skipped else []
                 case_id = f"{model.parent.name}/{name}-{recipe}-{target}"
                 cases.append(pytest.param(model, recipe, target, marks=marks, id=case_id))
     return cases
