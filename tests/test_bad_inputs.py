@@ -357,6 +357,14 @@ BAD_MODELS: dict[str, tuple[Callable[[Path], None], str]] = {
         not_utf8(b"weights.bin", b"wei\xffhts.bin", lambda path: external_weight(path, location="weights.bin")),
         "the StringStringEntryProto field 'value' is not UTF-8 text",
     ),
+    "ir-version-2": (
+        lambda path: write_proto(path, MATMUL.replace("ir_version: 8", "ir_version: 2")),
+        "IR version 2 is not one onnx reads",
+    ),
+    "ir-version-99": (
+        lambda path: write_proto(path, MATMUL.replace("ir_version: 8", "ir_version: 99")),
+        "IR version 99 is not one onnx reads",
+    ),
     "opset-99": (opset(99), "default-domain opset 99 is not one onnx knows"),
     "opset-0": (opset(0), "default-domain opset 0 is not one onnx knows"),
     "no-default-opset": (no_default_opset, "the model imports no default-domain (ai.onnx) opset"),

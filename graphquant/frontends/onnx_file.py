@@ -19,6 +19,7 @@ from graphquant.errors import InvalidModelError
 from graphquant.logs import silenced
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
+OLDEST_IR_VERSION = 3  # the first with opset imports; onnx's checker refuses older models that have them
 SUB_BYTE_FIELD = "int32_data"  # 2- and 4-bit tensors pack one byte of values into each int32_data entry
 
 
@@ -51,6 +52,10 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
 def check_model_proto(proto: onnx.ModelProto, model_path: Path) -> None:
     """Refuse what graphquant cannot read safely: bad opsets, sparse or malformed tensors, broken graphs."""
     check_text(proto)
+    if not OLDEST_IR_VERSION <= proto.ir_version <= onnx.IR_VERSION:
+        raise InvalidModelError(
+            f"IR version {proto.ir_version} is not one onnx reads ({OLDEST_IR_VERSION} to {onnx.IR_VERSION})"
+        )
     _check_opsets(proto)
     for tensor in _all_tensors(proto):
         check_tensor(tensor, model_path.parent, model_path)
