@@ -84,7 +84,8 @@ class PreexecuteDequantPass(CalibratedGroupPass):
     def _choose(self, group: ScaleGroup, stats: TensorStats) -> Choice:
         """The best-scoring all-integer divisor; outlier channels go to float only where it stays below target."""
         absmax = stats.channel_absmax
-        rows = stats.sample if stats.sample is not None else np.zeros((1, absmax.size), np.float32)
+        sampled = stats.sample is not None and len(stats.sample) > 0  # no rows: every sampled row was NaN/Inf
+        rows = stats.sample if sampled else np.zeros((1, absmax.size), np.float32)
         simulator = GroupSimulator(rows, group.layers)
         best = max(self._scored(simulator, self._candidates(group, absmax)), key=lambda c: c.sqnr_db)
         count = min(self.float_channels, int(self.max_float_fraction * absmax.size))

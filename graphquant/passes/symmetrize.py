@@ -41,7 +41,8 @@ def useful_shift(stats: TensorStats) -> np.ndarray:
     A one-sided sparse channel (a GELU output, say) would otherwise turn mostly-zero values into
     large ones everywhere, which the weight quantization error then multiplies.
     """
-    midpoint = (stats.channel_min + stats.channel_max) / 2
+    with np.errstate(invalid="ignore"):  # -inf + inf in a channel that only ever held NaN/Inf
+        midpoint = (stats.channel_min + stats.channel_max) / 2
     midpoint = np.where(np.isfinite(midpoint), midpoint, 0.0)
     helps = stats.channel_mean_square_after_shift(midpoint) < stats.channel_mean_square_after_shift(
         np.zeros_like(midpoint)

@@ -11,6 +11,7 @@ from builders import (
     activation_outputs,
     assert_same_outputs,
     by_name,
+    mlp,
     gaussian_feeds,
     initializer,
     input_layer,
@@ -316,3 +317,14 @@ def test_outliertune_migrations_on_a_llama_are_exact_and_add_no_mul_outside_atte
     branch_muls = [node for node in model.graph if node.op_type == "Mul" and AFFINE_BRANCH_KEY in node.meta]
     assert all(node.inputs[0].producer().op_type == "Reshape" for node in branch_muls)
     assert_same_outputs(reference, model, token_feeds(11))
+
+
+def test_a_group_whose_sampled_rows_are_all_nan_or_inf_is_left_per_tensor():
+    rng = np.random.default_rng(7)
+    model = mlp(rng)
+    w1 = initializer(model, "w1").copy()
+    w1[:, 3] = np.inf  # fc1's output channel 3, and so every row fc2 reads, holds Inf
+    model.graph.initializers["w1"].const_value = ir.Tensor(w1, name="w1")
+    feeds = [{"x": rng.standard_normal((8, 16)).astype(np.float32)} for _ in range(2)]
+    result = PreexecuteDequantPass(calibrator(model, feeds), method="outliertune")(model)
+    assert not result.modified  # per-tensor (no migration) is the only scheme the empty sample can score
