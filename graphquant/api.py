@@ -23,6 +23,7 @@ from graphquant.analysis.runner import (
     PROTO_SIZE_LIMIT,
     has_external_data,
     initializer_bytes,
+    inlined_mapped_data,
     load_session,
     release_mappings,
     session_options,
@@ -212,9 +213,13 @@ def save(result_or_model: OptimizeResult | ir.Model, path: str | os.PathLike[str
     external = f"{target.name}.data" if large else None
     with _scratch_folder(target) as scratch:
         try:
-            ir.save(
-                model, scratch / target.name, external_data=external, alignment=EXTERNAL_ALIGNMENT if large else None
-            )
+            with contextlib.nullcontext() if large else inlined_mapped_data(model):
+                ir.save(
+                    model,
+                    scratch / target.name,
+                    external_data=external,
+                    alignment=EXTERNAL_ALIGNMENT if large else None,
+                )
         except OSError as exc:
             raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
         release_mappings(model)  # before onnxruntime maps the written copy

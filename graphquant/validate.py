@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphquant.analysis.data import Feed
-from graphquant.analysis.runner import open_session
+from graphquant.analysis.runner import open_session, recorded_runs, run_views
 
 
 @dataclasses.dataclass
@@ -82,10 +82,10 @@ def compare_models(
     outputs = [value.name or "" for value in reference.graph.outputs]
     names = outputs + [name for name in dict.fromkeys(tensors) if name not in outputs]
     comparisons = {name: TensorComparison() for name in names}
-    with open_session(reference, names) as reference_session, open_session(candidate, names) as candidate_session:
-        for feed in feeds:
-            expected = reference_session.run(names, feed)
-            actual = candidate_session.run(names, feed)
+    # One session at a time: the reference's outputs wait on disk while the candidate runs.
+    with recorded_runs(reference, names, feeds) as runs, open_session(candidate, names) as candidate_session:
+        for feed, expected in runs:
+            actual = run_views(candidate_session, names, feed)
             for name, want, got in zip(names, expected, actual):
                 comparisons[name].update(want, got, rtol, atol)
     return comparisons

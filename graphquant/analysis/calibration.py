@@ -10,7 +10,7 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from graphquant.analysis.data import CalibrationData, CalibrationSource, InputSpec
-from graphquant.analysis.runner import open_session
+from graphquant.analysis.runner import open_session, run_views
 from graphquant.analysis.stats import CalibrationStats
 from graphquant.errors import CalibrationError
 
@@ -48,7 +48,7 @@ class Calibrator:
                 self.data, desc="calibrating", unit="batch", disable=None if self.show_progress else True, leave=False
             )
             for feed in batches:
-                for name, value in zip(names, session.run(names, feed)):
+                for name, value in zip(names, run_views(session, names, feed)):
                     if np.issubdtype(np.asarray(value).dtype, np.floating):
                         stats.update(name, value, sample_rows, gram=name in gram_names)
                 stats.batches += 1

@@ -10,6 +10,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from graphquant.errors import InvalidModelError
+from graphquant.frontends.mapped_weights import mark_inline, read_model_proto
 
 
 def load(path: str | os.PathLike[str]) -> ir.Model:
@@ -20,7 +21,7 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
     if model_path.stat().st_size == 0:
         raise InvalidModelError(f"{model_path}: file is empty")
     try:
-        proto = onnx.load(str(model_path), load_external_data=False)
+        proto = read_model_proto(model_path)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise InvalidModelError(f"{model_path}: not a valid ONNX model ({type(exc).__name__})") from exc
     if not proto.graph.node and not proto.graph.output:
@@ -31,6 +32,7 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
     except Exception as exc:  # onnx_ir raises many types on malformed protos
         raise InvalidModelError(f"{model_path}: cannot be read as ONNX ({exc})") from exc
     ir.external_data.set_base_dir(model.graph, str(model_path.parent))
+    mark_inline(model, model_path)
     return model
 
 
