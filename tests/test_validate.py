@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
 import pytest
 
 from builders import build, feeds, mlp
+from graphquant import validate
+from graphquant.analysis import runner
 from graphquant.validate import TensorComparison, compare_models
 
 
@@ -116,3 +119,28 @@ def test_compare_models_on_identical_models():
     assert results["y"].within_tolerance
     assert results["y"].max_abs_error == 0.0
     assert results["y"].cosine == pytest.approx(1.0, abs=1e-12)
+
+
+def test_reference_and_candidate_sessions_are_never_open_together(monkeypatch):
+    opened = runner.open_session
+    live, most = [], []
+
+    @contextlib.contextmanager
+    def counted(model, extra_outputs=()):
+        with opened(model, extra_outputs) as session:
+            live.append(session)
+            most.append(len(live))
+            try:
+                yield session
+            finally:
+                live.remove(session)
+
+    monkeypatch.setattr(runner, "open_session", counted)
+    monkeypatch.setattr(validate, "open_session", counted)
+    rng = np.random.default_rng(3)
+    data = feeds(rng, batches=3, rows=5, features=4)
+    results = compare_models(scaled(2.0), scaled(2.1), iter(data), tensors=["h"])  # a one-shot iterator of feeds
+    assert most == [1, 1]
+    x = np.concatenate([feed["x"] for feed in data])
+    assert results["h"].max_abs_error == pytest.approx(0.1 * np.abs(x).max(), rel=1e-5)
+    assert results["y"].sqnr_db == pytest.approx(10 * math.log10(400), abs=1e-3)
