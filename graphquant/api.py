@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from graphquant import progress
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.cost import split_costs
 from graphquant.analysis.data import CalibrationSource
@@ -89,7 +90,8 @@ def optimize(
         candidate.meta[SOURCE_PATH_KEY] = model.meta[SOURCE_PATH_KEY]
     _keep_nonfinite_weights_float(candidate)
     try:
-        chosen.to_pipeline(calibrator)(candidate)
+        with progress.showing(show_progress):
+            chosen.to_pipeline(calibrator)(candidate)
     except ir.passes.PassError as exc:  # the pipeline wraps every failure of a pass in a PassError
         cause = _user_facing_cause(exc)
         if isinstance(cause, ir.passes.PreconditionError):
@@ -113,7 +115,8 @@ def optimize(
         # Reuse the calibration data as given: a one-shot generator cannot be read twice (and warnings not repeated).
         checker = Calibrator.for_model(model, validation, False) if validation is not None else calibrator
         assert checker is not None
-        _validate_into(report, model, candidate, checker)
+        with progress.showing(show_progress):
+            _validate_into(report, model, candidate, checker)
     release_mappings(model)  # the pages of memory-mapped weights read so far (both models share the tensors)
     return OptimizeResult(candidate, report)
 
@@ -211,7 +214,7 @@ def save(result_or_model: OptimizeResult | ir.Model, path: str | os.PathLike[str
     # External tensors must be rewritten beside the output: their locations are relative to the input's folder.
     large = initializer_bytes(model) > PROTO_SIZE_LIMIT or has_external_data(model)
     external = f"{target.name}.data" if large else None
-    with _scratch_folder(target) as scratch:
+    with _scratch_folder(target) as scratch, progress.bar(task=f"save {target.name}", total=2, unit="step") as steps:
         try:
             with contextlib.nullcontext() if large else inlined_mapped_data(model):
                 ir.save(
@@ -223,7 +226,9 @@ def save(result_or_model: OptimizeResult | ir.Model, path: str | os.PathLike[str
         except OSError as exc:
             raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
         release_mappings(model)  # before onnxruntime maps the written copy
+        steps.update()
         _check_written(scratch / target.name)
+        steps.update()
         try:
             if external is not None:
                 os.replace(scratch / external, target.parent / external)

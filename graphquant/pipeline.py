@@ -6,6 +6,8 @@ from collections.abc import Iterable
 
 import onnx_ir as ir
 
+from graphquant import progress
+
 
 class Pipeline(ir.passes.Sequential):
     """Runs the given passes in order; ``Pipeline([...])(model)`` returns an onnx_ir PassResult."""
@@ -16,6 +18,29 @@ class Pipeline(ir.passes.Sequential):
             raise ValueError("a pipeline needs at least one pass")
         super().__init__(*steps)
 
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Run the passes in order (as Sequential does), each under its own progress label."""
+        modified = False
+        for index, step in enumerate(self.passes):
+            try:
+                with progress.stage(pass_label(step)):
+                    result = step(model)
+            except Exception as exc:  # wrapped like Sequential, whose callers unwrap the cause
+                done = [str(p) for p in self.passes[:index]]
+                raise ir.passes.PassError(
+                    f"An error occurred when running the '{step}' pass after the following passes: {done}"
+                ) from exc
+            model, modified = result.model, modified or result.modified
+        return ir.passes.PassResult(model, modified)
+
     def describe(self) -> list[str]:
         """The class names of the passes, in order."""
         return [type(p).__name__ for p in self.passes]
+
+
+def pass_label(step: ir.passes.PassBase) -> str:
+    """The pass's command-line name, else its class name without the Pass suffix (lowering passes)."""
+    from graphquant.passes import PASSES  # the pass modules import the analysis that imports this module's users
+
+    names = {cls: name for name, cls in PASSES.items()}
+    return names.get(type(step), type(step).__name__.removesuffix("Pass"))

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from graphquant import progress
 from graphquant.analysis.data import Feed
 from graphquant.analysis.runner import open_session, recorded_runs, run_views
 
@@ -83,8 +84,9 @@ def compare_models(
     names = outputs + [name for name in dict.fromkeys(tensors) if name not in outputs]
     comparisons = {name: TensorComparison() for name in names}
     # One session at a time: the reference's outputs wait on disk while the candidate runs.
-    with recorded_runs(reference, names, feeds) as runs, open_session(candidate, names) as candidate_session:
-        for feed, expected in runs:
+    reference_feeds = progress.bar(feeds, "validation: reference", unit="batch")
+    with recorded_runs(reference, names, reference_feeds) as runs, open_session(candidate, names) as candidate_session:
+        for feed, expected in progress.bar(runs, "validation: candidate", total=reference_feeds.n, unit="batch"):
             actual = run_views(candidate_session, names, feed)
             for name, want, got in zip(names, expected, actual):
                 comparisons[name].update(want, got, rtol, atol)
