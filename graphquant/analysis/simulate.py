@@ -11,7 +11,7 @@ from graphquant.analysis.layers import Layer
 from graphquant.rewrites import layer_bias
 
 # group_sqnr_db handles about this many weights at a time (its float64 temporaries are a few times that).
-SIMULATE_CHUNK_ELEMENTS = 1 << 22
+SIMULATE_CHUNK_ELEMENTS = 1 << 20
 
 
 def fake_quantize(values: np.ndarray, step: np.ndarray | float, bits: int) -> np.ndarray:

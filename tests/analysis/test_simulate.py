@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import tracemalloc
 
 import numpy as np
 import onnx_ir as ir
 import pytest
 from builders import build, run, weights
 
+from graphquant.analysis import simulate
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.layers import classify
 from graphquant.analysis.simulate import fake_quantize, group_sqnr_db
@@ -239,3 +241,33 @@ def test_calibrator_row_sample_is_bounded_across_many_batches():
     assert first.sample.shape == (100, 6) and first.count == 1000
     np.testing.assert_array_equal(first.sample, second.sample)
     assert np.all(first.sample >= 0)  # rows of the Relu output
+
+
+@pytest.mark.parametrize("float_channels", [None, np.array([2, 9])])
+def test_scoring_a_few_columns_at_a_time_gives_the_whole_score(monkeypatch, float_channels):
+    rng = np.random.default_rng(11)
+    layers = layers_of(group_model(rng))
+    x = outlier_rows(rng)
+    divisor = np.abs(x).max(axis=0) / 127
+    whole = group_sqnr_db(x, layers, divisor, 8, 4, 1.0, float_channels)
+    monkeypatch.setattr(simulate, "SIMULATE_CHUNK_ELEMENTS", 48)  # 3 columns of the 16-row weights per chunk
+    assert group_sqnr_db(x, layers, divisor, 8, 4, 1.0, float_channels) == pytest.approx(whole, rel=1e-12)
+    assert 5.0 < whole < 60.0
+
+
+def test_scoring_a_large_layer_makes_no_float64_copy_of_its_weight():
+    rng = np.random.default_rng(12)
+    model = group_model(rng)
+    weight = rng.standard_normal((4096, 4096)).astype(F32)
+    model.graph.initializers["w1"].const_value = ir.Tensor(weight, name="w1")
+    model.graph.initializers["b1"].const_value = ir.Tensor(np.zeros(4096, F32), name="b1")
+    layer = layers_of(model)[0]
+    x = rng.standard_normal((64, 4096)).astype(F32)
+    tracemalloc.start()
+    try:
+        score = group_sqnr_db(x, [layer], np.ones(4096), 8, 8)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert 30.0 < score < 50.0  # W8A8 per-tensor activations on Gaussian data
+    assert peak < weight.nbytes  # one float64 copy alone would be twice the weight
