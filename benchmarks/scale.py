@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -337,7 +338,11 @@ def _result(measurement: Measurement) -> str:
 def cnn_rows(size: CnnSize, memory_limit: int, keep: bool) -> None:
     """Run every recipe and target of CNN_RUNS on one generated CNN, printing a row for each."""
     folder = OUT / size.name
-    model = generate_cnn(size, folder)
+    # In a fresh process: Linux carries a parent's peak RSS over fork and exec into its children's ru_maxrss.
+    generator = multiprocessing.get_context("spawn").Process(target=generate_cnn, args=(size, folder))
+    generator.start()
+    generator.join()
+    model = folder / "model.onnx"
     weights = 4 * size.params
     for recipe, target in CNN_RUNS:
         output = folder / f"{recipe}-{target}"
