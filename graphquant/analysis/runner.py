@@ -142,15 +142,15 @@ def recorded_runs(
     The session is closed before the replay starts, so a second model can run with this one's session gone.
     """
     with tempfile.TemporaryFile(prefix="graphquant-") as store:
-        count = 0
+        recorded: list[list[str]] = []  # each feed's input names
         with open_session(model, names) as session:
             for feed in feeds:
                 for array in [*feed.values(), *run_views(session, names, feed)]:
                     np.save(store, array, allow_pickle=False)
-                count += 1
+                recorded.append(list(feed))
             del session  # before open_session unmaps the weights that it shares
         store.seek(0)
-        yield (_replayed(store, list(feed), len(names)) for _ in range(count))
+        yield (_replayed(store, inputs, len(names)) for inputs in recorded)
 
 
 def _replayed(store: BinaryIO, input_names: list[str], output_count: int) -> tuple[Feed, list[np.ndarray]]:
