@@ -1,4 +1,4 @@
-"""Scale benchmark: time and peak RSS of `graphquant optimize --recipe outliertune` against parameter count.
+"""Scale benchmark: time and peak RSS of `graphquant optimize` against model size, decoders and an in-memory CNN.
 
 Generates decoder-style models (token Gather, N blocks of LayerNorm -> Q/K/V MatMul -> single-head attention ->
 O MatMul -> residual -> LayerNorm -> fc1 -> Relu -> fc2 -> residual, final LayerNorm and lm head) with every weight
@@ -6,14 +6,22 @@ in one page-aligned external data file, written tensor by tensor so generation i
 quantizer runs in its own subprocess, whose peak RSS comes from os.wait4. onnxruntime's quantize_dynamic runs on
 the same files as the incumbent (it needs no calibration data; its failures are reported, not hidden).
 
-    .venv/bin/python benchmarks/scale.py                     # sizes small, medium, 1.5b
+The CNN rows are VGG-19 (16 Conv + Relu, 5 MaxPool, 3 Gemm; 144 M parameters, 575 MB) and a quarter-width
+VGG with 1024-wide classifier layers, with random weights stored inside the .onnx file (no external data),
+calibrated on 4 random 224 x 224 images at the static batch size 1; each runs w8a8 and outliertune on the qdq and
+ort-cpu targets.
+
+    .venv/bin/python benchmarks/scale.py                     # sizes small, medium, 1.5b, vgg19
     .venv/bin/python benchmarks/scale.py --sizes small --skip-ort
+    .venv/bin/python benchmarks/scale.py --sizes vgg19-small,vgg19
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -24,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx.helper as oh
+import onnx_ir as ir
 
 OUT = Path(__file__).resolve().parent / "out" / "scale"
 ALIGN = 4096
@@ -54,6 +63,39 @@ SIZES = {
     "large": Size("large", 1536, 16),
     "1.5b": Size("1.5b", 2048, 30),
 }
+
+
+VGG19_LAYERS: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", *[256] * 4, "M", *[512] * 4, "M", *[512] * 4, "M")
+IMAGE = 224
+CLASSES = 1000
+CNN_RUNS = (("w8a8", "qdq"), ("w8a8", "ort-cpu"), ("outliertune", "qdq"), ("outliertune", "ort-cpu"))
+
+
+@dataclasses.dataclass(frozen=True)
+class CnnSize:
+    """A VGG-19 variant: channel width multiplier and classifier width."""
+
+    name: str
+    width: float
+    classifier: int
+
+    def channels(self) -> list[int | str]:
+        """The feature layers: output channels of each 3x3 Conv, "M" for each 2x2 MaxPool."""
+        return [item if item == "M" else int(int(item) * self.width) for item in VGG19_LAYERS]
+
+    @property
+    def params(self) -> int:
+        """Conv weights and biases, then the three Gemm layers."""
+        count, inputs = 0, 3
+        for item in self.channels():
+            if item != "M":
+                count += int(item) * inputs * 9 + int(item)
+                inputs = int(item)
+        widths = [inputs * (IMAGE // 32) ** 2, self.classifier, self.classifier, CLASSES]
+        return count + sum(a * b + b for a, b in itertools.pairwise(widths))
+
+
+CNN_SIZES = {"vgg19-small": CnnSize("vgg19-small", 0.25, 1024), "vgg19": CnnSize("vgg19", 1.0, 4096)}
 
 
 @dataclasses.dataclass
@@ -159,6 +201,57 @@ def generate(size: Size, folder: Path) -> Path:
     return model_path
 
 
+def generate_cnn(size: CnnSize, folder: Path) -> Path:
+    """Write the VGG model, every weight inside the .onnx file, and 4 calibration images into ``folder``."""
+    model_path = folder / "model.onnx"
+    if model_path.exists():
+        return model_path
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    image = ir.val("image", ir.DataType.FLOAT, [1, 3, IMAGE, IMAGE])
+    nodes: list[ir.Node] = []
+    initializers: list[ir.Value] = []
+
+    def constant(name: str, array: np.ndarray) -> ir.Value:
+        initializers.append(ir.val(name, const_value=ir.tensor(array, name=name)))
+        return initializers[-1]
+
+    def layer(op: str, x: ir.Value, name: str, weight: np.ndarray, **attributes: object) -> ir.Value:
+        bias = (0.01 * rng.standard_normal(weight.shape[0])).astype(np.float32)
+        inputs = [x, constant(f"{name}.weight", weight), constant(f"{name}.bias", bias)]
+        nodes.append(ir.node(op, inputs, attributes, name=name))
+        return nodes[-1].outputs[0]
+
+    def relu(x: ir.Value, name: str) -> ir.Value:
+        nodes.append(ir.node("Relu", [x], name=name))
+        return nodes[-1].outputs[0]
+
+    def he(*shape: int) -> np.ndarray:
+        fan_in = int(np.prod(shape[1:]))
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in))
+
+    x, inputs = image, 3
+    for index, item in enumerate(size.channels()):
+        if item == "M":
+            nodes.append(ir.node("MaxPool", [x], {"kernel_shape": [2, 2], "strides": [2, 2]}, name=f"pool{index}"))
+            x = nodes[-1].outputs[0]
+            continue
+        conv = layer("Conv", x, f"conv{index}", he(int(item), inputs, 3, 3), kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+        x, inputs = relu(conv, f"relu{index}"), int(item)
+    nodes.append(ir.node("Flatten", [x], {"axis": 1}, name="flatten"))
+    x = nodes[-1].outputs[0]
+    widths = [inputs * (IMAGE // 32) ** 2, size.classifier, size.classifier, CLASSES]
+    for index, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
+        x = layer("Gemm", x, f"fc{index}", he(fan_out, fan_in), transB=1)
+        x = relu(x, f"fc{index}_relu") if index < 2 else x
+    x.name, x.dtype, x.shape = "logits", ir.DataType.FLOAT, ir.Shape([1, CLASSES])
+    graph = ir.Graph([image], [x], nodes=nodes, initializers=initializers, opset_imports={"": 17}, name=size.name)
+    ir.save(ir.Model(graph, ir_version=8), model_path)
+    images = rng.standard_normal((SAMPLES, 3, IMAGE, IMAGE), dtype=np.float32)
+    np.savez(folder / "calib.npz", image=images)
+    return model_path
+
+
 def measure(command: list[str], memory_limit: int) -> Measurement:
     """Run a command, returning its wall time and peak RSS (ru_maxrss of exactly that child).
 
@@ -193,11 +286,11 @@ def resident_bytes(pid: int) -> int:
         return 0
 
 
-def graphquant_command(model: Path, output: Path) -> list[str]:
-    """The CLI run of the outliertune recipe on the generated calibration tokens."""
+def graphquant_command(model: Path, output: Path, recipe: str = "outliertune", target: str = "qdq") -> list[str]:
+    """The CLI run of a recipe on the generated calibration data."""
     calib = model.parent / "calib.npz"
     cli = [sys.executable, "-m", "graphquant.cli", "optimize", str(model), "-o", str(output)]
-    return [*cli, "--recipe", "outliertune", "--calib", str(calib)]
+    return [*cli, "--recipe", recipe, "--target", target, "--calib", str(calib)]
 
 
 ORT_DYNAMIC = """
@@ -242,10 +335,31 @@ def _result(measurement: Measurement) -> str:
     return f"failed after {measurement.seconds:.0f} s: {measurement.message[:120]}"
 
 
+def cnn_rows(size: CnnSize, memory_limit: int, keep: bool) -> None:
+    """Run every recipe and target of CNN_RUNS on one generated CNN, printing a row for each."""
+    folder = OUT / size.name
+    # In a fresh process: Linux carries a parent's peak RSS over fork and exec into its children's ru_maxrss.
+    generator = multiprocessing.get_context("spawn").Process(target=generate_cnn, args=(size, folder))
+    generator.start()
+    generator.join()
+    model = folder / "model.onnx"
+    weights = 4 * size.params
+    for recipe, target in CNN_RUNS:
+        output = folder / f"{recipe}-{target}"
+        output.mkdir(exist_ok=True)
+        run = measure(graphquant_command(model, output / "model.onnx", recipe, target), memory_limit)
+        cells = [size.name, f"{size.params / 1e6:,.0f} M", gib(weights), recipe, target, _result(run)]
+        cells += [gib(run.peak_rss), f"{run.peak_rss / weights:.2f}"]
+        print("| " + " | ".join(cells) + " |", flush=True)
+    if not keep:
+        shutil.rmtree(folder)
+
+
 def main() -> None:
     """Generate, run and tabulate every requested size."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="small,medium,1.5b", help=f"comma-separated, from {sorted(SIZES)}")
+    names = sorted(SIZES) + sorted(CNN_SIZES)
+    parser.add_argument("--sizes", default="small,medium,1.5b,vgg19", help=f"comma-separated, from {names}")
     parser.add_argument("--skip-ort", action="store_true", help="skip onnxruntime's quantize_dynamic")
     parser.add_argument("--keep", action="store_true", help="keep the generated models and outputs")
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -253,7 +367,25 @@ def main() -> None:
         "--memory-limit-gib", type=float, default=0.6 * total / 2**30, help="stop a run above this RSS (default 60%%)"
     )
     args = parser.parse_args()
-    sizes = [SIZES[name] for name in args.sizes.split(",")]
+    requested = args.sizes.split(",")
+    unknown = sorted(set(requested) - set(SIZES) - set(CNN_SIZES))
+    if unknown:
+        parser.error(f"unknown sizes {unknown}; choose from {names}")
+    limit = int(args.memory_limit_gib * 2**30)
+    decoders = [SIZES[name] for name in requested if name in SIZES]
+    if decoders:
+        decoder_rows(decoders, limit, args.skip_ort, args.keep)
+    cnns = [CNN_SIZES[name] for name in requested if name in CNN_SIZES]
+    if cnns:
+        columns = ["model", "params", "fp32 weights GiB", "recipe", "target", "graphquant", "peak RSS GiB"]
+        columns.append("RSS / weights")
+        print("\n| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|", flush=True)
+        for size in cnns:
+            cnn_rows(size, limit, args.keep)
+
+
+def decoder_rows(sizes: list[Size], limit: int, skip_ort: bool, keep: bool) -> None:
+    """The decoder table: graphquant outliertune and onnxruntime's quantize_dynamic on each size."""
     columns = ["params", "fp32 weights GiB", "graphquant outliertune", "peak RSS GiB", "RSS / weights"]
     columns += ["ORT quantize_dynamic", "ORT peak RSS GiB"]
     print("| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|", flush=True)
@@ -266,14 +398,13 @@ def main() -> None:
         model = generate(size, folder)
         output = folder / "outliertune"
         output.mkdir(exist_ok=True)
-        limit = int(args.memory_limit_gib * 2**30)
         graphquant = measure(graphquant_command(model, output / "model.onnx"), limit)
         ort = None
-        if not args.skip_ort:
+        if not skip_ort:
             (folder / "ort").mkdir(exist_ok=True)
             ort = measure([sys.executable, "-c", ORT_DYNAMIC, str(model), str(folder / "ort" / "model.onnx")], limit)
         print(row(size, graphquant, ort), flush=True)
-        if not args.keep:
+        if not keep:
             shutil.rmtree(folder)
 
 

@@ -19,6 +19,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass
 
+from graphquant import progress
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.cost import split_costs
 from graphquant.analysis.data import CalibrationSource
@@ -27,6 +28,7 @@ from graphquant.analysis.runner import (
     PROTO_SIZE_LIMIT,
     has_external_data,
     initializer_bytes,
+    inlined_mapped_data,
     load_session,
     release_mappings,
     session_options,
@@ -45,7 +47,7 @@ from graphquant.output_paths import (
 from graphquant.passes import PASSES
 from graphquant.passes.fold_constants import refuse_quantized
 from graphquant.passes.upgrade_opset import INITIALIZERS_AS_INPUTS_BEFORE_IR, UpgradeOpsetPass
-from graphquant.pipeline import PassFailedError
+from graphquant.pipeline import PassFailedError, pass_label
 from graphquant.quant_spec import KEEP_FLOAT_KEY, LayerDecision
 from graphquant.recipes import Recipe
 from graphquant.report import Report, layer_decisions
@@ -113,7 +115,8 @@ def optimize(
         candidate.meta[INPUT_FILES_KEY] = model.meta[INPUT_FILES_KEY]
     _keep_nonfinite_weights_float(candidate)
     _keep_input_weights_float(candidate)
-    _run_pipeline(chosen, calibrator, candidate)
+    with progress.showing(show_progress):
+        _run_pipeline(chosen, calibrator, candidate)
     report = Report(
         recipe=chosen.name,
         target=chosen.target,
@@ -130,7 +133,8 @@ def optimize(
         # Reuse the calibration data as given: a one-shot generator cannot be read twice (and warnings not repeated).
         checker = Calibrator.for_model(model, validation, False) if validation is not None else calibrator
         assert checker is not None
-        _validate_into(report, model, candidate, checker, threshold)
+        with progress.showing(show_progress):
+            _validate_into(report, model, candidate, checker, threshold)
     release_mappings(model)  # the pages of memory-mapped weights read so far (both models share the tensors)
     if report.failures and not keep_failed:
         more = f" (and {len(report.failures) - 1} more)" if len(report.failures) > 1 else ""
@@ -190,13 +194,7 @@ def _run_pipeline(recipe: Recipe, calibrator: Calibrator | None, candidate: ir.M
         root = _root_cause(exc)
         lines = [line.strip() for line in str(root).splitlines() if line.strip()]
         detail = f"{type(root).__name__}: {lines[0]}" if lines else type(root).__name__
-        raise InternalError(f"pass {_pass_label(exc.failed)} failed: {detail}") from exc
-
-
-def _pass_label(pass_: ir.passes.PassBase) -> str:
-    """A pass's CLI name, or its class name for the fixed and lowering passes that have none."""
-    names = {pass_class: name for name, pass_class in PASSES.items()}
-    return names.get(type(pass_), type(pass_).__name__)
+        raise InternalError(f"pass {pass_label(exc.failed)} failed: {detail}") from exc
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -392,15 +390,21 @@ def save(result_or_model: OptimizeResult | ir.Model, path: str | os.PathLike[str
     # External tensors must be rewritten beside the output: their locations are relative to the input's folder.
     large = initializer_bytes(model) > PROTO_SIZE_LIMIT or has_external_data(model)
     external = f"{target.name}.data" if large else None
-    with _scratch_folder(target) as scratch:
+    with _scratch_folder(target) as scratch, progress.bar(task=f"save {target.name}", total=2, unit="step") as steps:
         try:
-            ir.save(
-                model, scratch / target.name, external_data=external, alignment=EXTERNAL_ALIGNMENT if large else None
-            )
+            with contextlib.nullcontext() if large else inlined_mapped_data(model):
+                ir.save(
+                    model,
+                    scratch / target.name,
+                    external_data=external,
+                    alignment=EXTERNAL_ALIGNMENT if large else None,
+                )
         except OSError as exc:
             raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
         release_mappings(model)  # before onnxruntime maps the written copy
+        steps.update()
         _check_written(scratch / target.name)
+        steps.update()
         try:
             if external is not None:
                 os.replace(scratch / external, target.parent / external)

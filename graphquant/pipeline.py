@@ -6,6 +6,8 @@ from collections.abc import Iterable
 
 import onnx_ir as ir
 
+from graphquant import progress
+
 
 class PassFailedError(ir.passes.PassError):
     """A pass of a pipeline raised; ``failed`` is that pass, and the cause is its exception."""
@@ -25,11 +27,12 @@ class Pipeline(ir.passes.Sequential):
         super().__init__(*steps)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        """Run each pass on the model; a failure is raised as a PassFailedError that names the pass."""
+        """Run each pass on the model under its own progress label; a failure is a PassFailedError naming the pass."""
         modified = False
         for step in self.passes:
             try:
-                result = step(model)
+                with progress.stage(pass_label(step)):
+                    result = step(model)
             except Exception as exc:
                 raise PassFailedError(step) from exc
             model, modified = result.model, modified or result.modified
@@ -38,3 +41,11 @@ class Pipeline(ir.passes.Sequential):
     def describe(self) -> list[str]:
         """The class names of the passes, in order."""
         return [type(p).__name__ for p in self.passes]
+
+
+def pass_label(step: ir.passes.PassBase) -> str:
+    """The pass's command-line name, else its class name without the Pass suffix (lowering passes)."""
+    from graphquant.passes import PASSES  # the pass modules import the analysis that imports this module's users
+
+    names = {cls: name for name, cls in PASSES.items()}
+    return names.get(type(step), type(step).__name__.removesuffix("Pass"))

@@ -19,6 +19,8 @@ KEEP_FLOAT_KEY = "graphquant.keep_float"
 SPLIT_COST_KEY = "graphquant.split_costs"
 # On a Conv layer node: the calibrated per-tensor QuantSpec of its output, for lowerings that requantize it.
 OUTPUT_SPEC_KEY = "graphquant.output_spec"
+# quantize() converts about this many values at a time to float64, so a large weight gets no full float64 copy.
+QUANTIZE_CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -93,9 +95,20 @@ class QuantSpec:
         return np.take(repeated, np.arange(shape[axis]), axis=axis)
 
     def quantize(self, values: np.ndarray) -> np.ndarray:
-        """Integer codes of ``values`` (round half to even, as QuantizeLinear does)."""
+        """Integer codes of ``values`` (round half to even, as QuantizeLinear does), a few rows at a time."""
         scale = self.expand(self.scale, values.shape)
         zero_point = self.expand(self.zero_point.astype(np.float64), values.shape)
+        if values.ndim == 0:
+            return self._codes(values, scale, zero_point)
+        codes = np.empty(values.shape, self.storage_dtype)
+        step = max(1, QUANTIZE_CHUNK_ELEMENTS * values.shape[0] // max(1, values.size))
+        for start in range(0, values.shape[0], step):
+            rows = slice(start, start + step)
+            codes[rows] = self._codes(values[rows], _leading_rows(scale, rows), _leading_rows(zero_point, rows))
+        return codes
+
+    def _codes(self, values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
+        """Integer codes of ``values`` against an already broadcastable scale and zero point."""
         codes = np.rint(values.astype(np.float64) / scale) + zero_point
         return np.clip(codes, self.qmin, self.qmax).astype(self.storage_dtype)
 
@@ -104,6 +117,11 @@ class QuantSpec:
         scale = self.expand(self.scale, codes.shape)
         zero_point = self.expand(self.zero_point.astype(np.float32), codes.shape)
         return ((codes.astype(np.float32) - zero_point) * scale).astype(np.float32)
+
+
+def _leading_rows(parameter: np.ndarray, rows: slice) -> np.ndarray:
+    """The rows of a broadcastable parameter that line up with ``rows`` of the tensor (all of a size-1 axis)."""
+    return parameter[rows] if parameter.ndim and parameter.shape[0] > 1 else parameter
 
 
 def symmetric_spec(

@@ -18,6 +18,8 @@ AFFINE_BRANCH_KEY = "graphquant.affine_branch"
 FLOAT_PATH_SUM_KEY = "graphquant.float_path_sum"
 # Readers that see only a tensor's shape, which a per-channel affine keeps.
 SHAPE_ONLY_OPS = ("Shape", "Size")
+# weight_times converts about this many weights at a time to float64.
+WEIGHT_CHUNK_ELEMENTS = 1 << 20
 
 
 def apply_channel_affine(
@@ -299,8 +301,18 @@ def _scale_weight(graph: ir.Graph, names: NameScope, layer: Layer, factors: np.n
 
 
 def weight_times(layer: Layer, vector: np.ndarray) -> np.ndarray:
-    """vector·W contracted over the weight's input-channel axis: one value per output channel."""
-    return np.tensordot(vector.astype(np.float64), layer.weight_array.astype(np.float64), axes=([0], [layer.in_axis]))
+    """vector·W contracted over the weight's input-channel axis: one value per output channel.
+
+    In float64, a few input rows at a time, so that a large weight gets no full float64 copy.
+    """
+    rows = np.moveaxis(layer.weight_array, layer.in_axis, 0)
+    step = max(1, WEIGHT_CHUNK_ELEMENTS // max(1, rows[0].size))
+    total = np.zeros(rows.shape[1:])
+    for start in range(0, rows.shape[0], step):
+        part = slice(start, start + step)
+        product = np.tensordot(vector[part].astype(np.float64), rows[part].astype(np.float64), axes=([0], [0]))
+        total = product if start == 0 else total + product
+    return total
 
 
 def add_to_layer_bias(graph: ir.Graph, names: NameScope, layer: Layer, delta: np.ndarray) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -18,6 +20,7 @@ from builders import (
     weights,
 )
 
+from graphquant import rewrites
 from graphquant.analysis.layers import ScaleGroup, classify, constant_array, migratable_groups
 from graphquant.graph_edit import NameScope
 from graphquant.rewrites import (
@@ -323,6 +326,28 @@ def test_weight_times_contracts_the_input_axis():
     w1, w4 = initializer(model, "w1"), initializer(model, "w4")
     np.testing.assert_allclose(weight_times(layer(model, "plain_mm"), vector), vector @ w1, rtol=1e-5)
     np.testing.assert_allclose(weight_times(layer(model, "gemm_c"), vector), w4 @ vector, rtol=1e-5)  # transB
+
+
+def test_weight_times_a_few_rows_at_a_time_and_without_a_float64_copy(monkeypatch):
+    rng = np.random.default_rng(10)
+    model = layers_model(rng)
+    vector = weights(rng, 16)
+    whole = [weight_times(layer(model, name), vector) for name in ("plain_mm", "gemm_c")]
+    monkeypatch.setattr(rewrites, "WEIGHT_CHUNK_ELEMENTS", 20)  # 2 or 3 input rows per chunk
+    for name, want in zip(("plain_mm", "gemm_c"), whole):
+        np.testing.assert_allclose(weight_times(layer(model, name), vector), want, rtol=1e-12)
+    monkeypatch.undo()
+    big = rng.standard_normal((4096, 2048)).astype(np.float32)
+    model.graph.initializers["w1"].const_value = ir.Tensor(big, name="w1")
+    vector = rng.standard_normal(4096).astype(np.float32)
+    tracemalloc.start()
+    try:
+        got = weight_times(classify(by_name(model)["plain_mm"]).layer, vector)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_allclose(got, vector.astype(np.float64) @ big.astype(np.float64), rtol=1e-10, atol=1e-9)
+    assert peak < big.nbytes  # one float64 copy alone would be twice the weight
 
 
 # --- weight rows ---

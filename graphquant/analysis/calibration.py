@@ -7,10 +7,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
-from tqdm.auto import tqdm
 
+from graphquant import progress
 from graphquant.analysis.data import CalibrationData, CalibrationSource, InputSpec
-from graphquant.analysis.runner import open_session
+from graphquant.analysis.runner import open_session, run_views
 from graphquant.analysis.stats import CalibrationStats
 from graphquant.errors import CalibrationError
 
@@ -44,11 +44,8 @@ class Calibrator:
         if not names:
             return stats
         with open_session(model, names) as session:
-            batches = tqdm(
-                self.data, desc="calibrating", unit="batch", disable=None if self.show_progress else True, leave=False
-            )
-            for feed in batches:
-                for name, value in zip(names, session.run(names, feed)):
+            for feed in progress.bar(self.data, "calibrating", unit="batch", show=self.show_progress):
+                for name, value in zip(names, run_views(session, names, feed)):
                     if np.issubdtype(np.asarray(value).dtype, np.floating):
                         stats.update(name, value, sample_rows, gram=name in gram_names)
                 stats.batches += 1

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import BinaryIO
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from graphquant.analysis.data import Feed
 from graphquant.errors import InvalidModelError
+from graphquant.frontends.mapped_weights import INLINE_KEY
 from graphquant.scratch import scratch_folder
 
 # Above this many initializer bytes the model is written with external data (the protobuf limit is 2 GiB).
 PROTO_SIZE_LIMIT = 1 << 30
-# In large models, initializers from this size on reach onnxruntime as shared buffers (zero copy), not as bytes.
+# Above this many initializer bytes (or with external data) a session shares the weights instead of copying them.
+SHARED_MODEL_BYTES = 256 << 20
+# In those models, initializers from this size on reach onnxruntime as shared buffers (zero copy), not as bytes.
 SHARED_INITIALIZER_BYTES = 1024
 # The placeholder file the shared initializers point at; onnxruntime takes their data from the session options.
 SHARED_LOCATION = "shared-initializers.bin"
@@ -44,8 +49,28 @@ def initializer_bytes(model: ir.Model) -> int:
 
 
 def has_external_data(model: ir.Model) -> bool:
-    """Whether any initializer still lives in an external data file (relative to the loaded model's folder)."""
+    """Whether any initializer lives in an external data file (a model file's own mapped weights do not count)."""
+    return any(
+        isinstance(v.const_value, ir.ExternalTensor) and not v.const_value.meta.get(INLINE_KEY)
+        for v in model.graph.initializers.values()
+    )
+
+
+def has_mapped_data(model: ir.Model) -> bool:
+    """Whether any initializer is memory-mapped from a file (external data or the model file's own weights)."""
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
+@contextlib.contextmanager
+def inlined_mapped_data(model: ir.Model) -> Iterator[None]:
+    """The model with its memory-mapped initializers as in-memory tensors (views of the mapping) for a while."""
+    mapped = {
+        name: ir.Tensor(value.const_value.numpy(), dtype=value.const_value.dtype, name=name)
+        for name, value in model.graph.initializers.items()
+        if isinstance(value.const_value, ir.ExternalTensor)
+    }
+    with _swapped(model, mapped):
+        yield
 
 
 def session_options() -> ort.SessionOptions:
@@ -61,19 +86,21 @@ def load_session(source: str | os.PathLike[str] | bytes, options: ort.SessionOpt
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped exceptions
-        raise InvalidModelError(f"onnxruntime cannot load the model: {_first_line(exc)}") from exc
+        # The path onnxruntime names is often graphquant's temporary copy, not a file the user knows.
+        reason = _first_line(exc).replace(f"Load model from {source} failed:", "").strip()
+        raise InvalidModelError(f"onnxruntime cannot load the model: {reason}") from exc
 
 
 @contextlib.contextmanager
 def open_session(model: ir.Model, extra_outputs: Sequence[str] = ()) -> Iterator[ort.InferenceSession]:
     """An onnxruntime CPU session on the model, with extra named tensors appended to its outputs.
 
-    For models over PROTO_SIZE_LIMIT or with external data, the initializers reach onnxruntime as shared buffers
+    For models over SHARED_MODEL_BYTES or with external data, the initializers reach onnxruntime as shared buffers
     (zero copy; memory-mapped ones stay mapped), so the session holds no second copy of the weights. The proto
     written for it names them as external data in a sparse placeholder file that onnxruntime never reads.
     """
     output_names = {value.name for value in model.graph.outputs}
-    large = initializer_bytes(model) > PROTO_SIZE_LIMIT or has_external_data(model)
+    large = initializer_bytes(model) > SHARED_MODEL_BYTES or has_mapped_data(model)
     shared = _shared_initializers(model) if large else {}
     release_mappings(model)
     proto = _session_proto(model, shared)
@@ -83,6 +110,8 @@ def open_session(model: ir.Model, extra_outputs: Sequence[str] = ()) -> Iterator
         # onnxruntime's graph optimizers (constant folding, QDQ fusions) read initializer data from the proto, which
         # for shared initializers is the placeholder's zeros: the unoptimized graph runs instead.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        # Unoptimized, a DequantizeLinear of a weight makes a float copy on every run: the arena would keep it.
+        options.enable_cpu_mem_arena = False
     buffers = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(tensor.numpy())) for tensor in shared.values()]
     for name, buffer in zip(shared, buffers):
         options.add_initializer(name, buffer)
@@ -97,6 +126,45 @@ def open_session(model: ir.Model, extra_outputs: Sequence[str] = ()) -> Iterator
         # The mappings can only close once nothing holds the buffers: callers drop the session first.
         session = options = buffers = None
         release_mappings(model)
+
+
+def run_views(session: ort.InferenceSession, names: Sequence[str], feed: Feed) -> list[np.ndarray]:
+    """The named outputs as numpy views of onnxruntime's own buffers (session.run copies each one).
+
+    onnxruntime's run-time failure is an InvalidModelError ("cannot run the model").
+    """
+    inputs = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) for name, value in feed.items()}
+    try:
+        outputs = session.run_with_ort_values(list(names), inputs)
+    except Exception as exc:  # onnxruntime raises its own untyped exceptions
+        raise InvalidModelError(f"onnxruntime cannot run the model: {_first_line(exc)}") from exc
+    return [value.numpy() for value in outputs]
+
+
+@contextlib.contextmanager
+def recorded_runs(
+    model: ir.Model, names: Sequence[str], feeds: Iterable[Feed]
+) -> Iterator[Iterator[tuple[Feed, list[np.ndarray]]]]:
+    """Run the model over the feeds, then replay each feed with its named outputs from a temporary file.
+
+    The session is closed before the replay starts, so a second model can run with this one's session gone.
+    """
+    with scratch_folder() as folder, open(folder / "recorded-outputs.npy", "w+b") as store:
+        recorded: list[list[str]] = []  # each feed's input names
+        with open_session(model, names) as session:
+            for feed in feeds:
+                for array in [*feed.values(), *run_views(session, names, feed)]:
+                    np.save(store, array, allow_pickle=False)
+                recorded.append(list(feed))
+            del session  # before open_session unmaps the weights that it shares
+        store.seek(0)
+        yield (_replayed(store, inputs, len(names)) for inputs in recorded)
+
+
+def _replayed(store: BinaryIO, input_names: list[str], output_count: int) -> tuple[Feed, list[np.ndarray]]:
+    """One recorded feed and its outputs, read from the store's current position."""
+    feed = {name: np.load(store, allow_pickle=False) for name in input_names}
+    return feed, [np.load(store, allow_pickle=False) for _ in range(output_count)]
 
 
 def release_mappings(model: ir.Model) -> None:
@@ -126,18 +194,24 @@ def _shared_initializers(model: ir.Model) -> dict[str, ir.TensorProtocol]:
 
 
 def _session_proto(model: ir.Model, shared: dict[str, ir.TensorProtocol]) -> onnx.ModelProto:
-    """The model's proto: shared initializers as data-less external references, other external data inlined."""
-    originals = {name: value.const_value for name, value in model.graph.initializers.items()}
-    try:
-        for name, tensor in originals.items():
-            if name in shared:
-                stand_in = ir.ExternalTensor(
-                    SHARED_LOCATION, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=name
-                )
-                model.graph.initializers[name].const_value = stand_in
-            elif isinstance(tensor, ir.ExternalTensor):  # a proto in memory has no folder to resolve it against
-                model.graph.initializers[name].const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=name)
+    """The model's proto: shared initializers as data-less external references, other mapped data inlined."""
+    # A proto in memory has no folder to resolve external data against.
+    stand_ins = {
+        name: ir.ExternalTensor(SHARED_LOCATION, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=name)
+        for name, tensor in shared.items()
+    }
+    with inlined_mapped_data(model), _swapped(model, stand_ins):
         return ir.to_proto(model)
+
+
+@contextlib.contextmanager
+def _swapped(model: ir.Model, tensors: dict[str, ir.TensorProtocol]) -> Iterator[None]:
+    """The model with the named initializers' values replaced for a while."""
+    originals = {name: model.graph.initializers[name].const_value for name in tensors}
+    try:
+        for name, tensor in tensors.items():
+            model.graph.initializers[name].const_value = tensor
+        yield
     finally:
         for name, tensor in originals.items():
             model.graph.initializers[name].const_value = tensor

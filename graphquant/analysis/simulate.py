@@ -21,8 +21,8 @@ def fake_quantize(values: np.ndarray, step: np.ndarray | float, bits: int) -> np
 
 
 def weight_matrix(layer: Layer) -> np.ndarray:
-    """The weight as [C_in, C_out] float64."""
-    weight = layer.weight_array.astype(np.float64)
+    """The weight as [C_in, C_out], a view of the stored array (no copy of a large weight)."""
+    weight = layer.weight_array
     return weight if layer.in_axis == 0 else weight.T
 
 

@@ -11,6 +11,8 @@ from graphquant.quant_spec import QuantSpec, asymmetric_spec, symmetric_spec
 
 # Clip ratios tried per channel or block: the range is shrunk to ratio x (min, max).
 CLIP_RATIOS = np.linspace(1.0, 0.5, 21)
+# The clip search handles about this many weights at a time (its float64 temporaries are a few times that).
+SEARCH_CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,12 +37,12 @@ class WeightScheme:
         return self.block_size is not None and layer.weight_array.ndim == 2
 
 
-def in_major(layer: Layer) -> np.ndarray:
-    """The weight as [rows along the input channels, output channels] float64 (Conv: C_in*kh*kw rows).
+def in_major(layer: Layer, dtype: type[np.floating] = np.float64) -> np.ndarray:
+    """The weight as [rows along the input channels, output channels] (Conv: C_in*kh*kw rows), a view where it can.
 
     A per-tensor weight (out_axis None, e.g. a grouped ConvTranspose) is one column.
     """
-    weight = layer.weight_array.astype(np.float64)
+    weight = layer.weight_array.astype(dtype, copy=False)
     if layer.out_axis is None:
         return weight.reshape(-1, 1)
     if weight.ndim == 2:
@@ -48,9 +50,19 @@ def in_major(layer: Layer) -> np.ndarray:
     return np.moveaxis(weight, layer.out_axis, 0).reshape(weight.shape[layer.out_axis], -1).T
 
 
+def in_major_rows(layer: Layer) -> int:
+    """The number of rows of in_major(layer)."""
+    weight = layer.weight_array
+    if layer.out_axis is None:
+        return weight.size
+    if weight.ndim == 2:
+        return weight.shape[layer.in_axis]
+    return weight.size // weight.shape[layer.out_axis]
+
+
 def row_energy(layer: Layer, channel_mean_square: np.ndarray | None) -> np.ndarray:
     """E[x_j^2] for each row of in_major(layer) as a column vector; uniform without calibration and for Conv."""
-    rows = in_major(layer).shape[0]
+    rows = in_major_rows(layer)
     if channel_mean_square is None or layer.weight_array.ndim != 2:
         return np.ones((rows, 1))
     return np.maximum(np.asarray(channel_mean_square, np.float64), 0.0)[:, None]
@@ -58,13 +70,18 @@ def row_energy(layer: Layer, channel_mean_square: np.ndarray | None) -> np.ndarr
 
 def block_rows(layer: Layer, scheme: WeightScheme) -> int:
     """Rows of in_major(layer) per block: the block size, or all rows for per-channel grids."""
-    return scheme.block_size if scheme.block_size is not None and scheme.blocked(layer) else in_major(layer).shape[0]
+    return scheme.block_size if scheme.block_size is not None and scheme.blocked(layer) else in_major_rows(layer)
 
 
 def fit_weight_spec(layer: Layer, scheme: WeightScheme, energy: np.ndarray) -> QuantSpec:
     """The spec for the layer's weight, in the weight's own layout, fitted to in_major(layer)."""
     low, high = fit_ranges(
-        in_major(layer), energy, scheme.bits, scheme.symmetric, block_rows(layer, scheme), scheme.clip_search
+        in_major(layer, np.float32),
+        energy,
+        scheme.bits,
+        scheme.symmetric,
+        block_rows(layer, scheme),
+        scheme.clip_search,
     )
     return spec_from_ranges(layer, scheme, low, high)
 
@@ -88,16 +105,34 @@ def spec_from_ranges(layer: Layer, scheme: WeightScheme, low: np.ndarray, high: 
 def fit_ranges(
     matrix: np.ndarray, energy: np.ndarray, bits: int, symmetric: bool, block: int, clip_search: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per block of ``block`` rows and per column, the (low, high) range minimizing sum_j E[x_j^2]·(w - q(w))^2."""
-    blocks = _blocked(matrix, block)
-    weights = _blocked(np.broadcast_to(energy, (matrix.shape[0], 1)), block)
-    low = np.minimum(blocks.min(axis=1), 0.0)
-    high = np.maximum(blocks.max(axis=1), 0.0)
+    """Per block of ``block`` rows and per column, the (low, high) range minimizing sum_j E[x_j^2]·(w - q(w))^2.
+
+    Float64 ranges; the search runs on a few columns at a time, so no full float64 copy of a large weight is made.
+    """
+    # Block by block: reduceat would copy a whole unaligned (memory-mapped) weight. A zero-padded last block's zeros
+    # only matter through min(., 0) and max(., 0), which follow anyway.
+    blocks = [matrix[start : start + block] for start in range(0, matrix.shape[0], block)]
+    low = np.minimum(np.stack([rows.min(axis=0) for rows in blocks]).astype(np.float64), 0.0)
+    high = np.maximum(np.stack([rows.max(axis=0) for rows in blocks]).astype(np.float64), 0.0)
     if symmetric:
         high = np.maximum(-low, high)
         low = -high
     if not clip_search:
         return low, high
+    weights = _blocked(np.broadcast_to(energy, (matrix.shape[0], 1)), block)
+    step = max(1, SEARCH_CHUNK_ELEMENTS // max(1, matrix.shape[0]))
+    for start in range(0, matrix.shape[1], step):
+        columns = slice(start, start + step)
+        low[:, columns], high[:, columns] = _clip_search(
+            _blocked(matrix[:, columns], block), weights, low[:, columns], high[:, columns], bits, symmetric
+        )
+    return low, high
+
+
+def _clip_search(
+    blocks: np.ndarray, weights: np.ndarray, low: np.ndarray, high: np.ndarray, bits: int, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per (block, column) of ``blocks`` [blocks, block, columns], the CLIP_RATIOS range with the least error."""
     best_error, best_low, best_high = np.full(low.shape, np.inf), low, high
     for ratio in CLIP_RATIOS:
         rounded = round_trip(blocks, low[:, None, :] * ratio, high[:, None, :] * ratio, bits, symmetric)

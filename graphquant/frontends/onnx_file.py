@@ -16,6 +16,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from graphquant.errors import InvalidModelError
+from graphquant.frontends.mapped_weights import mark_inline, read_model_proto
 from graphquant.logs import silenced
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -31,13 +32,13 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
     if model_path.stat().st_size == 0:
         raise InvalidModelError(f"{model_path}: file is empty")
     try:
-        proto = onnx.load(str(model_path), load_external_data=False)
+        proto, inline_spans = read_model_proto(model_path)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise InvalidModelError(f"{model_path}: not a valid ONNX model ({type(exc).__name__})") from exc
     if not proto.graph.node and not proto.graph.output:
         raise InvalidModelError(f"{model_path}: not a valid ONNX model (no graph)")
     try:
-        check_model_proto(proto, model_path)
+        check_model_proto(proto, model_path, inline_spans)
     except InvalidModelError as exc:
         raise InvalidModelError(f"{model_path}: {exc}") from None
     try:
@@ -46,11 +47,18 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
     except Exception as exc:  # onnx_ir raises many types on malformed protos
         raise InvalidModelError(f"{model_path}: cannot be read as ONNX ({exc})") from exc
     ir.external_data.set_base_dir(model.graph, str(model_path.parent))
+    mark_inline(model, model_path)
     return model
 
 
-def check_model_proto(proto: onnx.ModelProto, model_path: Path) -> None:
-    """Refuse what graphquant cannot read safely: bad opsets, sparse or malformed tensors, broken graphs."""
+def check_model_proto(
+    proto: onnx.ModelProto, model_path: Path, inline_spans: frozenset[tuple[int, int]] = frozenset()
+) -> None:
+    """Refuse what graphquant cannot read safely: bad opsets, sparse or malformed tensors, broken graphs.
+
+    ``inline_spans`` are the (offset, length) spans of the model file that the load itself turned into references to
+    the file (its mapped inline weights); any other reference to the model file is refused.
+    """
     check_text(proto)
     if not OLDEST_IR_VERSION <= proto.ir_version <= onnx.IR_VERSION:
         raise InvalidModelError(
@@ -58,7 +66,7 @@ def check_model_proto(proto: onnx.ModelProto, model_path: Path) -> None:
         )
     _check_opsets(proto)
     for tensor in _all_tensors(proto):
-        check_tensor(tensor, model_path.parent, model_path)
+        check_tensor(tensor, model_path.parent, model_path, inline_spans=inline_spans)
     _check_graph(proto.graph, set(), "the main graph")
     for function in proto.functions:
         _check_graph(function, set(), f"function {function.domain}.{function.name}")
@@ -84,7 +92,11 @@ def check_text(message: Message) -> None:
 
 
 def check_tensor(
-    tensor: onnx.TensorProto, base_dir: Path, own_file: Path | None = None, folder: str = "the model directory"
+    tensor: onnx.TensorProto,
+    base_dir: Path,
+    own_file: Path | None = None,
+    folder: str = "the model directory",
+    inline_spans: frozenset[tuple[int, int]] = frozenset(),
 ) -> None:
     """Refuse a tensor whose dims do not match its data, or whose external data is unsafe or short.
 
@@ -100,7 +112,7 @@ def check_tensor(
         raise InvalidModelError(f"{label} has a negative dim in {tuple(tensor.dims)}")
     count = math.prod(tensor.dims)
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        _check_external(tensor, label, _stored_bytes(tensor, count), (base_dir, folder), own_file)
+        _check_external(tensor, label, _stored_bytes(tensor, count), (base_dir, folder), own_file, inline_spans)
         return
     held, needed, unit = _held_and_needed(tensor, count)
     if held != needed:
@@ -130,7 +142,12 @@ def _held_and_needed(tensor: onnx.TensorProto, count: int) -> tuple[int, int, st
 
 
 def _check_external(
-    tensor: onnx.TensorProto, label: str, size: int, scope: tuple[Path, str], own_file: Path | None
+    tensor: onnx.TensorProto,
+    label: str,
+    size: int,
+    scope: tuple[Path, str],
+    own_file: Path | None,
+    inline_spans: frozenset[tuple[int, int]],
 ) -> None:
     """Refuse external data outside the scope folder, in ``own_file``, not a single-link file, or too short."""
     entries = {entry.key: entry.value for entry in tensor.external_data}
@@ -147,7 +164,8 @@ def _check_external(
         raise InvalidModelError(f"{label}: external data location {location!r} is outside {folder}")
     if not target.is_file():
         raise InvalidModelError(f"{label}: external data file {location!r} is missing or not a regular file")
-    if own_file is not None and target.samefile(own_file):
+    span = (int(entries.get("offset", "0")), int(entries.get("length", size)))
+    if own_file is not None and target.samefile(own_file) and span not in inline_spans:
         raise InvalidModelError(f"{label}: external data location {location!r} is the file that holds the tensor")
     if target.stat().st_nlink > 1:  # a hard link can bring any file of the same file system inside the folder
         raise InvalidModelError(f"{label}: external data file {location!r} has several hard links")

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from graphquant import progress
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.layers import ScaleGroup
 from graphquant.analysis.simulate import GroupSimulator, weight_matrix
@@ -76,7 +77,8 @@ class PreexecuteDequantPass(CalibratedGroupPass):
         names = NameScope(graph)
         modified = False
         # Last group first: a float path's Add takes over a layer's output, which a later group may read.
-        for group, stats in reversed(self.pending_groups(model, sample_rows=SAMPLE_ROWS)):
+        pending = self.pending_groups(model, sample_rows=SAMPLE_ROWS)[::-1]
+        for group, stats in progress.bar(pending, "per-layer search", unit="group"):
             choice = self._choose(group, stats)
             modified |= self._apply(graph, names, group, choice)
         return ir.passes.PassResult(model, modified=modified)

@@ -10,6 +10,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from graphquant import progress
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.gptq import gptq_round
 from graphquant.analysis.layers import Candidate, Layer, candidates, scale_groups
@@ -115,9 +116,9 @@ class QuantizePass(ir.passes.InPlacePass):
                 layers.append(layer)
         stats = self._activation_stats(model, layers)
         names = NameScope(graph)
-        for group in scale_groups(layers):
-            for layer in group.layers:
-                self._annotate(graph, names, layer, stats)
+        ordered = [layer for group in scale_groups(layers) for layer in group.layers]
+        for layer in progress.bar(ordered, "GPTQ" if self.gptq else "weights", unit="layer"):
+            self._annotate(graph, names, layer, stats)
         return ir.passes.PassResult(model, modified=bool(layers))
 
     def _accept(self, candidate: Candidate) -> Layer | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tracemalloc
 
 import numpy as np
 import onnx_ir as ir
@@ -264,3 +265,21 @@ def test_calibrator_row_sample_is_bounded_across_many_batches():
     assert first.sample.shape == (100, 6) and first.count == 1000
     np.testing.assert_array_equal(first.sample, second.sample)
     assert np.all(first.sample >= 0)  # rows of the Relu output
+
+
+def test_scoring_a_large_layer_makes_no_float64_copy_of_its_weight():
+    rng = np.random.default_rng(12)
+    model = group_model(rng)
+    weight = rng.standard_normal((4096, 4096)).astype(F32)
+    model.graph.initializers["w1"].const_value = ir.Tensor(weight, name="w1")
+    model.graph.initializers["b1"].const_value = ir.Tensor(np.zeros(4096, F32), name="b1")
+    layer = layers_of(model)[0]
+    x = rng.standard_normal((64, 4096)).astype(F32)
+    tracemalloc.start()
+    try:
+        score = group_sqnr_db(x, [layer], np.ones(4096), 8, 8)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert 30.0 < score < 50.0  # W8A8 per-tensor activations on Gaussian data
+    assert peak < weight.nbytes  # one float64 copy alone would be twice the weight

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import tracemalloc
 
 import numpy as np
 import onnx_ir as ir
 import pytest
-
 from builders import build, run
+
+from graphquant.analysis import weight_fit
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.layers import Layer, classify
 from graphquant.analysis.weight_fit import WeightScheme, fit_ranges, fit_weight_spec, in_major, round_trip, row_energy
@@ -136,3 +138,61 @@ def test_clip_search_improves_the_weight_only_model_in_onnxruntime():
         QdqLoweringPass()(model)
         sqnr[search] = output_sqnr_db(reference, model, data)
     assert sqnr[True] > sqnr[False] + 0.4
+
+
+def _fit_ranges_float64(matrix, energy, bits, symmetric, block, clip_search):
+    """The whole-matrix float64 search that fit_ranges does a few columns at a time."""
+    rows, columns = matrix.shape
+    count = -(-rows // block)
+    blocks = np.zeros((count * block, columns))
+    blocks[:rows] = matrix
+    blocks = blocks.reshape(count, block, columns)
+    weights = np.zeros((count * block, 1))
+    weights[:rows] = energy
+    weights = weights.reshape(count, block, 1)
+    low, high = np.minimum(blocks.min(axis=1), 0.0), np.maximum(blocks.max(axis=1), 0.0)
+    if symmetric:
+        high = np.maximum(-low, high)
+        low = -high
+    if not clip_search:
+        return low, high
+    best, best_low, best_high = np.full(low.shape, np.inf), low, high
+    for ratio in np.linspace(1.0, 0.5, 21):
+        rounded = round_trip(blocks, low[:, None, :] * ratio, high[:, None, :] * ratio, bits, symmetric)
+        error = np.sum(weights * (blocks - rounded) ** 2, axis=1)
+        best_low, best_high = (
+            np.where(error < best, low * ratio, best_low),
+            np.where(error < best, high * ratio, best_high),
+        )
+        best = np.minimum(error, best)
+    return best_low, best_high
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("block", [32, 300])
+def test_chunked_clip_search_equals_the_whole_matrix_search(monkeypatch, symmetric, block):
+    monkeypatch.setattr(weight_fit, "SEARCH_CHUNK_ELEMENTS", 1000)  # 3 columns of 300 rows per chunk
+    rng = np.random.default_rng(7)
+    matrix = rng.laplace(size=(300, 40)).astype(F32)
+    energy = rng.uniform(0.1, 2.0, (300, 1))
+    got = fit_ranges(matrix, energy, 4, symmetric, block, clip_search=True)
+    want = _fit_ranges_float64(matrix.astype(np.float64), energy, 4, symmetric, block, clip_search=True)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert (got[1] < np.abs(matrix).max(axis=0)).any()  # the search clipped some ranges
+
+
+def test_fitting_a_large_weight_makes_no_float64_copy_of_it():
+    rng = np.random.default_rng(8)
+    model = heavy_tailed_model(rng, rows=2048)
+    weight = rng.standard_normal((2048, 2048)).astype(F32)
+    model.graph.initializers["w"].const_value = ir.Tensor(weight, name="w")
+    layer = layers_of(model)[0]
+    tracemalloc.start()
+    try:
+        spec = fit_weight_spec(layer, WeightScheme(8), row_energy(layer, None))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(spec.scale, np.abs(weight).max(axis=0) / np.float32(127))
+    assert peak < weight.nbytes / 4  # a float64 copy alone would be twice the weight

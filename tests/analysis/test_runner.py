@@ -1,0 +1,49 @@
+"""onnxruntime sessions: weights shared above a size, outputs read without copies, runs recorded and replayed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from builders import feeds, mlp, mlp_reference
+
+from graphquant.analysis import runner
+
+
+def test_models_above_the_size_share_their_weights_and_compute_the_same(monkeypatch):
+    model = mlp(np.random.default_rng(0))
+    x = feeds(np.random.default_rng(1), batches=1, rows=6, features=16)[0]
+    with runner.open_session(model) as session:
+        copied = session.run(None, x)[0]
+    shared = []
+    choose = runner._shared_initializers
+    monkeypatch.setattr(runner, "_shared_initializers", lambda m: shared.append(choose(m)) or shared[-1])
+    monkeypatch.setattr(runner, "SHARED_MODEL_BYTES", 0)
+    monkeypatch.setattr(runner, "SHARED_INITIALIZER_BYTES", 64)
+    with runner.open_session(model) as session:
+        got = session.run(None, x)[0]
+    assert [sorted(names) for names in shared] == [["w1", "w2"]]  # 512 and 128 bytes; the biases are smaller
+    np.testing.assert_allclose(got, copied, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got, mlp_reference(model, x["x"]), rtol=1e-5, atol=1e-5)
+
+
+def test_run_views_are_the_outputs_without_a_copy():
+    model = mlp(np.random.default_rng(2))
+    x = feeds(np.random.default_rng(3), batches=1, rows=4, features=16)[0]
+    with runner.open_session(model, ["h"]) as session:
+        want = session.run(["y", "h"], x)
+        got = runner.run_views(session, ["y", "h"], x)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+        assert not a.flags.owndata
+
+
+@pytest.mark.parametrize("batches", [0, 3])
+def test_recorded_runs_replay_every_feed_with_its_outputs(batches):
+    model = mlp(np.random.default_rng(4))
+    data = feeds(np.random.default_rng(5), batches=batches, rows=2, features=16)
+    with runner.recorded_runs(model, ["y"], iter(data)) as runs:
+        replayed = list(runs)
+    assert len(replayed) == batches
+    for (feed, outputs), original in zip(replayed, data):
+        np.testing.assert_array_equal(feed["x"], original["x"])
+        np.testing.assert_allclose(outputs[0], mlp_reference(model, original["x"]), rtol=1e-5, atol=1e-5)
