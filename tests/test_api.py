@@ -317,7 +317,7 @@ def test_an_original_with_duplicate_node_names_is_validated_after_name_fixing():
 
 @pytest.mark.parametrize(
     ("pass_class", "label"),
-    [(QuantizePass, "quantize"), (FuseActivationPass, "FuseActivationPass")],
+    [(QuantizePass, "quantize"), (FuseActivationPass, "FuseActivation")],
     ids=["cli-named", "lowering"],
 )
 def test_a_failing_pass_is_named_with_the_first_line_of_its_error(monkeypatch, model_and_data, pass_class, label):
