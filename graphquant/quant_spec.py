@@ -19,6 +19,8 @@ KEEP_FLOAT_KEY = "graphquant.keep_float"
 SPLIT_COST_KEY = "graphquant.split_costs"
 # On a Conv layer node: the calibrated per-tensor QuantSpec of its output, for lowerings that requantize it.
 OUTPUT_SPEC_KEY = "graphquant.output_spec"
+# On a Min node: its constant bound is one value per channel of its input, which it never broadcasts to a larger shape.
+CHANNEL_BOUND_KEY = "graphquant.channel_bound"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

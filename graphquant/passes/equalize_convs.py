@@ -17,7 +17,7 @@ from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.channel_probe import channel_reductions
 from graphquant.analysis.layers import Layer, classify, constant_array
 from graphquant.graph_edit import NameScope, add_initializer, remove_if_unused
-from graphquant.quant_spec import KEEP_FLOAT_KEY
+from graphquant.quant_spec import CHANNEL_BOUND_KEY, KEEP_FLOAT_KEY
 from graphquant.rewrites import replace_weight
 
 # On the value between two convs: the pass equalized it already.
@@ -76,6 +76,9 @@ class EqualizeConvsPass(ir.passes.InPlacePass):
                 continue
             span = np.maximum(found["ReduceMax"], 0) - np.minimum(found["ReduceMin"], 0)
             scales = self._scales(pair, span)
+            bound = _clip_bound(pair.activation) if pair.activation is not None else None
+            if bound is not None and np.isfinite(bound):
+                scales = _bounds_above_range(scales, span, bound)
             if np.all(scales == 1):
                 continue
             _rescale(graph, scope, pair, scales)
@@ -94,6 +97,17 @@ class EqualizeConvsPass(ir.passes.InPlacePass):
         raw[live] = span[live] ** alpha / weight_range[live] ** (1.0 - alpha)
         raw[live] /= np.exp(np.mean(np.log(raw[live])))
         return raw.astype(np.float32)
+
+
+def _bounds_above_range(scales: np.ndarray, span: np.ndarray, bound: float) -> np.ndarray:
+    """Cap s_k at c / M, M = max_j r_j / s_j, so every channel bound c / s_k is at least the tensor's range M.
+
+    The reader's per-tensor grid then saturates at or below every channel's bound, so a lowering may drop the Min;
+    channels that reach c (r_k = c) end exactly at M.
+    """
+    top = float(np.max(span / scales))
+    # Slightly below c / M, so that c / s_k >= M survives float32 rounding.
+    return np.minimum(scales, np.float32(bound / top * (1 - 1e-6))).astype(np.float32)
 
 
 def conv_pairs(graph: ir.Graph) -> list[ConvPair]:
@@ -212,6 +226,7 @@ def _clip_to_channel_bounds(graph: ir.Graph, names: NameScope, pair: ConvPair, s
     relu.outputs[0].type, relu.outputs[0].shape = output.type, output.shape
     limit = add_initializer(graph, names, f"{base}_channel_bound", limits)
     minimum = ir.node("Min", [relu.outputs[0], limit], name=names.fresh(f"{base}_min"))
+    minimum.meta[CHANNEL_BOUND_KEY] = True
     graph.insert_after(clip, [relu, minimum])
     name = output.name
     output.replace_all_uses_with(minimum.outputs[0])
