@@ -244,8 +244,8 @@ def ort_static(fp32: Path, calib: list[Feed], method: str) -> Callable[[Path], N
     return build
 
 
-def nncf_quantize(fp32: Path, calib: list[Feed]) -> Callable[[Path], None]:
-    """NNCF's nncf.quantize on the ONNX model: its defaults (per-channel weights, fast bias correction)."""
+def nncf_quantize(fp32: Path, calib: list[Feed], preset: str) -> Callable[[Path], None]:
+    """NNCF's nncf.quantize on the ONNX model with a preset (per-channel weights, fast bias correction), all samples."""
 
     def build(path: Path) -> None:
         import nncf
@@ -253,19 +253,24 @@ def nncf_quantize(fp32: Path, calib: list[Feed]) -> Callable[[Path], None]:
 
         model = onnx.load(str(fp32))
         samples = [{INPUT_NAME: feed[INPUT_NAME][i : i + 1]} for feed in calib for i in range(len(feed[INPUT_NAME]))]
-        quantized = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples))
+        quantized = nncf.quantize(
+            model, nncf.Dataset(samples), preset=nncf.QuantizationPreset[preset], subset_size=len(samples)
+        )
         onnx.save(quantized, str(path))
 
     return build
 
 
-def graphquant_build(fp32: Path, calib: list[Feed], recipe: str, options: dict[str, Any]) -> Callable[[Path], None]:
-    """graphquant.optimize with a recipe and options, validated on the calibration data, saved atomically."""
+def graphquant_build(
+    fp32: Path, calib: list[Feed], check: list[Feed], recipe: str, options: dict[str, Any]
+) -> Callable[[Path], None]:
+    """graphquant.optimize with a recipe and options, its built-in validation on ``check``, saved atomically."""
 
     def build(path: Path) -> None:
         import graphquant
 
-        result = graphquant.optimize(graphquant.load(fp32), recipe, calibration=calib, show_progress=False, **options)
+        model = graphquant.load(fp32)
+        result = graphquant.optimize(model, recipe, calibration=calib, validation=check, show_progress=False, **options)
         graphquant.save(result, path, overwrite=True)
 
     return build
@@ -278,17 +283,18 @@ GRAPHQUANT_CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
-def build_rows(fp32: Path, calib: list[Feed], out: Path, skip_peers: bool) -> list[Row]:
-    """FP32, onnxruntime's quantize_static (MinMax and Percentile), NNCF, then every graphquant config."""
+def build_rows(fp32: Path, calib: list[Feed], check: list[Feed], out: Path, args: argparse.Namespace) -> list[Row]:
+    """FP32, onnxruntime's quantize_static, NNCF (both presets), then every graphquant config."""
     rows = [Row(FP32, fp32)]
-    if not skip_peers:
-        rows.append(timed("ORT quantize_static QDQ U8S8 per-channel MinMax", out, ort_static(fp32, calib, "MinMax")))
-        rows.append(
-            timed("ORT quantize_static QDQ U8S8 per-channel Percentile", out, ort_static(fp32, calib, "Percentile"))
-        )
-        rows.append(timed("NNCF nncf.quantize (defaults, ONNX)", out, nncf_quantize(fp32, calib)))
+    if not args.skip_peers:
+        methods = ("MinMax", "Percentile") if args.ort_percentile else ("MinMax",)
+        for method in methods:
+            label = f"ORT quantize_static QDQ U8S8 per-channel {method}"
+            rows.append(timed(label, out, ort_static(fp32, calib, method)))
+        for preset in ("PERFORMANCE", "MIXED"):
+            rows.append(timed(f"NNCF nncf.quantize {preset} (ONNX)", out, nncf_quantize(fp32, calib, preset)))
     for label, recipe, options in GRAPHQUANT_CONFIGS:
-        rows.append(timed(label, out, graphquant_build(fp32, calib, recipe, options)))
+        rows.append(timed(label, out, graphquant_build(fp32, calib, check, recipe, options)))
     return rows
 
 
@@ -354,10 +360,11 @@ def table(rows: list[Row], latency: dict[str, float]) -> str:
 
 
 def parse_args() -> argparse.Namespace:
-    """--quick, --out, --skip-peers."""
+    """--quick, --out, --skip-peers, --ort-percentile."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer latency rounds and repeats")
     parser.add_argument("--skip-peers", action="store_true", help="graphquant rows only (no ORT / NNCF)")
+    parser.add_argument("--ort-percentile", action="store_true", help="add ORT's Percentile calibration (slow)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default benchmarks/out)")
     return parser.parse_args()
 
@@ -375,7 +382,8 @@ def main() -> None:
     log(
         f"{fp32}: {sum(len(f[INPUT_NAME]) for f in calib)} calibration / {sum(len(f[INPUT_NAME]) for f in heldout)} held-out crops"
     )
-    rows = build_rows(fp32, calib, out, args.skip_peers)
+    # graphquant's own validation run (part of its quant time) uses two calibration batches.
+    rows = build_rows(fp32, calib, calib[:2], out, args)
     evaluate(rows, heldout)
     rounds, repeats = (3, 3) if args.quick else (5, 10)
     latency = latencies(rows, heldout[0], rounds, repeats)

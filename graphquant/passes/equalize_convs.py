@@ -47,12 +47,14 @@ class EqualizeConvsPass(ir.passes.InPlacePass):
     change, so those pairs take α = 1: every channel is brought to the same range (the geometric mean of the ranges).
     """
 
-    def __init__(self, calibrator: Calibrator | None = None, *, alpha: float = 0.5):
+    def __init__(self, calibrator: Calibrator | None = None, *, alpha: float = 0.5, depthwise_alpha: float = 1.0):
         super().__init__()
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        for label, value in (("alpha", alpha), ("depthwise_alpha", depthwise_alpha)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{label} must be in [0, 1], got {value}")
         self.calibrator = calibrator
         self.alpha = alpha
+        self.depthwise_alpha = depthwise_alpha
 
     def requires(self, model: ir.Model) -> None:
         """The channel ranges come from calibration."""
@@ -88,7 +90,7 @@ class EqualizeConvsPass(ir.passes.InPlacePass):
 
     def _scales(self, pair: ConvPair, span: np.ndarray) -> np.ndarray:
         """s_k = r_k^α / w_k^(1-α), normalized to a geometric mean of 1; dead channels keep 1."""
-        alpha = 1.0 if pair.second.node.attributes.get_int("group", 1) > 1 else self.alpha
+        alpha = self.depthwise_alpha if pair.second.node.attributes.get_int("group", 1) > 1 else self.alpha
         weight_range = input_channel_absmax(pair.second)
         live = (span > DEAD_CHANNEL * span.max()) & (weight_range > 0)
         if not np.any(live):
