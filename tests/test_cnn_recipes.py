@@ -1,4 +1,4 @@
-"""The cnn-w8a8 preset end to end on a mobile-style block: every target runs, and it beats plain w8a8."""
+"""cnn-w8a8 and equalize-convs end to end on a mobile-style block: every target runs, and each beats plain w8a8."""
 
 from __future__ import annotations
 
@@ -54,20 +54,33 @@ def images(seed: int, batches: int) -> list[dict[str, np.ndarray]]:
 CALIB, HELD_OUT = images(0, 4), images(1, 3)
 
 
-def mean_squared_error(model: ir.Model, candidate: ir.Model) -> float:
+def errors(model: ir.Model, candidate: ir.Model) -> np.ndarray:
+    """candidate - float outputs on the held-out batches."""
     expected = np.concatenate([run(model, feed)[0] for feed in HELD_OUT])
-    got = np.concatenate([run(candidate, feed)[0] for feed in HELD_OUT])
-    return float(np.mean((got - expected) ** 2))
+    return np.concatenate([run(candidate, feed)[0] for feed in HELD_OUT]) - expected
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_cnn_w8a8_beats_w8a8_on_every_target(target):
+def test_cnn_w8a8_removes_the_mean_output_shift_of_w8a8_on_every_target(target):
     model = mobile(np.random.default_rng(0))
     plain = graphquant.optimize(model, "w8a8", CALIB, target=target, show_progress=False)
     tuned = graphquant.optimize(model, "cnn-w8a8", CALIB, target=target, show_progress=False)
-    assert tuned.report.passes == ["equalize-convs", "quantize", "bias-correct"]
+    assert tuned.report.passes == ["quantize", "bias-correct"]
     assert {layer.status for layer in tuned.report.layers} == {"quantized"} and len(tuned.report.layers) == 4
-    plain_error, tuned_error = mean_squared_error(model, plain.model), mean_squared_error(model, tuned.model)
-    assert tuned_error < 0.5 * plain_error, (plain_error, tuned_error)
+    plain_error, tuned_error = errors(model, plain.model), errors(model, tuned.model)
+    assert np.abs(tuned_error.mean(axis=0)).mean() < np.abs(plain_error.mean(axis=0)).mean()
+    assert np.mean(tuned_error**2) < np.mean(plain_error**2)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_equalize_convs_before_quantize_lowers_the_error_on_spread_channels(target):
+    model = mobile(np.random.default_rng(0))
+    plain = graphquant.optimize(model, "w8a8", CALIB, target=target, show_progress=False)
+    equalized = graphquant.optimize(
+        model, "w8a8", CALIB, passes=["equalize-convs", "quantize"], target=target, show_progress=False
+    )
+    plain_error, equalized_error = errors(model, plain.model), errors(model, equalized.model)
+    # Measured on qdq: 0.0024 against 0.0029 (-19%); the floor keeps half of that gain.
+    assert np.mean(equalized_error**2) < 0.9 * np.mean(plain_error**2)
     # The per-channel ReLU6 bounds stay below no grid top, so the integer targets fuse them like the Clips.
-    assert target == "qdq" or not {"Min", "Relu", "Clip"} & set(ops(tuned.model))
+    assert target == "qdq" or not {"Min", "Relu", "Clip"} & set(ops(equalized.model))
