@@ -41,13 +41,14 @@ class BiasCorrectPass(ir.passes.InPlacePass):
         layers = annotated_layers(model.graph)
         if not layers:
             return ir.passes.PassResult(model, modified=False)
-        probe, ranks = shadow_probe(model, layers)
+        probe, shift_names, ranks = shadow_probe(model, layers)
         shifts = channel_reductions(self.calibrator, probe, ranks, ("ReduceMean",))
+        del probe
         graph = model.graph
         names = NameScope(graph)
         modified = False
         for layer in layers:
-            found = shifts.get(_shift_name(layer.node))
+            found = shifts.get(shift_names[layer.node.name or ""])
             if found is None or not np.all(np.isfinite(found["ReduceMean"])):
                 continue
             modified |= _subtract_from_bias(graph, names, layer, found["ReduceMean"].astype(np.float32))
@@ -66,37 +67,34 @@ def annotated_layers(graph: ir.Graph) -> list[Layer]:
     return layers
 
 
-def _shift_name(node: ir.Node) -> str:
-    """The name of the probe value y_q - y of a layer."""
-    return f"{node.name}__quantization_shift"
-
-
-def shadow_probe(model: ir.Model, layers: list[Layer]) -> tuple[ir.Model, dict[str, int]]:
-    """A QDQ-lowered copy with y_q - y of each layer as a named value, and each such value's rank."""
+def shadow_probe(model: ir.Model, layers: list[Layer]) -> tuple[ir.Model, dict[str, str], dict[str, int]]:
+    """A QDQ-lowered copy with y_q - y of each layer as a value: layer name -> its name, and value name -> rank."""
     probe = model.clone()
-    by_name = {node.name: node for node in probe.graph}
-    originals: dict[str, tuple[ir.Value, ir.Value]] = {}
+    twins = {node.name: node for node in probe.graph}
+    for node in model.graph:  # clone() does not copy meta: every annotation, so that the copy is the quantized model
+        if INPUT_SPECS_KEY in node.meta:
+            twins[node.name].meta[INPUT_SPECS_KEY] = node.meta[INPUT_SPECS_KEY]
+    originals = {}
     for layer in layers:
-        twin = by_name[layer.node.name]
-        twin.meta[INPUT_SPECS_KEY] = layer.node.meta[INPUT_SPECS_KEY]  # clone() does not copy meta
-        activation, weight = twin.inputs[layer.activation_index], twin.inputs[layer.weight_index]
-        assert activation is not None and weight is not None
-        originals[layer.node.name or ""] = (activation, weight)
+        twin = twins[layer.node.name]
+        originals[layer.node.name] = (twin.inputs[layer.activation_index], twin.inputs[layer.weight_index])
     QdqLoweringPass()(probe)
     names = NameScope(probe.graph)
-    ranks = {}
+    shift_names, ranks = {}, {}
     for layer in layers:
-        twin = by_name[layer.node.name]
-        activation, weight = originals[layer.node.name or ""]
+        twin = twins[layer.node.name]
+        activation, weight = originals[layer.node.name]
+        assert weight is not None and weight.const_value is not None
         float_weight = add_initializer(probe.graph, names, f"{weight.name}_float", weight.const_value.numpy())
         inputs = list(twin.inputs)
         inputs[layer.activation_index], inputs[layer.weight_index] = activation, float_weight
         shadow = ir.node(twin.op_type, inputs, dict(twin.attributes), name=names.fresh(f"{twin.name}_float"))
         difference = ir.node("Sub", [twin.outputs[0], shadow.outputs[0]], name=names.fresh(f"{twin.name}_shift"))
-        difference.outputs[0].name = _shift_name(layer.node)
+        name = difference.outputs[0].name = names.fresh(f"{twin.name}_quantization_shift")
         probe.graph.extend([shadow, difference])
-        ranks[difference.outputs[0].name] = layer.weight_array.ndim if twin.op_type == "Conv" else 2
-    return probe, ranks
+        shift_names[layer.node.name or ""] = name
+        ranks[name] = layer.weight_array.ndim if twin.op_type == "Conv" else 2
+    return probe, shift_names, ranks
 
 
 def _subtract_from_bias(graph: ir.Graph, names: NameScope, layer: Layer, shift: np.ndarray) -> bool:

@@ -43,8 +43,9 @@ class ConvPair:
 class EqualizeConvsPass(ir.passes.InPlacePass):
     """Exact: s_k = r_k^α / w_k^(1-α), r_k the calibrated range of channel k, w_k = max|W2[:, k]|.
 
-    Depthwise (and grouped) Conv2 weights are quantized per output channel, which a scale per input channel does not
-    change, so those pairs take α = 1: every channel is brought to the same range (the geometric mean of the ranges).
+    A depthwise Conv2's weights are quantized per output channel, each reading one input channel, which a scale per
+    channel does not change, so those pairs (any grouped Conv2) take ``depthwise_alpha``, 1 by default: every channel
+    is brought to the same range (the geometric mean of the ranges).
     """
 
     def __init__(self, calibrator: Calibrator | None = None, *, alpha: float = 0.5, depthwise_alpha: float = 1.0):
@@ -108,6 +109,8 @@ def _bounds_above_range(scales: np.ndarray, span: np.ndarray, bound: float) -> n
     channels that reach c (r_k = c) end exactly at M.
     """
     top = float(np.max(span / scales))
+    if top <= 0:
+        return scales
     # Slightly below c / M, so that c / s_k >= M survives float32 rounding.
     return np.minimum(scales, np.float32(bound / top * (1 - 1e-6))).astype(np.float32)
 
