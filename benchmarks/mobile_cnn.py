@@ -279,8 +279,8 @@ def graphquant_build(
 # (label, recipe, options for graphquant.optimize)
 GRAPHQUANT_CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("graphquant w8a8 (qdq)", "w8a8", {}),
-    ("graphquant cnn-w8a8: w8a8 + bias-correct (qdq)", "cnn-w8a8", {}),
-    ("graphquant cnn-w8a8: w8a8 + bias-correct (ort-cpu)", "cnn-w8a8", {"target": "ort-cpu"}),
+    ("graphquant w8a8 + bias-correct (qdq)", "w8a8", {"passes": ["quantize", "bias-correct"]}),
+    ("graphquant w8a8 + bias-correct (ort-cpu)", "w8a8", {"passes": ["quantize", "bias-correct"], "target": "ort-cpu"}),
 ]
 
 
