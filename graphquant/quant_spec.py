@@ -21,6 +21,8 @@ SPLIT_COST_KEY = "graphquant.split_costs"
 OUTPUT_SPEC_KEY = "graphquant.output_spec"
 # quantize() converts about this many values at a time to float64, so a large weight gets no full float64 copy.
 QUANTIZE_CHUNK_ELEMENTS = 1 << 20
+# On a Min node: its constant bound is one value per channel of its input, which it never broadcasts to a larger shape.
+CHANNEL_BOUND_KEY = "graphquant.channel_bound"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

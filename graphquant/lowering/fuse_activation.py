@@ -7,11 +7,11 @@ import onnx_ir as ir
 
 from graphquant.analysis.layers import constant_array
 from graphquant.graph_edit import remove_if_unused
-from graphquant.quant_spec import INPUT_SPECS_KEY, QuantSpec
+from graphquant.quant_spec import CHANNEL_BOUND_KEY, INPUT_SPECS_KEY, QuantSpec
 
 
 class FuseActivationPass(ir.passes.InPlacePass):
-    """Exact: Relu(x) and Clip(x, 0, c) are dropped where QuantizeLinear's saturation computes them already.
+    """Exact: Relu(x), Clip(x, 0, c) and a per-channel Min(x, c) are dropped where QuantizeLinear's saturation computes them.
 
     A per-tensor unsigned grid with zero point 0 maps every x <= 0 to code 0, as Relu does. Above, codes saturate at
     qmax, so Clip's upper bound c is redundant when every x >= c gets code qmax: round(c / scale) >= qmax.
@@ -21,7 +21,7 @@ class FuseActivationPass(ir.passes.InPlacePass):
         """Rewire the readers of each redundant activation to its input and remove it."""
         graph = model.graph
         modified = False
-        for node in list(graph):
+        for node in reversed(list(graph)):  # readers first, so that Relu -> Min (equalize-convs) both go
             upper = _activation_bound(node)
             if upper is None or not _readers_saturate(node.outputs[0], upper):
                 continue
@@ -39,12 +39,21 @@ class FuseActivationPass(ir.passes.InPlacePass):
 
 def _activation_bound(node: ir.Node) -> float | None:
     """The upper bound of a Relu (inf) or of a Clip whose lower bound is exactly 0; None for anything else."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Relu", "Clip"):
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Relu", "Clip", "Min"):
         return None
     if not node.inputs or node.inputs[0] is None:
         return None
     if node.op_type == "Relu":
         return float("inf")
+    if (
+        node.op_type == "Min"
+        and CHANNEL_BOUND_KEY in node.meta
+        and len(node.inputs) == 2
+        and (bound := constant_array(node.inputs[1])) is not None
+    ):
+        return float(bound.min())  # Min(x, b) changes only x > b (per-channel bounds from equalize-convs)
+    if node.op_type != "Clip":
+        return None
     if "min" in node.attributes or "max" in node.attributes:  # opset < 11 keeps the bounds in attributes
         low, high = node.attributes.get_float("min", -np.inf), node.attributes.get_float("max", np.inf)
     else:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes.common import ClearMetadataAndDocStringPass
 
+from graphquant.passes.bias_correct import BiasCorrectPass
 from graphquant.passes.bitmod import BitModPass
+from graphquant.passes.equalize_convs import EqualizeConvsPass
 from graphquant.passes.fold_batchnorm import FoldBatchNormPass
 from graphquant.passes.fold_constants import FoldConstantsPass
 from graphquant.passes.ocs import OcsPass
@@ -31,11 +33,15 @@ PASSES: dict[str, type[ir.passes.PassBase]] = {
     "fold-batchnorm": FoldBatchNormPass,
     "fold-constants": FoldConstantsPass,
     "bitmod": BitModPass,
+    "equalize-convs": EqualizeConvsPass,
+    "bias-correct": BiasCorrectPass,
 }
 
 __all__ = [
     "PASSES",
+    "BiasCorrectPass",
     "BitModPass",
+    "EqualizeConvsPass",
     "FoldBatchNormPass",
     "FoldConstantsPass",
     "OcsPass",

@@ -11,7 +11,7 @@ from graphquant.analysis.calibration import Calibrator
 from graphquant.lowering.fuse_activation import FuseActivationPass
 from graphquant.lowering.qdq import QdqLoweringPass
 from graphquant.passes.quantize import QuantizePass
-from graphquant.quant_spec import INPUT_SPECS_KEY, QuantSpec, asymmetric_spec, symmetric_spec
+from graphquant.quant_spec import CHANNEL_BOUND_KEY, INPUT_SPECS_KEY, QuantSpec, asymmetric_spec, symmetric_spec
 
 F32 = np.float32
 
@@ -193,3 +193,30 @@ def test_constant_nodes_without_inputs_are_passed_over():
     assert ops(fused).count("Relu") == 0 and ops(fused).count("Constant") == 1
     for feed in wide_feeds(7, scale=4.0):
         np.testing.assert_array_equal(run(fused, feed)[0], run(reference, feed)[0])
+
+
+CHANNEL_MIN = """
+<ir_version: 8, opset_import: ["" : 17]>
+channel_min (float[N, 8] x) => (float[N, 4] y) {
+  [relu] r = Relu(x)
+  [bound] m = Min(r, bounds)
+  [fc] y = MatMul(m, w)
+}
+"""
+
+
+@pytest.mark.parametrize("marked", [True, False])
+def test_relu_and_a_per_channel_min_above_the_grid_are_removed_only_when_marked(marked):
+    def make() -> ir.Model:
+        init = {"w": weights(np.random.default_rng(7), 8, 4), "bounds": np.linspace(5, 8, 8).astype(F32)}
+        model = build(CHANNEL_MIN, init)
+        if marked:  # as equalize-convs marks the bounds it writes: one per channel, never broadcasting x
+            by_name(model)["bound"].meta[CHANNEL_BOUND_KEY] = True
+        return model
+
+    fused, reference, result = fused_and_reference(make, wide_feeds(3, scale=0.7))
+    assert result.modified is marked
+    assert ("Min" in ops(fused), "Relu" in ops(fused)) == (not marked, not marked)
+    for feed in wide_feeds(4, scale=10.0):  # far past every bound: saturation computes the Min
+        for got, expected in zip(run(fused, feed), run(reference, feed), strict=True):
+            np.testing.assert_array_equal(got, expected)

