@@ -11,7 +11,6 @@ onnxruntime run. Extras: `pip install graphquant[bench]`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import sys
@@ -22,6 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from table_rows import Row, log, slug  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "out"
@@ -64,28 +67,6 @@ CROPS = tuple((size, x, y) for size in (1.0, 0.7) for x, y in ((0.5, 0.5), (0.0,
 
 FP32 = "FP32 (torch.onnx dynamo export)"
 Feed = dict[str, np.ndarray]
-
-
-@dataclasses.dataclass
-class Row:
-    """One model of the table: where it is, how long quantization took, or why it is missing."""
-
-    label: str
-    path: Path | None = None
-    quant_s: float | None = None
-    error: str | None = None
-    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
-
-
-def log(message: str) -> None:
-    """Progress on stderr."""
-    print(message, file=sys.stderr, flush=True)
-
-
-def slug(label: str) -> str:
-    """A file-name-safe version of a label."""
-    keep = "".join(c if c.isalnum() else "_" for c in label.lower())
-    return "_".join(part for part in keep.split("_") if part)
 
 
 def one_line(error: BaseException) -> str:

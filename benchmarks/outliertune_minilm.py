@@ -10,7 +10,6 @@ in one interleaved onnxruntime run. Writes the models and a markdown table under
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 import traceback
@@ -20,6 +19,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import minilm_common as common  # noqa: E402
+from table_rows import Row, log, slug  # noqa: E402, F401 (log and slug are imported from here by other scripts)
 
 # (label, recipe, keyword arguments for graphquant.optimize)
 GRAPHQUANT_CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
@@ -40,32 +40,10 @@ ORT_STATIC_S8S8 = "ORT quantize_static S8S8 MatMul-only (sym, per-channel)"
 TOP_K = 10
 
 
-@dataclasses.dataclass
-class Row:
-    """One model of the table: where it is, how long quantization took, or why it is missing."""
-
-    label: str
-    path: Path | None = None
-    quant_s: float | None = None
-    error: str | None = None
-    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
-
-
-def log(message: str) -> None:
-    """Progress on stderr."""
-    print(message, file=sys.stderr, flush=True)
-
-
 def one_line(error: BaseException) -> str:
     """The exception's first line, prefixed with its type when that is not already obvious."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def slug(label: str) -> str:
-    """A file-name-safe version of a label."""
-    keep = "".join(c if c.isalnum() else "_" for c in label.lower())
-    return "_".join(part for part in keep.split("_") if part)
 
 
 def make_reader(batches: list[dict]):  # noqa: ANN201

@@ -1,0 +1,29 @@
+"""Pieces every benchmark table script shares: a table row, progress lines, file-name slugs."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+
+@dataclasses.dataclass
+class Row:
+    """One model of the table: where it is, how long quantization took, or why it is missing."""
+
+    label: str
+    path: Path | None = None
+    quant_s: float | None = None
+    error: str | None = None
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def log(message: str) -> None:
+    """Progress on stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def slug(label: str) -> str:
+    """A file-name-safe version of a label."""
+    keep = "".join(c if c.isalnum() else "_" for c in label.lower())
+    return "_".join(part for part in keep.split("_") if part)
