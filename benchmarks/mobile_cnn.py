@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from table_rows import Row, log, slug  # noqa: E402
+from table_rows import Row, log, make_reader, slug  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "out"
@@ -165,25 +165,6 @@ def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
         "cos": float(cosine.mean()),
         "min_cos": float(cosine.min()),
     }
-
-
-def make_reader(feeds: list[Feed]) -> Any:
-    """An onnxruntime CalibrationDataReader over the calibration feeds (rewindable)."""
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class ListReader(CalibrationDataReader):
-        """Hands out the feeds one by one."""
-
-        def __init__(self) -> None:
-            self._iter = iter(feeds)
-
-        def get_next(self) -> Feed | None:
-            return next(self._iter, None)
-
-        def rewind(self) -> None:
-            self._iter = iter(feeds)
-
-    return ListReader()
 
 
 def timed(label: str, out: Path, build: Callable[[Path], None]) -> Row:

@@ -19,7 +19,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import minilm_common as common  # noqa: E402
-from table_rows import Row, log, slug  # noqa: E402, F401 (log and slug are imported from here by other scripts)
+from table_rows import Row, log, make_reader, slug  # noqa: E402, F401 (other scripts import them from here)
 
 # (label, recipe, keyword arguments for graphquant.optimize)
 GRAPHQUANT_CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
@@ -44,25 +44,6 @@ def one_line(error: BaseException) -> str:
     """The exception's first line, prefixed with its type when that is not already obvious."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def make_reader(batches: list[dict]):  # noqa: ANN201
-    """An onnxruntime CalibrationDataReader over a list of feeds (rewindable)."""
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class ListReader(CalibrationDataReader):
-        """Hands out the feeds one by one."""
-
-        def __init__(self) -> None:
-            self._iter = iter(batches)
-
-        def get_next(self) -> dict | None:
-            return next(self._iter, None)
-
-        def rewind(self) -> None:
-            self._iter = iter(batches)
-
-    return ListReader()
 
 
 def run_ort(label: str, out: Path, build) -> Row:  # noqa: ANN001

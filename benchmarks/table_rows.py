@@ -1,10 +1,13 @@
-"""Pieces every benchmark table script shares: a table row, progress lines, file-name slugs."""
+"""Pieces the benchmark table scripts share: a table row, progress lines, file-name slugs, a calibration reader."""
 
 from __future__ import annotations
 
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 
 @dataclasses.dataclass
@@ -27,3 +30,22 @@ def slug(label: str) -> str:
     """A file-name-safe version of a label."""
     keep = "".join(c if c.isalnum() else "_" for c in label.lower())
     return "_".join(part for part in keep.split("_") if part)
+
+
+def make_reader(feeds: list[dict[str, np.ndarray]]) -> Any:
+    """An onnxruntime CalibrationDataReader over the calibration feeds (rewindable)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class ListReader(CalibrationDataReader):
+        """Hands out the feeds one by one."""
+
+        def __init__(self) -> None:
+            self._iter = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._iter, None)
+
+        def rewind(self) -> None:
+            self._iter = iter(feeds)
+
+    return ListReader()

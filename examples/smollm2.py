@@ -110,12 +110,19 @@ def _wrap(model: Any) -> Any:
 
 
 def export_prefill(out_path: Path, dynamo: bool = True, model: Any = None) -> Path:
-    """Export the prefill graph with torch.onnx (dynamo or the legacy TorchScript exporter), batch and seq dynamic."""
+    """Export SmolLM2's prefill graph with torch.onnx (dynamo or the legacy TorchScript exporter)."""
     import torch
 
-    wrapper = _wrap(model if model is not None else load_torch_model())
     example = torch.from_numpy(token_sequences(CALIBRATION_MODULES, 2))
-    args = (example, torch.ones_like(example))
+    return export_logits(model if model is not None else load_torch_model(), example, out_path, dynamo)
+
+
+def export_logits(model: Any, example_ids: Any, out_path: Path, dynamo: bool = True) -> Path:
+    """Export a causal LM's logits for (input_ids, attention_mask), batch and sequence dynamic."""
+    import torch
+
+    wrapper = _wrap(model)
+    args = (example_ids, torch.ones_like(example_ids))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode(not dynamo):

@@ -375,45 +375,11 @@ def export_tiny_llama(path: Path, exporter: str) -> Path:
 
 
 def _export_logits(model: Any, path: Path, exporter: str) -> Path:
-    """Export a causal LM's logits for (input_ids, attention_mask) with dynamic batch and sequence."""
+    """Export a causal LM's logits for (input_ids, attention_mask) with examples/smollm2.py's exporter."""
     import torch
 
-    class Logits(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lm = model
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
     ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
-    args, names = (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"]
-    if exporter == "dynamo":
-        batch, seq = torch.export.Dim("batch", min=1, max=16), torch.export.Dim("seq", min=2, max=64)
-        program = torch.onnx.export(
-            Logits().eval(),
-            args,
-            input_names=names,
-            output_names=["logits"],
-            dynamic_shapes={name: {0: batch, 1: seq} for name in names},
-            opset_version=18,
-            dynamo=True,
-            verbose=False,
-        )
-        program.save(path)
-    else:
-        axes = {0: "batch", 1: "seq"}
-        torch.onnx.export(
-            Logits().eval(),
-            args,
-            path,
-            input_names=names,
-            output_names=["logits"],
-            dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": axes},
-            opset_version=18,
-            dynamo=False,
-        )
-    return path
+    return examples_module("smollm2").export_logits(model, ids, path, dynamo=exporter == "dynamo")
 
 
 def token_feeds(seed: int, batches: int = 3, batch: int = 4, seq: int = 16, vocab: int = 128) -> list[dict]:
