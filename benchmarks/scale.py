@@ -27,11 +27,13 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx.helper as oh
+import onnx.numpy_helper
 import onnx_ir as ir
 
 OUT = Path(__file__).resolve().parent / "out" / "scale"
@@ -65,10 +67,45 @@ SIZES = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class LlamaSize:
+    """A Llama-architecture decoder: widths, blocks, attention heads (grouped-query) and vocabulary."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    blocks: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.hidden // self.heads
+
+    @property
+    def params(self) -> int:
+        """Embedding, per block q/k/v/o, gate/up/down and two RMSNorm weights, final RMSNorm and a separate lm head."""
+        d, kv = self.hidden, self.kv_heads * self.head_dim
+        block = 2 * d * d + 2 * d * kv + 3 * d * self.intermediate + 2 * d
+        return 2 * self.vocab * d + self.blocks * block + d
+
+
+LLAMA_SIZES = {
+    "llama-small": LlamaSize("llama-small", 256, 688, 4, 4, 2, 512),
+    "llama-medium": LlamaSize("llama-medium", 1024, 2816, 8, 16, 4, 8192),
+    "llama-1.5b": LlamaSize("llama-1.5b", 2048, 5632, 32, 32, 4, 32000),
+}
+# Rotary tables and the causal mask cover this many positions (the calibration uses TOKENS of them).
+MAX_POSITIONS = 256
+RMS_EPSILON = 1e-5
+
+
 VGG19_LAYERS: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", *[256] * 4, "M", *[512] * 4, "M", *[512] * 4, "M")
 IMAGE = 224
 CLASSES = 1000
-CNN_RUNS = (("w8a8", "qdq"), ("w8a8", "ort-cpu"), ("outliertune", "qdq"), ("outliertune", "ort-cpu"))
+RUNS = (("w8a8", "qdq"), ("w8a8", "ort-cpu"), ("outliertune", "qdq"), ("outliertune", "ort-cpu"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +236,134 @@ def generate(size: Size, folder: Path) -> Path:
     model_path.write_bytes(model.SerializeToString())
     np.savez(folder / "calib.npz", input_ids=rng.integers(0, VOCAB, (SAMPLES, TOKENS), dtype=np.int64))
     return model_path
+
+
+def generate_llama(size: LlamaSize, folder: Path) -> Path:
+    """Write the Llama-architecture decoder and its external data into ``folder`` (skipped if already there).
+
+    Per block: decomposed RMSNorm (Pow, ReduceMean, Add, Sqrt, Div, Mul, Mul by its weight, as torch exports it),
+    q/k/v projections, rotary embeddings on q and k, grouped-query attention (k/v heads repeated by Expand) with
+    a causal mask, o projection, residual, RMSNorm, SwiGLU MLP (SiLU(gate)·up -> down), residual; then the final
+    RMSNorm and a separate lm head.
+    """
+    model_path = folder / "model.onnx"
+    if model_path.exists():
+        return model_path
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    d, hd, heads, kv = size.hidden, size.head_dim, size.heads, size.kv_heads
+    writer = ExternalWriter(folder / "model.onnx.data")
+    initializers: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def node(op: str, inputs: list[str], output: str, **attributes: object) -> str:
+        nodes.append(oh.make_node(op, inputs, [output], name=output, **attributes))
+        return output
+
+    def constant(name: str, array: np.ndarray) -> str:
+        initializers.append(onnx.numpy_helper.from_array(array, name))
+        return name
+
+    def weight(name: str, *shape: int, scale: float | None = None) -> str:
+        std = scale if scale is not None else 1.0 / np.sqrt(shape[0])
+        initializers.append(writer.add(name, rng.standard_normal(shape, dtype=np.float32) * np.float32(std)))
+        return name
+
+    def rms_norm(name: str, x: str) -> str:
+        gamma = (1.0 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+        gamma[:4] = 20.0  # outlier channels, as trained LLMs have
+        initializers.append(writer.add(f"{name}.weight", gamma))
+        mean = node("ReduceMean", [node("Pow", [x, "two"], f"{name}.pow")], f"{name}.mean", axes=[-1])
+        root = node("Sqrt", [node("Add", [mean, "epsilon"], f"{name}.add")], f"{name}.sqrt")
+        normed = node("Mul", [x, node("Div", ["one_float", root], f"{name}.rsqrt")], f"{name}.normed")
+        return node("Mul", [normed, f"{name}.weight"], name)
+
+    def matmul(name: str, x: str, rows: int, columns: int) -> str:
+        return node("MatMul", [x, weight(f"{name}.weight", rows, columns)], name)
+
+    def heads_first(name: str, x: str, count: int) -> str:
+        """[batch, tokens, count·hd] -> [batch, heads, tokens, hd], repeating k/v heads for grouped-query attention."""
+        if count == heads:
+            split = node("Reshape", [x, "heads_shape"], f"{name}.split")
+        else:
+            grouped = node("Reshape", [x, "kv_heads_shape"], f"{name}.grouped")
+            repeated = node("Expand", [grouped, "kv_repeat"], f"{name}.repeated")
+            split = node("Reshape", [repeated, "heads_shape"], f"{name}.split")
+        return node("Transpose", [split], f"{name}.heads", perm=[0, 2, 1, 3])
+
+    def rotary(name: str, x: str) -> str:
+        first = node("Slice", [x, "zero", "half", "last_axis"], f"{name}.first")
+        second = node("Slice", [x, "half", "head_dim", "last_axis"], f"{name}.second")
+        rotated = node("Concat", [node("Neg", [second], f"{name}.neg"), first], f"{name}.rotated", axis=-1)
+        cos = node("Mul", [x, "cos"], f"{name}.cos")
+        return node("Add", [cos, node("Mul", [rotated, "sin"], f"{name}.sin")], f"{name}.rotary")
+
+    _llama_constants(constant, size)
+    tokens = node("Gather", [node("Shape", ["input_ids"], "ids_shape"), "one_index"], "tokens")
+    positions = node("Unsqueeze", [tokens, "zero"], "positions")
+    node("Slice", ["cos_table", "zero", positions, "zero"], "cos")
+    node("Slice", ["sin_table", "zero", positions, "zero"], "sin")
+    rows = node("Slice", ["mask_table", "zero", positions, "zero"], "mask_rows")
+    node("Slice", [rows, "zero", positions, "one"], "mask")
+    h = node("Gather", [weight("embed_tokens", size.vocab, d, scale=1.0), "input_ids"], "h0", axis=0)
+    for b in range(size.blocks):
+        p = f"layers.{b}"
+        x = rms_norm(f"{p}.input_layernorm", h)
+        q = rotary(f"{p}.q", heads_first(f"{p}.q", matmul(f"{p}.self_attn.q_proj", x, d, d), heads))
+        k = rotary(f"{p}.k", heads_first(f"{p}.k", matmul(f"{p}.self_attn.k_proj", x, d, kv * hd), kv))
+        v = heads_first(f"{p}.v", matmul(f"{p}.self_attn.v_proj", x, d, kv * hd), kv)
+        scores = node("MatMul", [q, node("Transpose", [k], f"{p}.kt", perm=[0, 1, 3, 2])], f"{p}.scores")
+        scaled = node("Add", [node("Mul", [scores, "attention_scale"], f"{p}.scaled"), "mask"], f"{p}.masked")
+        context = node("MatMul", [node("Softmax", [scaled], f"{p}.probs", axis=-1), v], f"{p}.context")
+        merged = node(
+            "Reshape", [node("Transpose", [context], f"{p}.ct", perm=[0, 2, 1, 3]), "merged_shape"], f"{p}.merged"
+        )
+        h = node("Add", [h, matmul(f"{p}.self_attn.o_proj", merged, d, d)], f"{p}.residual1")
+        x = rms_norm(f"{p}.post_attention_layernorm", h)
+        gate = matmul(f"{p}.mlp.gate_proj", x, d, size.intermediate)
+        silu = node("Mul", [gate, node("Sigmoid", [gate], f"{p}.mlp.sigmoid")], f"{p}.mlp.silu")
+        up = node("Mul", [silu, matmul(f"{p}.mlp.up_proj", x, d, size.intermediate)], f"{p}.mlp.product")
+        h = node("Add", [h, matmul(f"{p}.mlp.down_proj", up, size.intermediate, d)], f"{p}.residual2")
+    logits = matmul("lm_head", rms_norm("norm", h), d, size.vocab)
+    writer.close()
+    graph = oh.make_graph(
+        nodes,
+        f"llama_{size.name}",
+        [oh.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["batch", "tokens"])],
+        [oh.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, ["batch", "tokens", size.vocab])],
+        initializers,
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+    model_path.write_bytes(model.SerializeToString())
+    np.savez(folder / "calib.npz", input_ids=rng.integers(0, size.vocab, (SAMPLES, TOKENS), dtype=np.int64))
+    return model_path
+
+
+def _llama_constants(constant: Callable[[str, np.ndarray], str], size: LlamaSize) -> None:
+    """The small shared constants: shapes, axes, RMSNorm's scalars, rotary tables and the causal mask."""
+    hd, group = size.head_dim, size.heads // size.kv_heads
+    for name, values in (
+        ("zero", [0]),
+        ("one", [1]),
+        ("last_axis", [-1]),
+        ("half", [hd // 2]),
+        ("head_dim", [hd]),
+        ("heads_shape", [0, 0, size.heads, hd]),
+        ("kv_heads_shape", [0, 0, size.kv_heads, 1, hd]),
+        ("kv_repeat", [1, 1, 1, group, 1]),
+        ("merged_shape", [0, 0, size.hidden]),
+    ):
+        constant(name, np.array(values, np.int64))
+    constant("one_index", np.array(1, np.int64))
+    constant("two", np.array(2.0, np.float32))
+    constant("epsilon", np.array(RMS_EPSILON, np.float32))
+    constant("one_float", np.array(1.0, np.float32))
+    constant("attention_scale", np.array(1.0 / np.sqrt(hd), np.float32))
+    inverse = 1.0 / 10000.0 ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+    angles = np.outer(np.arange(MAX_POSITIONS), inverse)
+    constant("cos_table", np.cos(np.concatenate([angles, angles], axis=1)).astype(np.float32))
+    constant("sin_table", np.sin(np.concatenate([angles, angles], axis=1)).astype(np.float32))
+    constant("mask_table", np.triu(np.full((MAX_POSITIONS, MAX_POSITIONS), -1e9, np.float32), k=1))
 
 
 def generate_cnn(size: CnnSize, folder: Path) -> Path:
@@ -335,31 +500,57 @@ def _result(measurement: Measurement) -> str:
     return f"failed after {measurement.seconds:.0f} s: {measurement.message[:120]}"
 
 
-def cnn_rows(size: CnnSize, memory_limit: int, keep: bool) -> None:
-    """Run every recipe and target of CNN_RUNS on one generated CNN, printing a row for each."""
+def recipe_rows(
+    size: CnnSize | LlamaSize, generator: Callable[..., Path], runs: list[tuple[str, str]], options: RunOptions
+) -> None:
+    """Run each recipe and target on one generated model (then ORT's quantize_dynamic), printing a row for each."""
     folder = OUT / size.name
-    # In a fresh process: Linux carries a parent's peak RSS over fork and exec into its children's ru_maxrss.
-    generator = multiprocessing.get_context("spawn").Process(target=generate_cnn, args=(size, folder))
-    generator.start()
-    generator.join()
-    model = folder / "model.onnx"
+    free = shutil.disk_usage(OUT.parent if OUT.parent.exists() else Path(__file__).parent).free
     weights = 4 * size.params
-    for recipe, target in CNN_RUNS:
-        output = folder / f"{recipe}-{target}"
+    if free < 3 * weights:
+        print(f"| {size.name}: skipped, {gib(free)} GiB free disk < 3x the weights |", flush=True)
+        return
+    # In a fresh process: Linux carries a parent's peak RSS over fork and exec into its children's ru_maxrss.
+    process = multiprocessing.get_context("spawn").Process(target=generator, args=(size, folder))
+    process.start()
+    process.join()
+    model = folder / "model.onnx"
+    commands = [
+        (recipe, target, graphquant_command(model, folder / f"{recipe}-{target}" / "model.onnx", recipe, target))
+        for recipe, target in runs
+    ]
+    if options.ort:
+        ort_output = folder / "ort-dynamic" / "model.onnx"
+        commands.append(("ORT quantize_dynamic", "", [sys.executable, "-c", ORT_DYNAMIC, str(model), str(ort_output)]))
+    for recipe, target, command in commands:
+        output = Path(command[command.index("-o") + 1] if target else command[-1]).parent
         output.mkdir(exist_ok=True)
-        run = measure(graphquant_command(model, output / "model.onnx", recipe, target), memory_limit)
+        run = measure(command, options.memory_limit)
         cells = [size.name, f"{size.params / 1e6:,.0f} M", gib(weights), recipe, target, _result(run)]
         cells += [gib(run.peak_rss), f"{run.peak_rss / weights:.2f}"]
         print("| " + " | ".join(cells) + " |", flush=True)
-    if not keep:
+        if not options.keep:
+            shutil.rmtree(output)
+    if not options.keep:
         shutil.rmtree(folder)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """What every row shares: the memory limit, whether to keep the files and whether to run ORT's quantizer."""
+
+    memory_limit: int
+    keep: bool
+    ort: bool
 
 
 def main() -> None:
     """Generate, run and tabulate every requested size."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    names = sorted(SIZES) + sorted(CNN_SIZES)
+    names = sorted(SIZES) + sorted(LLAMA_SIZES) + sorted(CNN_SIZES)
     parser.add_argument("--sizes", default="small,medium,1.5b,vgg19", help=f"comma-separated, from {names}")
+    default_runs = ",".join(f"{recipe}:{target}" for recipe, target in RUNS)
+    parser.add_argument("--runs", default=default_runs, help="recipe:target pairs of the Llama and CNN rows")
     parser.add_argument("--skip-ort", action="store_true", help="skip onnxruntime's quantize_dynamic")
     parser.add_argument("--keep", action="store_true", help="keep the generated models and outputs")
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -368,20 +559,25 @@ def main() -> None:
     )
     args = parser.parse_args()
     requested = args.sizes.split(",")
-    unknown = sorted(set(requested) - set(SIZES) - set(CNN_SIZES))
+    unknown = sorted(set(requested) - set(names))
     if unknown:
         parser.error(f"unknown sizes {unknown}; choose from {names}")
+    runs = [tuple(pair.split(":", 1)) for pair in args.runs.split(",")]
+    if any(len(pair) != 2 for pair in runs):
+        parser.error(f"--runs takes recipe:target pairs, got {args.runs!r}")
     limit = int(args.memory_limit_gib * 2**30)
     decoders = [SIZES[name] for name in requested if name in SIZES]
     if decoders:
         decoder_rows(decoders, limit, args.skip_ort, args.keep)
-    cnns = [CNN_SIZES[name] for name in requested if name in CNN_SIZES]
-    if cnns:
-        columns = ["model", "params", "fp32 weights GiB", "recipe", "target", "graphquant", "peak RSS GiB"]
-        columns.append("RSS / weights")
+    others = [(LLAMA_SIZES[n], generate_llama) for n in requested if n in LLAMA_SIZES]
+    others += [(CNN_SIZES[n], generate_cnn) for n in requested if n in CNN_SIZES]
+    if others:
+        columns = ["model", "params", "fp32 weights GiB", "recipe", "target", "time", "peak RSS GiB", "RSS / weights"]
         print("\n| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|", flush=True)
-        for size in cnns:
-            cnn_rows(size, limit, args.keep)
+    for size, generator in others:
+        # onnxruntime's quantize_dynamic runs beside graphquant on the Llama rows only.
+        ort = isinstance(size, LlamaSize) and not args.skip_ort
+        recipe_rows(size, generator, runs, RunOptions(limit, args.keep, ort))
 
 
 def decoder_rows(sizes: list[Size], limit: int, skip_ort: bool, keep: bool) -> None:
