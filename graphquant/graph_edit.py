@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import onnx_ir as ir
 
@@ -50,8 +52,16 @@ def insert_after_producer(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node]
 
 
 def remove_if_unused(graph: ir.Graph, value: ir.Value) -> bool:
-    """Drop an initializer that nothing reads any more; True if removed."""
+    """Drop an initializer that nothing reads any more, unmapping a memory-mapped one's pages; True if removed."""
     if value.is_initializer() and not value.uses() and not value.is_graph_output() and not value.is_graph_input():
         graph.initializers.pop(value.name or "")
+        release_mapping(value.const_value)  # another model sharing the tensor maps it again if it reads it
         return True
     return False
+
+
+def release_mapping(tensor: ir.TensorProtocol | None) -> None:
+    """Unmap an external tensor's file unless a numpy view of it is still alive; other tensors are left alone."""
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):
+            tensor.release()

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import onnx_ir as ir
 
 from graphquant import progress
+from graphquant.analysis.runner import release_mappings
 
 
 class PassFailedError(ir.passes.PassError):
@@ -36,6 +37,7 @@ class Pipeline(ir.passes.Sequential):
             except Exception as exc:
                 raise PassFailedError(step) from exc
             model, modified = result.model, modified or result.modified
+            release_mappings(model)  # the weight pages this pass read: the next pass maps what it reads again
         return ir.passes.PassResult(model, modified)
 
     def describe(self) -> list[str]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import BinaryIO
@@ -15,6 +17,7 @@ import onnxruntime as ort
 from graphquant.analysis.data import Feed
 from graphquant.errors import InvalidModelError
 from graphquant.frontends.mapped_weights import INLINE_KEY
+from graphquant.graph_edit import release_mapping
 from graphquant.scratch import scratch_folder
 
 # Above this many initializer bytes the model is written with external data (the protobuf limit is 2 GiB).
@@ -120,12 +123,15 @@ def open_session(model: ir.Model, extra_outputs: Sequence[str] = ()) -> Iterator
             with open(scratch / SHARED_LOCATION, "wb") as placeholder:
                 placeholder.truncate(max((tensor.nbytes for tensor in shared.values()), default=0))
             onnx.save(proto, scratch / "model.onnx")
+            proto = None  # before onnxruntime reads its own copy of the weights
+            release_mappings(model)
             session = load_session(str(scratch / "model.onnx"), options)
         yield session
     finally:
         # The mappings can only close once nothing holds the buffers: callers drop the session first.
-        session = options = buffers = None
+        session = options = buffers = proto = None
         release_mappings(model)
+        _return_freed_memory()
 
 
 def run_views(session: ort.InferenceSession, names: Sequence[str], feed: Feed) -> list[np.ndarray]:
@@ -173,13 +179,6 @@ def release_mappings(model: ir.Model) -> None:
         release_mapping(value.const_value)
 
 
-def release_mapping(tensor: ir.TensorProtocol | None) -> None:
-    """Unmap an external tensor's file unless a numpy view of it is still alive; other tensors are left alone."""
-    if isinstance(tensor, ir.ExternalTensor):
-        with contextlib.suppress(BufferError):
-            tensor.release()
-
-
 def _shared_initializers(model: ir.Model) -> dict[str, ir.TensorProtocol]:
     """The main graph's large, used initializers whose dtype numpy and onnxruntime share as is."""
     # onnxruntime drops unused initializers before it takes the shared ones, and then cannot find them.
@@ -215,6 +214,14 @@ def _swapped(model: ir.Model, tensors: dict[str, ir.TensorProtocol]) -> Iterator
     finally:
         for name, tensor in originals.items():
             model.graph.initializers[name].const_value = tensor
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap memory a closed session freed back to the system (glibc keeps it otherwise); elsewhere a no-op."""
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    if trim is not None:
+        trim(0)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -12,6 +12,8 @@ BINS_PER_OCTAVE = 16
 HIST_MIN_EXP = -40
 HIST_MAX_EXP = 40
 HIST_BINS = (HIST_MAX_EXP - HIST_MIN_EXP) * BINS_PER_OCTAVE + 1
+# Batch statistics are reduced in row slices of about this many values, so their float64 temporaries stay small.
+CHUNK_ELEMENTS = 1 << 16
 
 
 @dataclasses.dataclass
@@ -39,6 +41,24 @@ class TensorStats:
         if data.ndim == 0:
             data = data.reshape(1)
         rows = data.reshape(-1, data.shape[-1])
+        if gram or not _all_finite(rows):
+            return cls._from_copied_rows(rows, sample_rows, gram)
+        low, high = (rows.min(axis=0), rows.max(axis=0)) if rows.shape[0] else _empty_range(rows.shape[1])
+        histogram, total, squares = _chunked_sums(rows)
+        return cls(
+            channel_min=low.astype(np.float64),
+            channel_max=high.astype(np.float64),
+            abs_histogram=histogram,
+            count=int(rows.shape[0]),
+            channel_sum=total,
+            channel_sum_squares=squares,
+            sample=_evenly_spaced(rows, sample_rows) if sample_rows else None,
+            sample_limit=sample_rows,
+        )
+
+    @classmethod
+    def _from_copied_rows(cls, rows: np.ndarray, sample_rows: int, gram: bool) -> TensorStats:
+        """Statistics from a float64 copy of the rows: for non-finite values and for the Gram matrix."""
         finite = np.isfinite(rows)
         nonfinite = int(rows.size - np.count_nonzero(finite))
         clean = np.where(finite, rows, 0).astype(np.float64) if nonfinite else rows.astype(np.float64)
@@ -126,6 +146,40 @@ class TensorStats:
         rank = np.searchsorted(np.cumsum(self.abs_histogram), percentile / 100.0 * total)
         upper_edge = 2.0 ** (HIST_MIN_EXP + int(rank) / BINS_PER_OCTAVE)
         return float(min(upper_edge, self.absmax))
+
+
+def _row_chunks(rows: np.ndarray) -> list[np.ndarray]:
+    """The rows in consecutive slices of about CHUNK_ELEMENTS values (one slice for a single channel)."""
+    # With one channel, numpy sums the rows pairwise, which slices would change: that tensor is small anyway.
+    step = rows.shape[0] if rows.shape[1] == 1 else max(1, CHUNK_ELEMENTS // max(rows.shape[1], 1))
+    return [rows[start : start + step] for start in range(0, rows.shape[0], max(step, 1))]
+
+
+def _all_finite(rows: np.ndarray) -> bool:
+    """Whether every value is finite, checked slice by slice (no full-size mask)."""
+    return all(bool(np.isfinite(chunk).all()) for chunk in _row_chunks(rows))
+
+
+def _chunked_sums(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The |x| histogram and the float64 per-channel sums of x and x², in slices bounded by CHUNK_ELEMENTS.
+
+    Each slice's float64 sums continue the running ones row by row, in the order one float64 copy of all rows
+    would add them, so the results are bit-identical to that copy's.
+    """
+    histogram = np.zeros(HIST_BINS, np.int64)
+    total = squares = np.zeros(rows.shape[1], np.float64)
+    for index, chunk in enumerate(_row_chunks(rows)):
+        histogram += _histogram(np.abs(chunk).ravel())
+        wide = chunk.astype(np.float64)
+        total, squares = _continued(total, wide, index), _continued(squares, np.square(wide), index)
+    return histogram, total, squares
+
+
+def _continued(running: np.ndarray, chunk: np.ndarray, index: int) -> np.ndarray:
+    """The running per-channel sum continued over the chunk's rows (the first chunk starts it)."""
+    if index == 0:
+        return chunk.sum(axis=0)
+    return np.add.reduce(np.concatenate([running[None], chunk]), axis=0)
 
 
 def _add(first: np.ndarray | None, second: np.ndarray | None) -> np.ndarray | None:

@@ -186,3 +186,26 @@ def test_empty_calibration_stats_round_trip(tmp_path):
     loaded = CalibrationStats.load(str(path))
     assert loaded.tensors == {}
     assert loaded.batches == 0
+
+
+@pytest.mark.parametrize("shape", [(70_000, 1), (3, 50_000, 7), (40, 4_096), (2, 64, 56, 56), (0, 5)])
+def test_from_batch_sums_in_slices_equal_one_float64_copy_bit_for_bit(shape):
+    rng = np.random.default_rng(1)
+    values = (rng.standard_normal(shape) * 10 ** rng.uniform(-3, 3, shape)).astype(np.float32)
+    rows = values.reshape(-1, shape[-1]).astype(np.float64)
+    stats = TensorStats.from_batch(values, sample_rows=5)
+    np.testing.assert_array_equal(stats.channel_sum, rows.sum(axis=0))
+    np.testing.assert_array_equal(stats.channel_sum_squares, np.square(rows).sum(axis=0))
+    assert_same_stats(stats, TensorStats.from_batch(values, sample_rows=5, gram=True))
+    np.testing.assert_array_equal(stats.sample, TensorStats.from_batch(values, sample_rows=5, gram=True).sample)
+
+
+def test_from_batch_allocates_a_fraction_of_a_float64_copy():
+    import tracemalloc
+
+    values = np.random.default_rng(2).standard_normal((64, 224, 224), dtype=np.float32)
+    tracemalloc.start()
+    TensorStats.from_batch(values)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < values.nbytes / 2  # one float64 copy alone would be 2x the batch
