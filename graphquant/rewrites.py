@@ -459,7 +459,9 @@ def add_to_layer_output(graph: ir.Graph, names: NameScope, layer: Layer, extra: 
 def replace_weight(graph: ir.Graph, names: NameScope, layer: Layer, array: np.ndarray, suffix: str) -> None:
     """Give the layer a new weight initializer holding ``array`` (in the weight's layout and dtype)."""
     old = layer.weight
-    value = add_initializer(graph, names, f"{old.name or 'weight'}_{suffix}", array.astype(layer.weight_array.dtype))
+    value = add_initializer(
+        graph, names, f"{old.name or 'weight'}_{suffix}", array.astype(layer.weight_array.dtype, copy=False)
+    )
     layer.node.replace_input_with(layer.weight_index, value)
     remove_if_unused(graph, old)
     release_mapping(old.const_value)  # drop the pages of a memory-mapped original (it maps again if read)

@@ -146,7 +146,8 @@ def compare_models(
     # One session at a time: the reference's outputs wait on disk while the candidate runs.
     reference_feeds = progress.bar(feeds, "validation: reference", unit="batch")
     with contextlib.ExitStack() as stack:
-        runs = _enter(stack, recorded_runs(reference, wanted[0], reference_feeds), labels[0], ReferenceLoadError)
+        recording = recorded_runs(reference, wanted[0], reference_feeds, parked=candidate)
+        runs = _enter(stack, recording, labels[0], ReferenceLoadError)
         candidate_session = _enter(stack, open_session(candidate, wanted[1]), labels[1], InvalidModelError)
         for feed, recorded in progress.bar(runs, "validation: candidate", total=reference_feeds.n, unit="batch"):
             expected = dict(zip(wanted[0], recorded))

@@ -372,6 +372,22 @@ def test_scale_weight_rows_with_the_inverse_activation_scale_is_exact():
     assert_same_outputs(reference, model, [x_feed(rng, 8, 16)])
 
 
+def test_scale_weight_rows_makes_one_new_weight_and_no_second_copy():
+    rng = np.random.default_rng(12)
+    model = layers_model(rng)
+    big = rng.standard_normal((4096, 2048)).astype(np.float32)
+    model.graph.initializers["w1"].const_value = ir.Tensor(big, name="w1")
+    factors = rng.uniform(0.5, 2.0, 4096).astype(F32)
+    tracemalloc.start()
+    try:
+        scale_weight_rows(model.graph, NameScope(model.graph), classify(by_name(model)["plain_mm"]).layer, factors)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(by_name(model)["plain_mm"].inputs[1].const_value.numpy(), big * factors[:, None])
+    assert peak < 1.5 * big.nbytes  # W' itself, not W' and a copy of it
+
+
 def test_scale_weight_rows_keeps_a_tied_weight_for_its_other_reader():
     text = """
     <ir_version: 8, opset_import: ["" : 17]>

@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -28,6 +29,8 @@ SHARED_MODEL_BYTES = 256 << 20
 SHARED_INITIALIZER_BYTES = 1024
 # The placeholder file the shared initializers point at; onnxruntime takes their data from the session options.
 SHARED_LOCATION = "shared-initializers.bin"
+# The file a model's weights wait in while another model runs (parked_weights).
+PARKED_LOCATION = "parked-weights.bin"
 SHAREABLE_DTYPES = frozenset(
     {
         ir.DataType.FLOAT,
@@ -149,15 +152,16 @@ def run_views(session: ort.InferenceSession, names: Sequence[str], feed: Feed) -
 
 @contextlib.contextmanager
 def recorded_runs(
-    model: ir.Model, names: Sequence[str], feeds: Iterable[Feed]
+    model: ir.Model, names: Sequence[str], feeds: Iterable[Feed], parked: ir.Model | None = None
 ) -> Iterator[Iterator[tuple[Feed, list[np.ndarray]]]]:
     """Run the model over the feeds, then replay each feed with its named outputs from a temporary file.
 
-    The session is closed before the replay starts, so a second model can run with this one's session gone.
+    The session is closed before the replay starts, so a second model can run with this one's session gone. For a
+    large model, the ``parked`` model's own in-memory weights wait in that file meanwhile (see parked_weights).
     """
     with scratch_folder() as folder, open(folder / "recorded-outputs.npy", "w+b") as store:
         recorded: list[list[str]] = []  # each feed's input names
-        with open_session(model, names) as session:
+        with parked_weights(parked, model, folder), open_session(model, names) as session:
             for feed in feeds:
                 for array in [*feed.values(), *run_views(session, names, feed)]:
                     np.save(store, array, allow_pickle=False)
@@ -165,6 +169,67 @@ def recorded_runs(
             del session  # before open_session unmaps the weights that it shares
         store.seek(0)
         yield (_replayed(store, inputs, len(names)) for inputs in recorded)
+
+
+@contextlib.contextmanager
+def parked_weights(model: ir.Model | None, running: ir.Model, folder: Path) -> Iterator[None]:
+    """While a large ``running`` model runs, ``model``'s in-memory weights it does not share wait in a file.
+
+    They are written to ``folder`` and memory-mapped (their pages are not resident until read), then read back
+    into memory at the end, the same values under the same names.
+    """
+    large = initializer_bytes(running) > SHARED_MODEL_BYTES or has_mapped_data(running)
+    if model is None or not large:
+        yield
+        return
+    shared = {id(value.const_value) for value in running.graph.initializers.values()}
+    values = [
+        value
+        for value in model.graph.initializers.values()
+        if value.const_value is not None
+        and not isinstance(value.const_value, ir.ExternalTensor)
+        and id(value.const_value) not in shared
+        and value.const_value.nbytes >= SHARED_INITIALIZER_BYTES
+    ]
+    path = folder / PARKED_LOCATION
+    with open(path, "wb") as store:
+        for value in values:
+            value.const_value = _parked(store, value.const_value, folder)
+    try:
+        yield
+    finally:
+        for value in values:
+            value.const_value = _unparked(value.const_value)
+
+
+def _parked(store: BinaryIO, tensor: ir.TensorProtocol, folder: Path) -> ir.ExternalTensor:
+    """Append the tensor's bytes to the store and return a mapped tensor that reads them back."""
+    offset = store.tell()
+    store.write(tensor.tobytes())
+    return ir.ExternalTensor(
+        PARKED_LOCATION,
+        offset,
+        tensor.nbytes,
+        tensor.dtype,
+        shape=tensor.shape,
+        name=tensor.name or "",
+        doc_string=tensor.doc_string,
+        metadata_props=dict(tensor.metadata_props),
+        base_dir=folder,
+    )
+
+
+def _unparked(tensor: ir.TensorProtocol) -> ir.Tensor:
+    """A parked tensor's values in memory again, its mapping closed."""
+    array = np.array(tensor.numpy())
+    release_mapping(tensor)
+    return ir.Tensor(
+        array,
+        dtype=tensor.dtype,
+        name=tensor.name,
+        doc_string=tensor.doc_string,
+        metadata_props=dict(tensor.metadata_props),
+    )
 
 
 def _replayed(store: BinaryIO, input_names: list[str], output_count: int) -> tuple[Feed, list[np.ndarray]]:

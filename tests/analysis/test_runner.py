@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from builders import feeds, mlp, mlp_reference
 
@@ -47,3 +48,33 @@ def test_recorded_runs_replay_every_feed_with_its_outputs(batches):
     for (feed, outputs), original in zip(replayed, data):
         np.testing.assert_array_equal(feed["x"], original["x"])
         np.testing.assert_allclose(outputs[0], mlp_reference(model, original["x"]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_large_reference_run_parks_the_other_models_own_weights_and_gives_them_back(monkeypatch):
+    reference = mlp(np.random.default_rng(6))
+    candidate = reference.clone()
+    candidate.graph.initializers["w1"].const_value = ir.tensor(np.full((16, 8), 0.5, np.float32), name="w1")
+    data = feeds(np.random.default_rng(7), batches=2, rows=2, features=16)
+    monkeypatch.setattr(runner, "SHARED_MODEL_BYTES", 0)
+    monkeypatch.setattr(runner, "SHARED_INITIALIZER_BYTES", 64)
+    seen = {}
+    run_views = runner.run_views
+
+    def spying(session, names, feed):
+        seen.update(
+            (name, isinstance(v.const_value, ir.ExternalTensor)) for name, v in candidate.graph.initializers.items()
+        )
+        return run_views(session, names, feed)
+
+    monkeypatch.setattr(runner, "run_views", spying)
+    with runner.recorded_runs(reference, ["y"], iter(data), parked=candidate) as runs:
+        replayed = list(runs)
+    # Only w1 is the candidate's own (the rest it shares with the reference); it waited in the file, mapped.
+    assert seen == {"w1": True, "b1": False, "w2": False, "b2": False}
+    np.testing.assert_array_equal(candidate.graph.initializers["w1"].const_value.numpy(), np.full((16, 8), 0.5))
+    assert type(candidate.graph.initializers["w1"].const_value) is ir.Tensor
+    for (feed, outputs), original in zip(replayed, data):
+        np.testing.assert_allclose(outputs[0], mlp_reference(reference, original["x"]), rtol=1e-5, atol=1e-5)
+    with runner.open_session(candidate) as session:
+        got = session.run(None, data[0])[0]
+    np.testing.assert_allclose(got, mlp_reference(candidate, data[0]["x"]), rtol=1e-5, atol=1e-5)
