@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -31,6 +32,9 @@ SHARED_INITIALIZER_BYTES = 1024
 SHARED_LOCATION = "shared-initializers.bin"
 # The file a model's weights wait in while another model runs (parked_weights).
 PARKED_LOCATION = "parked-weights.bin"
+# glibc's mallopt parameter number of M_MMAP_THRESHOLD, and the threshold graphquant sets (see _map_large_allocations).
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 20
 SHAREABLE_DTYPES = frozenset(
     {
         ir.DataType.FLOAT,
@@ -105,6 +109,7 @@ def open_session(model: ir.Model, extra_outputs: Sequence[str] = ()) -> Iterator
     (zero copy; memory-mapped ones stay mapped), so the session holds no second copy of the weights. The proto
     written for it names them as external data in a sparse placeholder file that onnxruntime never reads.
     """
+    _map_large_allocations()
     output_names = {value.name for value in model.graph.outputs}
     large = initializer_bytes(model) > SHARED_MODEL_BYTES or has_mapped_data(model)
     shared = _shared_initializers(model) if large else {}
@@ -283,10 +288,27 @@ def _swapped(model: ir.Model, tensors: dict[str, ir.TensorProtocol]) -> Iterator
 
 def _return_freed_memory() -> None:
     """Hand the heap memory a closed session freed back to the system (glibc keeps it otherwise); elsewhere a no-op."""
-    libc = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+def _map_large_allocations() -> None:
+    """Have glibc serve every allocation from MMAP_THRESHOLD bytes on with its own mapping, unmapped when freed.
+
+    By default glibc raises that threshold after each large free, so the next activations of that size come from
+    the heap, which does not shrink: RSS creeps up by about a batch of outputs per run.
+    """
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, where there is one to load."""
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
 
 
 def _first_line(exc: BaseException) -> str:
