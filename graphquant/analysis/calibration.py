@@ -45,9 +45,7 @@ class Calibrator:
             return stats
         with open_session(model, names) as session:
             for feed in progress.bar(self.data, "calibrating", unit="batch", show=self.show_progress):
-                for name, value in zip(names, run_views(session, names, feed)):
-                    if np.issubdtype(np.asarray(value).dtype, np.floating):
-                        stats.update(name, value, sample_rows, gram=name in gram_names)
+                _reduce(stats, dict(zip(names, run_views(session, names, feed))), sample_rows, gram_names)
                 stats.batches += 1
             del session  # before open_session unmaps the weights that it shares
         self._check_finite(stats)
@@ -70,3 +68,13 @@ class Calibrator:
             NonFiniteCalibrationWarning,
             stacklevel=3,
         )
+
+
+def _reduce(
+    stats: CalibrationStats, outputs: dict[str, np.ndarray], sample_rows: int, gram_names: Sequence[str]
+) -> None:
+    """Fold one batch's float outputs into the statistics, dropping each once reduced (none outlives the call)."""
+    for name in list(outputs):
+        value = outputs.pop(name)
+        if np.issubdtype(np.asarray(value).dtype, np.floating):
+            stats.update(name, value, sample_rows, gram=name in gram_names)

@@ -32,6 +32,8 @@ SHARED_INITIALIZER_BYTES = 1024
 SHARED_LOCATION = "shared-initializers.bin"
 # The file a model's weights wait in while another model runs (parked_weights).
 PARKED_LOCATION = "parked-weights.bin"
+# The file a recorded run's feeds and outputs wait in (recorded_runs).
+RECORDED_LOCATION = "recorded-outputs.npy"
 # glibc's mallopt parameter number of M_MMAP_THRESHOLD, and the threshold graphquant sets (see _map_large_allocations).
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 1 << 20
@@ -164,7 +166,7 @@ def recorded_runs(
     The session is closed before the replay starts, so a second model can run with this one's session gone. For a
     large model, the ``parked`` model's own in-memory weights wait in that file meanwhile (see parked_weights).
     """
-    with scratch_folder() as folder, open(folder / "recorded-outputs.npy", "w+b") as store:
+    with scratch_folder() as folder, open(folder / RECORDED_LOCATION, "w+b") as store:
         recorded: list[list[str]] = []  # each feed's input names
         with parked_weights(parked, model, folder), open_session(model, names) as session:
             for feed in feeds:
@@ -173,7 +175,7 @@ def recorded_runs(
                 recorded.append(list(feed))
             del session  # before open_session unmaps the weights that it shares
         store.seek(0)
-        yield (_replayed(store, inputs, len(names)) for inputs in recorded)
+        yield (_replayed(store, folder / RECORDED_LOCATION, inputs, len(names)) for inputs in recorded)
 
 
 @contextlib.contextmanager
@@ -237,10 +239,27 @@ def _unparked(tensor: ir.TensorProtocol) -> ir.Tensor:
     )
 
 
-def _replayed(store: BinaryIO, input_names: list[str], output_count: int) -> tuple[Feed, list[np.ndarray]]:
-    """One recorded feed and its outputs, read from the store's current position."""
+def _replayed(store: BinaryIO, path: Path, input_names: list[str], output_count: int) -> tuple[Feed, list[np.ndarray]]:
+    """One recorded feed and its outputs from the store's current position, the outputs memory-mapped from ``path``.
+
+    Mapped, the outputs take no memory while the second model runs; their pages are read when they are compared.
+    """
     feed = {name: np.load(store, allow_pickle=False) for name in input_names}
-    return feed, [np.load(store, allow_pickle=False) for _ in range(output_count)]
+    return feed, [_mapped_array(store, path) for _ in range(output_count)]
+
+
+def _mapped_array(store: BinaryIO, path: Path) -> np.ndarray:
+    """The .npy array at the store's position as a read-only memory map of ``path``; the store moves past it."""
+    version = np.lib.format.read_magic(store)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(store)
+    offset = store.tell()
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    store.seek(offset + size)
+    if size == 0:  # nothing to map
+        return np.empty(shape, dtype)
+    order = "F" if fortran else "C"
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order).view(np.ndarray)
 
 
 def release_mappings(model: ir.Model) -> None:

@@ -1,4 +1,4 @@
-"""onnxruntime sessions: weights shared above a size, outputs read without copies, runs recorded and replayed."""
+"""onnxruntime sessions: weights shared above a size, outputs read without copies, runs recorded and replayed mapped."""
 
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ def test_recorded_runs_replay_every_feed_with_its_outputs(batches):
     for (feed, outputs), original in zip(replayed, data):
         np.testing.assert_array_equal(feed["x"], original["x"])
         np.testing.assert_allclose(outputs[0], mlp_reference(model, original["x"]), rtol=1e-5, atol=1e-5)
+        assert isinstance(outputs[0].base, np.memmap)  # read from the file when compared, not held in memory
 
 
 def test_a_large_reference_run_parks_the_other_models_own_weights_and_gives_them_back(monkeypatch):
