@@ -1,4 +1,4 @@
-"""Scale benchmark: time and peak RSS of `graphquant optimize` against model size, decoders and an in-memory CNN.
+"""Scale benchmark: time and peak RSS of `graphquant optimize` against model size: decoders, Llamas, an in-memory CNN.
 
 Generates decoder-style models (token Gather, N blocks of LayerNorm -> Q/K/V MatMul -> single-head attention ->
 O MatMul -> residual -> LayerNorm -> fc1 -> Relu -> fc2 -> residual, final LayerNorm and lm head) with every weight
@@ -6,14 +6,18 @@ in one page-aligned external data file, written tensor by tensor so generation i
 quantizer runs in its own subprocess, whose peak RSS comes from os.wait4. onnxruntime's quantize_dynamic runs on
 the same files as the incumbent (it needs no calibration data; its failures are reported, not hidden).
 
+The Llama rows are Llama-architecture decoders (see generate_llama) in the same external-data form, up to 1.5B
+parameters; each runs the --runs recipe:target pairs and quantize_dynamic.
+
 The CNN rows are VGG-19 (16 Conv + Relu, 5 MaxPool, 3 Gemm; 144 M parameters, 575 MB) and a quarter-width
 VGG with 1024-wide classifier layers, with random weights stored inside the .onnx file (no external data),
-calibrated on 4 random 224 x 224 images at the static batch size 1; each runs w8a8 and outliertune on the qdq and
-ort-cpu targets.
+calibrated on 4 random 224 x 224 images at the static batch size 1; each runs the --runs pairs (default: w8a8 and
+outliertune on the qdq and ort-cpu targets).
 
     .venv/bin/python benchmarks/scale.py                     # sizes small, medium, 1.5b, vgg19
     .venv/bin/python benchmarks/scale.py --sizes small --skip-ort
     .venv/bin/python benchmarks/scale.py --sizes vgg19-small,vgg19
+    .venv/bin/python benchmarks/scale.py --sizes llama-small,llama-1.5b --runs outliertune:qdq,w8a8:ort-cpu
 """
 
 from __future__ import annotations
