@@ -183,7 +183,7 @@ def parked_weights(model: ir.Model | None, running: ir.Model, folder: Path) -> I
     """While a large ``running`` model runs, ``model``'s in-memory weights it does not share wait in a file.
 
     They are written to ``folder`` and memory-mapped (their pages are not resident until read), then read back
-    into memory at the end, the same values under the same names.
+    into memory at the end, the same values under the same names. Only numeric full-byte tensors are parked.
     """
     large = initializer_bytes(running) > SHARED_MODEL_BYTES or has_mapped_data(running)
     if model is None or not large:
@@ -195,6 +195,7 @@ def parked_weights(model: ir.Model | None, running: ir.Model, folder: Path) -> I
         for value in model.graph.initializers.values()
         if value.const_value is not None
         and not isinstance(value.const_value, ir.ExternalTensor)
+        and value.const_value.dtype in SHAREABLE_DTYPES
         and id(value.const_value) not in shared
         and value.const_value.nbytes >= SHARED_INITIALIZER_BYTES
     ]
