@@ -1,0 +1,512 @@
+"""The ``auto`` recipe: the cheapest per-layer mix of schemes whose end-to-end error on held-out data fits a budget.
+
+1. The method's exact rewrites (OutlierTune's symmetrize and pre-executed steps, SmoothQuant's migration, or
+   LLM.int8() decomposition) run once on the float graph; every candidate is a clone of that prepared graph.
+2. Each layer's error under each scheme (float, W8A8, W4A8, weight-only W8 and W4) is measured on sampled
+   calibration rows of its own input, with the QuantSpecs the quantize pass would fit; the embedding tables'
+   under 8 and 4 bits on their rows. Costs: bytes of each form, or its latency measured once on the target.
+3. analysis.search picks greedily by error removed per cost added; the pick is built for the target and measured
+   end to end on held-out data; while it misses the budget, the error model is re-fitted and the search upgrades
+   further from there (never back down). The method whose cheapest passing model costs least wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from graphquant.analysis.cost import cached_latency
+from graphquant.analysis.data import Feed
+from graphquant.analysis.layers import Layer, candidates
+from graphquant.analysis.runner import open_session, run_views
+from graphquant.analysis.search import Option, Unit, greedy, more_accurate, pareto_front, predicted_error, total
+from graphquant.analysis.stats import CalibrationStats
+from graphquant.analysis.stats_cache import CachingCalibrator
+from graphquant.analysis.weight_fit import WeightScheme, fit_weight_spec, row_energy
+from graphquant.errors import RecipeError
+from graphquant.passes.quantize import SCHEMES, NodeOverride
+from graphquant.passes.quantize_embeddings import QuantizeEmbeddingsPass, embedding_table
+from graphquant.quant_spec import KEEP_FLOAT_KEY, PREEXECUTED_KEY, QuantSpec, asymmetric_spec, symmetric_spec
+from graphquant.recipes import PassStep, Recipe
+from graphquant.rewrites import layer_bias
+
+AUTO = "auto"
+OBJECTIVES = ("latency", "size")
+METRICS = ("cosine", "sqnr")
+DEFAULT_MAX_DROP = 0.0015
+DEFAULT_TARGET = "ort-cpu"
+# (method, its exact passes): the rewrites before quantization that each candidate model starts from.
+METHODS: dict[str, tuple[PassStep, ...]] = {
+    "outliertune": (
+        PassStep("symmetrize"),
+        PassStep(
+            "preexecute-dequant",
+            {"method": "outliertune", "abits": 8, "wbits": 8, "float_channels": 32, "float_route_below_db": 30.0},
+        ),
+    ),
+    "smoothquant": (PassStep("preexecute-dequant", {"method": "smoothquant", "alpha": 0.5, "abits": 8, "wbits": 8}),),
+    "llm-int8": (PassStep("outlier-decompose", {"threshold": 6.0, "max_fraction": 0.1}),),
+}
+DEFAULT_METHODS = ("outliertune",)
+LINEAR_SCHEMES = ("float", "w8a8", "w4a8", "w8", "w4")
+CONV_SCHEMES = ("float", "w8a8")
+EMBEDDINGS = "embeddings"
+EMBED_SCHEMES = {"float": None, "e8": 8, "e4": 4}
+QUANTIZE_OPTIONS = {"weight_clip_search": True}
+SAMPLE_ROWS = 512
+MAX_ROUNDS = 4
+# The search aims below the budget by this factor, so that the first end-to-end check usually passes.
+AIM = 0.7
+LATENCY_ROWS = 64
+LATENCY_REPEATS = 15
+
+Metric = Callable[[Sequence[Sequence[np.ndarray]], Sequence[Sequence[np.ndarray]]], float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The search's inputs: budget on the metric, objective, target and methods to try."""
+
+    max_drop: float = DEFAULT_MAX_DROP
+    objective: str = "latency"
+    metric: str | Metric = "cosine"
+    target: str = DEFAULT_TARGET
+    methods: tuple[str, ...] = DEFAULT_METHODS
+
+    def __post_init__(self) -> None:
+        """Refuse settings the search cannot honour."""
+        if self.objective not in OBJECTIVES:
+            raise RecipeError(f"auto: objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if isinstance(self.metric, str) and self.metric not in METRICS:
+            raise RecipeError(f"auto: metric must be one of {METRICS} or a function, got {self.metric!r}")
+        if not isinstance(self.max_drop, (int, float)) or not math.isfinite(self.max_drop) or self.max_drop < 0:
+            raise RecipeError(f"auto: max_drop must be a finite number >= 0, got {self.max_drop!r}")
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown or not self.methods:
+            raise RecipeError(f"auto: methods must be among {sorted(METHODS)}, got {list(self.methods)}")
+
+    @property
+    def budget(self) -> float:
+        """The budget as an error: 1 - cosine, the noise-to-signal ratio for SQNR (max_drop is then the least dB)."""
+        return 10.0 ** (-self.max_drop / 10.0) if self.metric == "sqnr" else float(self.max_drop)
+
+    @property
+    def initial_gain(self) -> float:
+        """Output error per summed layer noise-to-signal before any measurement: 1 - cos ~ NSR / 2."""
+        return 0.5 if self.metric == "cosine" else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One candidate built and measured end to end."""
+
+    method: str
+    schemes: dict[str, str]
+    predicted_error: float
+    measured_error: float
+    cost: float
+    size: int
+    meets_budget: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, with the schemes counted rather than listed."""
+        counts: dict[str, int] = {}
+        for scheme in self.schemes.values():
+            counts[scheme] = counts.get(scheme, 0) + 1
+        return {
+            "method": self.method,
+            "schemes": counts,
+            "predicted_error": self.predicted_error,
+            "measured_error": self.measured_error,
+            "cost": self.cost,
+            "bytes": self.size,
+            "meets_budget": self.meets_budget,
+        }
+
+
+@dataclasses.dataclass
+class Search:
+    """What the search measured, tried and chose."""
+
+    settings: Settings
+    method: str = ""
+    units: list[Unit] = dataclasses.field(default_factory=list)
+    choice: dict[str, int] = dataclasses.field(default_factory=dict)
+    points: list[Point] = dataclasses.field(default_factory=list)
+    chosen: Point | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report's ``auto`` section: settings, per-layer choices with why, the tried points and their front."""
+        metric = self.settings.metric if isinstance(self.settings.metric, str) else "user function"
+        points = [point.as_dict() for point in self.points]
+        front = pareto_front([(p.measured_error, p.cost) for p in self.points])
+        return {
+            "max_drop": self.settings.max_drop,
+            "metric": metric,
+            "objective": self.settings.objective,
+            "budget_error": self.settings.budget,
+            "method": self.method,
+            "seconds": self.seconds,
+            "chosen": None if self.chosen is None else self.chosen.as_dict(),
+            "layers": [self._unit_entry(unit) for unit in self.units],
+            "tried": points,
+            "pareto_front": [points[i] for i in front],
+        }
+
+    def _unit_entry(self, unit: Unit) -> dict[str, Any]:
+        """One unit's choice, its measured error and cost, and each alternative's."""
+        chosen = unit.options[self.choice[unit.name]]
+        cheaper = [o for o in unit.options if (o.cost, o.size) < (chosen.cost, chosen.size)]
+        why = (
+            "cheapest option"
+            if not cheaper
+            else f"cheaper options ({', '.join(o.scheme for o in cheaper)}) add more error than the budget leaves"
+        )
+        return {
+            "unit": unit.name,
+            "scheme": chosen.scheme,
+            "why": why,
+            "options": {o.scheme: {"error": o.error, "cost": o.cost, "bytes": o.size} for o in unit.options},
+        }
+
+
+def split_data(feeds: Sequence[Feed]) -> tuple[list[Feed], list[Feed]]:
+    """(calibration, held-out): every fourth batch held out; a single batch is split along its first axis."""
+    feeds = list(feeds)
+    if len(feeds) >= 2:
+        held = [feed for index, feed in enumerate(feeds) if index % 4 == 3] or feeds[-1:]
+        return [feed for feed in feeds if not any(feed is h for h in held)], held
+    rows = {array.shape[0] for array in feeds[0].values() if array.ndim}
+    if len(rows) != 1 or next(iter(rows)) < 2:
+        return feeds, feeds
+    cut = max(1, next(iter(rows)) * 3 // 4)
+    return [{k: v[:cut] for k, v in feeds[0].items()}], [{k: v[cut:] for k, v in feeds[0].items()}]
+
+
+def search(
+    model: ir.Model,
+    calibrator: CachingCalibrator,
+    heldout: Sequence[Feed],
+    settings: Settings,
+    prepare: Callable[[ir.Model], None],
+) -> tuple[Recipe, ir.Model, Search]:
+    """The cheapest candidate meeting the budget on ``heldout`` (the most accurate one tried if none does)."""
+    started = time.perf_counter()
+    judge = Judge(model, heldout, settings)
+    best: tuple[Recipe, ir.Model, Search] | None = None
+    for method in settings.methods:
+        found = _search_method(model, calibrator, judge, settings, method, prepare)
+        if best is None or _better(found[2], best[2]):
+            best = found
+    assert best is not None
+    best[2].seconds = time.perf_counter() - started
+    return best
+
+
+def _better(first: Search, second: Search) -> bool:
+    """Whether a method's outcome beats another's: meeting the budget, then cost, then error."""
+    a, b = first.chosen, second.chosen
+    assert a is not None and b is not None
+    return (not a.meets_budget, a.cost, a.measured_error) < (not b.meets_budget, b.cost, b.measured_error)
+
+
+def _search_method(
+    model: ir.Model,
+    calibrator: CachingCalibrator,
+    judge: Judge,
+    settings: Settings,
+    method: str,
+    prepare: Callable[[ir.Model], None],
+) -> tuple[Recipe, ir.Model, Search]:
+    """Prepare the method's graph, measure the units, then pick, build, check and back off."""
+    base = model.clone()
+    prepare(base)
+    steps = METHODS[method]
+    Recipe("auto", steps, target=settings.target).to_pipeline(calibrator, lower=False)(base)
+    units = measure_units(base, calibrator, settings)
+    record = Search(settings, method, units)
+    gain = settings.initial_gain
+    choice = greedy(units, AIM * settings.budget, gain)
+    built: tuple[Recipe, ir.Model] | None = None
+    for _ in range(MAX_ROUNDS):
+        recipe = _recipe(method, units, choice, settings.target)
+        candidate = base.clone()
+        recipe.to_pipeline(calibrator, first_step=len(steps), prelude=False)(candidate)
+        point = _point(method, units, choice, gain, judge(candidate), settings)
+        record.points.append(point)
+        if record.chosen is None or _preferred(point, record.chosen):
+            record.chosen, record.choice, built = point, dict(choice), (recipe, candidate)
+        if point.meets_budget:
+            break
+        choice = _backed_off(units, choice, gain, point, settings)
+        if choice is None:
+            break
+        gain = _refit(gain, point)
+    assert built is not None
+    return built[0], built[1], record
+
+
+def _preferred(point: Point, chosen: Point) -> bool:
+    """Whether a new point beats the best so far: meeting the budget first, then cost (met) or error (missed)."""
+    if point.meets_budget != chosen.meets_budget:
+        return point.meets_budget
+    return point.cost < chosen.cost if point.meets_budget else point.measured_error < chosen.measured_error
+
+
+def _refit(gain: float, point: Point) -> float:
+    """The gain that would have predicted the measured error (kept when the prediction was zero)."""
+    return gain * point.measured_error / point.predicted_error if point.predicted_error > 0 else gain
+
+
+def _backed_off(
+    units: Sequence[Unit], choice: dict[str, int], gain: float, point: Point, settings: Settings
+) -> dict[str, int] | None:
+    """A strictly more accurate choice: the search rerun from this one with the re-fitted gain, else one step up."""
+    upgraded = greedy(units, AIM * settings.budget, _refit(gain, point), start=choice)
+    if upgraded != choice:
+        return upgraded
+    worst = max(units, key=lambda unit: unit.options[choice[unit.name]].error)
+    step = more_accurate(units, choice, worst.name)
+    return None if step is None else {**choice, worst.name: step}
+
+
+def _point(
+    method: str, units: Sequence[Unit], choice: dict[str, int], gain: float, error: float, settings: Settings
+) -> Point:
+    """The record of one built candidate."""
+    return Point(
+        method,
+        {unit.name: unit.options[choice[unit.name]].scheme for unit in units},
+        predicted_error(units, choice, gain),
+        error,
+        total(units, choice, "cost"),
+        int(total(units, choice, "size")),
+        error <= settings.budget,
+    )
+
+
+def _recipe(method: str, units: Sequence[Unit], choice: Mapping[str, int], target: str) -> Recipe:
+    """The concrete recipe of a choice: the method's passes, the embedding bits, quantize with per-layer schemes."""
+    schemes = {unit.name: unit.options[choice[unit.name]].scheme for unit in units}
+    steps = list(METHODS[method])
+    embed_bits = EMBED_SCHEMES.get(schemes.pop(EMBEDDINGS, "float"))
+    if embed_bits is not None:
+        steps.append(PassStep("quantize-embeddings", {"embed_bits": embed_bits}))
+    steps.append(PassStep("quantize", dict(QUANTIZE_OPTIONS)))
+    overrides = tuple(NodeOverride(_literal_glob(name), {"scheme": scheme}) for name, scheme in schemes.items())
+    description = f"auto: {method}, per-layer schemes chosen under the accuracy budget"
+    return Recipe("auto", tuple(steps), description, target=target, overrides=overrides)
+
+
+def _literal_glob(name: str) -> str:
+    """An fnmatch pattern that matches exactly this node name."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+class Judge:
+    """The end-to-end error of candidates on held-out data; the float model's outputs are computed once."""
+
+    def __init__(self, reference: ir.Model, heldout: Sequence[Feed], settings: Settings):
+        self.heldout = list(heldout)
+        self.settings = settings
+        self.names = [value.name or "" for value in reference.graph.outputs]
+        self.reference = _outputs(reference, self.names, self.heldout)
+
+    def __call__(self, candidate: ir.Model) -> float:
+        """The candidate's error under the settings' metric (1 - cosine, noise-to-signal, or the user's drop)."""
+        outputs = _outputs(candidate, self.names, self.heldout)
+        metric = self.settings.metric
+        if callable(metric):
+            return float(metric(self.reference, outputs))
+        errors = []
+        for index in range(len(self.names)):
+            reference = np.concatenate([np.ravel(batch[index]).astype(np.float64) for batch in self.reference])
+            produced = np.concatenate([np.ravel(batch[index]).astype(np.float64) for batch in outputs])
+            errors.append(_cosine_error(reference, produced) if metric == "cosine" else _nsr(reference, produced))
+        return max(errors)
+
+
+def _outputs(model: ir.Model, names: Sequence[str], feeds: Sequence[Feed]) -> list[list[np.ndarray]]:
+    """The model's outputs on each feed, copied out of onnxruntime's buffers."""
+    with open_session(model) as session:
+        return [[np.array(value) for value in run_views(session, names, feed)] for feed in feeds]
+
+
+def _cosine_error(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """1 - cosine of two flattened outputs (0 for two zero outputs; 1 for a non-finite candidate)."""
+    if not np.all(np.isfinite(candidate)):
+        return 1.0
+    norm = float(np.linalg.norm(reference) * np.linalg.norm(candidate))
+    return 0.0 if norm == 0 else 1.0 - float(reference @ candidate) / norm
+
+
+def _nsr(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """||reference - candidate||^2 / ||reference||^2 (inf for a non-finite candidate)."""
+    if not np.all(np.isfinite(candidate)):
+        return math.inf
+    return float(np.sum((reference - candidate) ** 2) / max(float(np.sum(reference**2)), 1e-30))
+
+
+def measure_units(model: ir.Model, calibrator: CachingCalibrator, settings: Settings) -> list[Unit]:
+    """Every quantizable layer with its schemes' measured errors and costs, and the embedding tables as one unit."""
+    layers = [
+        c.layer
+        for c in candidates(model.graph)
+        if c.layer is not None and KEEP_FLOAT_KEY not in c.node.meta and c.layer.node.op_type in ("MatMul", "Gemm")
+    ]
+    convs = [c.layer for c in candidates(model.graph) if c.layer is not None and c.layer.node.op_type == "Conv"]
+    names = [layer.activation.name or "" for layer in layers + convs]
+    stats = calibrator.collect(model, names, sample_rows=SAMPLE_ROWS)
+    units = [_linear_unit(layer, stats, settings) for layer in layers if layer.weight_array.ndim == 2]
+    units += [_conv_unit(layer, stats, settings) for layer in convs if KEEP_FLOAT_KEY not in layer.node.meta]
+    tables = [table for node in model.graph if (table := embedding_table(node)) is not None]
+    if tables:
+        units.append(_embedding_unit(tables))
+    return units
+
+
+def _linear_unit(layer: Layer, stats: CalibrationStats, settings: Settings) -> Unit:
+    """A MatMul/Gemm layer: output noise-to-signal of each scheme on its sampled input rows."""
+    activation = stats.tensors.get(layer.activation.name or "")
+    rows = activation.sample if activation is not None else None
+    options = []
+    for scheme in LINEAR_SCHEMES:
+        if SCHEMES[scheme].get("abits") and (activation is None or rows is None):
+            continue
+        error = 0.0 if scheme == "float" else _layer_error(layer, scheme, rows, activation)
+        size = _scheme_bytes(layer, scheme)
+        cost = _latency(layer, scheme, settings.target) if settings.objective == "latency" else float(size)
+        options.append(Option(scheme, error, cost, size))
+    return Unit(layer.node.name or "", tuple(options))
+
+
+def _layer_error(layer: Layer, scheme: str, rows: np.ndarray | None, activation: Any) -> float:
+    """||XW - Q(X)Q(W)||^2 / ||XW||^2 on the sampled rows (uniform rows when there is no sample)."""
+    options = SCHEMES[scheme]
+    weight = layer.weight_array.astype(np.float32)
+    weight = weight if layer.in_axis == 0 else weight.T
+    energy = row_energy(layer, None if activation is None else activation.channel_mean_square())
+    spec = fit_weight_spec(
+        layer, WeightScheme(options["wbits"], options["weight_symmetric"], options["block_size"], True), energy
+    )
+    stored = spec.dequantize(spec.quantize(layer.weight_array)).astype(np.float32)
+    approximate = stored if layer.in_axis == 0 else stored.T
+    x = rows.astype(np.float32) if rows is not None else np.eye(weight.shape[0], dtype=np.float32)
+    bias = layer_bias(layer).astype(np.float32)
+    reference = x @ weight + bias
+    x_quantized = x
+    if options.get("abits"):
+        activation_spec = _activation_spec(layer, activation, options["abits"])
+        x_quantized = activation_spec.dequantize(activation_spec.quantize(x)).astype(np.float32)
+    error = reference - (x_quantized @ approximate + bias)
+    return float(
+        np.sum(np.square(error, dtype=np.float64)) / max(np.sum(np.square(reference, dtype=np.float64)), 1e-30)
+    )
+
+
+def _activation_spec(layer: Layer, activation: Any, bits: int) -> QuantSpec:
+    """The activation grid quantize would use: unit steps where pre-executed, else per-tensor MinMax."""
+    preexecuted = layer.activation.meta.get(PREEXECUTED_KEY)
+    if preexecuted is not None:
+        return symmetric_spec(float(2 ** (preexecuted - 1) - 1), preexecuted)
+    if activation.minimum >= 0:
+        return asymmetric_spec(0.0, activation.absmax, bits)
+    return symmetric_spec(activation.absmax, bits)
+
+
+def _conv_unit(layer: Layer, stats: CalibrationStats, settings: Settings) -> Unit:
+    """A Conv: W8A8 error from its weight grid and its per-tensor input step against the input's mean square."""
+    activation = stats.tensors.get(layer.activation.name or "")
+    weight = layer.weight_array.astype(np.float64)
+    spec = fit_weight_spec(layer, WeightScheme(8), row_energy(layer, None))
+    weight_nsr = float(np.sum((weight - spec.dequantize(spec.quantize(layer.weight_array))) ** 2) / np.sum(weight**2))
+    options = [Option("float", 0.0, _cost(layer, "float", settings), _scheme_bytes(layer, "float"))]
+    if activation is not None:
+        step = activation.absmax / 127.0
+        activation_nsr = step**2 / 12.0 / max(float(np.mean(activation.channel_mean_square())), 1e-30)
+        options.append(
+            Option("w8a8", weight_nsr + activation_nsr, _cost(layer, "w8a8", settings), _scheme_bytes(layer, "w8a8"))
+        )
+    return Unit(layer.node.name or "", tuple(options))
+
+
+def _cost(layer: Layer, scheme: str, settings: Settings) -> float:
+    """A conv's cost: bytes (its latency form is not timed; relative MACs at 8 bits stand for it)."""
+    size = _scheme_bytes(layer, scheme)
+    if settings.objective == "size":
+        return float(size)
+    return float(layer.weight_array.size) * (1.0 if scheme == "float" else 0.5)
+
+
+def _embedding_unit(tables: Sequence[np.ndarray]) -> Unit:
+    """The embedding tables at float, 8 and 4 bits: their row noise-to-signal and bytes (no latency difference)."""
+    options = [Option("float", 0.0, 0.0, sum(t.nbytes for t in tables))]
+    for scheme, bits in EMBED_SCHEMES.items():
+        if bits is None:
+            continue
+        error = size = 0.0
+        for table in tables:
+            spec = QuantizeEmbeddingsPass(bits).spec(table)
+            error += float(np.sum((table - spec.dequantize(spec.quantize(table))) ** 2) / np.sum(table**2))
+            size += table.size * bits / 8 + spec.scale.size * 4
+        options.append(Option(scheme, error, 0.0, int(size)))
+    return Unit(EMBEDDINGS, tuple(options))
+
+
+def _scheme_bytes(layer: Layer, scheme: str) -> int:
+    """Stored bytes of the layer's weight under a scheme: codes, plus a float scale per column or block."""
+    count = layer.weight_array.size
+    if scheme == "float":
+        return 4 * count
+    options = SCHEMES[scheme]
+    columns = layer.weight_array.shape[layer.out_axis or 0]
+    block = options["block_size"]
+    scales = columns if block is None else columns * math.ceil(count / columns / block)
+    return int(count * options["wbits"] / 8 + scales * (4 if options["weight_symmetric"] else 5))
+
+
+def _latency(layer: Layer, scheme: str, target: str) -> float:
+    """The layer form's latency in microseconds for LATENCY_ROWS rows on the target, measured once and cached."""
+    weight = layer.weight_array
+    depth, width = (weight.shape if layer.in_axis == 0 else weight.shape[::-1])[:2]
+    key = f"{target}|{scheme}|{depth}x{width}|rows{LATENCY_ROWS}|ort{ort.__version__}"
+    return cached_latency(key, lambda: time_form(scheme, int(depth), int(width), target))
+
+
+def time_form(scheme: str, depth: int, width: int, target: str) -> float:
+    """Median microseconds of one [rows, depth] x [depth, width] MatMul + bias lowered for the target as ``scheme``."""
+    rng = np.random.default_rng(0)
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([LATENCY_ROWS, depth]))
+    weight = ir.Value(name="w", const_value=ir.tensor(rng.standard_normal((depth, width)).astype(np.float32)))
+    bias = ir.Value(name="b", const_value=ir.tensor(rng.standard_normal(width).astype(np.float32)))
+    matmul = ir.node("MatMul", [x, weight], name="layer")
+    add = ir.node("Add", [matmul.outputs[0], bias], name="layer_bias")
+    matmul.outputs[0].name, add.outputs[0].name = "xw", "y"
+    add.outputs[0].dtype, add.outputs[0].shape = ir.DataType.FLOAT, ir.Shape([LATENCY_ROWS, width])
+    graph = ir.Graph([x], [add.outputs[0]], nodes=[matmul, add], initializers=[weight, bias], opset_imports={"": 21})
+    model = ir.Model(graph, ir_version=10)
+    feed = {"x": rng.standard_normal((LATENCY_ROWS, depth)).astype(np.float32)}
+    if scheme != "float":
+        calibrator = CachingCalibrator.for_model(model, [feed], False)
+        step = PassStep("quantize", dict(QUANTIZE_OPTIONS))
+        Recipe("time", (step,), target=target, overrides=(NodeOverride("*", {"scheme": scheme}),)).to_pipeline(
+            calibrator
+        )(model)
+    with open_session(model) as session:
+        session.run(None, feed)
+        times = []
+        for _ in range(LATENCY_REPEATS):
+            start = time.perf_counter()
+            session.run(None, feed)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
