@@ -144,14 +144,14 @@ def latency_cache_path() -> Path:
 _LATENCIES: dict[str, float] = {}
 
 
-def cached_latency(key: str, measure: Callable[[], float]) -> float:
-    """A layer form's latency: from this process, else the cache file, else measured now and written there."""
-    if key not in _LATENCIES:
+def cached_latencies(keys: Sequence[str], measure: Callable[[], Sequence[float]]) -> list[float]:
+    """Layer-form latencies: from this process, else the cache file, else all measured now and written there."""
+    if any(key not in _LATENCIES for key in keys):
         _LATENCIES.update(_read_latencies())
-    if key not in _LATENCIES:
-        _LATENCIES[key] = measure()
+    if any(key not in _LATENCIES for key in keys):
+        _LATENCIES.update(zip(keys, measure()))
         _write_latencies()
-    return _LATENCIES[key]
+    return [_LATENCIES[key] for key in keys]
 
 
 def _read_latencies() -> dict[str, float]:

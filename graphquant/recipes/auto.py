@@ -12,10 +12,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from graphquant.analysis.cost import cached_latency
+from graphquant.analysis.cost import cached_latencies
 from graphquant.analysis.data import Feed
 from graphquant.analysis.layers import Layer, candidates
 from graphquant.analysis.runner import open_session, run_views
@@ -66,8 +66,11 @@ SAMPLE_ROWS = 512
 MAX_ROUNDS = 4
 # The search aims below the budget by this factor, so that the first end-to-end check usually passes.
 AIM = 0.7
-LATENCY_ROWS = 64
-LATENCY_REPEATS = 15
+LATENCY_ROWS = 256
+LATENCY_REPEATS = 20
+# Under the latency objective, bytes still count at this weight (both as shares of the float model's).
+SIZE_WEIGHT = 0.25
+INT8 = 8
 
 Metric = Callable[[Sequence[Sequence[np.ndarray]], Sequence[Sequence[np.ndarray]]], float]
 
@@ -165,17 +168,11 @@ class Search:
 
     def _unit_entry(self, unit: Unit) -> dict[str, Any]:
         """One unit's choice, its measured error and cost, and each alternative's."""
-        chosen = unit.options[self.choice[unit.name]]
-        cheaper = [o for o in unit.options if (o.cost, o.size) < (chosen.cost, chosen.size)]
-        why = (
-            "cheapest option"
-            if not cheaper
-            else f"cheaper options ({', '.join(o.scheme for o in cheaper)}) add more error than the budget leaves"
-        )
+        index = self.choice[unit.name]
         return {
             "unit": unit.name,
-            "scheme": chosen.scheme,
-            "why": why,
+            "scheme": unit.options[index].scheme,
+            "why": _why(unit, index),
             "options": {o.scheme: {"error": o.error, "cost": o.cost, "bytes": o.size} for o in unit.options},
         }
 
@@ -241,6 +238,7 @@ def _search_method(
     for _ in range(MAX_ROUNDS):
         recipe = _recipe(method, units, choice, settings.target)
         candidate = base.clone()
+        _mark_float(candidate, units, choice)
         recipe.to_pipeline(calibrator, first_step=len(steps), prelude=False)(candidate)
         point = _point(method, units, choice, gain, judge(candidate), settings)
         record.points.append(point)
@@ -254,6 +252,23 @@ def _search_method(
         gain = _refit(gain, point)
     assert built is not None
     return built[0], built[1], record
+
+
+def _mark_float(candidate: ir.Model, units: Sequence[Unit], choice: Mapping[str, int]) -> None:
+    """Record on each layer the search keeps float why it does (the quantize pass reports it)."""
+    floats = {unit.name: unit for unit in units if unit.options[choice[unit.name]].scheme == "float"}
+    for node in candidate.graph:
+        if node.name in floats:
+            node.meta[KEEP_FLOAT_KEY] = f"auto: {_why(floats[node.name], choice[node.name or ''])}"
+
+
+def _why(unit: Unit, index: int) -> str:
+    """Why a unit has the option it has: the cheapest, or the cheaper ones cost too much accuracy."""
+    chosen = unit.options[index]
+    cheaper = [o.scheme for o in unit.options if (o.cost, o.size) < (chosen.cost, chosen.size)]
+    if not cheaper:
+        return f"{chosen.scheme} is the cheapest option"
+    return f"cheaper options ({', '.join(cheaper)}) add more error than the budget leaves"
 
 
 def _preferred(point: Point, chosen: Point) -> bool:
@@ -303,7 +318,9 @@ def _recipe(method: str, units: Sequence[Unit], choice: Mapping[str, int], targe
     if embed_bits is not None:
         steps.append(PassStep("quantize-embeddings", {"embed_bits": embed_bits}))
     steps.append(PassStep("quantize", dict(QUANTIZE_OPTIONS)))
-    overrides = tuple(NodeOverride(_literal_glob(name), {"scheme": scheme}) for name, scheme in schemes.items())
+    overrides = tuple(
+        NodeOverride(_literal_glob(name), {"scheme": scheme}) for name, scheme in schemes.items() if scheme != "float"
+    )
     description = f"auto: {method}, per-layer schemes chosen under the accuracy budget"
     return Recipe("auto", tuple(steps), description, target=target, overrides=overrides)
 
@@ -372,21 +389,38 @@ def measure_units(model: ir.Model, calibrator: CachingCalibrator, settings: Sett
     tables = [table for node in model.graph if (table := embedding_table(node)) is not None]
     if tables:
         units.append(_embedding_unit(tables))
-    return units
+    return scalarized(units, settings.objective)
+
+
+def scalarized(units: Sequence[Unit], objective: str) -> list[Unit]:
+    """Units whose option costs are shares of the all-float model's: bytes, or latency plus SIZE_WEIGHT x bytes."""
+    float_size = max(sum(max(o.size for o in unit.options) for unit in units), 1)
+    float_time = max(sum(max(o.cost for o in unit.options) for unit in units), 1e-12)
+    size_weight = 1.0 if objective == "size" else SIZE_WEIGHT
+    time_weight = 0.0 if objective == "size" else 1.0
+    return [
+        Unit(
+            unit.name,
+            tuple(
+                dataclasses.replace(o, cost=time_weight * o.cost / float_time + size_weight * o.size / float_size)
+                for o in unit.options
+            ),
+        )
+        for unit in units
+    ]
 
 
 def _linear_unit(layer: Layer, stats: CalibrationStats, settings: Settings) -> Unit:
     """A MatMul/Gemm layer: output noise-to-signal of each scheme on its sampled input rows."""
     activation = stats.tensors.get(layer.activation.name or "")
     rows = activation.sample if activation is not None else None
-    options = []
-    for scheme in LINEAR_SCHEMES:
-        if SCHEMES[scheme].get("abits") and (activation is None or rows is None):
-            continue
-        error = 0.0 if scheme == "float" else _layer_error(layer, scheme, rows, activation)
-        size = _scheme_bytes(layer, scheme)
-        cost = _latency(layer, scheme, settings.target) if settings.objective == "latency" else float(size)
-        options.append(Option(scheme, error, cost, size))
+    schemes = [s for s in LINEAR_SCHEMES if not (SCHEMES[s].get("abits") and (activation is None or rows is None))]
+    times = _latencies(layer, schemes, settings.target) if settings.objective == "latency" else [0.0] * len(schemes)
+    options = [
+        Option(scheme, 0.0 if scheme == "float" else _layer_error(layer, scheme, rows, activation), time, size)
+        for scheme, time in zip(schemes, times)
+        if (size := _scheme_bytes(layer, scheme))
+    ]
     return Unit(layer.node.name or "", tuple(options))
 
 
@@ -396,9 +430,11 @@ def _layer_error(layer: Layer, scheme: str, rows: np.ndarray | None, activation:
     weight = layer.weight_array.astype(np.float32)
     weight = weight if layer.in_axis == 0 else weight.T
     energy = row_energy(layer, None if activation is None else activation.channel_mean_square())
-    spec = fit_weight_spec(
-        layer, WeightScheme(options["wbits"], options["weight_symmetric"], options["block_size"], True), energy
+    # Clip search only below 8 bits: at 8 bits it barely moves the error and costs most of the scoring time.
+    weight_scheme = WeightScheme(
+        options["wbits"], options["weight_symmetric"], options["block_size"], options["wbits"] < INT8
     )
+    spec = fit_weight_spec(layer, weight_scheme, energy)
     stored = spec.dequantize(spec.quantize(layer.weight_array)).astype(np.float32)
     approximate = stored if layer.in_axis == 0 else stored.T
     x = rows.astype(np.float32) if rows is not None else np.eye(weight.shape[0], dtype=np.float32)
@@ -430,22 +466,14 @@ def _conv_unit(layer: Layer, stats: CalibrationStats, settings: Settings) -> Uni
     weight = layer.weight_array.astype(np.float64)
     spec = fit_weight_spec(layer, WeightScheme(8), row_energy(layer, None))
     weight_nsr = float(np.sum((weight - spec.dequantize(spec.quantize(layer.weight_array))) ** 2) / np.sum(weight**2))
-    options = [Option("float", 0.0, _cost(layer, "float", settings), _scheme_bytes(layer, "float"))]
+    # Conv forms are not timed: int8 counts as half the float MACs' time.
+    macs = float(layer.weight_array.size)
+    options = [Option("float", 0.0, macs, _scheme_bytes(layer, "float"))]
     if activation is not None:
         step = activation.absmax / 127.0
         activation_nsr = step**2 / 12.0 / max(float(np.mean(activation.channel_mean_square())), 1e-30)
-        options.append(
-            Option("w8a8", weight_nsr + activation_nsr, _cost(layer, "w8a8", settings), _scheme_bytes(layer, "w8a8"))
-        )
+        options.append(Option("w8a8", weight_nsr + activation_nsr, macs / 2, _scheme_bytes(layer, "w8a8")))
     return Unit(layer.node.name or "", tuple(options))
-
-
-def _cost(layer: Layer, scheme: str, settings: Settings) -> float:
-    """A conv's cost: bytes (its latency form is not timed; relative MACs at 8 bits stand for it)."""
-    size = _scheme_bytes(layer, scheme)
-    if settings.objective == "size":
-        return float(size)
-    return float(layer.weight_array.size) * (1.0 if scheme == "float" else 0.5)
 
 
 def _embedding_unit(tables: Sequence[np.ndarray]) -> Unit:
@@ -475,17 +503,36 @@ def _scheme_bytes(layer: Layer, scheme: str) -> int:
     return int(count * options["wbits"] / 8 + scales * (4 if options["weight_symmetric"] else 5))
 
 
-def _latency(layer: Layer, scheme: str, target: str) -> float:
-    """The layer form's latency in microseconds for LATENCY_ROWS rows on the target, measured once and cached."""
+def _latencies(layer: Layer, schemes: Sequence[str], target: str) -> list[float]:
+    """Each scheme's form latency (microseconds, LATENCY_ROWS rows) on the target for the layer's shape, cached."""
     weight = layer.weight_array
     depth, width = (weight.shape if layer.in_axis == 0 else weight.shape[::-1])[:2]
-    key = f"{target}|{scheme}|{depth}x{width}|rows{LATENCY_ROWS}|ort{ort.__version__}"
-    return cached_latency(key, lambda: time_form(scheme, int(depth), int(width), target))
+    keys = [f"{target}|{scheme}|{depth}x{width}|rows{LATENCY_ROWS}|ort{ort.__version__}" for scheme in schemes]
+    return cached_latencies(keys, lambda: time_forms(schemes, int(depth), int(width), target))
 
 
-def time_form(scheme: str, depth: int, width: int, target: str) -> float:
-    """Median microseconds of one [rows, depth] x [depth, width] MatMul + bias lowered for the target as ``scheme``."""
+def time_forms(schemes: Sequence[str], depth: int, width: int, target: str) -> list[float]:
+    """The least microseconds of a [rows, depth] x [depth, width] MatMul + bias as each scheme, runs interleaved.
+
+    The least of many interleaved runs: on a shared machine, other load only ever adds time.
+    """
     rng = np.random.default_rng(0)
+    feed = {"x": rng.standard_normal((LATENCY_ROWS, depth)).astype(np.float32)}
+    models = [_one_layer(scheme, depth, width, target, feed) for scheme in schemes]
+    with contextlib.ExitStack() as stack:
+        sessions = [stack.enter_context(open_session(model)) for model in models]
+        best = [math.inf] * len(sessions)
+        for _ in range(LATENCY_REPEATS):
+            for index, session in enumerate(sessions):
+                start = time.perf_counter()
+                session.run(None, feed)
+                best[index] = min(best[index], time.perf_counter() - start)
+    return [seconds * 1e6 for seconds in best]
+
+
+def _one_layer(scheme: str, depth: int, width: int, target: str, feed: Feed) -> ir.Model:
+    """A one-layer model (MatMul + bias) lowered for the target as ``scheme``, calibrated on ``feed``."""
+    rng = np.random.default_rng(1)
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([LATENCY_ROWS, depth]))
     weight = ir.Value(name="w", const_value=ir.tensor(rng.standard_normal((depth, width)).astype(np.float32)))
     bias = ir.Value(name="b", const_value=ir.tensor(rng.standard_normal(width).astype(np.float32)))
@@ -495,18 +542,8 @@ def time_form(scheme: str, depth: int, width: int, target: str) -> float:
     add.outputs[0].dtype, add.outputs[0].shape = ir.DataType.FLOAT, ir.Shape([LATENCY_ROWS, width])
     graph = ir.Graph([x], [add.outputs[0]], nodes=[matmul, add], initializers=[weight, bias], opset_imports={"": 21})
     model = ir.Model(graph, ir_version=10)
-    feed = {"x": rng.standard_normal((LATENCY_ROWS, depth)).astype(np.float32)}
     if scheme != "float":
-        calibrator = CachingCalibrator.for_model(model, [feed], False)
         step = PassStep("quantize", dict(QUANTIZE_OPTIONS))
-        Recipe("time", (step,), target=target, overrides=(NodeOverride("*", {"scheme": scheme}),)).to_pipeline(
-            calibrator
-        )(model)
-    with open_session(model) as session:
-        session.run(None, feed)
-        times = []
-        for _ in range(LATENCY_REPEATS):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+        recipe = Recipe("time", (step,), target=target, overrides=(NodeOverride("*", {"scheme": scheme}),))
+        recipe.to_pipeline(CachingCalibrator.for_model(model, [feed], False))(model)
+    return model
