@@ -9,7 +9,7 @@ import pytest
 from builders import build, gaussian_feeds, run, weights
 import graphquant
 from graphquant.errors import RecipeError
-from graphquant.recipes.auto import split_data
+from graphquant.recipes.auto import LATENCY_ROWS, _one_layer, split_data, time_forms
 
 CHAIN = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -158,3 +158,27 @@ def test_split_data_holds_out_every_fourth_batch_or_a_quarter_of_one():
     assert [int(f["x"][0, 0]) for f in held] == [3, 7] and len(kept) == 6
     (one,), (rest,) = split_data([{"x": np.arange(8, dtype=np.float32)[:, None]}])
     assert one["x"].shape == (6, 1) and rest["x"].ravel().tolist() == [6.0, 7.0]
+
+
+@pytest.mark.parametrize(
+    ("scheme", "ops", "tolerance"),
+    [
+        ("float", ["MatMul", "Add"], 1e-10),
+        ("w8a8", ["QuantizeLinear", "MatMulIntegerToFloat"], 1e-3),
+        ("w4a8", ["Cast", "QuantizeLinear", "MatMulIntegerToFloat"], 0.05),
+        ("w8", ["MatMulNBits"], 1e-3),
+        ("w4", ["MatMulNBits"], 0.05),
+    ],
+)
+def test_each_timed_form_is_the_lowered_scheme(scheme, ops, tolerance):
+    feed = {"x": np.random.default_rng(0).standard_normal((LATENCY_ROWS, 32)).astype(np.float32)}
+    reference = run(_one_layer("float", 32, 16, "ort-cpu", feed), feed)[0]
+    model = _one_layer(scheme, 32, 16, "ort-cpu", feed)
+    assert [node.op_type for node in model.graph] == ops
+    (produced,) = run(model, feed)
+    assert np.sum((produced - reference) ** 2) / np.sum(reference**2) < tolerance
+
+
+def test_the_timings_rank_the_integer_form_ahead_of_float_at_a_real_size():
+    float_us, int8_us = time_forms(("float", "w8a8"), 384, 1536, "ort-cpu")
+    assert int8_us < float_us
