@@ -147,6 +147,9 @@ class Search:
     points: list[Point] = dataclasses.field(default_factory=list)
     chosen: Point | None = None
     seconds: float = 0.0
+    # Calibration runs over the data, and tensors whose statistics came from the cache instead.
+    calibration_runs: int = 0
+    calibration_hits: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The report's ``auto`` section: settings, per-layer choices with why, the tried points and their front."""
@@ -160,6 +163,8 @@ class Search:
             "budget_error": self.settings.budget,
             "method": self.method,
             "seconds": self.seconds,
+            "calibration_runs": self.calibration_runs,
+            "calibration_hits": self.calibration_hits,
             "chosen": None if self.chosen is None else self.chosen.as_dict(),
             "layers": [self._unit_entry(unit) for unit in self.units],
             "tried": points,
@@ -207,6 +212,7 @@ def search(
             best = found
     assert best is not None
     best[2].seconds = time.perf_counter() - started
+    best[2].calibration_runs, best[2].calibration_hits = calibrator.runs, calibrator.hits
     return best
 
 

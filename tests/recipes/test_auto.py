@@ -182,3 +182,17 @@ def test_each_timed_form_is_the_lowered_scheme(scheme, ops, tolerance):
 def test_the_timings_rank_the_integer_form_ahead_of_float_at_a_real_size():
     float_us, int8_us = time_forms(("float", "w8a8"), 384, 1536, "ort-cpu")
     assert int8_us < float_us
+
+
+def test_candidates_after_the_first_reuse_the_statistics(chain):
+    def scaled(reference, candidate) -> float:  # 20 x (1 - cosine): the first pick, made on the raw scale, misses
+        expected = np.concatenate([batch[0].ravel() for batch in reference]).astype(np.float64)
+        produced = np.concatenate([batch[0].ravel() for batch in candidate]).astype(np.float64)
+        return 20 * (1 - float(expected @ produced / (np.linalg.norm(expected) * np.linalg.norm(produced))))
+
+    result = optimize(chain, objective="size", metric=scaled, max_drop=0.05)
+    auto = result.report.auto
+    assert len(auto["tried"]) >= 2
+    # symmetrize, preexecute-dequant and the scoring each calibrate once; every quantize pass finds its statistics.
+    assert auto["calibration_runs"] == 3 and auto["calibration_hits"] >= len(auto["tried"])
+    assert auto["chosen"]["meets_budget"] and auto["tried"][0]["measured_error"] > 0.05
