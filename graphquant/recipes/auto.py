@@ -241,6 +241,7 @@ def _search_method(
     gain = settings.initial_gain
     choice = greedy(units, AIM * settings.budget, gain)
     built: tuple[Recipe, ir.Model] | None = None
+    tried: list[dict[str, int]] = []
     for _ in range(MAX_ROUNDS):
         recipe = _recipe(method, units, choice, settings.target)
         candidate = base.clone()
@@ -248,16 +249,27 @@ def _search_method(
         recipe.to_pipeline(calibrator, first_step=len(steps), prelude=False)(candidate)
         point = _point(method, units, choice, gain, judge(candidate), settings)
         record.points.append(point)
+        tried.append(dict(choice))
         if record.chosen is None or _preferred(point, record.chosen):
             record.chosen, record.choice, built = point, dict(choice), (recipe, candidate)
-        if point.meets_budget:
-            break
-        choice = _backed_off(units, choice, gain, point, settings)
-        if choice is None:
-            break
+        following = _next_choice(units, choice, gain, point, settings)
         gain = _refit(gain, point)
+        if following is None or following in tried:
+            break
+        choice = following
     assert built is not None
     return built[0], built[1], record
+
+
+def _next_choice(
+    units: Sequence[Unit], choice: dict[str, int], gain: float, point: Point, settings: Settings
+) -> dict[str, int] | None:
+    """What to build next: a more accurate choice after a miss; after a pass, a cheaper one if the error model,
+    re-fitted, says one fits (None: stop)."""
+    if not point.meets_budget:
+        return _backed_off(units, choice, gain, point, settings)
+    cheaper = greedy(units, AIM * settings.budget, _refit(gain, point))
+    return cheaper if total(units, cheaper, "cost") < point.cost else None
 
 
 def _mark_float(candidate: ir.Model, units: Sequence[Unit], choice: Mapping[str, int]) -> None:
