@@ -112,7 +112,7 @@ def optimize(
 
     ``recipe="auto"`` searches per-layer schemes (recipes/auto.py): the cheapest model under ``objective``
     ("latency", default, or "size") whose error on held-out data stays within ``max_drop`` on ``metric`` ("cosine":
-    1 - cosine, default 0.0015; "sqnr": max_drop is the least SQNR in dB; or a function of the float and candidate
+    1 - cosine, default 0.002; "sqnr": max_drop is the least SQNR in dB; or a function of the float and candidate
     outputs, lists per batch, returning a drop). Held-out data is ``validation``, else every fourth calibration batch.
     ``methods`` names the exact rewrites tried (default outliertune; also smoothquant, llm-int8).
     """

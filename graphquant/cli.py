@@ -142,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     optimize.add_argument(
         "--max-drop",
         type=float,
-        help="auto: the largest error on held-out data (1 - output cosine, default 0.0015; with --metric sqnr, "
+        help="auto: the largest error on held-out data (1 - output cosine, default 0.002; with --metric sqnr, "
         "the least output SQNR in dB)",
     )
     optimize.add_argument(

@@ -98,10 +98,10 @@ def test_the_default_is_latency_on_ort_cpu_with_a_front_and_reasons(chain):
     report = result.report.to_dict()
     assert (report["recipe"], report["target"]) == ("auto", "ort-cpu")
     auto = report["auto"]
-    assert (auto["objective"], auto["metric"], auto["max_drop"]) == ("latency", "cosine", 0.0015)
+    assert (auto["objective"], auto["metric"], auto["max_drop"]) == ("latency", "cosine", 0.002)
     assert auto["pareto_front"] and all(point in auto["tried"] for point in auto["pareto_front"])
     assert all(unit["why"] for unit in auto["layers"])
-    assert heldout_error(chain, result.model) <= 0.0015
+    assert heldout_error(chain, result.model) <= 0.002
     assert "MatMulIntegerToFloat" in {node.op_type for node in result.model.graph} or all(
         unit["scheme"] in ("float", "w8", "w4") for unit in auto["layers"]
     )
