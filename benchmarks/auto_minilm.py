@@ -62,10 +62,11 @@ def table(rows: list[Row], latency: dict[str, float]) -> str:
     """The markdown table."""
     fp32_ms = latency.get(rows[0].label)
     dynamic_ms = latency.get(rows[1].label)
-    lines = [
+    header = (
         "| model | mean cos | min cos | out err (budget) | latency ms | vs FP32 | vs dynamic | size MB "
         "| quant s |\n|---|---|---|---|---|---|---|---|---|"
-    ]
+    )
+    lines = [header]
     for row in rows:
         if row.error is not None:
             lines.append(f"| {row.label} | {row.error.replace('|', '/')} | | | | | | | |")
