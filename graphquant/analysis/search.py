@@ -14,12 +14,14 @@ from collections.abc import Mapping, Sequence
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """One way to run a unit: its scheme name, error proxy and cost (the objective's, then bytes to break ties)."""
+    """One way to run a unit: its scheme name, error proxy, cost (the objective's; bytes break ties), bytes, and its
+    timed latency where one was measured (0 otherwise)."""
 
     scheme: str
     error: float
     cost: float
     size: int
+    latency: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +50,7 @@ def predicted_error(units: Sequence[Unit], choice: Choice, gain: float) -> float
 
 
 def total(units: Sequence[Unit], choice: Choice, field: str) -> float:
-    """The sum of one Option field ("cost" or "size") over the chosen options."""
+    """The sum of one Option field ("cost", "size" or "latency") over the chosen options."""
     return float(sum(getattr(unit.options[choice[unit.name]], field) for unit in units))
 
 

@@ -121,6 +121,7 @@ class Point:
     cost: float
     size: int
     meets_budget: bool
+    latency_us: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready, with the schemes counted rather than listed."""
@@ -135,6 +136,7 @@ class Point:
             "cost": self.cost,
             "bytes": self.size,
             "meets_budget": self.meets_budget,
+            "timed_layers_us": self.latency_us,
         }
 
 
@@ -180,7 +182,10 @@ class Search:
             "unit": unit.name,
             "scheme": unit.options[index].scheme,
             "why": _why(unit, index),
-            "options": {o.scheme: {"error": o.error, "cost": o.cost, "bytes": o.size} for o in unit.options},
+            "options": {
+                o.scheme: {"error": o.error, "cost": o.cost, "bytes": o.size, "latency_us": o.latency}
+                for o in unit.options
+            },
         }
 
 
@@ -327,6 +332,7 @@ def _point(
         total(units, choice, "cost"),
         int(total(units, choice, "size")),
         error <= settings.budget,
+        total(units, choice, "latency"),
     )
 
 
@@ -437,7 +443,7 @@ def _linear_unit(layer: Layer, stats: CalibrationStats, settings: Settings) -> U
     schemes = [s for s in LINEAR_SCHEMES if not (SCHEMES[s].get("abits") and (activation is None or rows is None))]
     times = _latencies(layer, schemes, settings.target) if settings.objective == "latency" else [0.0] * len(schemes)
     options = [
-        Option(scheme, 0.0 if scheme == "float" else _layer_error(layer, scheme, rows, activation), time, size)
+        Option(scheme, 0.0 if scheme == "float" else _layer_error(layer, scheme, rows, activation), time, size, time)
         for scheme, time in zip(schemes, times)
         if (size := _scheme_bytes(layer, scheme))
     ]

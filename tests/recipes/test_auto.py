@@ -196,3 +196,9 @@ def test_candidates_after_the_first_reuse_the_statistics(chain):
     # symmetrize, preexecute-dequant and the scoring each calibrate once; every quantize pass finds its statistics.
     assert auto["calibration_runs"] == 3 and auto["calibration_hits"] >= len(auto["tried"])
     assert auto["chosen"]["meets_budget"] and auto["tried"][0]["measured_error"] > 0.05
+
+
+def test_the_report_sums_the_timed_forms_of_the_chosen_layers(chain):
+    auto = optimize(chain).report.auto
+    expected = sum(unit["options"][unit["scheme"]]["latency_us"] for unit in auto["layers"])
+    assert auto["chosen"]["timed_layers_us"] == pytest.approx(expected) and expected > 0
