@@ -246,26 +246,48 @@ def _search_method(
     units = measure_units(base, calibrator, settings)
     record = Search(settings, method, units)
     gain = settings.initial_gain
-    choice = greedy(units, AIM * settings.budget, gain)
-    built: tuple[Recipe, ir.Model] | None = None
+    choice: dict[str, int] | None = greedy(units, AIM * settings.budget, gain)
+    kept: tuple[Recipe, ir.Model] | None = None
     tried: list[dict[str, int]] = []
-    for _ in range(MAX_ROUNDS):
-        recipe = _recipe(method, units, choice, settings.target)
-        candidate = base.clone()
-        _mark_float(candidate, units, choice)
-        recipe.to_pipeline(calibrator, first_step=len(steps), prelude=False)(candidate)
-        point = _point(method, units, choice, gain, judge(candidate), settings)
-        record.points.append(point)
-        tried.append(dict(choice))
-        if record.chosen is None or _preferred(point, record.chosen):
-            record.chosen, record.choice, built = point, dict(choice), (recipe, candidate)
-        following = _next_choice(units, choice, gain, point, settings)
-        gain = _refit(gain, point)
-        if following is None or following in tried:
-            break
-        choice = following
-    assert built is not None
-    return built[0], built[1], record
+    while choice is not None and choice not in tried and len(tried) < MAX_ROUNDS:
+        point, built = _try(base, calibrator, judge, settings, method, units, choice, gain)
+        kept = built if _record(record, point, choice) else kept
+        tried.append(choice)
+        choice, gain = _next_choice(units, choice, gain, point, settings), _refit(gain, point)
+    assert record.chosen is not None and kept is not None
+    if not record.chosen.meets_budget:  # the last back-off: every unit at its most accurate option (float)
+        choice = {unit.name: min(range(len(unit.options)), key=lambda i: unit.options[i].error) for unit in units}
+        if choice not in tried:
+            point, built = _try(base, calibrator, judge, settings, method, units, choice, gain)
+            kept = built if _record(record, point, choice) else kept
+    return kept[0], kept[1], record
+
+
+def _try(
+    base: ir.Model,
+    calibrator: CachingCalibrator,
+    judge: Judge,
+    settings: Settings,
+    method: str,
+    units: Sequence[Unit],
+    choice: dict[str, int],
+    gain: float,
+) -> tuple[Point, tuple[Recipe, ir.Model]]:
+    """Build a choice from the prepared graph for the target and measure it end to end."""
+    recipe = _recipe(method, units, choice, settings.target)
+    candidate = base.clone()
+    _mark_float(candidate, units, choice)
+    recipe.to_pipeline(calibrator, first_step=len(METHODS[method]), prelude=False)(candidate)
+    return _point(method, units, choice, gain, judge(candidate), settings), (recipe, candidate)
+
+
+def _record(record: Search, point: Point, choice: dict[str, int]) -> bool:
+    """Add a tried point; keep it as the choice if it beats the best so far (True then)."""
+    record.points.append(point)
+    if record.chosen is not None and not _preferred(point, record.chosen):
+        return False
+    record.chosen, record.choice = point, dict(choice)
+    return True
 
 
 def _next_choice(

@@ -202,3 +202,14 @@ def test_the_report_sums_the_timed_forms_of_the_chosen_layers(chain):
     auto = optimize(chain).report.auto
     expected = sum(unit["options"][unit["scheme"]]["latency_us"] for unit in auto["layers"])
     assert auto["chosen"]["timed_layers_us"] == pytest.approx(expected) and expected > 0
+
+
+def test_a_metric_only_float_meets_backs_off_to_float(chain):
+    def exact(reference, candidate) -> float:  # 1 unless equal up to float rounding (the exact rewrites reorder sums)
+        return float(any(not np.allclose(r[0], c[0], rtol=1e-4, atol=1e-4) for r, c in zip(reference, candidate)))
+
+    result = optimize(chain, objective="size", metric=exact, max_drop=0.5)
+    auto = result.report.auto
+    assert auto["tried"][0]["measured_error"] == 1.0 and auto["chosen"]["meets_budget"]
+    assert set(schemes(result).values()) == {"float"} and not result.report.quantized
+    np.testing.assert_allclose(run(result.model, HELDOUT[0])[0], run(chain, HELDOUT[0])[0], rtol=1e-4, atol=1e-4)
