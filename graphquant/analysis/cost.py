@@ -141,17 +141,13 @@ def latency_cache_path() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "graphquant" / "latency.json"
 
 
-_LATENCIES: dict[str, float] = {}
-
-
 def cached_latencies(keys: Sequence[str], measure: Callable[[], Sequence[float]]) -> list[float]:
-    """Layer-form latencies: from this process, else the cache file, else all measured now and written there."""
-    if any(key not in _LATENCIES for key in keys):
-        _LATENCIES.update(_read_latencies())
-    if any(key not in _LATENCIES for key in keys):
-        _LATENCIES.update(zip(keys, measure()))
-        _write_latencies()
-    return [_LATENCIES[key] for key in keys]
+    """Layer-form latencies from the cache file; when one is missing, all measured now and written there."""
+    known = _read_latencies()
+    if any(key not in known for key in keys):
+        known.update(zip(keys, measure()))
+        _write_latencies(known)
+    return [known[key] for key in keys]
 
 
 def _read_latencies() -> dict[str, float]:
@@ -163,13 +159,13 @@ def _read_latencies() -> dict[str, float]:
     return {str(k): float(v) for k, v in data.items() if isinstance(v, (int, float))} if isinstance(data, dict) else {}
 
 
-def _write_latencies() -> None:
+def _write_latencies(latencies: dict[str, float]) -> None:
     """Write the cache atomically; a folder that cannot be written only costs a re-measurement next time."""
     path = latency_cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as f:
-            json.dump(_LATENCIES, f, indent=1, sort_keys=True)
+            json.dump(latencies, f, indent=1, sort_keys=True)
         os.replace(f.name, path)
     except OSError:
         return

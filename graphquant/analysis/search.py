@@ -14,8 +14,7 @@ from collections.abc import Mapping, Sequence
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """One way to run a unit: its scheme name, error proxy, cost (the objective's; bytes break ties), bytes, and its
-    timed latency where one was measured (0 otherwise)."""
+    """One way to run a unit: scheme, error proxy, cost (bytes break ties), bytes, timed latency (0: not timed)."""
 
     scheme: str
     error: float

@@ -293,8 +293,7 @@ def _record(record: Search, point: Point, choice: dict[str, int]) -> bool:
 def _next_choice(
     units: Sequence[Unit], choice: dict[str, int], gain: float, point: Point, settings: Settings
 ) -> dict[str, int] | None:
-    """What to build next: a more accurate choice after a miss; after a pass, a cheaper one if the error model,
-    re-fitted, says one fits (None: stop)."""
+    """Next to build: a more accurate choice after a miss, a cheaper one the re-fitted model allows after a pass."""
     if not point.meets_budget:
         return _backed_off(units, choice, gain, point, settings)
     cheaper = greedy(units, AIM_FITTED * settings.budget, _refit(gain, point))

@@ -7,8 +7,7 @@ import json
 from graphquant.analysis import cost
 
 
-def test_latencies_are_measured_once_and_kept_in_the_cache_file(latency_cache, monkeypatch):
-    monkeypatch.setattr(cost, "_LATENCIES", {})
+def test_latencies_are_measured_once_and_kept_in_the_cache_file(latency_cache):
     calls = []
 
     def measure() -> list[float]:
@@ -21,12 +20,10 @@ def test_latencies_are_measured_once_and_kept_in_the_cache_file(latency_cache, m
     assert len(calls) == 1
     stored = json.loads((latency_cache / "latency.json").read_text())
     assert (stored["test|a"], stored["test|b"]) == (10.0, 20.0)
-    monkeypatch.setattr(cost, "_LATENCIES", {})  # a new process reads the file
     assert cost.cached_latencies(["test|b"], measure) == [20.0] and len(calls) == 1
 
 
-def test_an_unreadable_cache_file_is_measured_again(latency_cache, monkeypatch):
-    monkeypatch.setattr(cost, "_LATENCIES", {})
+def test_an_unreadable_cache_file_is_measured_again(latency_cache):
     (latency_cache / "latency.json").write_text("{not json")
     assert cost.cached_latencies(["test|c"], lambda: [3.0]) == [3.0]
     assert json.loads((latency_cache / "latency.json").read_text())["test|c"] == 3.0
