@@ -129,7 +129,7 @@ def optimize(
     if settings is not None:
         assert calibrator is not None
         calibrator, validation = _auto_split(model, calibrator, validation, show_progress)
-        with progress.showing(show_progress):
+        with progress.showing(show_progress), _pass_errors_in_one_line():
             chosen, candidate, search = auto.search(model, calibrator, validation, settings, _prepare)
     else:
         assert chosen is not None
@@ -250,8 +250,15 @@ def _defaults(pass_class: type) -> dict[str, Any]:
 
 def _run_pipeline(recipe: Recipe, calibrator: Calibrator | None, candidate: ir.Model) -> None:
     """Run the recipe's pipeline on the candidate; a pass's failure reaches the user in one line naming the pass."""
-    try:
+    with _pass_errors_in_one_line():
         recipe.to_pipeline(calibrator)(candidate)
+
+
+@contextlib.contextmanager
+def _pass_errors_in_one_line() -> Iterator[None]:
+    """A pass's failure in the block becomes a RecipeError, the graphquant error it raised, or a one-line InternalError."""
+    try:
+        yield
     except ir.passes.PassError as exc:  # the pipeline wraps every failure of a pass in a PassError
         cause = _user_facing_cause(exc)
         if isinstance(cause, ir.passes.PreconditionError):

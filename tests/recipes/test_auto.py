@@ -213,3 +213,14 @@ def test_a_metric_only_float_meets_backs_off_to_float(chain):
     assert auto["tried"][0]["measured_error"] == 1.0 and auto["chosen"]["meets_budget"]
     assert set(schemes(result).values()) == {"float"} and not result.report.quantized
     np.testing.assert_allclose(run(result.model, HELDOUT[0])[0], run(chain, HELDOUT[0])[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_failing_pass_inside_the_search_is_one_line(chain, monkeypatch):
+    from graphquant.passes.quantize import QuantizePass
+
+    def broken(self, model):
+        raise ZeroDivisionError("planted\nsecond line")
+
+    monkeypatch.setattr(QuantizePass, "call", broken)
+    with pytest.raises(graphquant.errors.InternalError, match=r"^pass quantize failed: ZeroDivisionError: planted$"):
+        optimize(chain, objective="size")
