@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from onnx_ir.passes.common import NameFixPass
 from graphquant import progress
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.cost import split_costs
-from graphquant.analysis.data import CalibrationSource
+from graphquant.analysis.data import CalibrationSource, Feed
 from graphquant.analysis.layers import QUANTIZABLE_OPS, candidates, constant_array
 from graphquant.analysis.runner import (
     PROTO_SIZE_LIMIT,
@@ -34,6 +34,7 @@ from graphquant.analysis.runner import (
     session_options,
 )
 from graphquant.analysis.sizes import layer_bytes
+from graphquant.analysis.stats_cache import CachingCalibrator
 from graphquant.errors import FidelityError, GraphQuantError, InternalError, InvalidModelError, OutputError, RecipeError
 from graphquant.frontends.onnx_file import load as _load_file
 from graphquant.output_paths import (
@@ -49,7 +50,7 @@ from graphquant.passes.fold_constants import refuse_quantized
 from graphquant.passes.upgrade_opset import INITIALIZERS_AS_INPUTS_BEFORE_IR, UpgradeOpsetPass
 from graphquant.pipeline import PassFailedError, pass_label
 from graphquant.quant_spec import KEEP_FLOAT_KEY, LayerDecision
-from graphquant.recipes import Recipe
+from graphquant.recipes import Recipe, auto
 from graphquant.report import Report, layer_decisions
 from graphquant.validate import DEFAULT_MIN_COSINE, Probe, ReferenceLoadError, compare_models
 
@@ -95,6 +96,10 @@ def optimize(
     show_progress: bool = True,
     min_cosine: float | None = None,
     keep_failed: bool = False,
+    max_drop: float | None = None,
+    objective: str | None = None,
+    metric: str | Callable[..., float] | None = None,
+    methods: Sequence[str] | None = None,
     **options: Any,
 ) -> OptimizeResult:
     """Run a recipe on a copy of the model; validate against the original when data is available.
@@ -104,19 +109,36 @@ def optimize(
     FidelityError) when an output's cosine against the float model is below ``min_cosine`` (default
     DEFAULT_MIN_COSINE) or an output is NaN/Inf where the float one is finite; ``keep_failed`` returns the result
     anyway, with the failures in its report.
+
+    ``recipe="auto"`` searches per-layer schemes (recipes/auto.py): the cheapest model under ``objective``
+    ("latency", default, or "size") whose error on held-out data stays within ``max_drop`` on ``metric`` ("cosine":
+    1 - cosine, default 0.002; "sqnr": max_drop is the least SQNR in dB; or a function of the float and candidate
+    outputs, lists per batch, returning a drop). Held-out data is ``validation``, else every fourth calibration batch.
+    ``methods`` names the exact rewrites tried (default outliertune; also smoothquant, llm-int8).
     """
     threshold = _checked_min_cosine(min_cosine)
     refuse_quantized(model)  # before the calibration data is read (the pipeline's fold-constants pass checks again)
-    chosen = _resolve_recipe(recipe, passes, target, options)
-    _refuse_unlowerable_blocks(chosen)
-    calibrator = Calibrator.for_model(model, calibration, show_progress) if calibration is not None else None
-    candidate = model.clone()
+    settings = _auto_settings(recipe, passes, target, options, (max_drop, objective, metric, methods))
+    chosen = _resolve_recipe(recipe, passes, target, options) if settings is None else None
+    if chosen is not None:
+        _refuse_unlowerable_blocks(chosen)
+    elif calibration is None:
+        raise RecipeError("recipe 'auto' needs calibration data (--calib)")
+    calibrator = CachingCalibrator.for_model(model, calibration, show_progress) if calibration is not None else None
+    search: auto.Search | None = None
+    if settings is not None:
+        assert calibrator is not None
+        calibrator, validation = _auto_split(model, calibrator, validation, show_progress)
+        with progress.showing(show_progress), _pass_errors_in_one_line():
+            chosen, candidate, search = auto.search(model, calibrator, validation, settings, _prepare)
+    else:
+        assert chosen is not None
+        candidate = model.clone()
+        _prepare(candidate)
+        with progress.showing(show_progress):
+            _run_pipeline(chosen, calibrator, candidate)
     if INPUT_FILES_KEY in model.meta:  # clone() drops meta; keep save()'s guard against overwriting the input
         candidate.meta[INPUT_FILES_KEY] = model.meta[INPUT_FILES_KEY]
-    _keep_nonfinite_weights_float(candidate)
-    _keep_input_weights_float(candidate)
-    with progress.showing(show_progress):
-        _run_pipeline(chosen, calibrator, candidate)
     report = Report(
         recipe=chosen.name,
         target=chosen.target,
@@ -127,6 +149,7 @@ def optimize(
         split_costs=split_costs(candidate),
     )
     report.layer_bytes = _quantized_layer_bytes(model, candidate, report.quantized)
+    report.auto = None if search is None else search.to_dict()
     if not report.quantized:
         _say_nothing_was_quantized(report)
     if report.quantized and (validation is not None or calibrator is not None):
@@ -143,6 +166,52 @@ def optimize(
             "threshold, keep_failed / --keep-failed writes it anyway)"
         )
     return OptimizeResult(candidate, report)
+
+
+def _prepare(candidate: ir.Model) -> None:
+    """Mark the layers that must stay float: NaN/Inf weights, weights that are graph inputs."""
+    _keep_nonfinite_weights_float(candidate)
+    _keep_input_weights_float(candidate)
+
+
+def _auto_settings(
+    recipe: str | Path | Recipe,
+    passes: Sequence[str] | None,
+    target: str | None,
+    options: Mapping[str, Any],
+    search_options: tuple[Any, ...],
+) -> auto.Settings | None:
+    """The auto search's settings when the recipe is "auto" (fixed-recipe options refused); None otherwise."""
+    max_drop, objective, metric, methods = search_options
+    if recipe != auto.AUTO:
+        given = [name for name, value in zip(("max_drop", "objective", "metric", "methods"), search_options) if value]
+        if given:
+            raise RecipeError(f"option {given[0]!r} is for recipe 'auto' only (recipe {str(recipe)!r})")
+        return None
+    fixed = sorted(name for name, value in options.items() if value is not None)
+    if fixed or passes is not None:
+        name = fixed[0] if fixed else "passes"
+        raise RecipeError(f"recipe 'auto' chooses the schemes itself: option {name!r} is for fixed recipes")
+    defaults = auto.Settings()
+    return auto.Settings(
+        max_drop=defaults.max_drop if max_drop is None else max_drop,
+        objective=objective or defaults.objective,
+        metric=metric or defaults.metric,
+        target=target or defaults.target,
+        methods=tuple(methods) if methods else defaults.methods,
+    )
+
+
+def _auto_split(
+    model: ir.Model, calibrator: CachingCalibrator, validation: CalibrationSource | None, show_progress: bool
+) -> tuple[CachingCalibrator, list[Feed]]:
+    """The search's calibrator and held-out feeds: the validation data, else a split of the calibration data."""
+    if validation is not None:
+        return calibrator, list(Calibrator.for_model(model, validation, False).data)
+    kept, held = auto.split_data(list(calibrator.data))
+    if held is kept:
+        warnings.warn("auto: one calibration sample cannot be split; the budget is checked on it", stacklevel=3)
+    return CachingCalibrator.for_model(model, kept, show_progress), held
 
 
 def _checked_min_cosine(min_cosine: float | None) -> float:
@@ -181,8 +250,15 @@ def _defaults(pass_class: type) -> dict[str, Any]:
 
 def _run_pipeline(recipe: Recipe, calibrator: Calibrator | None, candidate: ir.Model) -> None:
     """Run the recipe's pipeline on the candidate; a pass's failure reaches the user in one line naming the pass."""
-    try:
+    with _pass_errors_in_one_line():
         recipe.to_pipeline(calibrator)(candidate)
+
+
+@contextlib.contextmanager
+def _pass_errors_in_one_line() -> Iterator[None]:
+    """A pass's failure in the block becomes a RecipeError, the graphquant error it raised, or a one-line InternalError."""
+    try:
+        yield
     except ir.passes.PassError as exc:  # the pipeline wraps every failure of a pass in a PassError
         cause = _user_facing_cause(exc)
         if isinstance(cause, ir.passes.PreconditionError):

@@ -134,7 +134,21 @@ def _parser() -> argparse.ArgumentParser:
         help="output model: a new path or a regular file, which is replaced; never a directory or device, nor the "
         "input (without --overwrite), its external data or a file the run reads",
     )
-    optimize.add_argument("--recipe", default="w8a8", help="preset name or recipe .toml")
+    optimize.add_argument(
+        "--recipe",
+        default="auto",
+        help="'auto' (default: per-layer search under --max-drop), a preset name, or a recipe .toml",
+    )
+    optimize.add_argument(
+        "--max-drop",
+        type=float,
+        help="auto: the largest error on held-out data (1 - output cosine, default 0.002; with --metric sqnr, "
+        "the least output SQNR in dB)",
+    )
+    optimize.add_argument(
+        "--objective", choices=("latency", "size"), help="auto: what the search minimizes (default latency)"
+    )
+    optimize.add_argument("--metric", choices=("cosine", "sqnr"), help="auto: the budget's metric (default cosine)")
     optimize.add_argument("--calib", help="calibration .npz, test-data folder, or 'random'")
     optimize.add_argument("--validate-data", help="held-out data for validation (default: the calibration data)")
     optimize.add_argument("--wbits", type=int)
@@ -217,6 +231,9 @@ def _optimize(args: argparse.Namespace) -> int:
         max_overhead=args.max_overhead,
         min_cosine=args.min_cosine,
         keep_failed=args.keep_failed,
+        max_drop=args.max_drop,
+        objective=args.objective,
+        metric=args.metric,
     )
     # The report is staged beside its path first: a report that cannot be written leaves no model behind either.
     report = staged_text(args.report, result.report.to_json(), "the report") if args.report else None
@@ -313,6 +330,7 @@ def _list_recipes(args: argparse.Namespace) -> int:
     from graphquant.lowering import TARGET_DOCS
     from graphquant.recipes import preset_names
 
+    print(f"{'auto':<14} the default: per-layer schemes searched under --max-drop, --objective latency|size")
     for name in preset_names():
         recipe = graphquant.Recipe.named(name)
         print(f"{name:<14} {recipe.description}  [{' -> '.join(s.name for s in recipe.steps)} -> {recipe.target}]")

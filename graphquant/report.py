@@ -35,6 +35,8 @@ class Report:
     # Validation: the cosine every output had to reach (None: not validated), and one line per output that failed.
     min_cosine: float | None = None
     failures: list[str] = dataclasses.field(default_factory=list)
+    # The auto recipe's search (recipes/auto.Search.to_dict): budget, per-layer choices with why, tried points, front.
+    auto: dict[str, Any] | None = None
 
     @property
     def quantized(self) -> list[LayerDecision]:
@@ -69,6 +71,7 @@ class Report:
             "validation": {"min_cosine": self.min_cosine, "failures": self.failures},
             "notes": self.notes,
             "split_costs": [dataclasses.asdict(cost) for cost in self.split_costs],
+            **({} if self.auto is None else {"auto": self.auto}),
         }
 
     def _bytes(self, node_name: str) -> dict[str, int]:
@@ -108,8 +111,24 @@ class Report:
             lines.append(f"worst layer: {worst[0]} SQNR {worst[1]:.1f} dB")
         lines.extend(self.format_validation())
         lines.extend(self.format_splits())
+        lines.extend(self.format_search())
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
+
+    def format_search(self) -> list[str]:
+        """The auto search's budget, choice and tries, if the run was one."""
+        if self.auto is None:
+            return []
+        chosen = self.auto["chosen"]
+        schemes = ", ".join(f"{count} x {scheme}" for scheme, count in sorted(chosen["schemes"].items()))
+        verdict = "meets" if chosen["meets_budget"] else "MISSES"
+        line = (
+            f"auto: {self.auto['method']}, {schemes}; held-out {self.auto['metric']} error "
+            f"{chosen['measured_error']:.5f} {verdict} the budget {self.auto['budget_error']:.5f} "
+            f"(objective {self.auto['objective']}; {len(self.auto['tried'])} candidates built, "
+            f"{self.auto['seconds']:.1f} s)"
+        )
+        return [line]
 
     def format_validation(self) -> list[str]:
         """The validation threshold and its verdict, if the run was validated."""

@@ -24,6 +24,19 @@ settings.register_profile("deep", max_examples=300, deadline=None, suppress_heal
 settings.load_profile(os.environ.get("GRAPHQUANT_HYPOTHESIS", "ci"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def latency_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The auto recipe's measured layer latencies go to a session folder, never the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("latency-cache")
+    previous = os.environ.get("GRAPHQUANT_CACHE_DIR")
+    os.environ["GRAPHQUANT_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        del os.environ["GRAPHQUANT_CACHE_DIR"]
+    else:
+        os.environ["GRAPHQUANT_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def minilm_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """all-MiniLM-L6-v2 exported once per test session with torch (dynamo), sequences of 32 tokens."""

@@ -45,7 +45,7 @@ def error_lines(stderr: str) -> list[str]:
 def test_optimize_writes_the_model_and_prints_the_table(files, tmp_path, capsys):
     model, model_path, calib = files
     out = tmp_path / "out.onnx"
-    assert main(["optimize", str(model_path), "-o", str(out), "--calib", str(calib)]) == 0
+    assert main(["optimize", "--recipe", "w8a8", str(model_path), "-o", str(out), "--calib", str(calib)]) == 0
     stdout = capsys.readouterr().out
     assert "recipe w8a8 -> target qdq" in stdout
     assert "layers quantized: 2   kept float: 0" in stdout
@@ -62,7 +62,18 @@ def test_optimize_report_is_valid_json(files, tmp_path, capsys):
     _, model_path, calib = files
     report = tmp_path / "report.json"
     code = main(
-        ["optimize", str(model_path), "-o", str(tmp_path / "out.onnx"), "--calib", str(calib), "--report", str(report)]
+        [
+            "optimize",
+            "--recipe",
+            "w8a8",
+            str(model_path),
+            "-o",
+            str(tmp_path / "out.onnx"),
+            "--calib",
+            str(calib),
+            "--report",
+            str(report),
+        ]
     )
     assert code == 0
     assert f"wrote {report}" in capsys.readouterr().out
@@ -77,7 +88,18 @@ def test_optimize_report_is_valid_json(files, tmp_path, capsys):
 def test_optimize_with_wbits_and_passes(files, tmp_path, capsys):
     _, model_path, calib = files
     report = tmp_path / "report.json"
-    args = ["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--calib", str(calib), "--wbits", "4"]
+    args = [
+        "optimize",
+        "--recipe",
+        "w8a8",
+        str(model_path),
+        "-o",
+        str(tmp_path / "o.onnx"),
+        "--calib",
+        str(calib),
+        "--wbits",
+        "4",
+    ]
     assert main([*args, "--passes", "quantize", "--target", "qdq", "--report", str(report)]) == 0
     assert {layer["scheme"] for layer in json.loads(report.read_text())["layers"]} == {
         "W4 per-channel, A8 per-tensor minmax"
@@ -97,7 +119,7 @@ def test_installed_script_exit_code(files, tmp_path):
     assert SCRIPT.exists()
     before = model_path.read_bytes()
     completed = subprocess.run(
-        [str(SCRIPT), "optimize", str(model_path), "-o", str(model_path), "--calib", "random"],
+        [str(SCRIPT), "optimize", "--recipe", "w8a8", str(model_path), "-o", str(model_path), "--calib", "random"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -152,7 +174,7 @@ def test_inspect_with_calibration_prints_outlier_counts(tmp_path, capsys):
 def test_validate_compares_two_models(files, tmp_path, capsys):
     _, model_path, calib = files
     out = tmp_path / "out.onnx"
-    assert main(["optimize", str(model_path), "-o", str(out), "--calib", str(calib)]) == 0
+    assert main(["optimize", "--recipe", "w8a8", str(model_path), "-o", str(out), "--calib", str(calib)]) == 0
     capsys.readouterr()
     assert main(["validate", str(model_path), str(out), "--calib", str(calib)]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -195,7 +217,10 @@ def test_unknown_recipe_fails_cleanly(files, tmp_path, capsys):
 def test_wbits_9_fails_cleanly(files, tmp_path, capsys):
     _, model_path, calib = files
     out = tmp_path / "out.onnx"
-    assert main(["optimize", str(model_path), "-o", str(out), "--calib", str(calib), "--wbits", "9"]) == 1
+    assert (
+        main(["optimize", "--recipe", "w8a8", str(model_path), "-o", str(out), "--calib", str(calib), "--wbits", "9"])
+        == 1
+    )
     captured = capsys.readouterr()
     (line,) = error_lines(captured.err)
     assert line.startswith("graphquant: error:") and "wbits must be in 2..8, got 9" in line
@@ -205,14 +230,17 @@ def test_wbits_9_fails_cleanly(files, tmp_path, capsys):
 
 def test_missing_calibration_for_activation_quantization_fails_cleanly(files, tmp_path, capsys):
     _, model_path, _ = files
-    assert main(["optimize", str(model_path), "-o", str(tmp_path / "out.onnx")]) == 1
+    assert main(["optimize", "--recipe", "w8a8", str(model_path), "-o", str(tmp_path / "out.onnx")]) == 1
     (line,) = error_lines(capsys.readouterr().err)
     assert line == "graphquant: error: quantize: activation quantization needs calibration data"
 
 
 def test_random_calibration_warns_on_stderr(files, tmp_path, capsys):
     _, model_path, _ = files
-    assert main(["optimize", str(model_path), "-o", str(tmp_path / "out.onnx"), "--calib", "random"]) == 0
+    assert (
+        main(["optimize", "--recipe", "w8a8", str(model_path), "-o", str(tmp_path / "out.onnx"), "--calib", "random"])
+        == 0
+    )
     stderr = capsys.readouterr().err
     warnings = [line for line in error_lines(stderr) if line.startswith("graphquant: warning:")]
     assert len(warnings) == 1 and "RANDOM" in warnings[0]
@@ -238,7 +266,17 @@ def test_a_run_that_fails_validation_exits_1_and_writes_nothing_unless_asked(fil
     x = np.load(calib)["x"]
     np.savez(tmp_path / "huge.npz", x=x / np.abs(x).max() * np.float32(3e38))
     out = tmp_path / "out.onnx"
-    argv = ["optimize", str(model_path), "-o", str(out), "--calib", str(tmp_path / "huge.npz"), "--validate-data"]
+    argv = [
+        "optimize",
+        "--recipe",
+        "w8a8",
+        str(model_path),
+        "-o",
+        str(out),
+        "--calib",
+        str(tmp_path / "huge.npz"),
+        "--validate-data",
+    ]
     assert main([*argv, str(calib)]) == 1
     (line,) = [e for e in error_lines(capsys.readouterr().err) if e.startswith("graphquant: error")]
     assert line.startswith("graphquant: error: validation failed: output 'y': cosine ") and not out.exists()
@@ -267,7 +305,7 @@ def folder_listing(folder: Path) -> dict[str, bytes | str]:
 
 
 def optimize_argv(model_path: Path, output: Path | str, calib: Path, *extra: str) -> list[str]:
-    return ["optimize", str(model_path), "-o", str(output), "--calib", str(calib), *extra]
+    return ["optimize", "--recipe", "w8a8", str(model_path), "-o", str(output), "--calib", str(calib), *extra]
 
 
 @pytest.mark.usefixtures("device_files")
@@ -617,3 +655,29 @@ def test_a_model_that_fails_in_onnxruntime_gives_one_line_and_no_log(tmp_path, c
     (line,) = error_lines(captured.err)
     assert line.startswith("graphquant: error:") and "cannot be reshaped" in line
     assert captured.out == ""
+
+
+def test_the_default_recipe_is_auto_on_ort_cpu_with_the_search_in_the_report(files, tmp_path, capsys):
+    model, model_path, calib = files
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    argv = ["optimize", str(model_path), "-o", str(out), "--calib", str(calib), "--report", str(report)]
+    assert main([*argv, "--objective", "size", "--max-drop", "0.01"]) == 0
+    stdout = capsys.readouterr().out
+    assert "recipe auto -> target ort-cpu" in stdout
+    assert "auto: outliertune" in stdout and "meets the budget 0.01000" in stdout
+    data = json.loads(report.read_text())
+    assert (data["auto"]["objective"], data["auto"]["max_drop"]) == ("size", 0.01)
+    assert {unit["unit"] for unit in data["auto"]["layers"]} == {layer["node"] for layer in data["layers"]}
+    assert data["auto"]["pareto_front"] and data["bytes_after"] < data["bytes_before"]
+    x = np.load(calib)["x"][24:]  # the quarter of the rows the search held out
+    (y,) = run(graphquant.load(out), {"x": x})
+    reference = mlp_reference(model, x)
+    assert 1 - float(np.sum(y * reference) / (np.linalg.norm(y) * np.linalg.norm(reference))) <= 0.01
+
+
+def test_auto_refuses_fixed_recipe_flags(files, tmp_path, capsys):
+    _, model_path, calib = files
+    assert (
+        main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--calib", str(calib), "--wbits", "4"]) == 1
+    )
+    assert "recipe 'auto' chooses the schemes itself: option 'wbits' is for fixed recipes" in capsys.readouterr().err

@@ -90,7 +90,7 @@ def data_folder_model(folder: Path) -> None:
 
 
 # Paths in the arguments are relative to the mutant's folder.
-OPTIMIZE = ("optimize", "{}/model.onnx", "-o", "{}/out/q.onnx", "--calib", "{}/calib.npz")
+OPTIMIZE = ("optimize", "--recipe", "w8a8", "{}/model.onnx", "-o", "{}/out/q.onnx", "--calib", "{}/calib.npz")
 SUBJECTS = [
     Subject("model", single_file_model, "model.onnx", OPTIMIZE),
     Subject("calibration-npz", single_file_model, "calib.npz", OPTIMIZE),

@@ -7,8 +7,12 @@ symbolic in most exports) and per image for Conv (per output position where the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-from collections.abc import Sequence
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -128,3 +132,40 @@ def record_split(graph: ir.Graph, cost: SplitCost) -> None:
 def split_costs(model: ir.Model) -> list[SplitCost]:
     """Every split recorded on the model's graph, in the order they were made."""
     return list(model.graph.meta.get(SPLIT_COST_KEY, []))
+
+
+def latency_cache_path() -> Path:
+    """The file of measured layer-form latencies: $GRAPHQUANT_CACHE_DIR, else $XDG_CACHE_HOME or ~/.cache."""
+    if os.environ.get("GRAPHQUANT_CACHE_DIR"):
+        return Path(os.environ["GRAPHQUANT_CACHE_DIR"]) / "latency.json"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "graphquant" / "latency.json"
+
+
+def cached_latencies(keys: Sequence[str], measure: Callable[[], Sequence[float]]) -> list[float]:
+    """Layer-form latencies from the cache file; when one is missing, all measured now and written there."""
+    known = _read_latencies()
+    if any(key not in known for key in keys):
+        known.update(zip(keys, measure()))
+        _write_latencies(known)
+    return [known[key] for key in keys]
+
+
+def _read_latencies() -> dict[str, float]:
+    """The cache file's entries (none when it is missing or unreadable: they are measured again)."""
+    try:
+        data = json.loads(latency_cache_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {str(k): float(v) for k, v in data.items() if isinstance(v, (int, float))} if isinstance(data, dict) else {}
+
+
+def _write_latencies(latencies: dict[str, float]) -> None:
+    """Write the cache atomically; a folder that cannot be written only costs a re-measurement next time."""
+    path = latency_cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as f:
+            json.dump(latencies, f, indent=1, sort_keys=True)
+        os.replace(f.name, path)
+    except OSError:
+        return

@@ -56,12 +56,26 @@ class LayerOptions:
     wbits: int
     abits: int | None
     skip: bool = False
+    block_size: int | None = None
+    weight_symmetric: bool = True
+
+
+# Named per-layer schemes: an override ``{ scheme = "w4" }`` sets these options (later keys of the same override win).
+SCHEMES: dict[str, dict[str, Any]] = {
+    "float": {"skip": True},
+    "w8a8": {"wbits": 8, "abits": 8, "block_size": None, "weight_symmetric": True},
+    "w4a8": {"wbits": 4, "abits": 8, "block_size": None, "weight_symmetric": True},
+    "w8": {"wbits": 8, "abits": None, "block_size": None, "weight_symmetric": True},
+    "w4": {"wbits": 4, "abits": None, "block_size": 32, "weight_symmetric": False},
+}
 
 
 class QuantizePass(ir.passes.InPlacePass):
     """Lossy: per-channel or block-wise weights (RTN with clip search, or GPTQ), per-tensor activations, as QuantSpecs.
 
     ``abits`` None or 0 keeps activations float (weight-only). Blocks run along the weight's input-channel axis.
+    ``overrides`` is the per-layer scheme map: each NodeOverride's glob (fnmatch, on the node name) sets LayerOptions
+    fields or a named scheme (SCHEMES: float, w8a8, w4a8, w8, w4) on the layers it matches; later overrides win.
     """
 
     def __init__(
@@ -85,12 +99,10 @@ class QuantizePass(ir.passes.InPlacePass):
         if block_size is not None and block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.calibrator = calibrator
-        self.defaults = LayerOptions(wbits=wbits, abits=abits or None)
+        self.defaults = LayerOptions(wbits, abits or None, block_size=block_size, weight_symmetric=weight_symmetric)
         self.activation_method = activation_method
         self.percentile = percentile
         self.weight_clip_search = weight_clip_search
-        self.weight_symmetric = weight_symmetric
-        self.block_size = block_size
         self.gptq = gptq
         self.gptq_act_order = gptq_act_order
         self.overrides = tuple(overrides)
@@ -143,19 +155,22 @@ class QuantizePass(ir.passes.InPlacePass):
         options = self.defaults
         for override in self.overrides:
             if fnmatch.fnmatchcase(node.name or "", override.pattern):
-                options = dataclasses.replace(options, **override.options)
+                options = dataclasses.replace(options, **_expanded(override))
         return options
 
     def _options_for_pattern(self, override: NodeOverride) -> LayerOptions:
         """An override applied to the defaults, to validate it up front."""
-        unknown = set(override.options) - {f.name for f in dataclasses.fields(LayerOptions)}
+        unknown = set(override.options) - {f.name for f in dataclasses.fields(LayerOptions)} - {"scheme"}
         if unknown:
             raise ValueError(f"override {override.pattern!r}: unknown options {sorted(unknown)}")
-        return dataclasses.replace(self.defaults, **override.options)
+        scheme = override.options.get("scheme")
+        if scheme is not None and scheme not in SCHEMES:
+            raise ValueError(f"override {override.pattern!r}: unknown scheme {scheme!r} (schemes: {sorted(SCHEMES)})")
+        return dataclasses.replace(self.defaults, **_expanded(override))
 
     def _any_activation_bits(self) -> bool:
         """Whether any layer could get quantized activations."""
-        return bool(self.defaults.abits) or any(o.options.get("abits") for o in self.overrides)
+        return bool(self.defaults.abits) or any(_expanded(o).get("abits") for o in self.overrides)
 
     def _activation_stats(self, model: ir.Model, layers: list[Layer]) -> CalibrationStats:
         """Calibrate the activations of the layers that quantize them, clip-search their weights or run GPTQ."""
@@ -185,7 +200,7 @@ class QuantizePass(ir.passes.InPlacePass):
         self, graph: ir.Graph, names: NameScope, layer: Layer, options: LayerOptions, stats: CalibrationStats
     ) -> tuple[QuantSpec, str]:
         """The weight's spec and scheme label; under GPTQ the weight is replaced by its rounded values first."""
-        scheme = WeightScheme(options.wbits, self.weight_symmetric, self.block_size, self.weight_clip_search)
+        scheme = WeightScheme(options.wbits, options.weight_symmetric, options.block_size, self.weight_clip_search)
         activation = stats.tensors.get(layer.activation.name or "")
         if not (self._uses_gptq(layer) and activation is not None and activation.gram is not None):
             energy = row_energy(layer, None if activation is None else activation.channel_mean_square())
@@ -216,7 +231,7 @@ class QuantizePass(ir.passes.InPlacePass):
         weight_spec, scheme = self._weight_spec(graph, names, layer, options, stats)
         specs: dict[int, QuantSpec] = {layer.weight_index: weight_spec}
         preexecuted_bits = layer.activation.meta.get(PREEXECUTED_KEY)
-        if preexecuted_bits is not None:
+        if preexecuted_bits is not None and options.abits:
             qmax = 2 ** (preexecuted_bits - 1) - 1
             specs[layer.activation_index] = symmetric_spec(float(qmax), preexecuted_bits)
             scheme += f", A{preexecuted_bits} per-channel (step pre-executed into W)"
@@ -231,6 +246,13 @@ class QuantizePass(ir.passes.InPlacePass):
         node.meta[DECISION_KEY] = LayerDecision(
             node.name or "", node.op_type, "quantized", reason, scheme, output=_output_name(node)
         )
+
+
+def _expanded(override: NodeOverride) -> dict[str, Any]:
+    """An override's LayerOptions fields, a named scheme replaced by its options (explicit fields win over it)."""
+    options = dict(override.options)
+    scheme = options.pop("scheme", None)
+    return {**SCHEMES.get(scheme, {}), **options} if scheme is not None else options
 
 
 def _quantized_by_an_earlier_pass(node: ir.Node) -> bool:

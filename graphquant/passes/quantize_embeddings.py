@@ -39,7 +39,7 @@ class QuantizeEmbeddingsPass(ir.passes.InPlacePass):
             table = embedding_table(node)
             if table is None or INPUT_SPECS_KEY in node.meta:
                 continue
-            node.meta[INPUT_SPECS_KEY] = {0: self._spec(table)}
+            node.meta[INPUT_SPECS_KEY] = {0: self.spec(table)}
             granularity = "per-row" if self.block_size is None else f"block {self.block_size}"
             scheme = f"embedding W{self.bits} {granularity}" + (" clip-searched" if self.clip_search else "")
             node.meta[DECISION_KEY] = LayerDecision(
@@ -48,7 +48,7 @@ class QuantizeEmbeddingsPass(ir.passes.InPlacePass):
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 
-    def _spec(self, table: np.ndarray) -> QuantSpec:
+    def spec(self, table: np.ndarray) -> QuantSpec:
         """The table's spec: one scale per row (axis 0) or per block of the hidden axis (axis 1)."""
         # fit_ranges blocks the rows of its matrix: the table transposed has the hidden axis as rows.
         block = self.block_size or table.shape[1]

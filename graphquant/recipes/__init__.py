@@ -128,12 +128,21 @@ class Recipe:
         """The same recipe lowered for another target."""
         return self if target is None else dataclasses.replace(self, target=target)
 
-    def to_pipeline(self, calibrator: Calibrator | None = None) -> Pipeline:
-        """Opset floor, constant folding, name fixing, BN folding, the passes, lowering, dead-node removal, a sort."""
-        passes: list[ir.passes.PassBase] = [UpgradeOpsetPass(), FoldConstantsPass(), NameFixPass(), FoldBatchNormPass()]
-        passes.extend(self._build(step, calibrator) for step in self.steps)
-        passes.extend(lowering() for lowering in TARGETS[self.target])
-        passes.extend([RemoveUnusedNodesPass(), TopologicalSortPass()])
+    def to_pipeline(
+        self, calibrator: Calibrator | None = None, *, first_step: int = 0, prelude: bool = True, lower: bool = True
+    ) -> Pipeline:
+        """Opset floor, constant folding, name fixing, BN folding, the passes, lowering, dead-node removal, a sort.
+
+        ``prelude`` False leaves out the four clean-ups, ``first_step`` the steps before it, ``lower`` False the
+        lowering and the clean-up after it (the auto search prepares a graph once and finishes clones of it).
+        """
+        passes: list[ir.passes.PassBase] = []
+        if prelude:
+            passes.extend([UpgradeOpsetPass(), FoldConstantsPass(), NameFixPass(), FoldBatchNormPass()])
+        passes.extend(self._build(step, calibrator) for step in self.steps[first_step:])
+        if lower:
+            passes.extend(lowering() for lowering in TARGETS[self.target])
+            passes.extend([RemoveUnusedNodesPass(), TopologicalSortPass()])
         return Pipeline(passes)
 
     def _build(self, step: PassStep, calibrator: Calibrator | None) -> ir.passes.PassBase:
@@ -148,7 +157,7 @@ class Recipe:
 
 
 def preset_names() -> list[str]:
-    """Names of the recipes shipped with graphquant."""
+    """Names of the recipes shipped with graphquant (``auto``, the search, is not a fixed pass list: see auto.py)."""
     folder = resources.files("graphquant.recipes.presets")
     return sorted(entry.name.removesuffix(".toml") for entry in folder.iterdir() if entry.name.endswith(".toml"))
 

@@ -10,7 +10,7 @@ from builders import build, by_name, feeds, initializer, named_mlp, qkv, relu_on
 from graphquant.analysis.calibration import Calibrator
 from graphquant.lowering.qdq import QdqLoweringPass
 from graphquant.passes.quantize import NodeOverride, QuantizePass
-from graphquant.quant_spec import DECISION_KEY, INPUT_SPECS_KEY, QuantSpec, symmetric_spec
+from graphquant.quant_spec import DECISION_KEY, INPUT_SPECS_KEY, PREEXECUTED_KEY, QuantSpec, symmetric_spec
 
 
 def calibrated(model: ir.Model, data, **options) -> ir.passes.PassResult:
@@ -165,6 +165,40 @@ def test_override_wbits_4_gives_codes_in_plus_minus_7(mlp_and_data):
     np.testing.assert_array_equal(np.abs(codes).max(axis=0), np.full(8, 7))  # every channel uses the full grid
     codes2 = initializer(model, "w2_quantized")
     assert np.abs(codes2).max() == 31  # W6
+
+
+def test_named_schemes_set_each_layer_and_explicit_fields_win(mlp_and_data):
+    model, data = mlp_and_data
+    x = data[0]["x"]
+    reference = run(model.clone(), {"x": x})[0]
+    overrides = [NodeOverride("fc1", {"scheme": "w4"}), NodeOverride("fc2", {"scheme": "w8a8", "wbits": 6})]
+    calibrated(model, data, overrides=overrides)
+    named = by_name(model)
+    fc1 = named["fc1"].meta[INPUT_SPECS_KEY]
+    assert sorted(fc1) == [1] and fc1[1].bits == 4 and fc1[1].block_size == 32 and np.any(fc1[1].zero_point != 0)
+    fc2 = named["fc2"].meta[INPUT_SPECS_KEY]
+    assert sorted(fc2) == [0, 1] and (fc2[0].bits, fc2[1].bits) == (8, 6)
+    QdqLoweringPass()(model)
+    (quantized,) = run(model, {"x": x}, optimize=False)
+    error = np.sum((quantized - reference) ** 2) / np.sum(reference**2)
+    assert 1e-6 < error < 0.05  # W4 weights: lossy, but close
+
+
+def test_the_float_scheme_skips_and_an_unknown_scheme_is_refused(mlp_and_data):
+    model, data = mlp_and_data
+    calibrated(model, data, overrides=[NodeOverride("fc2", {"scheme": "float"})])
+    assert INPUT_SPECS_KEY not in by_name(model)["fc2"].meta
+    assert by_name(model)["fc2"].meta[DECISION_KEY].reason == "skipped by a recipe override"
+    with pytest.raises(ValueError, match="unknown scheme 'w2'"):
+        QuantizePass(None, overrides=[NodeOverride("fc1", {"scheme": "w2"})])
+
+
+def test_a_weight_only_scheme_leaves_a_preexecuted_activation_float(mlp_and_data):
+    model, data = mlp_and_data
+    by_name(model)["fc1"].inputs[0].meta[PREEXECUTED_KEY] = 8
+    calibrated(model, data, overrides=[NodeOverride("fc1", {"scheme": "w8"})])
+    assert sorted(by_name(model)["fc1"].meta[INPUT_SPECS_KEY]) == [1]
+    assert "A8" not in by_name(model)["fc1"].meta[DECISION_KEY].scheme
 
 
 def test_weight_only_needs_no_calibration(mlp_and_data):

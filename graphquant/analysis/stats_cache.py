@@ -1,0 +1,129 @@
+"""Calibration statistics reused across passes and runs: keyed by tensor name and the content of its producers.
+
+A tensor's key is a digest of everything that computes it: the ops, attributes and stored tensors of its producer
+cone back to the graph inputs. A pass that rewrites any of them changes the key; a pass that leaves them alone, or a
+second pipeline over the same graph (the auto search builds several), finds the statistics already collected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from graphquant.analysis.calibration import Calibrator
+from graphquant.analysis.stats import CalibrationStats, TensorStats
+
+# Stands for a requested tensor that calibration does not reduce (not floating point): known absent, not a miss.
+_NOT_REDUCED = None
+
+
+class CachingCalibrator(Calibrator):
+    """A Calibrator that runs the model only for tensors whose statistics it has not collected for this content."""
+
+    def __init__(self, *args: object, **kwargs: object):
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._cache: dict[tuple[str, str], TensorStats | None] = {}
+        self.runs = 0
+        self.hits = 0
+        self._batches = 0
+
+    def collect(
+        self, model: ir.Model, tensor_names: Sequence[str], sample_rows: int = 0, gram_names: Sequence[str] = ()
+    ) -> CalibrationStats:
+        """The statistics of the named tensors, calibrating (once, for all missing ones) only what is not cached."""
+        names = sorted(set(tensor_names))
+        keys = value_digests(model.graph, names)
+        missing = [name for name in names if not self._usable(keys[name], sample_rows, name in gram_names)]
+        self.hits += len(names) - len(missing)
+        if missing:
+            self.runs += 1
+            fresh = super().collect(model, missing, sample_rows, [name for name in gram_names if name in missing])
+            self._batches = fresh.batches
+            for name in missing:
+                self._cache[keys[name]] = fresh.tensors.get(name, _NOT_REDUCED)
+        stats = CalibrationStats(batches=self._batches)
+        for name in names:
+            cached = self._cache[keys[name]]
+            if cached is not None:
+                stats.tensors[name] = cached
+        return stats
+
+    def _usable(self, key: tuple[str, str], sample_rows: int, gram: bool) -> bool:
+        """Whether a cached entry answers the request exactly (the same row sample; a Gram matrix where asked)."""
+        if key not in self._cache:
+            return False
+        cached = self._cache[key]
+        if cached is None:
+            return True
+        return (not sample_rows or cached.sample_limit == sample_rows) and (not gram or cached.gram is not None)
+
+
+def value_digests(graph: ir.Graph, names: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """(name, digest of the producer cone) of each named value of the graph; unknown names get a unique key."""
+    values = {value.name: value for value in graph.inputs}
+    values.update((output.name, output) for node in graph for output in node.outputs)
+    values.update(graph.initializers)
+    memo: dict[int, str] = {}
+    tensors: dict[int, str] = {}
+    return {
+        name: (name, _digest(values[name], memo, tensors) if name in values else uuid.uuid4().hex) for name in names
+    }
+
+
+def _digest(value: ir.Value, memo: dict[int, str], tensors: dict[int, str]) -> str:
+    """The digest of one value, its producers first (an explicit stack: graphs are deeper than Python's recursion)."""
+    stack = [value]
+    while stack:
+        current = stack[-1]
+        if id(current) in memo:
+            stack.pop()
+            continue
+        producer = current.producer()
+        pending = [] if producer is None else [v for v in producer.inputs if v is not None and id(v) not in memo]
+        if pending:
+            stack.extend(pending)
+            continue
+        memo[id(current)] = _value_digest(current, producer, memo, tensors)
+        stack.pop()
+    return memo[id(value)]
+
+
+def _value_digest(value: ir.Value, producer: ir.Node | None, memo: dict[int, str], tensors: dict[int, str]) -> str:
+    """A value's digest from its producer's op, attributes and input digests, or from its stored tensor or input."""
+    hasher = hashlib.blake2b(digest_size=16)
+    if producer is None:
+        if value.const_value is not None:
+            hasher.update(b"tensor" + _tensor_digest(value.const_value, tensors).encode())
+        else:
+            hasher.update(f"input {value.name} {value.dtype} {value.shape}".encode())
+        return hasher.hexdigest()
+    hasher.update(f"{producer.domain}::{producer.op_type}::{producer.overload}#{value.index()}".encode())
+    for name, attribute in sorted(producer.attributes.items()):
+        hasher.update(f"{name}={_attribute_text(attribute, tensors)}".encode())
+    for argument in producer.inputs:
+        hasher.update(b"-" if argument is None else memo[id(argument)].encode())
+    return hasher.hexdigest()
+
+
+def _attribute_text(attribute: ir.Attr, tensors: dict[int, str]) -> str:
+    """An attribute as text; a tensor by its digest; a subgraph by a fresh token (never matched: no reuse there)."""
+    if attribute.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+        return uuid.uuid4().hex
+    if attribute.type == ir.AttributeType.TENSOR:
+        return _tensor_digest(attribute.value, tensors)
+    return repr(attribute.value)
+
+
+def _tensor_digest(tensor: ir.TensorProtocol, tensors: dict[int, str]) -> str:
+    """The digest of a stored tensor's dtype, shape and bytes (read without a copy where they are contiguous)."""
+    if id(tensor) not in tensors:
+        hasher = hashlib.blake2b(digest_size=16)
+        hasher.update(f"{tensor.dtype} {tensor.shape}".encode())
+        array = np.ascontiguousarray(tensor.numpy())
+        hasher.update(repr(array.tolist()).encode() if array.dtype == object else array.reshape(-1).view(np.uint8))
+        tensors[id(tensor)] = hasher.hexdigest()
+    return tensors[id(tensor)]

@@ -1,0 +1,609 @@
+"""The ``auto`` recipe: the cheapest per-layer mix of schemes whose end-to-end error on held-out data fits a budget.
+
+1. The method's exact rewrites (OutlierTune's symmetrize and pre-executed steps, SmoothQuant's migration, or
+   LLM.int8() decomposition) run once on the float graph; every candidate is a clone of that prepared graph.
+2. Each layer's error under each scheme (float, W8A8, W4A8, weight-only W8 and W4) is measured on sampled
+   calibration rows of its own input, with the QuantSpecs the quantize pass would fit; the embedding tables'
+   under 8 and 4 bits on their rows. Costs: bytes of each form, or its latency measured once on the target.
+3. analysis.search picks greedily by error removed per cost added; the pick is built for the target and measured
+   end to end on held-out data; while it misses the budget, the error model is re-fitted and the search upgrades
+   further from there (never back down). The method whose cheapest passing model costs least wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from graphquant.analysis.cost import cached_latencies
+from graphquant.analysis.data import Feed
+from graphquant.analysis.layers import Layer, candidates
+from graphquant.analysis.runner import load_session, open_session, run_views, session_options
+from graphquant.analysis.search import Option, Unit, greedy, more_accurate, pareto_front, predicted_error, total
+from graphquant.analysis.stats import CalibrationStats
+from graphquant.analysis.stats_cache import CachingCalibrator
+from graphquant.analysis.weight_fit import WeightScheme, fit_weight_spec, row_energy
+from graphquant.errors import RecipeError
+from graphquant.passes.quantize import SCHEMES, NodeOverride
+from graphquant.passes.quantize_embeddings import QuantizeEmbeddingsPass, embedding_table
+from graphquant.quant_spec import KEEP_FLOAT_KEY, PREEXECUTED_KEY, QuantSpec, asymmetric_spec, symmetric_spec
+from graphquant.recipes import PassStep, Recipe
+from graphquant.rewrites import layer_bias
+
+AUTO = "auto"
+OBJECTIVES = ("latency", "size")
+METRICS = ("cosine", "sqnr")
+DEFAULT_MAX_DROP = 0.002
+DEFAULT_TARGET = "ort-cpu"
+# (method, its exact passes): the rewrites before quantization that each candidate model starts from.
+METHODS: dict[str, tuple[PassStep, ...]] = {
+    "outliertune": (
+        PassStep("symmetrize"),
+        PassStep(
+            "preexecute-dequant",
+            {"method": "outliertune", "abits": 8, "wbits": 8, "float_channels": 32, "float_route_below_db": 30.0},
+        ),
+    ),
+    "smoothquant": (PassStep("preexecute-dequant", {"method": "smoothquant", "alpha": 0.5, "abits": 8, "wbits": 8}),),
+    "llm-int8": (PassStep("outlier-decompose", {"threshold": 6.0, "max_fraction": 0.1}),),
+}
+DEFAULT_METHODS = ("outliertune",)
+LINEAR_SCHEMES = ("float", "w8a8", "w4a8", "w8", "w4")
+CONV_SCHEMES = ("float", "w8a8")
+EMBEDDINGS = "embeddings"
+EMBED_SCHEMES = {"float": None, "e8": 8, "e4": 4}
+QUANTIZE_OPTIONS = {"weight_clip_search": True}
+SAMPLE_ROWS = 512
+EMBEDDING_ROWS = 2048
+MAX_ROUNDS = 4
+# The search aims below the budget by this factor, so that the first end-to-end check usually passes; once the error
+# model is fitted to a measurement, closer.
+AIM = 0.7
+AIM_FITTED = 0.9
+LATENCY_ROWS = 64
+LATENCY_REPEATS = 50
+# Under the latency objective, bytes still count at this weight (both as shares of the float model's).
+SIZE_WEIGHT = 0.25
+INT8 = 8
+
+Metric = Callable[[Sequence[Sequence[np.ndarray]], Sequence[Sequence[np.ndarray]]], float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The search's inputs: budget on the metric, objective, target and methods to try."""
+
+    max_drop: float = DEFAULT_MAX_DROP
+    objective: str = "latency"
+    metric: str | Metric = "cosine"
+    target: str = DEFAULT_TARGET
+    methods: tuple[str, ...] = DEFAULT_METHODS
+
+    def __post_init__(self) -> None:
+        """Refuse settings the search cannot honour."""
+        if self.objective not in OBJECTIVES:
+            raise RecipeError(f"auto: objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if isinstance(self.metric, str) and self.metric not in METRICS:
+            raise RecipeError(f"auto: metric must be one of {METRICS} or a function, got {self.metric!r}")
+        if not isinstance(self.max_drop, (int, float)) or not math.isfinite(self.max_drop) or self.max_drop < 0:
+            raise RecipeError(f"auto: max_drop must be a finite number >= 0, got {self.max_drop!r}")
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown or not self.methods:
+            raise RecipeError(f"auto: methods must be among {sorted(METHODS)}, got {list(self.methods)}")
+
+    @property
+    def budget(self) -> float:
+        """The budget as an error: 1 - cosine, the noise-to-signal ratio for SQNR (max_drop is then the least dB)."""
+        return 10.0 ** (-self.max_drop / 10.0) if self.metric == "sqnr" else float(self.max_drop)
+
+    @property
+    def initial_gain(self) -> float:
+        """Output error per summed layer noise-to-signal before any measurement: 1 - cos ~ NSR / 2."""
+        return 0.5 if self.metric == "cosine" else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One candidate built and measured end to end."""
+
+    method: str
+    schemes: dict[str, str]
+    predicted_error: float
+    measured_error: float
+    cost: float
+    size: int
+    meets_budget: bool
+    latency_us: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, with the schemes counted rather than listed."""
+        counts: dict[str, int] = {}
+        for scheme in self.schemes.values():
+            counts[scheme] = counts.get(scheme, 0) + 1
+        return {
+            "method": self.method,
+            "schemes": counts,
+            "predicted_error": self.predicted_error,
+            "measured_error": self.measured_error,
+            "cost": self.cost,
+            "bytes": self.size,
+            "meets_budget": self.meets_budget,
+            "timed_layers_us": self.latency_us,
+        }
+
+
+@dataclasses.dataclass
+class Search:
+    """What the search measured, tried and chose."""
+
+    settings: Settings
+    method: str = ""
+    units: list[Unit] = dataclasses.field(default_factory=list)
+    choice: dict[str, int] = dataclasses.field(default_factory=dict)
+    points: list[Point] = dataclasses.field(default_factory=list)
+    chosen: Point | None = None
+    seconds: float = 0.0
+    # Calibration runs over the data, and tensors whose statistics came from the cache instead.
+    calibration_runs: int = 0
+    calibration_hits: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report's ``auto`` section: settings, per-layer choices with why, the tried points and their front."""
+        metric = self.settings.metric if isinstance(self.settings.metric, str) else "user function"
+        points = [point.as_dict() for point in self.points]
+        front = pareto_front([(p.measured_error, p.cost) for p in self.points])
+        return {
+            "max_drop": self.settings.max_drop,
+            "metric": metric,
+            "objective": self.settings.objective,
+            "budget_error": self.settings.budget,
+            "method": self.method,
+            "seconds": self.seconds,
+            "calibration_runs": self.calibration_runs,
+            "calibration_hits": self.calibration_hits,
+            "chosen": None if self.chosen is None else self.chosen.as_dict(),
+            "layers": [self._unit_entry(unit) for unit in self.units],
+            "tried": points,
+            "pareto_front": [points[i] for i in front],
+        }
+
+    def _unit_entry(self, unit: Unit) -> dict[str, Any]:
+        """One unit's choice, its measured error and cost, and each alternative's."""
+        index = self.choice[unit.name]
+        return {
+            "unit": unit.name,
+            "scheme": unit.options[index].scheme,
+            "why": _why(unit, index),
+            "options": {
+                o.scheme: {"error": o.error, "cost": o.cost, "bytes": o.size, "latency_us": o.latency}
+                for o in unit.options
+            },
+        }
+
+
+def split_data(feeds: Sequence[Feed]) -> tuple[list[Feed], list[Feed]]:
+    """(calibration, held-out): every fourth batch held out; a single batch is split along its first axis."""
+    feeds = list(feeds)
+    if len(feeds) >= 2:
+        held = [feed for index, feed in enumerate(feeds) if index % 4 == 3] or feeds[-1:]
+        return [feed for feed in feeds if not any(feed is h for h in held)], held
+    rows = {array.shape[0] for array in feeds[0].values() if array.ndim}
+    if len(rows) != 1 or next(iter(rows)) < 2:
+        return feeds, feeds
+    cut = max(1, next(iter(rows)) * 3 // 4)
+    return [{k: v[:cut] for k, v in feeds[0].items()}], [{k: v[cut:] for k, v in feeds[0].items()}]
+
+
+def search(
+    model: ir.Model,
+    calibrator: CachingCalibrator,
+    heldout: Sequence[Feed],
+    settings: Settings,
+    prepare: Callable[[ir.Model], None],
+) -> tuple[Recipe, ir.Model, Search]:
+    """The cheapest candidate meeting the budget on ``heldout`` (the most accurate one tried if none does)."""
+    started = time.perf_counter()
+    judge = Judge(model, heldout, settings)
+    best: tuple[Recipe, ir.Model, Search] | None = None
+    for method in settings.methods:
+        found = _search_method(model, calibrator, judge, settings, method, prepare)
+        if best is None or _better(found[2], best[2]):
+            best = found
+    assert best is not None
+    best[2].seconds = time.perf_counter() - started
+    best[2].calibration_runs, best[2].calibration_hits = calibrator.runs, calibrator.hits
+    return best
+
+
+def _better(first: Search, second: Search) -> bool:
+    """Whether a method's outcome beats another's: meeting the budget, then cost, then error."""
+    a, b = first.chosen, second.chosen
+    assert a is not None and b is not None
+    return (not a.meets_budget, a.cost, a.measured_error) < (not b.meets_budget, b.cost, b.measured_error)
+
+
+def _search_method(
+    model: ir.Model,
+    calibrator: CachingCalibrator,
+    judge: Judge,
+    settings: Settings,
+    method: str,
+    prepare: Callable[[ir.Model], None],
+) -> tuple[Recipe, ir.Model, Search]:
+    """Prepare the method's graph, measure the units, then pick, build, check and back off."""
+    base = model.clone()
+    prepare(base)
+    steps = METHODS[method]
+    Recipe("auto", steps, target=settings.target).to_pipeline(calibrator, lower=False)(base)
+    units = measure_units(base, calibrator, settings)
+    record = Search(settings, method, units)
+    gain = settings.initial_gain
+    choice: dict[str, int] | None = greedy(units, AIM * settings.budget, gain)
+    kept: tuple[Recipe, ir.Model] | None = None
+    tried: list[dict[str, int]] = []
+    while choice is not None and choice not in tried and len(tried) < MAX_ROUNDS:
+        point, built = _try(base, calibrator, judge, settings, method, units, choice, gain)
+        kept = built if _record(record, point, choice) else kept
+        tried.append(choice)
+        choice, gain = _next_choice(units, choice, gain, point, settings), _refit(gain, point)
+    assert record.chosen is not None and kept is not None
+    if not record.chosen.meets_budget:  # the last back-off: every unit at its most accurate option (float)
+        choice = {unit.name: min(range(len(unit.options)), key=lambda i: unit.options[i].error) for unit in units}
+        if choice not in tried:
+            point, built = _try(base, calibrator, judge, settings, method, units, choice, gain)
+            kept = built if _record(record, point, choice) else kept
+    return kept[0], kept[1], record
+
+
+def _try(
+    base: ir.Model,
+    calibrator: CachingCalibrator,
+    judge: Judge,
+    settings: Settings,
+    method: str,
+    units: Sequence[Unit],
+    choice: dict[str, int],
+    gain: float,
+) -> tuple[Point, tuple[Recipe, ir.Model]]:
+    """Build a choice from the prepared graph for the target and measure it end to end."""
+    recipe = _recipe(method, units, choice, settings.target)
+    candidate = base.clone()
+    _mark_float(candidate, units, choice)
+    recipe.to_pipeline(calibrator, first_step=len(METHODS[method]), prelude=False)(candidate)
+    return _point(method, units, choice, gain, judge(candidate), settings), (recipe, candidate)
+
+
+def _record(record: Search, point: Point, choice: dict[str, int]) -> bool:
+    """Add a tried point; keep it as the choice if it beats the best so far (True then)."""
+    record.points.append(point)
+    if record.chosen is not None and not _preferred(point, record.chosen):
+        return False
+    record.chosen, record.choice = point, dict(choice)
+    return True
+
+
+def _next_choice(
+    units: Sequence[Unit], choice: dict[str, int], gain: float, point: Point, settings: Settings
+) -> dict[str, int] | None:
+    """Next to build: a more accurate choice after a miss, a cheaper one the re-fitted model allows after a pass."""
+    if not point.meets_budget:
+        return _backed_off(units, choice, gain, point, settings)
+    cheaper = greedy(units, AIM_FITTED * settings.budget, _refit(gain, point))
+    return cheaper if total(units, cheaper, "cost") < point.cost else None
+
+
+def _mark_float(candidate: ir.Model, units: Sequence[Unit], choice: Mapping[str, int]) -> None:
+    """Record on each layer the search keeps float why it does (the quantize pass reports it)."""
+    floats = {unit.name: unit for unit in units if unit.options[choice[unit.name]].scheme == "float"}
+    for node in candidate.graph:
+        if node.name in floats:
+            node.meta[KEEP_FLOAT_KEY] = f"auto: {_why(floats[node.name], choice[node.name or ''])}"
+
+
+def _why(unit: Unit, index: int) -> str:
+    """Why a unit has the option it has: the cheapest, or the cheaper ones cost too much accuracy."""
+    chosen = unit.options[index]
+    cheaper = [o.scheme for o in unit.options if (o.cost, o.size) < (chosen.cost, chosen.size)]
+    if not cheaper:
+        return f"{chosen.scheme} is the cheapest option"
+    return f"cheaper options ({', '.join(cheaper)}) add more error than the budget leaves"
+
+
+def _preferred(point: Point, chosen: Point) -> bool:
+    """Whether a new point beats the best so far: meeting the budget first, then cost (met) or error (missed)."""
+    if point.meets_budget != chosen.meets_budget:
+        return point.meets_budget
+    return point.cost < chosen.cost if point.meets_budget else point.measured_error < chosen.measured_error
+
+
+def _refit(gain: float, point: Point) -> float:
+    """The gain that would have predicted the measured error (kept when the prediction was zero)."""
+    return gain * point.measured_error / point.predicted_error if point.predicted_error > 0 else gain
+
+
+def _backed_off(
+    units: Sequence[Unit], choice: dict[str, int], gain: float, point: Point, settings: Settings
+) -> dict[str, int] | None:
+    """A strictly more accurate choice: the search rerun from this one with the re-fitted gain, else one step up."""
+    upgraded = greedy(units, AIM_FITTED * settings.budget, _refit(gain, point), start=choice)
+    if upgraded != choice:
+        return upgraded
+    worst = max(units, key=lambda unit: unit.options[choice[unit.name]].error)
+    step = more_accurate(units, choice, worst.name)
+    return None if step is None else {**choice, worst.name: step}
+
+
+def _point(
+    method: str, units: Sequence[Unit], choice: dict[str, int], gain: float, error: float, settings: Settings
+) -> Point:
+    """The record of one built candidate."""
+    return Point(
+        method,
+        {unit.name: unit.options[choice[unit.name]].scheme for unit in units},
+        predicted_error(units, choice, gain),
+        error,
+        total(units, choice, "cost"),
+        int(total(units, choice, "size")),
+        error <= settings.budget,
+        total(units, choice, "latency"),
+    )
+
+
+def _recipe(method: str, units: Sequence[Unit], choice: Mapping[str, int], target: str) -> Recipe:
+    """The concrete recipe of a choice: the method's passes, the embedding bits, quantize with per-layer schemes."""
+    schemes = {unit.name: unit.options[choice[unit.name]].scheme for unit in units}
+    steps = list(METHODS[method])
+    embed_bits = EMBED_SCHEMES.get(schemes.pop(EMBEDDINGS, "float"))
+    if embed_bits is not None:
+        steps.append(PassStep("quantize-embeddings", {"embed_bits": embed_bits}))
+    steps.append(PassStep("quantize", dict(QUANTIZE_OPTIONS)))
+    overrides = tuple(
+        NodeOverride(_literal_glob(name), {"scheme": scheme}) for name, scheme in schemes.items() if scheme != "float"
+    )
+    description = f"auto: {method}, per-layer schemes chosen under the accuracy budget"
+    return Recipe("auto", tuple(steps), description, target=target, overrides=overrides)
+
+
+def _literal_glob(name: str) -> str:
+    """An fnmatch pattern that matches exactly this node name."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+class Judge:
+    """The end-to-end error of candidates on held-out data; the float model's outputs are computed once."""
+
+    def __init__(self, reference: ir.Model, heldout: Sequence[Feed], settings: Settings):
+        self.heldout = list(heldout)
+        self.settings = settings
+        self.names = [value.name or "" for value in reference.graph.outputs]
+        self.reference = _outputs(reference, self.names, self.heldout)
+
+    def __call__(self, candidate: ir.Model) -> float:
+        """The candidate's error under the settings' metric (1 - cosine, noise-to-signal, or the user's drop)."""
+        outputs = _outputs(candidate, self.names, self.heldout)
+        metric = self.settings.metric
+        if callable(metric):
+            return float(metric(self.reference, outputs))
+        errors = []
+        for index in range(len(self.names)):
+            reference = np.concatenate([np.ravel(batch[index]).astype(np.float64) for batch in self.reference])
+            produced = np.concatenate([np.ravel(batch[index]).astype(np.float64) for batch in outputs])
+            errors.append(_cosine_error(reference, produced) if metric == "cosine" else _nsr(reference, produced))
+        return max(errors)
+
+
+def _outputs(model: ir.Model, names: Sequence[str], feeds: Sequence[Feed]) -> list[list[np.ndarray]]:
+    """The model's outputs on each feed, copied out of onnxruntime's buffers."""
+    with open_session(model) as session:
+        return [[np.array(value) for value in run_views(session, names, feed)] for feed in feeds]
+
+
+def _cosine_error(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """1 - cosine of two flattened outputs (0 for two zero outputs; 1 for a non-finite candidate)."""
+    if not np.all(np.isfinite(candidate)):
+        return 1.0
+    norm = float(np.linalg.norm(reference) * np.linalg.norm(candidate))
+    return 0.0 if norm == 0 else 1.0 - float(reference @ candidate) / norm
+
+
+def _nsr(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """||reference - candidate||^2 / ||reference||^2 (inf for a non-finite candidate)."""
+    if not np.all(np.isfinite(candidate)):
+        return math.inf
+    return float(np.sum((reference - candidate) ** 2) / max(float(np.sum(reference**2)), 1e-30))
+
+
+def measure_units(model: ir.Model, calibrator: CachingCalibrator, settings: Settings) -> list[Unit]:
+    """Every quantizable layer with its schemes' measured errors and costs, and the embedding tables as one unit."""
+    layers = [
+        c.layer
+        for c in candidates(model.graph)
+        if c.layer is not None and KEEP_FLOAT_KEY not in c.node.meta and c.layer.node.op_type in ("MatMul", "Gemm")
+    ]
+    convs = [c.layer for c in candidates(model.graph) if c.layer is not None and c.layer.node.op_type == "Conv"]
+    names = [layer.activation.name or "" for layer in layers + convs]
+    stats = calibrator.collect(model, names, sample_rows=SAMPLE_ROWS)
+    units = [_linear_unit(layer, stats, settings) for layer in layers if layer.weight_array.ndim == 2]
+    units += [_conv_unit(layer, stats, settings) for layer in convs if KEEP_FLOAT_KEY not in layer.node.meta]
+    tables = [table for node in model.graph if (table := embedding_table(node)) is not None]
+    if tables:
+        units.append(_embedding_unit(tables))
+    return scalarized(units, settings.objective)
+
+
+def scalarized(units: Sequence[Unit], objective: str) -> list[Unit]:
+    """Units whose option costs are shares of the all-float model's: bytes, or latency plus SIZE_WEIGHT x bytes."""
+    float_size = max(sum(max(o.size for o in unit.options) for unit in units), 1)
+    float_time = max(sum(max(o.cost for o in unit.options) for unit in units), 1e-12)
+    size_weight = 1.0 if objective == "size" else SIZE_WEIGHT
+    time_weight = 0.0 if objective == "size" else 1.0
+    return [
+        Unit(
+            unit.name,
+            tuple(
+                dataclasses.replace(o, cost=time_weight * o.cost / float_time + size_weight * o.size / float_size)
+                for o in unit.options
+            ),
+        )
+        for unit in units
+    ]
+
+
+def _linear_unit(layer: Layer, stats: CalibrationStats, settings: Settings) -> Unit:
+    """A MatMul/Gemm layer: output noise-to-signal of each scheme on its sampled input rows."""
+    activation = stats.tensors.get(layer.activation.name or "")
+    rows = activation.sample if activation is not None else None
+    schemes = [s for s in LINEAR_SCHEMES if not (SCHEMES[s].get("abits") and (activation is None or rows is None))]
+    times = _latencies(layer, schemes, settings.target) if settings.objective == "latency" else [0.0] * len(schemes)
+    options = [
+        Option(scheme, 0.0 if scheme == "float" else _layer_error(layer, scheme, rows, activation), time, size, time)
+        for scheme, time in zip(schemes, times)
+        if (size := _scheme_bytes(layer, scheme))
+    ]
+    return Unit(layer.node.name or "", tuple(options))
+
+
+def _layer_error(layer: Layer, scheme: str, rows: np.ndarray | None, activation: Any) -> float:
+    """||XW - Q(X)Q(W)||^2 / ||XW||^2 on the sampled rows (uniform rows when there is no sample)."""
+    options = SCHEMES[scheme]
+    weight = layer.weight_array.astype(np.float32)
+    weight = weight if layer.in_axis == 0 else weight.T
+    energy = row_energy(layer, None if activation is None else activation.channel_mean_square())
+    # Clip search only below 8 bits: at 8 bits it barely moves the error and costs most of the scoring time.
+    weight_scheme = WeightScheme(
+        options["wbits"], options["weight_symmetric"], options["block_size"], options["wbits"] < INT8
+    )
+    spec = fit_weight_spec(layer, weight_scheme, energy)
+    stored = spec.dequantize(spec.quantize(layer.weight_array)).astype(np.float32)
+    approximate = stored if layer.in_axis == 0 else stored.T
+    x = rows.astype(np.float32) if rows is not None else np.eye(weight.shape[0], dtype=np.float32)
+    bias = layer_bias(layer).astype(np.float32)
+    reference = x @ weight + bias
+    x_quantized = x
+    if options.get("abits"):
+        activation_spec = _activation_spec(layer, activation, options["abits"])
+        x_quantized = activation_spec.dequantize(activation_spec.quantize(x)).astype(np.float32)
+    error = reference - (x_quantized @ approximate + bias)
+    return float(
+        np.sum(np.square(error, dtype=np.float64)) / max(np.sum(np.square(reference, dtype=np.float64)), 1e-30)
+    )
+
+
+def _activation_spec(layer: Layer, activation: Any, bits: int) -> QuantSpec:
+    """The activation grid quantize would use: unit steps where pre-executed, else per-tensor MinMax."""
+    preexecuted = layer.activation.meta.get(PREEXECUTED_KEY)
+    if preexecuted is not None:
+        return symmetric_spec(float(2 ** (preexecuted - 1) - 1), preexecuted)
+    if activation.minimum >= 0:
+        return asymmetric_spec(0.0, activation.absmax, bits)
+    return symmetric_spec(activation.absmax, bits)
+
+
+def _conv_unit(layer: Layer, stats: CalibrationStats, settings: Settings) -> Unit:
+    """A Conv: W8A8 error from its weight grid and its per-tensor input step against the input's mean square."""
+    activation = stats.tensors.get(layer.activation.name or "")
+    weight = layer.weight_array.astype(np.float64)
+    spec = fit_weight_spec(layer, WeightScheme(8), row_energy(layer, None))
+    weight_nsr = float(np.sum((weight - spec.dequantize(spec.quantize(layer.weight_array))) ** 2) / np.sum(weight**2))
+    # Conv forms are not timed: int8 counts as half the float MACs' time.
+    macs = float(layer.weight_array.size)
+    options = [Option("float", 0.0, macs, _scheme_bytes(layer, "float"))]
+    if activation is not None:
+        step = activation.absmax / 127.0
+        activation_nsr = step**2 / 12.0 / max(float(np.mean(activation.channel_mean_square())), 1e-30)
+        options.append(Option("w8a8", weight_nsr + activation_nsr, macs / 2, _scheme_bytes(layer, "w8a8")))
+    return Unit(layer.node.name or "", tuple(options))
+
+
+def _embedding_unit(tables: Sequence[np.ndarray]) -> Unit:
+    """The embedding tables at float, 8 and 4 bits: their row noise-to-signal and bytes (no latency difference)."""
+    options = [Option("float", 0.0, 0.0, sum(t.nbytes for t in tables))]
+    for scheme, bits in EMBED_SCHEMES.items():
+        if bits is None:
+            continue
+        error = size = 0.0
+        quantizer = QuantizeEmbeddingsPass(bits)
+        for table in tables:
+            # Every row has its own grid: evenly spaced rows give the table's error at a fraction of the fitting.
+            rows = table[np.unique(np.linspace(0, len(table) - 1, min(len(table), EMBEDDING_ROWS)).astype(np.int64))]
+            spec = quantizer.spec(rows)
+            error += float(np.sum((rows - spec.dequantize(spec.quantize(rows))) ** 2) / np.sum(rows**2))
+            size += table.size * bits / 8 + spec.scale.size * 4 * len(table) / len(rows)
+        options.append(Option(scheme, error, 0.0, int(size)))
+    return Unit(EMBEDDINGS, tuple(options))
+
+
+def _scheme_bytes(layer: Layer, scheme: str) -> int:
+    """Stored bytes of the layer's weight under a scheme: codes, plus a float scale per column or block."""
+    count = layer.weight_array.size
+    if scheme == "float":
+        return 4 * count
+    options = SCHEMES[scheme]
+    columns = layer.weight_array.shape[layer.out_axis or 0]
+    block = options["block_size"]
+    scales = columns if block is None else columns * math.ceil(count / columns / block)
+    return int(count * options["wbits"] / 8 + scales * (4 if options["weight_symmetric"] else 5))
+
+
+def _latencies(layer: Layer, schemes: Sequence[str], target: str) -> list[float]:
+    """Each scheme's form latency (microseconds, LATENCY_ROWS rows) on the target for the layer's shape, cached."""
+    weight = layer.weight_array
+    depth, width = (weight.shape if layer.in_axis == 0 else weight.shape[::-1])[:2]
+    keys = [f"{target}|{scheme}|{depth}x{width}|rows{LATENCY_ROWS}|ort{ort.__version__}" for scheme in schemes]
+    return cached_latencies(keys, lambda: time_forms(schemes, int(depth), int(width), target))
+
+
+def time_forms(schemes: Sequence[str], depth: int, width: int, target: str) -> list[float]:
+    """The least microseconds of a [rows, depth] x [depth, width] MatMul + bias as each scheme, runs interleaved.
+
+    The least of many interleaved runs: on a shared machine, other load only ever adds time.
+    """
+    rng = np.random.default_rng(0)
+    feed = {"x": rng.standard_normal((LATENCY_ROWS, depth)).astype(np.float32)}
+    options = session_options()
+    options.intra_op_num_threads = 1  # one thread: short runs that other load rarely interrupts
+    sessions = [
+        load_session(ir.to_proto(_one_layer(scheme, depth, width, target, feed)).SerializeToString(), options)
+        for scheme in schemes
+    ]
+    best = [math.inf] * len(sessions)
+    for _ in range(LATENCY_REPEATS):
+        for index, session in enumerate(sessions):
+            start = time.perf_counter()
+            session.run(None, feed)
+            best[index] = min(best[index], time.perf_counter() - start)
+    return [seconds * 1e6 for seconds in best]
+
+
+def _one_layer(scheme: str, depth: int, width: int, target: str, feed: Feed) -> ir.Model:
+    """A one-layer model (MatMul + bias) lowered for the target as ``scheme``, calibrated on ``feed``."""
+    rng = np.random.default_rng(1)
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([LATENCY_ROWS, depth]))
+    weight, bias = (
+        ir.Value(
+            name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(array.shape), const_value=ir.tensor(array)
+        )
+        for name, array in (
+            ("w", rng.standard_normal((depth, width)).astype(np.float32)),
+            ("b", rng.standard_normal(width).astype(np.float32)),
+        )
+    )
+    matmul = ir.node("MatMul", [x, weight], name="layer")
+    add = ir.node("Add", [matmul.outputs[0], bias], name="layer_bias")
+    matmul.outputs[0].name, add.outputs[0].name = "xw", "y"
+    add.outputs[0].dtype, add.outputs[0].shape = ir.DataType.FLOAT, ir.Shape([LATENCY_ROWS, width])
+    graph = ir.Graph([x], [add.outputs[0]], nodes=[matmul, add], initializers=[weight, bias], opset_imports={"": 21})
+    model = ir.Model(graph, ir_version=10)
+    if scheme != "float":
+        step = PassStep("quantize", dict(QUANTIZE_OPTIONS))
+        recipe = Recipe("time", (step,), target=target, overrides=(NodeOverride("*", {"scheme": scheme}),))
+        recipe.to_pipeline(CachingCalibrator.for_model(model, [feed], False))(model)
+    return model

@@ -1,0 +1,80 @@
+"""Greedy mixed-precision search: cheapest start, upgrades by error removed per cost, nested budgets, front."""
+
+from __future__ import annotations
+
+from graphquant.analysis.search import (
+    Option,
+    Unit,
+    cheapest,
+    greedy,
+    more_accurate,
+    pareto_front,
+    predicted_error,
+    total,
+)
+
+
+def unit(name: str, w4_error: float, w8_error: float = 0.001) -> Unit:
+    """A layer whose float, w8 and w4 options cost 4, 2 and 1 (size the same)."""
+    return Unit(
+        name,
+        (Option("float", 0.0, 4.0, 400), Option("w8", w8_error, 2.0, 200), Option("w4", w4_error, 1.0, 100)),
+    )
+
+
+UNITS = [unit("robust", 0.01), unit("sensitive", 0.5), unit("middle", 0.05)]
+
+
+def schemes(choice: dict[str, int]) -> dict[str, str]:
+    return {u.name: u.options[choice[u.name]].scheme for u in UNITS}
+
+
+def test_a_loose_budget_keeps_everything_cheapest():
+    assert schemes(greedy(UNITS, budget=1.0, gain=1.0)) == {"robust": "w4", "sensitive": "w4", "middle": "w4"}
+
+
+def test_the_sensitive_unit_is_upgraded_first():
+    choice = greedy(UNITS, budget=0.1, gain=1.0)
+    assert schemes(choice) == {"robust": "w4", "sensitive": "w8", "middle": "w4"}
+    assert predicted_error(UNITS, choice, 1.0) <= 0.1
+
+
+def test_tighter_budgets_give_nested_choices_with_less_predicted_error():
+    previous = None
+    for budget in (1.0, 0.1, 0.03, 0.005, 0.0):
+        choice = greedy(UNITS, budget, gain=1.0)
+        error = predicted_error(UNITS, choice, 1.0)
+        assert error <= budget or budget == 0.0
+        if previous is not None:
+            assert error <= predicted_error(UNITS, previous, 1.0)
+            assert all(u.options[choice[u.name]].error <= u.options[previous[u.name]].error for u in UNITS)
+        previous = choice
+    assert schemes(previous) == {"robust": "float", "sensitive": "float", "middle": "float"}
+
+
+def test_the_gain_scales_the_prediction():
+    choice = cheapest(UNITS)
+    assert predicted_error(UNITS, choice, 2.0) == 2.0 * predicted_error(UNITS, choice, 1.0)
+    assert total(UNITS, choice, "cost") == 3.0 and total(UNITS, choice, "size") == 300
+
+
+def test_a_search_from_a_start_never_downgrades():
+    start = {"robust": 0, "sensitive": 2, "middle": 2}
+    choice = greedy(UNITS, budget=0.06, gain=1.0, start=start)
+    assert choice["robust"] == 0 and schemes(choice)["sensitive"] == "w8"
+
+
+def test_free_upgrades_come_first():
+    free = Unit("free", (Option("a", 0.2, 1.0, 10), Option("b", 0.1, 1.0, 10)))
+    assert greedy([free, UNITS[1]], budget=0.55, gain=1.0)["free"] == 1
+
+
+def test_more_accurate_is_the_cheapest_better_option():
+    choice = cheapest(UNITS)
+    assert more_accurate(UNITS, choice, "sensitive") == 1
+    assert more_accurate(UNITS, {**choice, "sensitive": 0}, "sensitive") is None
+
+
+def test_pareto_front_keeps_the_undominated_points_by_cost():
+    points = [(0.1, 5.0), (0.2, 3.0), (0.3, 4.0), (0.05, 9.0), (0.2, 3.0)]
+    assert pareto_front(points) == [1, 4, 0, 3]

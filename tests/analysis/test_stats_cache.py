@@ -1,0 +1,100 @@
+"""CachingCalibrator: statistics reused while a tensor's producers are unchanged, recollected when they change."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from builders import build, weights
+from graphquant.analysis.calibration import Calibrator
+from graphquant.analysis.stats_cache import CachingCalibrator, value_digests
+
+GRAPH = """
+<ir_version: 8, opset_import: ["" : 17]>
+net (float[N, 6] x) => (float[N, 4] y, float[N, 4] z) {
+  [left] a = MatMul(x, w1)
+  r = Relu(a)
+  [left2] y = MatMul(r, w2)
+  [right] z = MatMul(x, w3)
+}
+"""
+NAMES = ["a", "r", "y", "z"]
+
+
+@pytest.fixture
+def model() -> ir.Model:
+    rng = np.random.default_rng(0)
+    return build(GRAPH, {"w1": weights(rng, 6, 4), "w2": weights(rng, 4, 4), "w3": weights(rng, 6, 4)})
+
+
+@pytest.fixture
+def data() -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    return [{"x": rng.standard_normal((16, 6)).astype(np.float32)} for _ in range(3)]
+
+
+def replace_initializer(model: ir.Model, name: str, array: np.ndarray) -> None:
+    """Give an initializer new content (a new tensor object, as the passes do)."""
+    model.graph.initializers[name].const_value = ir.tensor(array, name=name)
+
+
+def assert_same_stats(first, second, names) -> None:
+    for name in names:
+        np.testing.assert_array_equal(first[name].channel_max, second[name].channel_max)
+        np.testing.assert_array_equal(first[name].channel_min, second[name].channel_min)
+        np.testing.assert_array_equal(first[name].abs_histogram, second[name].abs_histogram)
+
+
+def test_a_second_request_on_the_same_graph_runs_nothing(model, data):
+    calibrator = CachingCalibrator.for_model(model, data, False)
+    first = calibrator.collect(model, NAMES)
+    second = calibrator.collect(model.clone(), NAMES)  # a clone has the same content
+    assert (calibrator.runs, calibrator.hits) == (1, len(NAMES))
+    assert_same_stats(first, Calibrator.for_model(model, data, False).collect(model, NAMES), NAMES)
+    assert_same_stats(first, second, NAMES)
+    assert second.batches == first.batches == len(data)
+
+
+def test_changing_a_weight_recollects_only_what_it_feeds(model, data):
+    calibrator = CachingCalibrator.for_model(model, data, False)
+    calibrator.collect(model, NAMES)
+    replace_initializer(model, "w2", np.full((4, 4), 3.0, np.float32))
+    stats = calibrator.collect(model, NAMES)
+    assert calibrator.runs == 2 and calibrator.hits == 3  # a, r and z are upstream or apart from w2
+    assert_same_stats(stats, Calibrator.for_model(model, data, False).collect(model, NAMES), NAMES)
+
+
+def test_a_changed_op_or_attribute_changes_the_key(model):
+    before = value_digests(model.graph, NAMES)
+    relu = next(node for node in model.graph if node.op_type == "Relu")
+    relu.op_type = "Sigmoid"
+    after = value_digests(model.graph, NAMES)
+    assert before["a"] == after["a"] and before["z"] == after["z"]
+    assert before["r"] != after["r"] and before["y"] != after["y"]
+
+
+def test_a_different_row_sample_or_a_gram_request_is_collected_again(model, data):
+    calibrator = CachingCalibrator.for_model(model, data, False)
+    calibrator.collect(model, ["a"], sample_rows=8)
+    assert calibrator.collect(model, ["a"], sample_rows=8)["a"].sample.shape == (8, 4)
+    assert calibrator.runs == 1
+    assert calibrator.collect(model, ["a"], sample_rows=4)["a"].sample.shape == (4, 4)
+    assert calibrator.runs == 2
+    assert calibrator.collect(model, ["a"])["a"].sample is not None  # no sample asked: any cached entry answers
+    assert calibrator.collect(model, ["a"], gram_names=["a"])["a"].gram.shape == (4, 4)
+    assert calibrator.runs == 3
+
+
+def test_integer_tensors_are_known_absent_not_missed(data):
+    graph = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[N, 6] x) => (int64[2] s) {
+      s = Shape(x)
+    }
+    """
+    model = build(graph)
+    calibrator = CachingCalibrator.for_model(model, data, False)
+    assert "s" not in calibrator.collect(model, ["s"])
+    assert "s" not in calibrator.collect(model, ["s"])
+    assert calibrator.runs == 1
