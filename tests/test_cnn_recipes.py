@@ -85,3 +85,24 @@ def test_equalize_convs_before_quantize_lowers_the_error_on_spread_channels(targ
     assert np.mean(equalized_error**2) < 0.9 * np.mean(plain_error**2)
     # The per-channel ReLU6 bounds stay below no grid top, so the integer targets fuse them like the Clips.
     assert target == "qdq" or not {"Min", "Relu", "Clip"} & set(ops(equalized.model))
+
+
+def laplace_images(seed: int, batches: int) -> list[dict[str, np.ndarray]]:
+    """Heavy-tailed inputs: max|x| lies far past the bulk, where a min-max grid wastes its codes."""
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.laplace(size=(8, 3, 16, 16)).astype(F32)} for _ in range(batches)]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_cnn_w8a8_mse_ranges_beat_minmax_ranges_at_6_bit_activations(target):
+    model = mobile(np.random.default_rng(0))
+    calib, held_out = laplace_images(2, 4), laplace_images(3, 3)
+    expected = np.concatenate([run(model, feed)[0] for feed in held_out])
+    plain = graphquant.optimize(model, "w8a8", calib, target=target, abits=6, show_progress=False)
+    tuned = graphquant.optimize(model, "cnn-w8a8", calib, target=target, abits=6, show_progress=False)
+    assert {layer.status for layer in tuned.report.layers} == {"quantized"} and len(tuned.report.layers) == 4
+    plain_mse, tuned_mse = (
+        np.mean((np.concatenate([run(result.model, feed)[0] for feed in held_out]) - expected) ** 2)
+        for result in (plain, tuned)
+    )
+    assert tuned_mse < 0.94 * plain_mse  # measured on qdq: 0.88; the floor keeps half of the gain

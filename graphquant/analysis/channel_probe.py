@@ -26,7 +26,7 @@ def channel_reductions(
     if unknown:
         raise ValueError(f"unknown reductions {unknown} (known: {REDUCTIONS})")
     probe = model.clone()
-    values = _values_by_name(probe.graph)
+    values = values_by_name(probe.graph)
     names_scope = NameScope(probe.graph)
     outputs: dict[tuple[str, str], str] = {}
     for name, rank in ranks.items():
@@ -34,22 +34,22 @@ def channel_reductions(
         if value is None or rank < 2:
             continue
         for reduction in reductions:
-            outputs[(name, reduction)] = _append_reduction(probe, names_scope, value, rank, reduction)
+            outputs[(name, reduction)] = append_reduction(probe, names_scope, value, rank, reduction)
     stats = calibrator.collect(probe, list(outputs.values()))
     result: dict[str, dict[str, np.ndarray]] = {}
     for (name, reduction), output in outputs.items():
-        result.setdefault(name, {})[reduction] = _combined(stats[output], reduction)
+        result.setdefault(name, {})[reduction] = combined(stats[output], reduction)
     return result
 
 
-def _values_by_name(graph: ir.Graph) -> Mapping[str, ir.Value]:
+def values_by_name(graph: ir.Graph) -> Mapping[str, ir.Value]:
     """Every graph input and node output of the main graph, by name."""
     values = {value.name or "": value for value in graph.inputs}
     values.update({value.name or "": value for node in graph for value in node.outputs})
     return values
 
 
-def _append_reduction(model: ir.Model, names: NameScope, value: ir.Value, rank: int, reduction: str) -> str:
+def append_reduction(model: ir.Model, names: NameScope, value: ir.Value, rank: int, reduction: str) -> str:
     """Append ``reduction`` of ``value`` over all axes but 1 (keepdims 0) to the graph; the output's name."""
     axes = [axis for axis in range(rank) if axis != 1]
     base = f"{value.name}_{reduction}"
@@ -63,7 +63,7 @@ def _append_reduction(model: ir.Model, names: NameScope, value: ir.Value, rank: 
     return node.outputs[0].name
 
 
-def _combined(stats: TensorStats, reduction: str) -> np.ndarray:
+def combined(stats: TensorStats, reduction: str) -> np.ndarray:
     """One vector from the per-batch vectors: their max, min or mean (each batch weighs the same)."""
     if reduction == "ReduceMax":
         return stats.channel_max

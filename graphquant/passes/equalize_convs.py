@@ -45,17 +45,31 @@ class EqualizeConvsPass(ir.passes.InPlacePass):
 
     A depthwise Conv2's weights are quantized per output channel, each reading one input channel, which a scale per
     channel does not change, so those pairs (any grouped Conv2) take ``depthwise_alpha``, 1 by default: every channel
-    is brought to the same range (the geometric mean of the ranges).
+    is brought to the same range (the geometric mean of the ranges). ``depthwise_only`` rescales only those pairs
+    (the others trade weight ranges for activation ranges). ``headroom`` h takes a bounded channel's range as
+    min(h·r_k, c), so that data reaching past the calibrated range are not clipped at it after equalization.
     """
 
-    def __init__(self, calibrator: Calibrator | None = None, *, alpha: float = 0.5, depthwise_alpha: float = 1.0):
+    def __init__(
+        self,
+        calibrator: Calibrator | None = None,
+        *,
+        alpha: float = 0.5,
+        depthwise_alpha: float = 1.0,
+        depthwise_only: bool = False,
+        headroom: float = 1.0,
+    ):
         super().__init__()
+        if headroom < 1.0:
+            raise ValueError(f"headroom must be at least 1, got {headroom}")
         for label, value in (("alpha", alpha), ("depthwise_alpha", depthwise_alpha)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{label} must be in [0, 1], got {value}")
         self.calibrator = calibrator
         self.alpha = alpha
         self.depthwise_alpha = depthwise_alpha
+        self.depthwise_only = depthwise_only
+        self.headroom = headroom
 
     def requires(self, model: ir.Model) -> None:
         """The channel ranges come from calibration."""
@@ -65,7 +79,11 @@ class EqualizeConvsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Find the pairs, calibrate the tensors between them once, and rescale each pair."""
         assert self.calibrator is not None
-        pairs = [pair for pair in conv_pairs(model.graph) if EQUALIZED_KEY not in pair.between.meta]
+        pairs = [
+            pair
+            for pair in conv_pairs(model.graph)
+            if EQUALIZED_KEY not in pair.between.meta and (_depthwise(pair.second) or not self.depthwise_only)
+        ]
         if not pairs:
             return ir.passes.PassResult(model, modified=False)
         ranks = {pair.between.name or "": pair.first.weight_array.ndim for pair in pairs}
@@ -78,8 +96,11 @@ class EqualizeConvsPass(ir.passes.InPlacePass):
             if found is None:
                 continue
             span = np.maximum(found["ReduceMax"], 0) - np.minimum(found["ReduceMin"], 0)
-            scales = self._scales(pair, span)
             bound = _clip_bound(pair.activation) if pair.activation is not None else None
+            if bound is not None and np.isfinite(bound):
+                # Room above the calibrated range, up to the clip, for data that reach further than calibration.
+                span = np.minimum(span * self.headroom, bound)
+            scales = self._scales(pair, span)
             if bound is not None and np.isfinite(bound):
                 scales = _bounds_above_range(scales, span, bound)
             if np.all(scales == 1):
@@ -91,7 +112,7 @@ class EqualizeConvsPass(ir.passes.InPlacePass):
 
     def _scales(self, pair: ConvPair, span: np.ndarray) -> np.ndarray:
         """s_k = r_k^α / w_k^(1-α), normalized to a geometric mean of 1; dead channels keep 1."""
-        alpha = self.depthwise_alpha if pair.second.node.attributes.get_int("group", 1) > 1 else self.alpha
+        alpha = self.depthwise_alpha if _depthwise(pair.second) else self.alpha
         weight_range = input_channel_absmax(pair.second)
         live = (span > DEAD_CHANNEL * span.max()) & (weight_range > 0)
         if not np.any(live):
@@ -100,6 +121,11 @@ class EqualizeConvsPass(ir.passes.InPlacePass):
         raw[live] = span[live] ** alpha / weight_range[live] ** (1.0 - alpha)
         raw[live] /= np.exp(np.mean(np.log(raw[live])))
         return raw.astype(np.float32)
+
+
+def _depthwise(layer: Layer) -> bool:
+    """Whether the Conv is grouped (each output channel reads a subset of the input channels)."""
+    return layer.node.attributes.get_int("group", 1) > 1
 
 
 def _bounds_above_range(scales: np.ndarray, span: np.ndarray, bound: float) -> np.ndarray:

@@ -11,6 +11,7 @@ from typing import Any
 import onnx_ir as ir
 
 from graphquant import progress
+from graphquant.analysis import conv_ranges
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.gptq import gptq_round
 from graphquant.analysis.layers import Candidate, Layer, candidates, scale_groups
@@ -38,7 +39,7 @@ from graphquant.quant_spec import (
 )
 from graphquant.rewrites import layer_output, replace_weight
 
-ACTIVATION_METHODS = ("minmax", "percentile")
+ACTIVATION_METHODS = ("minmax", "percentile", "mse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +191,8 @@ class QuantizePass(ir.passes.InPlacePass):
         if not (names or outputs) or self.calibrator is None:
             return CalibrationStats()
         gram_names = [layer.activation.name or "" for layer in layers if self._uses_gptq(layer)]
-        return self.calibrator.collect(model, names + outputs, gram_names=gram_names)
+        ranks = conv_ranges.conv_activation_ranks(layers)
+        return conv_ranges.collect(self.calibrator, model, names + outputs, ranks, gram_names=gram_names)
 
     def _uses_gptq(self, layer: Layer) -> bool:
         """GPTQ applies to 2-D weights that no other node reads (a tied weight keeps plain rounding)."""
@@ -222,8 +224,13 @@ class QuantizePass(ir.passes.InPlacePass):
 
     def _activation_spec(self, stats: TensorStats, bits: int) -> QuantSpec:
         """Per tensor: unsigned [0, bound] where calibration saw no negative value (Relu/Clip outputs), else ±bound."""
-        bound = stats.abs_percentile(self.percentile) if self.activation_method == "percentile" else stats.absmax
-        return asymmetric_spec(0.0, bound, bits) if stats.minimum >= 0 else symmetric_spec(bound, bits)
+        unsigned = stats.minimum >= 0
+        bound = stats.absmax
+        if self.activation_method == "percentile":
+            bound = stats.abs_percentile(self.percentile)
+        elif self.activation_method == "mse":
+            bound = conv_ranges.mse_bound(stats, bits, unsigned)
+        return asymmetric_spec(0.0, bound, bits) if unsigned else symmetric_spec(bound, bits)
 
     def _annotate(self, graph: ir.Graph, names: NameScope, layer: Layer, stats: CalibrationStats) -> None:
         """Attach the weight and activation specs and the decision to the layer's node."""

@@ -168,3 +168,43 @@ def test_without_calibration_data_the_pass_refuses():
     model = chain(np.random.default_rng(0))
     with pytest.raises(ir.passes.PreconditionError, match="calibration"):
         EqualizeConvsPass(None)(model)
+
+
+def test_depthwise_only_rescales_just_the_pairs_with_a_grouped_reader():
+    model = chain(np.random.default_rng(0))
+    reference = model.clone()
+    untouched = {name: model.graph.initializers[name].const_value.numpy().copy() for name in ("wp", "wl")}
+
+    result = EqualizeConvsPass(Calibrator.for_model(model, CALIB, show_progress=False), depthwise_only=True)(model)
+
+    assert result.modified
+    assert_same_outputs(reference, model, HELD_OUT)
+    # conv1 -> depthwise was equalized; depthwise -> pointwise and pointwise -> last were not.
+    spans = channel_spans(model, "r1")
+    np.testing.assert_allclose(spans, spans.mean(), rtol=1e-4)
+    readers = {node.name: node for node in model.graph}
+    assert readers["pointwise"].inputs[1].name == "wp" and readers["last"].inputs[1].name == "wl"
+    for name, array in untouched.items():
+        np.testing.assert_array_equal(model.graph.initializers[name].const_value.numpy(), array)
+
+
+def test_headroom_leaves_each_bounded_channel_room_above_its_calibrated_range():
+    model = chain(np.random.default_rng(0))
+    reference = model.clone()
+    spans_before = channel_spans(model, "r1")
+    headroom = 3.0
+
+    calibrator = Calibrator.for_model(model, CALIB, show_progress=False)
+    assert EqualizeConvsPass(calibrator, depthwise_only=True, headroom=headroom)(model).modified
+
+    assert_same_outputs(reference, model, HELD_OUT)
+    # Channel k now spans min(3 r_k, 6) / s_k = the same for all: a channel below 2 keeps room up to 3 r_k.
+    room = np.minimum(spans_before * headroom, 6.0) / spans_before
+    spans_after = channel_spans(model, "r1")
+    np.testing.assert_allclose(spans_after * room, (spans_after * room).max(), rtol=1e-4)
+    assert np.any(room > 1.5) and np.any(room < 1.01)
+
+
+def test_headroom_below_one_is_refused():
+    with pytest.raises(ValueError, match="headroom"):
+        EqualizeConvsPass(None, headroom=0.5)
