@@ -54,14 +54,19 @@ class GroupSimulator:
         wbits: int,
         activation_step: float | None = None,
         float_channels: np.ndarray | None = None,
+        per_row: bool = False,
     ) -> float:
-        """Channel-averaged output SQNR with X/divisor quantized (given step, else per-tensor) and W·divisor per column."""
+        """Channel-averaged output SQNR with X/divisor quantized and W·divisor per column.
+
+        The activation step is the given one, else one per row (``per_row``: the run-time per-token scale), else one
+        per tensor.
+        """
         int_path = self.rows.copy()
         if float_channels is not None:
             int_path[:, float_channels] = 0  # those channels go through an exact float MatMul
         scaled = int_path / divisor.astype(np.float32)
         qmax = 2 ** (abits - 1) - 1
-        step = activation_step if activation_step is not None else max(float(np.abs(scaled).max()), 1e-12) / qmax
+        step = activation_step if activation_step is not None else _dynamic_step(scaled, qmax, per_row)
         x_quantized = fake_quantize(scaled, step, abits)
         # Each output channel's relative error counts equally: a few huge channels must not hide the error in the rest.
         relative_errors = []
@@ -80,3 +85,10 @@ class GroupSimulator:
             relative_errors.append(error / signal)
         mean_error = float(np.mean(np.concatenate(relative_errors)))
         return math.inf if mean_error == 0 else -10.0 * math.log10(mean_error)
+
+
+def _dynamic_step(scaled: np.ndarray, qmax: int, per_row: bool) -> np.ndarray | float:
+    """The step that maps each row's (per_row) or the whole sample's largest magnitude to qmax."""
+    if per_row:
+        return np.maximum(np.abs(scaled).max(axis=1, keepdims=True), 1e-12) / qmax
+    return max(float(np.abs(scaled).max()), 1e-12) / qmax
