@@ -483,6 +483,15 @@ def replace_weight(graph: ir.Graph, names: NameScope, layer: Layer, array: np.nd
     release_mapping(old.const_value)  # drop the pages of a memory-mapped original (it maps again if read)
 
 
+def row_scalable(layers: Sequence[Layer]) -> bool:
+    """Whether every layer's output can take a per-row factor back: a MatMul, or a Gemm with no C (its bias is
+    inside the op, and the factor must not reach it)."""
+    return all(
+        layer.node.op_type == "MatMul" or (len(layer.node.inputs) < 3 or layer.node.inputs[2] is None)
+        for layer in layers
+    )
+
+
 def scale_rows_at_run_time(
     graph: ir.Graph, names: NameScope, activation: ir.Value, layers: Sequence[Layer], qmax: int
 ) -> ir.Value:
@@ -490,6 +499,7 @@ def scale_rows_at_run_time(
 
     s is computed at run time for every row (token), so X/s spans ±qmax row by row: a static step of 1 quantizes
     it with a per-token scale, and the layer's output takes s back before its bias. Returns the value they now read.
+    The layers must be :func:`row_scalable`.
     """
     stem = activation.name or "activation"
     nodes: list[ir.Node] = []

@@ -92,3 +92,19 @@ def _dynamic_step(scaled: np.ndarray, qmax: int, per_row: bool) -> np.ndarray | 
     if per_row:
         return np.maximum(np.abs(scaled).max(axis=1, keepdims=True), 1e-12) / qmax
     return max(float(np.abs(scaled).max()), 1e-12) / qmax
+
+
+def block_int8_sqnr_db(rows: np.ndarray, weight: np.ndarray, block: int) -> float:
+    """Channel-averaged SQNR of rows·W with the rows rounded to symmetric int8 per row and block of K (MatMulNBits'
+    int8 compute), against the float rows times the same W [K, N]."""
+    depth = rows.shape[1]
+    padded = np.zeros((rows.shape[0], -(-depth // block) * block), np.float32)
+    padded[:, :depth] = rows
+    blocks = padded.reshape(rows.shape[0], -1, block)
+    step = np.maximum(np.abs(blocks).max(axis=2, keepdims=True), 1e-30) / 127
+    rounded = (np.clip(np.rint(blocks / step), -127, 127) * step).reshape(padded.shape)[:, :depth]
+    reference = rows @ weight
+    signal = np.maximum(np.sum(np.square(reference, dtype=np.float64), axis=0), 1e-30)
+    error = np.sum(np.square(reference - rounded @ weight, dtype=np.float64), axis=0)
+    mean_error = float(np.mean(error / signal))
+    return math.inf if mean_error == 0 else -10.0 * math.log10(mean_error)

@@ -18,6 +18,7 @@ from graphquant.quant_spec import KEEP_FLOAT_KEY, PREEXECUTED_KEY, SCHEME_NOTE_K
 from graphquant.rewrites import (
     apply_channel_affine,
     route_channels_to_float,
+    row_scalable,
     scale_rows_at_run_time,
     scale_weight_rows,
 )
@@ -106,7 +107,11 @@ class PreexecuteDequantPass(CalibratedGroupPass):
             remaining[outliers] = 0
             routed = [_routed(c, outliers) for c in self._candidates(group, remaining)]
             best = max([best, *self._scored(simulator, routed)], key=lambda c: c.sqnr_db)
-        if self.row_scales_below_db is None or best.sqnr_db >= self.row_scales_below_db:
+        if (
+            self.row_scales_below_db is None
+            or best.sqnr_db >= self.row_scales_below_db
+            or not row_scalable(group.layers)
+        ):
             return best
         dynamic = _row_candidates(absmax)
         if count >= 1:

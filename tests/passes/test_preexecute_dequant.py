@@ -380,3 +380,12 @@ def test_groups_that_meet_the_row_scale_target_stay_static():
     model = qkv(np.random.default_rng(33))
     PreexecuteDequantPass(calibrator(model, gaussian_feeds(seed=34, features=8)), row_scales_below_db=0.0)(model)
     assert not any(rewrites.ROW_SCALE_KEY in node.meta for node in model.graph)
+
+
+def test_a_gemm_with_a_bias_input_keeps_static_steps_and_its_outputs():
+    model = ln_gemms(np.random.default_rng(35))
+    reference = model.clone()
+    assert PreexecuteDequantPass(calibrator(model), row_scales_below_db=float("inf"))(model).modified
+    # Gemm adds C inside the op, where a per-row factor on its output would scale it too.
+    assert not any(rewrites.ROW_SCALE_KEY in node.meta for node in model.graph)
+    assert_same_outputs(reference, model, HELD_OUT)
