@@ -118,7 +118,10 @@ class PreexecuteDequantPass(CalibratedGroupPass):
             remaining = absmax.copy()
             remaining[outliers] = 0
             dynamic.extend(_routed(c, outliers) for c in _row_candidates(remaining))
-        return max([best, *self._scored(simulator, dynamic)], key=lambda c: c.sqnr_db)
+        chosen = max([best, *self._scored(simulator, dynamic)], key=lambda c: c.sqnr_db)
+        if chosen is best:
+            return best
+        return dataclasses.replace(chosen, label=f"{chosen.label}; best static {best.sqnr_db:.1f} dB")
 
     def _scored(self, simulator: GroupSimulator, candidates: list[Choice]) -> list[Choice]:
         """The candidates with their simulated output SQNR filled in."""
