@@ -39,8 +39,10 @@ CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "w8a8-ort": ("graphquant w8a8 (ort-cpu)", "w8a8", {"target": "ort-cpu"}),
     "outliertune-ort": ("graphquant outliertune W8A8 (ort-cpu)", "outliertune", {"target": "ort-cpu"}),
     "weight-only-ort": ("graphquant weight-only W4 b32, int8 emb (ort-cpu)", "weight-only", {"target": "ort-cpu"}),
+    "llm-w8a8-qdq": ("graphquant llm-w8a8 W8A8 (qdq)", "llm-w8a8", {"target": "qdq"}),
+    "llm-w8a8-ort": ("graphquant llm-w8a8 W8A8 (ort-cpu)", "llm-w8a8", {"target": "ort-cpu"}),
 }
-DEFAULT_CONFIGS = "w8a8-qdq,outliertune-qdq,weight-only-qdq,outliertune-ort,weight-only-ort"
+DEFAULT_CONFIGS = "llm-w8a8-qdq,llm-w8a8-ort,outliertune-ort,weight-only-ort"
 
 
 @dataclasses.dataclass

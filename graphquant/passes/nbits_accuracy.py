@@ -27,16 +27,11 @@ class NBitsAccuracyPass(ir.passes.InPlacePass):
         self.calibrator = calibrator
         self.min_sqnr_db = min_sqnr_db
 
-    def requires(self, model: ir.Model) -> None:
-        """The activation rows come from calibration."""
-        if self.calibrator is None:
-            raise ir.passes.PreconditionError(f"{self.cli_name} needs calibration data")
-
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        """Mark every weight-only layer with whether int8 compute keeps its output within target."""
-        assert self.calibrator is not None
+        """Mark every weight-only layer with whether int8 compute keeps its output within target (without calibration
+        data, none is marked: the lowering's accuracy_level applies, as quantize's warning about the data says)."""
         layers = [layer for node in model.graph if (layer := _weight_only(node)) is not None]
-        if not layers:
+        if not layers or self.calibrator is None:
             return ir.passes.PassResult(model, modified=False)
         names = sorted({layer.activation.name or "" for layer in layers})
         stats = self.calibrator.collect(model, names, sample_rows=SAMPLE_ROWS)
@@ -59,8 +54,9 @@ class NBitsAccuracyPass(ir.passes.InPlacePass):
         compute = "int8" if node.meta[INT8_COMPUTE_KEY] else "float"
         decision = node.meta.get(DECISION_KEY)
         if decision is not None:
-            scheme = f"{decision.scheme}, {compute} compute on ort-cpu (int8 activations: {sqnr:.1f} dB)"
-            node.meta[DECISION_KEY] = dataclasses.replace(decision, scheme=scheme)
+            verdict = f"{compute} compute in MatMulNBits (int8 activations: {sqnr:.1f} dB)"
+            reason = f"{decision.reason}; {verdict}" if decision.reason else verdict
+            node.meta[DECISION_KEY] = dataclasses.replace(decision, reason=reason)
 
 
 def _weight_only(node: ir.Node) -> Layer | None:
