@@ -39,8 +39,10 @@ CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "w8a8-ort": ("graphquant w8a8 (ort-cpu)", "w8a8", {"target": "ort-cpu"}),
     "outliertune-ort": ("graphquant outliertune W8A8 (ort-cpu)", "outliertune", {"target": "ort-cpu"}),
     "weight-only-ort": ("graphquant weight-only W4 b32, int8 emb (ort-cpu)", "weight-only", {"target": "ort-cpu"}),
+    "llm-w8a8-qdq": ("graphquant llm-w8a8 W8A8 (qdq)", "llm-w8a8", {"target": "qdq"}),
+    "llm-w8a8-ort": ("graphquant llm-w8a8 W8A8 (ort-cpu)", "llm-w8a8", {"target": "ort-cpu"}),
 }
-DEFAULT_CONFIGS = "w8a8-qdq,outliertune-qdq,weight-only-qdq,outliertune-ort,weight-only-ort"
+DEFAULT_CONFIGS = "llm-w8a8-qdq,llm-w8a8-ort,outliertune-ort,weight-only-ort"
 
 
 @dataclasses.dataclass
@@ -215,7 +217,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--static", action="store_true", help="also run quantize_static (slow)")
     parser.add_argument("--no-ort", action="store_true", help="skip onnxruntime's quantizers")
     parser.add_argument("--quick", action="store_true", help="3x3 timed runs per model instead of 5x10")
+    parser.add_argument(
+        "--latency-only", action="store_true", help="only time the FP32 export and the models already in --out"
+    )
     return parser.parse_args()
+
+
+def latency_only(fp32: Path, out: Path, feed: dict[str, np.ndarray], rounds: int, repeats: int) -> None:
+    """Time the FP32 export and every model of an earlier run's --out folder interleaved, and print their speeds."""
+    built = {"FP32": fp32, **{path.stem: path for path in sorted(out.glob("*.onnx"))}}
+    log(f"timing {len(built)} models interleaved: {rounds} rounds x {repeats} runs, batch {LATENCY_BATCH}x128")
+    latency = common.compare_latency(built, feed, rounds=rounds, repeats=repeats)
+    dynamic_ms = latency.get(slug(ORT_DYNAMIC))
+    lines = ["| model file | latency ms | speed vs FP32 | speed vs dynamic |", "|---|---|---|---|"]
+    for label, ms in latency.items():
+        lines.append(f"| {label} | {ms:.1f} | {_ratio(latency['FP32'], ms)} | {_ratio(dynamic_ms, ms)} |")
+    print("\n".join(lines))
 
 
 def main() -> None:
@@ -229,6 +246,10 @@ def main() -> None:
     fp32 = smollm2.cached_export(dynamo=args.exporter == "dynamo")
     calib = smollm2.feeds_for(smollm2.token_sequences(smollm2.CALIBRATION_MODULES, args.calib_seqs), LATENCY_BATCH)
     evaluation = smollm2.feeds_for(smollm2.token_sequences(smollm2.EVALUATION_MODULES, args.eval_seqs), LATENCY_BATCH)
+    rounds, repeats = (3, 3) if args.quick else (5, 10)
+    if args.latency_only:
+        latency_only(fp32, out, evaluation[0], rounds, repeats)
+        return
     rows = [Row(f"FP32 (torch.onnx {args.exporter} export)", fp32)]
     keys = [key for key in args.configs.split(",") if key]
     built = itertools.chain(
@@ -238,7 +259,6 @@ def main() -> None:
     for row in built:  # each model is scored as soon as it is built
         score_and_log(fp32, row, evaluation)
         rows.append(row)
-    rounds, repeats = (3, 3) if args.quick else (5, 10)
     built = {row.label: row.path for row in rows if row.path is not None}
     log(f"timing {len(built)} models interleaved: {rounds} rounds x {repeats} runs, batch {LATENCY_BATCH}x128")
     latency = common.compare_latency(built, evaluation[0], rounds=rounds, repeats=repeats)

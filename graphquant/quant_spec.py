@@ -13,6 +13,8 @@ DECISION_KEY = "graphquant.decision"
 PREEXECUTED_KEY = "graphquant.preexecuted_bits"
 # On a layer node: the activation scheme a scale-migration pass chose, and why (for the report).
 SCHEME_NOTE_KEY = "graphquant.scheme_note"
+# On a weight-only layer node: whether MatMulNBits may round its input to int8 per block at run time (accuracy_level 4).
+INT8_COMPUTE_KEY = "graphquant.int8_compute"
 # On a layer node: the reason it must stay float.
 KEEP_FLOAT_KEY = "graphquant.keep_float"
 # On a graph: the list of SplitCost records of the split passes (analysis/cost.py), for the report.

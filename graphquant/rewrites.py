@@ -16,6 +16,10 @@ from graphquant.quant_spec import KEEP_FLOAT_KEY
 AFFINE_BRANCH_KEY = "graphquant.affine_branch"
 # Marks the Add that sums a layer's int path and its float path (the layer's real output).
 FLOAT_PATH_SUM_KEY = "graphquant.float_path_sum"
+# Marks the Mul that multiplies a layer's output by the run-time per-row scale its activation was divided by.
+ROW_SCALE_KEY = "graphquant.row_scale"
+# The smallest per-row scale: an all-zero row (padding) is divided by this instead of by zero.
+MIN_ROW_SCALE = 1e-30
 # Readers that see only a tensor's shape, which a per-channel affine keeps.
 SHAPE_ONLY_OPS = ("Shape", "Size")
 # weight_times converts about this many weights at a time to float64.
@@ -348,7 +352,11 @@ def add_to_layer_bias(graph: ir.Graph, names: NameScope, layer: Layer, delta: np
 
 def bias_add_of(node: ir.Node) -> tuple[ir.Node, int] | None:
     """The Add that is the MatMul's only reader and adds a constant per-output-channel bias."""
-    output = node.outputs[0]
+    return _bias_add_reading(node.outputs[0])
+
+
+def _bias_add_reading(output: ir.Value) -> tuple[ir.Node, int] | None:
+    """The Add that is the value's only reader and adds a constant per-output-channel bias to it."""
     consumers = list(output.consumers())
     if len(consumers) != 1 or output.is_graph_output() or consumers[0].op_type != "Add":
         return None
@@ -362,9 +370,13 @@ def bias_add_of(node: ir.Node) -> tuple[ir.Node, int] | None:
 
 
 def layer_output(node: ir.Node) -> ir.Value:
-    """The layer's full output: after its bias Add and the Add of its float path, where it has them."""
-    bias_add = bias_add_of(node) if node.op_type == "MatMul" else None
-    output = bias_add[0].outputs[0] if bias_add is not None else node.outputs[0]
+    """The layer's full output: after its row-scale Mul, its bias Add and the Add of its float path, where it has them."""
+    output = node.outputs[0]
+    readers = list(output.consumers())
+    if len(readers) == 1 and ROW_SCALE_KEY in readers[0].meta:
+        output = readers[0].outputs[0]
+    bias_add = _bias_add_reading(output) if node.op_type == "MatMul" else None
+    output = bias_add[0].outputs[0] if bias_add is not None else output
     readers = list(output.consumers())
     if len(readers) == 1 and FLOAT_PATH_SUM_KEY in readers[0].meta:
         output = readers[0].outputs[0]
@@ -392,12 +404,18 @@ def _insert_bias_add(graph: ir.Graph, names: NameScope, node: ir.Node, bias: np.
 
 
 def _append_add(
-    graph: ir.Graph, names: NameScope, producer: ir.Node, operand: ir.Value, node_name: str, old_output_suffix: str
+    graph: ir.Graph,
+    names: NameScope,
+    producer: ir.Node,
+    operand: ir.Value,
+    node_name: str,
+    old_output_suffix: str,
+    op_type: str = "Add",
 ) -> ir.Node:
-    """Insert Add(producer's output, operand) after the producer; the sum takes over the output's name and readers."""
+    """Insert Add (or op_type)(producer's output, operand) after the producer; it takes over the output's name and readers."""
     output = producer.outputs[0]
     original_name = output.name
-    add_node = ir.node("Add", [output, operand], name=names.fresh(node_name))
+    add_node = ir.node(op_type, [output, operand], name=names.fresh(node_name))
     result = add_node.outputs[0]
     result.type = output.type
     result.shape = output.shape
@@ -465,3 +483,52 @@ def replace_weight(graph: ir.Graph, names: NameScope, layer: Layer, array: np.nd
     layer.node.replace_input_with(layer.weight_index, value)
     remove_if_unused(graph, old)
     release_mapping(old.const_value)  # drop the pages of a memory-mapped original (it maps again if read)
+
+
+def row_scalable(layers: Sequence[Layer]) -> bool:
+    """Whether every layer's output can take a per-row factor back: a MatMul, or a Gemm with no C (its bias is
+    inside the op, and the factor must not reach it)."""
+    return all(
+        layer.node.op_type == "MatMul" or (len(layer.node.inputs) < 3 or layer.node.inputs[2] is None)
+        for layer in layers
+    )
+
+
+def scale_rows_at_run_time(
+    graph: ir.Graph, names: NameScope, activation: ir.Value, layers: Sequence[Layer], qmax: int
+) -> ir.Value:
+    """Exact: the layers read X/s and their outputs are multiplied by s, s = max|X| over each row's channels / qmax.
+
+    s is computed at run time for every row (token), so X/s spans ±qmax row by row: a static step of 1 quantizes
+    it with a per-token scale, and the layer's output takes s back before its bias. Returns the value they now read.
+    The layers must be :func:`row_scalable`.
+    """
+    stem = activation.name or "activation"
+    nodes: list[ir.Node] = []
+
+    def op(op_type: str, inputs: list[ir.Value], suffix: str, **attributes: object) -> ir.Value:
+        node = ir.node(op_type, inputs, attributes, name=names.fresh(f"{stem}_{suffix}"))
+        node.outputs[0].name = names.fresh(f"{stem}_{suffix}")
+        node.outputs[0].dtype = ir.DataType.FLOAT
+        nodes.append(node)
+        return node.outputs[0]
+
+    def constant(value: object, dtype: type[np.generic] = np.float32) -> ir.Value:
+        return add_initializer(graph, names, f"{stem}_row_scale_constant", np.asarray(value, dtype=dtype))
+
+    magnitude = op("Abs", [activation], "abs")
+    if graph.opset_imports.get("", 0) >= 18:  # ReduceMax's axes moved from an attribute to an input in opset 18
+        row_max = op("ReduceMax", [magnitude, constant([-1], np.int64)], "row_absmax", keepdims=1)
+    else:
+        row_max = op("ReduceMax", [magnitude], "row_absmax", axes=[-1], keepdims=1)
+    row_scale = op(
+        "Max", [op("Mul", [row_max, constant(1.0 / qmax)], "row_step"), constant(MIN_ROW_SCALE)], "row_scale"
+    )
+    scaled = op("Div", [activation, row_scale], "per_row")
+    scaled.shape = activation.shape
+    insert_after_producer(graph, activation, nodes)
+    for layer in layers:
+        layer.node.replace_input_with(layer.activation_index, scaled)
+        mul = _append_add(graph, names, layer.node, row_scale, f"{layer.node.name}_row_scale", "per_row", "Mul")
+        mul.meta[ROW_SCALE_KEY] = True
+    return scaled

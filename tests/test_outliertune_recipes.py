@@ -7,8 +7,6 @@ import json
 import numpy as np
 import onnx_ir as ir
 import pytest
-
-import graphquant
 from builders import (
     assert_same_outputs,
     gaussian_feeds,
@@ -19,7 +17,12 @@ from builders import (
     post_ln,
     run,
     save_model,
+    token_feeds,
 )
+
+import graphquant
+from graphquant import rewrites
+from graphquant.analysis.layers import migratable_groups
 from graphquant.cli import main
 from graphquant.passes.preexecute_dequant import PreexecuteDequantPass
 from graphquant.passes.quantize import QuantizePass
@@ -219,3 +222,22 @@ def test_cli_wbits_abits_reach_both_passes(tmp_path, outlier_model, capsys):
         if array.dtype == np.int8 and array.ndim == 2:
             assert np.abs(array).max() <= 31
     assert output_sqnr_db(outlier_model, written, HELD_OUT) > 25
+
+
+def test_llm_w8a8_tries_per_token_scales_on_every_group():
+    step = {s.name: s for s in Recipe.named("llm-w8a8").steps}["preexecute-dequant"]
+    assert step.options["row_scales_below_db"] == 100.0  # every group where per-token scales score higher
+
+
+@pytest.mark.parametrize("target", ["qdq", "ort-cpu"])
+def test_llm_w8a8_with_per_token_scales_on_every_llama_group_stays_close_to_float(tiny_llama, target):
+    model = ir.load(tiny_llama)
+    calib, held_out = token_feeds(40), token_feeds(41)
+    options = {"calibration": calib, "target": target, "show_progress": False}
+    dynamic = graphquant.optimize(model, "llm-w8a8", row_scales_below_db=1000.0, **options)
+    static = graphquant.optimize(model, "outliertune", **options)
+    groups = migratable_groups(model.graph)
+    row_scaled = sum(rewrites.ROW_SCALE_KEY in node.meta for node in dynamic.model.graph)
+    assert row_scaled >= sum(len(group.layers) for group in groups) - 1  # every layer (lm_head may be no layer)
+    assert output_sqnr_db(model, dynamic.model, held_out) > output_sqnr_db(model, static.model, held_out)
+    assert output_sqnr_db(model, dynamic.model, held_out) > 30

@@ -164,6 +164,7 @@ def exact_passes() -> list[tuple[str, dict[str, object]]]:
             continue
         if name == "preexecute-dequant":
             cases.extend((name, {"method": method}) for method in METHODS)
+            cases.append((name, {"row_scales_below_db": float("inf")}))  # every group on per-token scales
         else:
             cases.append((name, {}))
     return cases

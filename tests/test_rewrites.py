@@ -626,3 +626,44 @@ def test_a_fused_rms_normalization_absorbs_the_scale_into_its_scale_input(exclus
     assert how == ("folded into the RMSNorm scale" if exclusive else "folded into a copy of the RMSNorm scale")
     assert ops(model) == (["RMSNormalization", "MatMul"] if exclusive else ["RMSNormalization"] * 2 + ["MatMul"])
     assert_same_outputs(reference, model, [x_feed(rng, 8, 16)])
+
+
+def test_run_time_row_scales_are_exact_on_every_llama_group_and_keep_biases_after_them(tiny_llama):
+    model = ir.load(tiny_llama)
+    reference = model.clone()
+    names = NameScope(model.graph)
+    groups = migratable_groups(model.graph)
+    for group in reversed(groups):
+        for layer in group.layers:
+            columns = layer.weight_array.shape[layer.out_axis]
+            assert add_to_layer_bias(model.graph, names, layer, np.linspace(-1, 1, columns, dtype=F32))
+    expected = run(model.clone(), token_feeds(4)[0])
+    for group in reversed(migratable_groups(model.graph)):
+        rewrites.scale_rows_at_run_time(model.graph, names, group.activation, group.layers, 127)
+    muls = [node for node in model.graph if rewrites.ROW_SCALE_KEY in node.meta]
+    assert len(muls) == sum(len(group.layers) for group in groups)
+    for mul in muls:  # the bias Add reads the rescaled output, and layer_output steps over the Mul to the sum
+        (reader,) = mul.outputs[0].consumers()
+        assert reader.op_type == "Add" and rewrites.layer_output(mul.inputs[0].producer()) is reader.outputs[0]
+    for got, want in zip(run(model, token_feeds(4)[0]), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(run(reference, token_feeds(4)[0])[0], expected[0])  # the biases did change the logits
+
+
+def test_an_all_zero_row_stays_zero_under_run_time_row_scales():
+    model = build(
+        """
+        <ir_version: 8, opset_import: ["" : 18]>
+        g (float[N, 8] x) => (float[N, 4] y) {
+          [fc] y = MatMul(x, w)
+        }
+        """,
+        {"w": weights(np.random.default_rng(5), 8, 4)},
+    )
+    (group,) = migratable_groups(model.graph)
+    rewrites.scale_rows_at_run_time(model.graph, NameScope(model.graph), group.activation, group.layers, 127)
+    x = np.random.default_rng(6).standard_normal((3, 8)).astype(F32)
+    x[1] = 0
+    (y,) = run(model, {"x": x})
+    np.testing.assert_allclose(y, x @ initializer(model, "w"), rtol=1e-5, atol=1e-6)
+    assert np.all(np.isfinite(y)) and not np.any(y[1])

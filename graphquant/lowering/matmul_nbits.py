@@ -9,18 +9,20 @@ from graphquant.analysis.layers import Layer, classify
 from graphquant.graph_edit import NameScope, add_initializer
 from graphquant.lowering.ort_cpu import MICROSOFT_DOMAIN, fused_bias, swap_in_fused
 from graphquant.lowering.qlinear import plain_gemm
-from graphquant.quant_spec import INPUT_SPECS_KEY, QuantSpec
+from graphquant.quant_spec import INPUT_SPECS_KEY, INT8_COMPUTE_KEY, QuantSpec
 
 # MatMulNBits packs codes of these widths; other widths go into the next wider container with the same grid.
 CONTAINER_BITS = (2, 4, 8)
 # accuracy_level 4: int8 compute (A quantized per block at run time), the fast path on x86; 0 keeps A in float.
 INT8_COMPUTE = 4
+FLOAT_COMPUTE = 0
 
 
 class MatMulNBitsLoweringPass(ir.passes.InPlacePass):
     """Replace MatMul/Gemm layers whose weight alone is annotated (weight-only) by MatMulNBits.
 
-    An activation spec on the same layer (W4A8) stays on the new node's input A for the QDQ lowering after it.
+    An activation spec on the same layer (W4A8) stays on the new node's input A for the QDQ lowering after it. A layer
+    that the nbits-accuracy pass marked unfit for int8 compute gets float compute whatever ``accuracy_level`` says.
     """
 
     def __init__(self, accuracy_level: int = INT8_COMPUTE):
@@ -35,7 +37,8 @@ class MatMulNBitsLoweringPass(ir.passes.InPlacePass):
         for node in list(graph):
             layer = lowerable_weight_only(node)
             if layer is not None:
-                _replace(graph, names, layer, self.accuracy_level)
+                level = self.accuracy_level if node.meta.get(INT8_COMPUTE_KEY, True) else FLOAT_COMPUTE
+                _replace(graph, names, layer, level)
                 modified = True
         if modified:
             graph.opset_imports.setdefault(MICROSOFT_DOMAIN, 1)
@@ -65,6 +68,11 @@ def lowerable_weight_only(node: ir.Node) -> Layer | None:
 def _power_of_two_block(block_size: int) -> bool:
     """MatMulNBits takes block sizes that are powers of two from 16 on."""
     return block_size >= 16 and block_size & (block_size - 1) == 0
+
+
+def kernel_block(spec: QuantSpec, depth: int) -> int:
+    """MatMulNBits' block along K: the spec's block, or one power-of-two block from 16 on that covers K."""
+    return spec.block_size or max(16, 1 << (depth - 1).bit_length())
 
 
 def container_bits(bits: int) -> int:
@@ -116,7 +124,7 @@ def _replace(graph: ir.Graph, names: NameScope, layer: Layer, accuracy_level: in
         scale, zero_point = scale.T, zero_point.T
     rows_by_k = codes.T if layer.in_axis == 0 else codes  # MatMulNBits stores B as [N, K]
     columns, depth = rows_by_k.shape
-    block = spec.block_size or max(16, 1 << (depth - 1).bit_length())
+    block = kernel_block(spec, depth)
     width = container_bits(spec.bits)
     blocks, stored_points = unsigned_blocks(rows_by_k, zero_point, spec, width, block)
     base = layer.weight.name or "weight"

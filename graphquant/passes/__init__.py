@@ -10,6 +10,7 @@ from graphquant.passes.bitmod import BitModPass
 from graphquant.passes.equalize_convs import EqualizeConvsPass
 from graphquant.passes.fold_batchnorm import FoldBatchNormPass
 from graphquant.passes.fold_constants import FoldConstantsPass
+from graphquant.passes.nbits_accuracy import NBitsAccuracyPass
 from graphquant.passes.ocs import OcsPass
 from graphquant.passes.outlier_decompose import OutlierDecomposePass
 from graphquant.passes.preexecute_dequant import PreexecuteDequantPass
@@ -35,6 +36,7 @@ PASSES: dict[str, type[ir.passes.PassBase]] = {
     "bitmod": BitModPass,
     "equalize-convs": EqualizeConvsPass,
     "bias-correct": BiasCorrectPass,
+    "nbits-accuracy": NBitsAccuracyPass,
 }
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "EqualizeConvsPass",
     "FoldBatchNormPass",
     "FoldConstantsPass",
+    "NBitsAccuracyPass",
     "OcsPass",
     "OutlierDecomposePass",
     "PreexecuteDequantPass",

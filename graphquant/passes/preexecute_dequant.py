@@ -15,7 +15,13 @@ from graphquant.analysis.stats import TensorStats
 from graphquant.graph_edit import NameScope
 from graphquant.passes._calibrated import CalibratedGroupPass
 from graphquant.quant_spec import KEEP_FLOAT_KEY, PREEXECUTED_KEY, SCHEME_NOTE_KEY
-from graphquant.rewrites import apply_channel_affine, route_channels_to_float, scale_weight_rows
+from graphquant.rewrites import (
+    apply_channel_affine,
+    route_channels_to_float,
+    row_scalable,
+    scale_rows_at_run_time,
+    scale_weight_rows,
+)
 
 METHODS = ("outliertune", "smoothquant", "os-plus")
 SAMPLE_ROWS = 2048
@@ -36,6 +42,7 @@ class Choice:
     sqnr_db: float
     preexecuted: bool = False
     float_channels: np.ndarray | None = None
+    per_row: bool = False
 
 
 class PreexecuteDequantPass(CalibratedGroupPass):
@@ -57,6 +64,7 @@ class PreexecuteDequantPass(CalibratedGroupPass):
         float_channels: int = 0,
         float_route_below_db: float = 30.0,
         max_float_fraction: float = 0.05,
+        row_scales_below_db: float | None = None,
     ):
         super().__init__(calibrator)
         if method not in METHODS:
@@ -70,6 +78,7 @@ class PreexecuteDequantPass(CalibratedGroupPass):
         self.float_channels = float_channels
         self.float_route_below_db = float_route_below_db
         self.max_float_fraction = max_float_fraction
+        self.row_scales_below_db = row_scales_below_db
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Choose and apply a divisor for every MatMul/Gemm scale group."""
@@ -84,23 +93,35 @@ class PreexecuteDequantPass(CalibratedGroupPass):
         return ir.passes.PassResult(model, modified=modified)
 
     def _choose(self, group: ScaleGroup, stats: TensorStats) -> Choice:
-        """The best-scoring all-integer divisor; outlier channels go to float only where it stays below target."""
+        """The best-scoring static divisor (outlier channels in float only where it stays below target), and where
+        that stays below ``row_scales_below_db``, the best per-token dynamic one if it scores higher."""
         absmax = stats.channel_absmax
         sampled = stats.sample is not None and len(stats.sample) > 0  # no rows: every sampled row was NaN/Inf
         rows = stats.sample if sampled else np.zeros((1, absmax.size), np.float32)
         simulator = GroupSimulator(rows, group.layers)
         best = max(self._scored(simulator, self._candidates(group, absmax)), key=lambda c: c.sqnr_db)
         count = min(self.float_channels, int(self.max_float_fraction * absmax.size))
-        if count < 1 or best.sqnr_db >= self.float_route_below_db:
-            return best
         outliers = np.sort(np.argsort(-absmax, kind="stable")[:count])
-        remaining = absmax.copy()
-        remaining[outliers] = 0
-        routed = [
-            dataclasses.replace(c, float_channels=outliers, label=f"{c.label}, {count} outlier channels in float")
-            for c in self._candidates(group, remaining)
-        ]
-        return max([best, *self._scored(simulator, routed)], key=lambda c: c.sqnr_db)
+        if count >= 1 and best.sqnr_db < self.float_route_below_db:
+            remaining = absmax.copy()
+            remaining[outliers] = 0
+            routed = [_routed(c, outliers) for c in self._candidates(group, remaining)]
+            best = max([best, *self._scored(simulator, routed)], key=lambda c: c.sqnr_db)
+        if (
+            self.row_scales_below_db is None
+            or best.sqnr_db >= self.row_scales_below_db
+            or not row_scalable(group.layers)
+        ):
+            return best
+        dynamic = _row_candidates(absmax)
+        if count >= 1:
+            remaining = absmax.copy()
+            remaining[outliers] = 0
+            dynamic.extend(_routed(c, outliers) for c in _row_candidates(remaining))
+        chosen = max([best, *self._scored(simulator, dynamic)], key=lambda c: c.sqnr_db)
+        if chosen is best:
+            return best
+        return dataclasses.replace(chosen, label=f"{chosen.label}; best static {best.sqnr_db:.1f} dB")
 
     def _scored(self, simulator: GroupSimulator, candidates: list[Choice]) -> list[Choice]:
         """The candidates with their simulated output SQNR filled in."""
@@ -108,7 +129,7 @@ class PreexecuteDequantPass(CalibratedGroupPass):
             dataclasses.replace(
                 c,
                 sqnr_db=simulator.sqnr_db(
-                    c.divisor, self.abits, self.wbits, 1.0 if c.preexecuted else None, c.float_channels
+                    c.divisor, self.abits, self.wbits, 1.0 if c.preexecuted else None, c.float_channels, c.per_row
                 ),
             )
             for c in candidates
@@ -152,7 +173,7 @@ class PreexecuteDequantPass(CalibratedGroupPass):
             return False
         for layer in group.layers:
             layer.node.meta[SCHEME_NOTE_KEY] = note
-        if np.all(choice.divisor == 1) and choice.float_channels is None:
+        if np.all(choice.divisor == 1) and choice.float_channels is None and not choice.per_row:
             return False
         divisor = choice.divisor.astype(np.float32)
         scale = 1.0 / divisor
@@ -164,9 +185,28 @@ class PreexecuteDequantPass(CalibratedGroupPass):
         readers = [layer.node for layer in group.layers]
         migrated, _ = apply_channel_affine(graph, names, group.activation, readers, scale, np.zeros_like(divisor))
         migrated.meta[MIGRATED_KEY] = True
-        if choice.preexecuted:
+        if choice.per_row:
+            migrated = scale_rows_at_run_time(graph, names, migrated, group.layers, 2 ** (self.abits - 1) - 1)
+            migrated.meta[MIGRATED_KEY] = True
+        if choice.preexecuted or choice.per_row:
             migrated.meta[PREEXECUTED_KEY] = self.abits
         return True
+
+
+def _routed(choice: Choice, outliers: np.ndarray) -> Choice:
+    """The choice with the outlier channels on an exact float path."""
+    label = f"{choice.label}, {outliers.size} outlier channels in float"
+    return dataclasses.replace(choice, float_channels=outliers, label=label)
+
+
+def _row_candidates(absmax: np.ndarray) -> list[Choice]:
+    """Per-token dynamic steps, after no migration or a bounded per-channel one."""
+    divisors = [(np.ones_like(absmax), "per-token dynamic")]
+    divisors.extend(
+        (_guarded(_bounded(absmax, exponent)), f"per-token dynamic after step ~ range^{exponent}")
+        for exponent in BOUNDED_EXPONENTS
+    )
+    return [Choice(divisor, label, 0.0, per_row=True) for divisor, label in divisors]
 
 
 def _guarded(divisor: np.ndarray) -> np.ndarray:

@@ -17,7 +17,8 @@ from graphquant.analysis.stats import CalibrationStats, TensorStats
 from graphquant.graph_edit import NameScope
 from graphquant.lowering.qdq import QdqLoweringPass
 from graphquant.passes.quantize import QuantizePass
-from graphquant.rewrites import apply_channel_affine, route_channels_to_float, scale_weight_rows
+from graphquant.quant_spec import PREEXECUTED_KEY
+from graphquant.rewrites import apply_channel_affine, route_channels_to_float, scale_rows_at_run_time, scale_weight_rows
 
 F32 = np.float32
 
@@ -283,3 +284,31 @@ def test_scoring_a_large_layer_makes_no_float64_copy_of_its_weight():
         tracemalloc.stop()
     assert 30.0 < score < 50.0  # W8A8 per-tensor activations on Gaussian data
     assert peak < 2 * weight.nbytes  # a float64 copy of the weight alone would be twice its bytes
+
+
+BIASED = """
+<ir_version: 8, opset_import: ["" : 17]>
+biased (float[N, 16] x) => (float[N, 8] y) {
+  [fc1] y_raw = MatMul(x, w1)
+  [fc1_bias] y = Add(y_raw, b1)
+}
+"""
+
+
+def test_simulated_per_row_sqnr_matches_run_time_row_scales_in_onnxruntime():
+    rng = np.random.default_rng(5)
+    model = build(BIASED, {"w1": weights(rng, 16, 8), "b1": weights(rng, 8)})
+    rows = outlier_rows(rng)
+    rows[::16] *= 300  # sink-like tokens, every 16th row
+    layers = layers_of(model)
+    divisor = np.sqrt(np.abs(rows).max(axis=0))
+    simulated = GroupSimulator(rows, layers).sqnr_db(divisor, 8, 8, per_row=True)
+    candidate = migrated(model, divisor)
+    graph = candidate.graph
+    (layer,) = layers_of(candidate)
+    scale_rows_at_run_time(graph, NameScope(graph), layer.activation, [layer], 127).meta[PREEXECUTED_KEY] = 8
+    QuantizePass(Calibrator.for_model(candidate, [{"x": rows}], show_progress=False))(candidate)
+    QdqLoweringPass()(candidate)
+    measured = channel_averaged_sqnr_db(run(model, {"x": rows}), run(candidate, {"x": rows}))
+    assert simulated == pytest.approx(measured, abs=0.2)
+    assert simulated > GroupSimulator(rows, layers).sqnr_db(divisor, 8, 8) + 6  # per tensor, the tokens set the step

@@ -5,26 +5,30 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-
 from builders import (
     OUTLIER_CHANNELS,
     activation_outputs,
     assert_same_outputs,
     by_name,
-    mlp,
     gaussian_feeds,
     initializer,
     input_layer,
     ln_gemms,
     ln_qkv,
+    mlp,
     ops,
     outlier_feeds,
     post_ln,
+    qkv,
     relu_only,
     run,
+    sqnr_db,
     token_feeds,
 )
+
+from graphquant import rewrites
 from graphquant.analysis.calibration import Calibrator
+from graphquant.lowering import TARGETS
 from graphquant.lowering.qdq import QdqLoweringPass
 from graphquant.passes.preexecute_dequant import MIGRATED_KEY, PreexecuteDequantPass
 from graphquant.passes.quantize import QuantizePass
@@ -328,3 +332,60 @@ def test_a_group_whose_sampled_rows_are_all_nan_or_inf_is_left_per_tensor():
     feeds = [{"x": rng.standard_normal((8, 16)).astype(np.float32)} for _ in range(2)]
     result = PreexecuteDequantPass(calibrator(model, feeds), method="outliertune")(model)
     assert not result.modified  # per-tensor (no migration) is the only scheme the empty sample can score
+
+
+def massive_token_feeds(seed: int, batches: int = 3, rows: int = 64) -> list[dict[str, np.ndarray]]:
+    """Gaussian rows for ``x`` whose first row, like an attention sink's, is 500x larger in every channel."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(batches):
+        x = rng.standard_normal((rows, 8)).astype(np.float32)
+        x[0] *= 500
+        feeds.append({"x": x})
+    return feeds
+
+
+def quantized_sqnr_db(model: ir.Model, reference: ir.Model, target: str, **options) -> float:
+    """Output SQNR against float on held-out massive-token rows after outliertune's passes and a target's lowering."""
+    shared = calibrator(model, massive_token_feeds(30))
+    PreexecuteDequantPass(shared, **options)(model)
+    QuantizePass(shared)(model)
+    for lowering in TARGETS[target]:
+        lowering()(model)
+    # q, k and v on the ordinary rows: the sink row's own error is small next to its size under either scheme.
+    pairs = [(run(reference, feed)[:3], run(model, feed)[:3]) for feed in massive_token_feeds(31)]
+    expected = np.concatenate([out[1:].ravel() for want, _ in pairs for out in want])
+    got = np.concatenate([out[1:].ravel() for _, have in pairs for out in have])
+    return sqnr_db(expected, got)
+
+
+@pytest.mark.parametrize("target", ["qdq", "ort-cpu"])
+def test_per_token_scales_win_where_one_token_dwarfs_the_rest(target):
+    rng = np.random.default_rng(32)
+    model = qkv(rng)
+    reference = model.clone()
+    static = quantized_sqnr_db(model.clone(), reference, target)
+    dynamic_model = model.clone()
+    dynamic = quantized_sqnr_db(dynamic_model, reference, target, row_scales_below_db=60.0)
+    nodes = by_name(dynamic_model)
+    notes = {nodes[name].meta[DECISION_KEY].reason for name in ("q_proj", "k_proj", "v_proj")}
+    assert len(notes) == 1 and next(iter(notes)).startswith("per-token dynamic")
+    assert sum(rewrites.ROW_SCALE_KEY in node.meta for node in dynamic_model.graph) == 3
+    # The sink row sets a static step 500x too wide for the other rows; per-token steps quantize each row on its own.
+    assert dynamic > static + 20, (dynamic, static)
+    assert dynamic > 35
+
+
+def test_groups_that_meet_the_row_scale_target_stay_static():
+    model = qkv(np.random.default_rng(33))
+    PreexecuteDequantPass(calibrator(model, gaussian_feeds(seed=34, features=8)), row_scales_below_db=0.0)(model)
+    assert not any(rewrites.ROW_SCALE_KEY in node.meta for node in model.graph)
+
+
+def test_a_gemm_with_a_bias_input_keeps_static_steps_and_its_outputs():
+    model = ln_gemms(np.random.default_rng(35))
+    reference = model.clone()
+    assert PreexecuteDequantPass(calibrator(model), row_scales_below_db=float("inf"))(model).modified
+    # Gemm adds C inside the op, where a per-row factor on its output would scale it too.
+    assert not any(rewrites.ROW_SCALE_KEY in node.meta for node in model.graph)
+    assert_same_outputs(reference, model, HELD_OUT)
