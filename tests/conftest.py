@@ -45,6 +45,17 @@ def tiny_llama(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     return export_tiny_llama(folder / "llama.onnx", request.param)
 
 
+@pytest.fixture(scope="session", params=["legacy", "dynamo"])
+def tiny_llama_decode(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny Llama's KV-cache decode graph, exported once per session with each torch.onnx exporter."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from builders import export_tiny_llama_decode
+
+    folder = tmp_path_factory.mktemp(f"llama_decode_{request.param}")
+    return export_tiny_llama_decode(folder / "decode.onnx", request.param)
+
+
 @pytest.fixture
 def device_files() -> Iterator[tuple[str, ...]]:
     """/dev/null and /dev/full for tests that try to write over them; should a regression replace one, it is made a

@@ -1,0 +1,78 @@
+"""The tiny Llama's KV-cache decode graph (examples/smollm2.export_decode): it round-trips against the prefill graph
+in onnxruntime, and graphquant's presets quantize its projections, keep the cache float, and keep its greedy tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import graphquant
+from graphquant.analysis.decode import DecodeGraph, agreement, calibration_feeds, generate
+
+VOCAB = 128
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "MatMulIntegerToFloat", "MatMulNBits", "MatMulInteger"}
+
+
+def prefill_logits(path: Path, ids: np.ndarray) -> np.ndarray:
+    """Logits of the cache-free prefill graph."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+
+
+def test_decode_steps_give_the_prefill_logits_at_each_position(tiny_llama, tiny_llama_decode):
+    ids = np.random.default_rng(0).integers(0, VOCAB, (2, 12))
+    expected = prefill_logits(tiny_llama, ids)
+    graph = DecodeGraph.open(tiny_llama_decode)
+    logits, cache = graph.step(ids[:, :7], graph.empty_cache(2))
+    np.testing.assert_allclose(logits, expected[:, :7], atol=1e-5)
+    logits, cache = graph.step(ids[:, 7:9], cache)  # a multi-token step after a cache
+    np.testing.assert_allclose(logits, expected[:, 7:9], atol=1e-5)
+    for position in range(9, 12):
+        logits, cache = graph.step(ids[:, position : position + 1], cache)
+        np.testing.assert_allclose(logits[:, 0], expected[:, position], atol=1e-5)
+    assert all(kv.shape == (2, graph.kv_heads, 12, graph.head_dim) for kv in cache)
+
+
+@pytest.fixture(scope="module")
+def decode_calibration(tiny_llama_decode) -> list[dict[str, np.ndarray]]:
+    """Decode-step calibration feeds of the tiny Llama: 8 random windows of 24 tokens, steps at 3, 11 and 20."""
+    windows = np.random.default_rng(1).integers(0, VOCAB, (8, 24))
+    return calibration_feeds(DecodeGraph.open(tiny_llama_decode), windows, positions=[3, 11, 20], batch_size=4)
+
+
+# Every preset and target on the dynamo export; two on the legacy export, to keep the suite fast.
+PRESET_CASES = [
+    *(("dynamo", recipe, target) for recipe in ("w8a8", "outliertune", "weight-only") for target in ("qdq", "ort-cpu")),
+    ("legacy", "outliertune", "ort-cpu"),
+    ("legacy", "weight-only", "qdq"),
+]
+
+
+@pytest.mark.parametrize(("tiny_llama_decode", "recipe", "target"), PRESET_CASES, indirect=["tiny_llama_decode"])
+def test_presets_quantize_the_projections_keep_the_cache_float_and_the_greedy_tokens(
+    tiny_llama_decode, decode_calibration, recipe, target, tmp_path: Path
+):
+    result = graphquant.optimize(
+        graphquant.load(tiny_llama_decode), recipe, decode_calibration, target=target, show_progress=False
+    )
+    path = tmp_path / "decode.q.onnx"
+    graphquant.save(result, path)
+    model = ir.load(path)
+    assert sum(node.op_type in QUANTIZED_OPS for node in model.graph) >= 15  # 7 projections x 2 layers + lm_head
+    for value in model.graph.inputs:
+        if value.name.startswith("past_key_values."):
+            assert {user.op_type for user, _ in value.uses()} <= {"Concat", "Shape"}
+    for value in model.graph.outputs:
+        assert value.dtype == ir.DataType.FLOAT
+    float_graph, quantized = DecodeGraph.open(tiny_llama_decode), DecodeGraph.open(path)
+    prompts = np.random.default_rng(2).integers(0, VOCAB, (8, 8))
+    reference, candidate = generate(float_graph, prompts, 16), generate(quantized, prompts, 16)
+    assert agreement(reference.tokens, candidate.tokens).all_match >= 0.75
+    step = float_graph.feed(prompts, float_graph.empty_cache(8))
+    want, got = float_graph.session.run(["logits"], step)[0], quantized.session.run(["logits"], step)[0]
+    cosine = float(np.sum(want * got) / np.linalg.norm(want) / np.linalg.norm(got))
+    assert cosine > 0.99
