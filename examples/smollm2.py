@@ -28,6 +28,7 @@ DECODE_INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
 OUTPUT_NAME = "logits"
 OPSET_VERSION = 18
 SEQ_LEN = 128
+DECODE_POSITIONS = (16, 48, 80, 112)
 CALIBRATION_MODULES = ("argparse", "logging", "typing", "inspect")
 EVALUATION_MODULES = ("difflib", "doctest", "threading", "statistics")
 DEFAULT_CACHE = Path(os.environ.get("GRAPHQUANT_LLM_CACHE", "/tmp/graphquant_llm_cache"))
@@ -246,6 +247,38 @@ def cached_export(dynamo: bool = True, cache: Path = DEFAULT_CACHE) -> Path:
     return path if path.exists() else export_prefill(path, dynamo)
 
 
+def cached_decode_export(dynamo: bool = True, cache: Path = DEFAULT_CACHE, model: Any = None) -> Path:
+    """The cached decode export under ``cache``, exported first if it is not there."""
+    path = Path(cache) / f"smollm2_decode_{'dynamo' if dynamo else 'legacy'}.onnx"
+    return path if path.exists() else export_decode(model if model is not None else load_torch_model(), path, dynamo)
+
+
+def write_decode_calibration(folder: Path, windows: int, cache: Path = DEFAULT_CACHE) -> Path:
+    """Decode-step calibration feeds (cache from the FP32 decode graph's prefill of each calibration window, steps at
+    DECODE_POSITIONS), written as an ONNX test-data folder for the CLI's --calib."""
+    from graphquant.analysis.decode import DecodeGraph, calibration_feeds, save_test_data
+
+    graph = DecodeGraph.open(cached_decode_export(cache=cache))
+    feeds = calibration_feeds(graph, token_sequences(CALIBRATION_MODULES, windows), DECODE_POSITIONS)
+    return save_test_data(feeds, folder)
+
+
+def decode_error(path: Path, model: Any, ids: np.ndarray, steps: int) -> float:
+    """Largest |onnxruntime - torch| of the decode graph's logits: a prefill of all but ``steps`` tokens, then one
+    token per step with the cache fed back, against torch's cache-free logits of the whole sequence."""
+    from graphquant.analysis.decode import DecodeGraph
+
+    graph = DecodeGraph.open(path)
+    expected = torch_logits(model, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    prompt = ids.shape[1] - steps
+    logits, cache = graph.step(ids[:, :prompt], graph.empty_cache(len(ids)))
+    errors = [np.abs(logits - expected[:, :prompt]).max()]
+    for position in range(prompt, ids.shape[1]):
+        logits, cache = graph.step(ids[:, position : position + 1], cache)
+        errors.append(np.abs(logits[:, 0] - expected[:, position]).max())
+    return float(max(errors))
+
+
 def torch_logits(model: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
     """Logits of the torch reference for one batch of feeds."""
     import torch
@@ -270,16 +303,26 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--exporter", choices=("dynamo", "legacy", "both", "none"), default="both")
     parser.add_argument("--write-calib", type=Path, help="also write this .npz of calibration windows (for the CLI)")
     parser.add_argument("--calib-seqs", type=int, default=8)
+    parser.add_argument("--graph", choices=("prefill", "decode"), default="prefill", help="which graph to export")
+    parser.add_argument(
+        "--write-decode-calib",
+        type=Path,
+        help="also write decode-step feeds (past key/values) to this test-data folder",
+    )
     return parser.parse_args()
 
 
 def main() -> None:
-    """Export the prefill graph(s) and print the largest logit difference against torch on two held-out sequences."""
+    """Export the prefill or decode graph(s) and print the largest logit difference against torch on two held-out
+    sequences (for the decode graph: through its cache, the last 8 tokens one step at a time)."""
     args = parse_args()
     if args.write_calib is not None:
         ids = token_sequences(CALIBRATION_MODULES, args.calib_seqs)
         np.savez(args.write_calib, input_ids=ids, attention_mask=np.ones_like(ids))
         print(f"wrote {args.write_calib}: {ids.shape[0]} calibration windows of {ids.shape[1]} tokens")
+    if args.write_decode_calib is not None:
+        write_decode_calibration(args.write_decode_calib, args.calib_seqs, args.cache)
+        print(f"wrote {args.write_decode_calib}: decode steps at {DECODE_POSITIONS} of {args.calib_seqs} windows")
     exporters = {"dynamo": (True,), "legacy": (False,), "both": (True, False), "none": ()}[args.exporter]
     if not exporters:
         return
@@ -288,12 +331,16 @@ def main() -> None:
     reference = torch_logits(model, feeds[0])
     for dynamo in exporters:
         start = time.perf_counter()
-        path = Path(args.cache) / f"smollm2_prefill_{'dynamo' if dynamo else 'legacy'}.onnx"
-        export_prefill(path, dynamo, model)
-        (logits,) = onnx_logits(path, feeds)
+        path = Path(args.cache) / f"smollm2_{args.graph}_{'dynamo' if dynamo else 'legacy'}.onnx"
+        if args.graph == "decode":
+            export_decode(model, path, dynamo)
+            error = decode_error(path, model, feeds[0]["input_ids"], steps=8)
+        else:
+            export_prefill(path, dynamo, model)
+            error = float(np.abs(onnx_logits(path, feeds)[0] - reference).max())
         print(
             f"{path}: exported in {time.perf_counter() - start:.1f}s, "
-            f"max |onnxruntime - torch| {np.abs(logits - reference).max():.2e} (logits up to {np.abs(reference).max():.1f})"
+            f"max |onnxruntime - torch| {error:.2e} (logits up to {np.abs(reference).max():.1f})"
         )
 
 

@@ -23,10 +23,11 @@ def prefill_logits(path: Path, ids: np.ndarray) -> np.ndarray:
     return session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
 
 
-def test_decode_steps_give_the_prefill_logits_at_each_position(tiny_llama, tiny_llama_decode):
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_decode_steps_give_the_prefill_logits_at_each_position(llama_exports, exporter):
     ids = np.random.default_rng(0).integers(0, VOCAB, (2, 12))
-    expected = prefill_logits(tiny_llama, ids)
-    graph = DecodeGraph.open(tiny_llama_decode)
+    expected = prefill_logits(llama_exports("prefill", exporter), ids)
+    graph = DecodeGraph.open(llama_exports("decode", exporter))
     logits, cache = graph.step(ids[:, :7], graph.empty_cache(2))
     np.testing.assert_allclose(logits, expected[:, :7], atol=1e-5)
     logits, cache = graph.step(ids[:, 7:9], cache)  # a multi-token step after a cache
@@ -37,13 +38,6 @@ def test_decode_steps_give_the_prefill_logits_at_each_position(tiny_llama, tiny_
     assert all(kv.shape == (2, graph.kv_heads, 12, graph.head_dim) for kv in cache)
 
 
-@pytest.fixture(scope="module")
-def decode_calibration(tiny_llama_decode) -> list[dict[str, np.ndarray]]:
-    """Decode-step calibration feeds of the tiny Llama: 8 random windows of 24 tokens, steps at 3, 11 and 20."""
-    windows = np.random.default_rng(1).integers(0, VOCAB, (8, 24))
-    return calibration_feeds(DecodeGraph.open(tiny_llama_decode), windows, positions=[3, 11, 20], batch_size=4)
-
-
 # Every preset and target on the dynamo export; two on the legacy export, to keep the suite fast.
 PRESET_CASES = [
     *(("dynamo", recipe, target) for recipe in ("w8a8", "outliertune", "weight-only") for target in ("qdq", "ort-cpu")),
@@ -52,13 +46,14 @@ PRESET_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("tiny_llama_decode", "recipe", "target"), PRESET_CASES, indirect=["tiny_llama_decode"])
+@pytest.mark.parametrize(("exporter", "recipe", "target"), PRESET_CASES)
 def test_presets_quantize_the_projections_keep_the_cache_float_and_the_greedy_tokens(
-    tiny_llama_decode, decode_calibration, recipe, target, tmp_path: Path
+    llama_exports, exporter, recipe, target, tmp_path: Path
 ):
-    result = graphquant.optimize(
-        graphquant.load(tiny_llama_decode), recipe, decode_calibration, target=target, show_progress=False
-    )
+    decode = llama_exports("decode", exporter)
+    windows = np.random.default_rng(1).integers(0, VOCAB, (8, 24))
+    calibration = calibration_feeds(DecodeGraph.open(decode), windows, positions=[3, 11, 20], batch_size=4)
+    result = graphquant.optimize(graphquant.load(decode), recipe, calibration, target=target, show_progress=False)
     path = tmp_path / "decode.q.onnx"
     graphquant.save(result, path)
     model = ir.load(path)
@@ -68,7 +63,7 @@ def test_presets_quantize_the_projections_keep_the_cache_float_and_the_greedy_to
             assert {user.op_type for user, _ in value.uses()} <= {"Concat", "Shape"}
     for value in model.graph.outputs:
         assert value.dtype == ir.DataType.FLOAT
-    float_graph, quantized = DecodeGraph.open(tiny_llama_decode), DecodeGraph.open(path)
+    float_graph, quantized = DecodeGraph.open(decode), DecodeGraph.open(path)
     prompts = np.random.default_rng(2).integers(0, VOCAB, (8, 8))
     reference, candidate = generate(float_graph, prompts, 16), generate(quantized, prompts, 16)
     assert agreement(reference.tokens, candidate.tokens).all_match >= 0.75

@@ -69,12 +69,15 @@ def test_a_graph_without_a_cache_is_refused_by_name(tiny_llama):
         DecodeGraph.open(tiny_llama)
 
 
-def test_greedy_generation_follows_the_prefill_graphs_argmax(tiny_llama, tiny_llama_decode):
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_greedy_generation_follows_the_prefill_graphs_argmax(llama_exports, exporter):
     prompts = windows(2, 6, seed=1)
-    generation = generate(DecodeGraph.open(tiny_llama_decode), prompts, steps=5)
+    generation = generate(DecodeGraph.open(llama_exports("decode", exporter)), prompts, steps=5)
     sequence = prompts
     for step in range(5):
-        sequence = np.concatenate([sequence, prefill_logits(tiny_llama, sequence)[:, -1:].argmax(-1)], axis=1)
+        sequence = np.concatenate(
+            [sequence, prefill_logits(llama_exports("prefill", exporter), sequence)[:, -1:].argmax(-1)], axis=1
+        )
     np.testing.assert_array_equal(generation.tokens, sequence[:, 6:])
     assert len(generation.step_seconds) == 2 * 4
 
