@@ -11,7 +11,8 @@ import onnxruntime as ort
 import pytest
 
 import graphquant
-from graphquant.analysis.decode import DecodeGraph, agreement, calibration_feeds, generate
+from graphquant.analysis.decode import DecodeGraph, agreement, calibration_feeds, generate, save_test_data
+from graphquant.cli import main
 
 VOCAB = 128
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "MatMulIntegerToFloat", "MatMulNBits", "MatMulInteger"}
@@ -71,3 +72,17 @@ def test_presets_quantize_the_projections_keep_the_cache_float_and_the_greedy_to
     want, got = float_graph.session.run(["logits"], step)[0], quantized.session.run(["logits"], step)[0]
     cosine = float(np.sum(want * got) / np.linalg.norm(want) / np.linalg.norm(got))
     assert cosine > 0.99
+
+
+def test_the_cli_quantizes_a_decode_graph_from_a_test_data_folder_of_decode_steps(tiny_llama_decode, tmp_path: Path):
+    graph = DecodeGraph.open(tiny_llama_decode)
+    windows = np.random.default_rng(3).integers(0, VOCAB, (4, 16))
+    folder = save_test_data(calibration_feeds(graph, windows, positions=[5, 12]), tmp_path / "calib")
+    out = tmp_path / "decode.q.onnx"
+    assert (
+        main(["optimize", str(tiny_llama_decode), "-o", str(out), "--calib", str(folder), "--target", "ort-cpu"]) == 0
+    )
+    step = graph.feed(windows[:, :6], graph.empty_cache(4))
+    want, got = graph.session.run(["logits"], step)[0], DecodeGraph.open(out).session.run(["logits"], step)[0]
+    assert "MatMulIntegerToFloat" in {node.op_type for node in ir.load(out).graph}
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
