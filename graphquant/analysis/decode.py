@@ -20,7 +20,7 @@ import onnx.numpy_helper
 import onnxruntime as ort
 
 from graphquant.analysis.data import Feed
-from graphquant.errors import CalibrationError, InvalidModelError
+from graphquant.errors import CalibrationError, InvalidModelError, OutputError
 
 PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 LOGITS = "logits"
@@ -136,9 +136,11 @@ def save_test_data(feeds: Sequence[Feed], folder: str | Path) -> Path:
     """Write feeds in the ONNX test-data layout (test_data_set_<k>/input_<n>.pb), which the CLI's --calib reads;
     decode feeds differ in past length, so they cannot share the stacked arrays of an .npz."""
     folder = Path(folder)
+    if folder.exists() and any(folder.glob("test_data_set_*")):
+        raise OutputError(f"{folder}: already holds test_data_set_* folders; write the feeds to a new folder")
     for index, feed in enumerate(feeds):
         data_set = folder / f"test_data_set_{index}"
-        data_set.mkdir(parents=True, exist_ok=False)
+        data_set.mkdir(parents=True)
         for number, (name, array) in enumerate(feed.items()):
             tensor = onnx.numpy_helper.from_array(np.ascontiguousarray(array), name)
             (data_set / f"input_{number}.pb").write_bytes(tensor.SerializeToString())

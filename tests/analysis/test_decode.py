@@ -10,7 +10,7 @@ import pytest
 
 from graphquant.analysis.data import CalibrationData, InputSpec
 from graphquant.analysis.decode import DecodeGraph, agreement, calibration_feeds, generate, save_test_data
-from graphquant.errors import CalibrationError, InvalidModelError
+from graphquant.errors import CalibrationError, InvalidModelError, OutputError
 from graphquant.frontends.onnx_file import load
 
 VOCAB = 128
@@ -51,6 +51,8 @@ def test_calibration_feeds_pass_graphquants_input_checks(tiny_llama_decode, tmp_
     specs = InputSpec.of_model(load(tiny_llama_decode))
     assert [sorted(feed) for feed in CalibrationData(feeds, specs)] == [sorted(feed) for feed in feeds]
     read = list(CalibrationData(save_test_data(feeds, tmp_path / "calib"), specs))
+    with pytest.raises(OutputError, match="calib: already holds test_data_set_"):
+        save_test_data(feeds, tmp_path / "calib")
     assert len(read) == len(feeds)
     for got, want in zip(read, feeds):
         assert sorted(got) == sorted(want)
@@ -62,6 +64,11 @@ def test_calibration_feeds_pass_graphquants_input_checks(tiny_llama_decode, tmp_
 def test_calibration_positions_outside_the_window_are_refused(tiny_llama_decode, positions):
     with pytest.raises(CalibrationError, match="decode positions must lie in 1..7"):
         calibration_feeds(DecodeGraph.open(tiny_llama_decode), windows(2, 8), positions)
+
+
+def test_token_windows_must_be_an_integer_matrix(tiny_llama_decode):
+    with pytest.raises(CalibrationError, match=r"integer array \[windows, seq\], got float64 \(2, 8\)"):
+        calibration_feeds(DecodeGraph.open(tiny_llama_decode), windows(2, 8).astype(np.float64), [3])
 
 
 def test_a_graph_without_a_cache_is_refused_by_name(tiny_llama):
