@@ -53,23 +53,27 @@ class Row:
     error: str = ""
 
 
-def dynamic_row(fp32: Path, out: Path) -> Row:
+def dynamic_row(fp32: Path, out: Path, reuse: bool) -> Row:
     """onnxruntime's quantize_dynamic on the decode graph."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     path = out / f"decode_{slug(ORT_DYNAMIC)}.onnx"
+    if reuse and path.exists():
+        return Row(ORT_DYNAMIC, path)
     log(f"[ort] {ORT_DYNAMIC} ...")
     start = time.perf_counter()
     quantize_dynamic(fp32, path, per_channel=True, weight_type=QuantType.QInt8)
     return Row(ORT_DYNAMIC, path, time.perf_counter() - start)
 
 
-def graphquant_row(fp32: Path, calib: list[dict[str, np.ndarray]], out: Path, key: str) -> Row:
+def graphquant_row(fp32: Path, calib: list[dict[str, np.ndarray]], out: Path, key: str, reuse: bool) -> Row:
     """One graphquant config on the decode graph (quant time includes its validation run on the same feeds)."""
     import graphquant
 
     label, recipe, target = CONFIGS[key]
     path = out / f"decode_{slug(label)}.onnx"
+    if reuse and path.exists():
+        return Row(label, path)
     log(f"[graphquant] {label} ...")
     start = time.perf_counter()
     try:
@@ -145,6 +149,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated keys of {sorted(CONFIGS)}")
     parser.add_argument("--no-ort", action="store_true", help="skip quantize_dynamic")
+    parser.add_argument(
+        "--reuse", action="store_true", help="reuse the models an earlier run left in --out (no quant time then)"
+    )
     return parser.parse_args()
 
 
@@ -162,8 +169,8 @@ def main() -> None:
     prompts = smollm2.token_sequences(smollm2.EVALUATION_MODULES, args.prompts)[:, : args.prompt_len]
     rows = [Row(f"FP32 (torch.onnx {args.exporter} export)", fp32)]
     if not args.no_ort:
-        rows.append(dynamic_row(fp32, out))
-    rows += [graphquant_row(fp32, calib, out, key) for key in args.configs.split(",") if key]
+        rows.append(dynamic_row(fp32, out, args.reuse))
+    rows += [graphquant_row(fp32, calib, out, key, args.reuse) for key in args.configs.split(",") if key]
     generated = generate_all(rows, prompts, args.steps)
     header = (
         f"SmolLM2-135M-Instruct decode graph with KV cache (torch.onnx {args.exporter} export, "
