@@ -346,8 +346,19 @@ LLAMA_LAYERS = 2
 
 
 def export_tiny_llama(path: Path, exporter: str) -> Path:
-    """A random-initialised 2-layer LlamaForCausalLM (RMSNorm, SwiGLU, GQA, tied embeddings), prefill graph
-    (input_ids, attention_mask) -> logits, exported with torch.onnx ("dynamo" or "legacy"); no download.
+    """The tiny Llama's prefill graph (input_ids, attention_mask) -> logits, exported with torch.onnx ("dynamo" or
+    "legacy")."""
+    return _export_logits(tiny_llama_model(), path, exporter)
+
+
+def export_tiny_llama_decode(path: Path, exporter: str) -> Path:
+    """The tiny Llama's KV-cache decode graph, exported with examples/smollm2.py's decode exporter."""
+    return examples_module("smollm2").export_decode(tiny_llama_model(), path, dynamo=exporter == "dynamo")
+
+
+def tiny_llama_model() -> Any:
+    """A random-initialised 2-layer LlamaForCausalLM (RMSNorm, SwiGLU, GQA, tied embeddings), the same on every
+    call; no download.
 
     The RMSNorm weights are drawn in [0.5, 2] and a few residual channels are made large, as in real LLMs.
     """
@@ -371,7 +382,7 @@ def export_tiny_llama(path: Path, exporter: str) -> Path:
             if name.endswith("norm.weight"):
                 parameter.uniform_(0.5, 2.0)
         model.model.embed_tokens.weight[:, [3, 17]] *= 20.0
-    return _export_logits(model, path, exporter)
+    return model
 
 
 def _export_logits(model: Any, path: Path, exporter: str) -> Path:

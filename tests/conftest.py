@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -47,15 +47,39 @@ def minilm_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return examples_module("minilm").export_minilm(tmp_path_factory.mktemp("minilm") / "minilm.onnx", seq_len=32)
 
 
-@pytest.fixture(scope="session", params=["legacy", "dynamo"])
-def tiny_llama(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-initialised 2-layer Llama prefill graph, exported once per session with each torch.onnx exporter."""
+@pytest.fixture(scope="session")
+def llama_exports(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], Path]:
+    """The tiny random-initialised 2-layer Llama's graphs by (graph, exporter): graph "prefill" (input_ids,
+    attention_mask -> logits) or "decode" (KV cache in and out), exporter "legacy" or "dynamo"; each exported once per
+    session, whatever order the tests ask in."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from builders import export_tiny_llama
+    from builders import export_tiny_llama, export_tiny_llama_decode
 
-    folder = tmp_path_factory.mktemp(f"llama_{request.param}")
-    return export_tiny_llama(folder / "llama.onnx", request.param)
+    exported: dict[tuple[str, str], Path] = {}
+
+    def export(graph: str, exporter: str) -> Path:
+        """The path of one export, made on first use."""
+        if (graph, exporter) not in exported:
+            build = {"prefill": export_tiny_llama, "decode": export_tiny_llama_decode}[graph]
+            exported[graph, exporter] = build(
+                tmp_path_factory.mktemp(f"llama_{graph}_{exporter}") / "llama.onnx", exporter
+            )
+        return exported[graph, exporter]
+
+    return export
+
+
+@pytest.fixture(scope="session", params=["legacy", "dynamo"])
+def tiny_llama(request: pytest.FixtureRequest, llama_exports: Callable[[str, str], Path]) -> Path:
+    """The tiny Llama's prefill graph, with each torch.onnx exporter."""
+    return llama_exports("prefill", request.param)
+
+
+@pytest.fixture(scope="session", params=["legacy", "dynamo"])
+def tiny_llama_decode(request: pytest.FixtureRequest, llama_exports: Callable[[str, str], Path]) -> Path:
+    """The same tiny Llama's KV-cache decode graph, with each torch.onnx exporter."""
+    return llama_exports("decode", request.param)
 
 
 @pytest.fixture
