@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -33,11 +33,17 @@ class Calibrator:
         return cls(CalibrationData(source, InputSpec.of_model(model)), show_progress)
 
     def collect(
-        self, model: ir.Model, tensor_names: Sequence[str], sample_rows: int = 0, gram_names: Sequence[str] = ()
+        self,
+        model: ir.Model,
+        tensor_names: Sequence[str],
+        sample_rows: int = 0,
+        gram_names: Sequence[str] = (),
+        observe: Callable[[str, np.ndarray], None] | None = None,
     ) -> CalibrationStats:
         """Run the model over the data once and reduce the named tensors per batch (keeping a bounded row sample).
 
-        Tensors in ``gram_names`` also accumulate their channel Gram matrix X^T X.
+        Tensors in ``gram_names`` also accumulate their channel Gram matrix X^T X. ``observe(name, batch)`` also sees
+        every float batch of the named tensors (e.g. analysis/conv_gram.py's im2col Grams).
         """
         names = sorted(set(tensor_names))
         stats = CalibrationStats()
@@ -48,6 +54,8 @@ class Calibrator:
                 for name, value in zip(names, run_views(session, names, feed)):
                     if np.issubdtype(np.asarray(value).dtype, np.floating):
                         stats.update(name, value, sample_rows, gram=name in gram_names)
+                        if observe is not None:
+                            observe(name, value)
                 stats.batches += 1
             del session  # before open_session unmaps the weights that it shares
         self._check_finite(stats)
