@@ -49,11 +49,11 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("weight-only W4, no GPTQ (qdq)", "weight-only", NO_GPTQ),
     ("weight-only W4 (qdq)", "weight-only", {}),
     ("weight-only W4 + keep-8bit (qdq)", "weight-only", KEPT),
+    ("weight-only W4 block 16 + keep-8bit (qdq)", "weight-only", {**KEPT, "block_size": 16}),
     ("w4a8, no GPTQ (ort-cpu)", "w4a8", NO_GPTQ),
     ("w4a8 (ort-cpu)", "w4a8", {}),
     ("w4a8 + keep-8bit (ort-cpu)", "w4a8", KEPT),
     ("splitquant W4 (qdq)", "splitquant", {}),
-    ("splitquant W4 + keep-8bit (qdq)", "splitquant", KEPT),
     ("bitmod W4 (qdq)", "bitmod", {}),
 ]
 
