@@ -23,6 +23,8 @@ def matching_layers(layers: Sequence[Layer], patterns: Sequence[str]) -> set[ir.
     Roles: ``@first`` and ``@last`` (the first and last quantizable layer in graph order, e.g. a CNN's stem conv and
     its classifier), ``@depthwise`` (a Conv with one input channel per group). A non-string raises TypeError, an unknown role ValueError.
     """
+    if isinstance(patterns, str):
+        raise TypeError(f"keep_8bit must be a list of patterns, got the string {patterns!r}")
     for pattern in patterns:
         if not isinstance(pattern, str):
             raise TypeError(f"keep_8bit patterns must be strings, got {pattern!r}")

@@ -100,8 +100,8 @@ class QuantizePass(ir.passes.InPlacePass):
         self.gptq = gptq
         self.gptq_act_order = gptq_act_order
         self.overrides = tuple(overrides)
+        self._kept_8bit = matching_layers([], keep_8bit)  # checks the patterns; call() fills it
         self.keep_8bit = tuple(keep_8bit)
-        self._kept_8bit = matching_layers([], self.keep_8bit)  # checks the patterns; call() fills it
         for options in [self.defaults, *(self._options_for_pattern(o) for o in self.overrides)]:
             _check_bits(options)
 

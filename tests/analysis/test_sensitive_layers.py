@@ -50,7 +50,7 @@ def test_patterns_select_layers_by_name_and_role(patterns, names):
     assert {node.name for node in matching_layers(layers(model), patterns)} == names
 
 
-@pytest.mark.parametrize(("patterns", "error"), [(("@stem",), ValueError), ((3,), TypeError)])
+@pytest.mark.parametrize(("patterns", "error"), [(("@stem",), ValueError), ((3,), TypeError), ("@first", TypeError)])
 def test_unknown_roles_and_non_strings_are_refused(patterns, error):
     with pytest.raises(error, match="keep_8bit"):
         QuantizePass(wbits=4, abits=0, keep_8bit=patterns)
