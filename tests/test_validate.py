@@ -117,3 +117,5 @@ def test_compare_models_on_identical_models():
     assert results["y"].within_tolerance
     assert results["y"].max_abs_error == 0.0
     assert results["y"].cosine == pytest.approx(1.0, abs=1e-12)
+
+
