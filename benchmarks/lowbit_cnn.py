@@ -45,6 +45,7 @@ KEPT = {"keep_8bit": KEEP_8BIT}
 # (label, recipe, options for graphquant.optimize)
 CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("weight-only W8 (qdq)", "weight-only", {"wbits": 8}),
+    ("weight-only W8, no GPTQ (qdq)", "weight-only", {"wbits": 8, **NO_GPTQ}),
     ("weight-only W4, no GPTQ (qdq)", "weight-only", NO_GPTQ),
     ("weight-only W4 (qdq)", "weight-only", {}),
     ("weight-only W4 + keep-8bit (qdq)", "weight-only", KEPT),
