@@ -46,7 +46,7 @@ def gptq_round(
     hessian = gram.astype(np.float64).copy()
     dead = np.diag(hessian) <= 0
     hessian[dead, dead] = 1.0
-    weights[dead] = 0.0
+    # weights[dead] keep their values: rounded to nearest, their error not pushed (their row of H is 0 but the 1)
     energy = np.diag(gram).astype(np.float64)[:, None]
     rows = weights.shape[0]
     order = np.argsort(-np.diag(gram), kind="stable") if act_order else np.arange(rows)

@@ -58,12 +58,15 @@ def test_uncorrelated_equal_energy_inputs_make_gptq_plain_rounding():
     np.testing.assert_allclose(rounded, expected, atol=1e-12)
 
 
-def test_channels_that_never_fire_get_zero_weights():
+def test_channels_that_never_fire_keep_their_weights_rounded_to_nearest():
+    """Zero on the calibration data is not zero on all data: such a row is rounded, and no error is pushed into it."""
     rng = np.random.default_rng(4)
     x = correlated_inputs(rng, 128, 16)
     x[:, 5] = 0.0
-    rounded, _, _ = gptq_round(rng.standard_normal((16, 4)), x.T @ x, 4, True, 16, clip_search=False)
-    np.testing.assert_array_equal(rounded[5], 0.0)
+    weight = rng.standard_normal((16, 4))
+    rounded, lows, highs = gptq_round(weight, x.T @ x, 4, True, 16, clip_search=False)
+    np.testing.assert_array_equal(rounded[5], round_trip(weight[5], lows[0], highs[0], 4, True))
+    assert np.abs(rounded[5]).max() > 0
 
 
 TWO_LAYERS = """
