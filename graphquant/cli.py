@@ -158,6 +158,10 @@ def _parser() -> argparse.ArgumentParser:
     optimize.add_argument("--embed-bits", type=int, help="bits of the embedding tables (recipes that quantize them)")
     optimize.add_argument("--embed-block-size", type=int, help="embedding block size along the hidden axis")
     optimize.add_argument("--max-overhead", type=float, help="extra MACs the split passes may add (default 0.10)")
+    optimize.add_argument(
+        "--keep-8bit",
+        help="comma-separated node-name globs or roles (@first, @last, @depthwise) whose weights stay 8-bit",
+    )
     optimize.add_argument("--passes", help="comma-separated pass names replacing the recipe's list")
     optimize.add_argument("--target", choices=sorted(TARGETS))
     optimize.add_argument("--report", type=Path, help="write the run report as JSON (same rules as -o)")
@@ -229,6 +233,7 @@ def _optimize(args: argparse.Namespace) -> int:
         embed_bits=args.embed_bits,
         embed_block_size=args.embed_block_size,
         max_overhead=args.max_overhead,
+        keep_8bit=tuple(p.strip() for p in args.keep_8bit.split(",") if p.strip()) if args.keep_8bit else None,
         min_cosine=args.min_cosine,
         keep_failed=args.keep_failed,
         max_drop=args.max_drop,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -33,11 +33,17 @@ class Calibrator:
         return cls(CalibrationData(source, InputSpec.of_model(model)), show_progress)
 
     def collect(
-        self, model: ir.Model, tensor_names: Sequence[str], sample_rows: int = 0, gram_names: Sequence[str] = ()
+        self,
+        model: ir.Model,
+        tensor_names: Sequence[str],
+        sample_rows: int = 0,
+        gram_names: Sequence[str] = (),
+        observe: Callable[[str, np.ndarray], None] | None = None,
     ) -> CalibrationStats:
         """Run the model over the data once and reduce the named tensors per batch (keeping a bounded row sample).
 
-        Tensors in ``gram_names`` also accumulate their channel Gram matrix X^T X.
+        Tensors in ``gram_names`` also accumulate their channel Gram matrix X^T X. ``observe(name, batch)`` also sees
+        every float batch of the named tensors (e.g. analysis/conv_gram.py's im2col Grams).
         """
         names = sorted(set(tensor_names))
         stats = CalibrationStats()
@@ -45,7 +51,7 @@ class Calibrator:
             return stats
         with open_session(model, names) as session:
             for feed in progress.bar(self.data, "calibrating", unit="batch", show=self.show_progress):
-                _reduce(stats, dict(zip(names, run_views(session, names, feed))), sample_rows, gram_names)
+                _reduce(stats, dict(zip(names, run_views(session, names, feed))), sample_rows, gram_names, observe)
                 stats.batches += 1
             del session  # before open_session unmaps the weights that it shares
         self._check_finite(stats)
@@ -71,10 +77,16 @@ class Calibrator:
 
 
 def _reduce(
-    stats: CalibrationStats, outputs: dict[str, np.ndarray], sample_rows: int, gram_names: Sequence[str]
+    stats: CalibrationStats,
+    outputs: dict[str, np.ndarray],
+    sample_rows: int,
+    gram_names: Sequence[str],
+    observe: Callable[[str, np.ndarray], None] | None,
 ) -> None:
     """Fold one batch's float outputs into the statistics, dropping each once reduced (none outlives the call)."""
     for name in list(outputs):
         value = outputs.pop(name)
         if np.issubdtype(np.asarray(value).dtype, np.floating):
             stats.update(name, value, sample_rows, gram=name in gram_names)
+            if observe is not None:
+                observe(name, value)

@@ -9,7 +9,7 @@ histogram that percentile and MSE ranges read. Per-tensor min and max stay exact
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -40,8 +40,13 @@ def collect(
     names: Sequence[str],
     conv_ranks: Mapping[str, int],
     gram_names: Sequence[str] = (),
+    observe: Callable[[str, np.ndarray], None] | None = None,
+    observed: Collection[str] = (),
 ) -> CalibrationStats:
-    """Statistics of every named tensor in one calibration run; those in ``conv_ranks`` are reduced in the graph."""
+    """Statistics of every named tensor in one calibration run; those in ``conv_ranks`` are reduced in the graph.
+
+    ``observe`` sees every batch of the ``observed`` tensors whole (e.g. analysis/conv_gram.py's im2col Grams).
+    """
     probe = model.clone()
     values = values_by_name(probe.graph)
     scope = NameScope(probe.graph)
@@ -51,8 +56,9 @@ def collect(
         if value is not None and rank >= 3:
             reduced[name] = _append_probes(probe, scope, value, rank)
     plain = [name for name in names if name not in reduced]
+    whole = [name for name in observed if name in reduced]
     outputs = [output for probes in reduced.values() for output in probes.values()]
-    stats = calibrator.collect(probe, plain + outputs, gram_names=gram_names)
+    stats = calibrator.collect(probe, plain + whole + outputs, gram_names=gram_names, observe=observe)
     result = CalibrationStats({name: stats[name] for name in plain if name in stats}, stats.batches)
     for name, probes in reduced.items():
         if all(output in stats for output in probes.values()):

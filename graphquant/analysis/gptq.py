@@ -1,10 +1,24 @@
-"""GPTQ (Frantar et al.): round one input channel at a time and push its error onto the channels not yet rounded."""
+"""GPTQ (Frantar et al.): round one input channel at a time and push its error onto the channels not yet rounded.
+
+Conv weights use the im2col Grams of analysis/conv_gram.py, per group.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-from graphquant.analysis.weight_fit import fit_ranges, round_trip
+from graphquant.analysis.layers import Layer
+from graphquant.analysis.weight_fit import (
+    WeightScheme,
+    block_rows,
+    fit_ranges,
+    from_in_major,
+    in_major,
+    output_error_ranges,
+    round_trip,
+    spec_from_ranges,
+)
+from graphquant.quant_spec import QuantSpec
 
 # Rows rounded together before their error is pushed onto the remaining rows in one matrix product.
 LAZY_ROWS = 128
@@ -32,7 +46,7 @@ def gptq_round(
     hessian = gram.astype(np.float64).copy()
     dead = np.diag(hessian) <= 0
     hessian[dead, dead] = 1.0
-    weights[dead] = 0.0
+    # weights[dead] keep their values: rounded to nearest, their error not pushed (their row of H is 0 but the 1)
     energy = np.diag(gram).astype(np.float64)[:, None]
     rows = weights.shape[0]
     order = np.argsort(-np.diag(gram), kind="stable") if act_order else np.arange(rows)
@@ -62,3 +76,40 @@ def gptq_round(
     restored = np.empty_like(rounded)
     restored[order] = rounded
     return restored, np.stack(lows), np.stack(highs)
+
+
+def grouped_gptq_round(
+    matrix: np.ndarray,
+    grams: np.ndarray,
+    bits: int,
+    symmetric: bool,
+    block: int,
+    clip_search: bool,
+    act_order: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """gptq_round for a grouped Conv: the output channels (columns) of group g share the Gram grams[g] of its patches."""
+    width = matrix.shape[1] // grams.shape[0]
+    parts = [
+        gptq_round(matrix[:, g * width : (g + 1) * width], gram, bits, symmetric, block, clip_search, act_order)
+        for g, gram in enumerate(grams)
+    ]
+    return tuple(np.concatenate(arrays, axis=1) for arrays in zip(*parts))  # type: ignore[return-value]
+
+
+def conv_weight_fit(
+    layer: Layer, scheme: WeightScheme, grams: np.ndarray, act_order: bool
+) -> tuple[QuantSpec, np.ndarray | None, str]:
+    """A Conv weight's spec from its im2col Grams, the GPTQ-rounded weight (None: the spec alone) and a label suffix.
+
+    Depthwise weights (one input channel per group, 9 or 25 weights per output channel) get per-channel grids
+    chosen by output error; other convs GPTQ per group.
+    """
+    matrix = in_major(layer)
+    if layer.node.op_type == "Conv" and layer.weight_array.shape[1] == 1:
+        low, high = output_error_ranges(matrix, grams, scheme.bits, scheme.symmetric)
+        return spec_from_ranges(layer, scheme, low, high), None, " output-error grids"
+    rounded, low, high = grouped_gptq_round(
+        matrix, grams, scheme.bits, scheme.symmetric, block_rows(layer, scheme), scheme.clip_search, act_order
+    )
+    spec = spec_from_ranges(layer, scheme, low, high)
+    return spec, from_in_major(layer, rounded), " GPTQ act-order" if act_order else " GPTQ"

@@ -149,12 +149,14 @@ def run_views(session: ort.InferenceSession, names: Sequence[str], feed: Feed) -
 
     onnxruntime's run-time failure is an InvalidModelError ("cannot run the model").
     """
-    inputs = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) for name, value in feed.items()}
+    arrays = {name: np.ascontiguousarray(value) for name, value in feed.items()}
+    inputs = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
     try:
         outputs = session.run_with_ort_values(list(names), inputs)
     except Exception as exc:  # onnxruntime raises its own untyped exceptions
         raise InvalidModelError(f"onnxruntime cannot run the model: {_first_line(exc)}") from exc
-    return [value.numpy() for value in outputs]
+    # A graph input comes back as a view of its OrtValue, which does not keep the array alive: return the array.
+    return [arrays[name] if name in arrays else value.numpy() for name, value in zip(names, outputs)]
 
 
 @contextlib.contextmanager

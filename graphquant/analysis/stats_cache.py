@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -32,16 +32,26 @@ class CachingCalibrator(Calibrator):
         self._batches = 0
 
     def collect(
-        self, model: ir.Model, tensor_names: Sequence[str], sample_rows: int = 0, gram_names: Sequence[str] = ()
+        self,
+        model: ir.Model,
+        tensor_names: Sequence[str],
+        sample_rows: int = 0,
+        gram_names: Sequence[str] = (),
+        observe: Callable[[str, np.ndarray], None] | None = None,
     ) -> CalibrationStats:
-        """The statistics of the named tensors, calibrating (once, for all missing ones) only what is not cached."""
+        """The statistics of the named tensors, calibrating (once, for all missing ones) only what is not cached.
+
+        An ``observe`` callback needs every batch, so it makes the run calibrate all the named tensors afresh.
+        """
         names = sorted(set(tensor_names))
         keys = value_digests(model.graph, names)
-        missing = [name for name in names if not self._usable(keys[name], sample_rows, name in gram_names)]
+        usable = observe is None
+        missing = [name for name in names if not (usable and self._usable(keys[name], sample_rows, name in gram_names))]
         self.hits += len(names) - len(missing)
         if missing:
             self.runs += 1
-            fresh = super().collect(model, missing, sample_rows, [name for name in gram_names if name in missing])
+            grams = [name for name in gram_names if name in missing]
+            fresh = super().collect(model, missing, sample_rows, grams, observe)
             self._batches = fresh.batches
             for name in missing:
                 self._cache[keys[name]] = fresh.tensors.get(name, _NOT_REDUCED)

@@ -33,21 +33,52 @@ class WeightScheme:
         return label + (" clip-searched" if self.clip_search else "")
 
     def blocked(self, layer: Layer) -> bool:
-        """Whether this layer gets blocks (2-D weights only; Conv stays per output channel)."""
-        return self.block_size is not None and layer.weight_array.ndim == 2
+        """Whether this layer gets blocks: 2-D weights, and Conv weights whose blocks fit along axis 1.
+
+        A Conv block runs over ``block_size`` input channels at one kernel tap (opset-21 DequantizeLinear blocks on
+        axis 1 of [C_out, C_in/group, k...]), so it needs 1x1 kernels or C_in/group a multiple of the block size;
+        other Conv weights (depthwise ones included) stay per output channel. ConvTranspose stays per channel.
+        """
+        if self.block_size is None:
+            return False
+        weight = layer.weight_array
+        if weight.ndim == 2:
+            return True
+        taps, channels = int(np.prod(weight.shape[2:])), weight.shape[1]
+        return layer.node.op_type == "Conv" and channels > 1 and (taps == 1 or channels % self.block_size == 0)
+
+
+def _tap_major_axes(layer: Layer) -> tuple[int, ...]:
+    """The weight axes in in_major order: output channel, then the kernel taps, then the input channel."""
+    ndim = layer.weight_array.ndim
+    assert layer.out_axis is not None
+    return (layer.out_axis, *range(2, ndim), layer.in_axis)
 
 
 def in_major(layer: Layer, dtype: type[np.floating] = np.float64) -> np.ndarray:
-    """The weight as [rows along the input channels, output channels] (Conv: C_in*kh*kw rows), a view where it can.
+    """The weight as [rows along the input channels, output channels], a view where it can.
 
-    A per-tensor weight (out_axis None, e.g. a grouped ConvTranspose) is one column.
+    A Conv/ConvTranspose weight has C_in/group·taps rows, tap-major ((k..., c) order, the im2col column order of
+    analysis/conv_gram.py), so that a block of rows is a block of input channels at one tap. A per-tensor weight
+    (out_axis None, e.g. a grouped ConvTranspose) is one column.
     """
     weight = layer.weight_array.astype(dtype, copy=False)
     if layer.out_axis is None:
         return weight.reshape(-1, 1)
     if weight.ndim == 2:
         return weight if layer.in_axis == 0 else weight.T
-    return np.moveaxis(weight, layer.out_axis, 0).reshape(weight.shape[layer.out_axis], -1).T
+    return np.transpose(weight, _tap_major_axes(layer)).reshape(weight.shape[layer.out_axis], -1).T
+
+
+def from_in_major(layer: Layer, matrix: np.ndarray) -> np.ndarray:
+    """The inverse of in_major: a [rows, output channels] matrix back in the layout of the layer's weight."""
+    shape = layer.weight_array.shape
+    if layer.out_axis is None:
+        return matrix.reshape(shape)
+    if len(shape) == 2:
+        return matrix if layer.in_axis == 0 else matrix.T
+    axes = _tap_major_axes(layer)
+    return np.transpose(matrix.T.reshape([shape[axis] for axis in axes]), np.argsort(axes))
 
 
 def in_major_rows(layer: Layer) -> int:
@@ -93,6 +124,10 @@ def spec_from_ranges(layer: Layer, scheme: WeightScheme, low: np.ndarray, high: 
         low, high, axis = low[0], high[0], layer.out_axis
         if axis is None:  # a per-tensor weight is one column of in_major(layer)
             low, high = low.reshape(()), high.reshape(())
+    elif layer.weight_array.ndim > 2:  # tap-major blocks [(k..., c-block), C_out] -> [C_out, c-block, k...]
+        kernel = layer.weight_array.shape[2:]
+        low, high = (np.moveaxis(r.reshape(*kernel, -1, r.shape[-1]), (-1, -2), (0, 1)) for r in (low, high))
+        axis = 1
     elif layer.in_axis == 0:
         axis = 0
     else:
@@ -163,3 +198,25 @@ def _blocked(matrix: np.ndarray, block: int) -> np.ndarray:
     padded = np.zeros((count * block, columns), dtype=np.float64)
     padded[:rows] = matrix
     return padded.reshape(count, block, columns)
+
+
+def output_error_ranges(
+    matrix: np.ndarray, grams: np.ndarray, bits: int, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of [K, N] weights, the CLIP_RATIOS range minimizing the output error d^T H d (d = w - q(w)).
+
+    ``grams`` holds one [K, K] input Gram per group of columns ([groups, K, K], N a multiple of groups): for a
+    depthwise Conv, each channel's 9 or 25 weights against the Gram of its own patches. Returns [1, N] ranges.
+    """
+    weights = matrix.astype(np.float64)
+    hessians = np.repeat(grams, weights.shape[1] // grams.shape[0], axis=0)  # [N, K, K]
+    low, high = fit_ranges(weights, np.ones((weights.shape[0], 1)), bits, symmetric, weights.shape[0], False)
+    best_error, best_low, best_high = np.full(low.shape, np.inf), low, high
+    for ratio in CLIP_RATIOS:
+        error = weights - round_trip(weights, low * ratio, high * ratio, bits, symmetric)
+        energy = np.einsum("kn,nkl,ln->n", error, hessians, error)[None, :]
+        better = energy < best_error
+        best_error = np.where(better, energy, best_error)
+        best_low = np.where(better, low * ratio, best_low)
+        best_high = np.where(better, high * ratio, best_high)
+    return best_low, best_high

@@ -9,6 +9,7 @@ import onnx_ir as ir
 
 from graphquant.analysis.bitmod import BITMOD_TYPES, CLIP_RATIOS, GROUP_SIZE, BitModWeight, quantize_weight
 from graphquant.analysis.layers import Candidate, Layer, candidates
+from graphquant.analysis.weight_fit import in_major
 from graphquant.graph_edit import NameScope, add_initializer, remove_if_unused
 from graphquant.quant_spec import DECISION_KEY, INPUT_SPECS_KEY, KEEP_FLOAT_KEY, LayerDecision
 from graphquant.rewrites import layer_output
@@ -21,8 +22,9 @@ BITMOD_NOTE = "BitMoD weight-only (weight dequantized in-graph)"
 class BitModPass(ir.passes.InPlacePass):
     """Lossy, weight-only: W[k, n] = lut[code + type·2^b] · scale[k // group, n], codes packed in uint32 words.
 
-    Each MatMul/Gemm with a constant 2-D float weight is rewritten; groups run along the input channels (K)
-    of each output column, and K is zero-padded to a multiple of the group size.
+    Each MatMul/Gemm/Conv/ConvTranspose with a constant float weight is rewritten; groups run along the input channels
+    (K) of each output column, and K is zero-padded to a multiple of the group size. A conv weight is flattened per
+    output kernel (weight_fit.in_major: K = C_in/group·taps, tap-major) and rebuilt by a Reshape and a Transpose.
     """
 
     def __init__(self, *, wbits: int = 4, group_size: int = GROUP_SIZE, clip_search: bool = True):
@@ -60,9 +62,7 @@ class BitModPass(ir.passes.InPlacePass):
         node = candidate.node
         reason = candidate.reason
         if candidate.layer is not None:
-            if node.op_type == "Conv":
-                reason = "Conv: BitMoD takes MatMul/Gemm weights only"
-            elif KEEP_FLOAT_KEY in node.meta:
+            if KEEP_FLOAT_KEY in node.meta:
                 reason = node.meta[KEEP_FLOAT_KEY]
             else:
                 return candidate.layer
@@ -73,21 +73,19 @@ class BitModPass(ir.passes.InPlacePass):
 
     def _dequantizer(self, graph: ir.Graph, names: NameScope, layer: Layer) -> tuple[ir.Value, str]:
         """Quantize the layer's weight as [K, N] and add the subgraph that rebuilds it; also the scheme's summary."""
-        weight = layer.weight_array
-        matrix = weight if layer.in_axis == 0 else weight.T
-        quantized = quantize_weight(matrix, self.wbits, self.group_size, self.clip_ratios)
-        value = _lookup_subgraph(graph, names, layer.weight.name or "weight", quantized)
+        quantized = quantize_weight(in_major(layer, np.float32), self.wbits, self.group_size, self.clip_ratios)
+        value = _lookup_subgraph(graph, names, layer.weight.name or "weight", quantized, layer)
         total = quantized.type_ids.size
         shares = ", ".join(f"{name} {count / total:.0%}" for name, count in quantized.type_counts().items())
         return value, f"BitMoD W{self.wbits} g{self.group_size} (types: {shares})"
 
 
 def _rewire(graph: ir.Graph, layer: Layer, weight: ir.Value, scheme: str) -> None:
-    """Feed the layer the dequantized [K, N] weight (a transB Gemm becomes plain) and record the decision."""
+    """Feed the layer the dequantized weight (a transB Gemm becomes plain) and record the decision."""
     node = layer.node
     old = layer.weight
     node.replace_input_with(layer.weight_index, weight)
-    if layer.in_axis == 1:
+    if node.op_type == "Gemm" and layer.in_axis == 1:
         node.attributes["transB"] = ir.AttrInt64("transB", 0)
     remove_if_unused(graph, old)
     node.meta[KEEP_FLOAT_KEY] = BITMOD_NOTE
@@ -119,7 +117,7 @@ class _Subgraph:
         """A new initializer."""
         return add_initializer(self.graph, self.names, f"{self.base}_bitmod_{suffix}", array)
 
-    def op(self, op_type: str, inputs: list[ir.Value], **attributes: int | str) -> ir.Value:
+    def op(self, op_type: str, inputs: list[ir.Value], **attributes: int | str | list[int]) -> ir.Value:
         """A new node's output."""
         node = ir.node(op_type, inputs, attributes, name=self.names.fresh(f"{self.base}_bitmod_{op_type}"))
         node.outputs[0].name = self.names.fresh(f"{self.base}_bitmod_{op_type.lower()}")
@@ -138,8 +136,8 @@ class _Subgraph:
         return self.op("Slice", [value, *bounds])
 
 
-def _lookup_subgraph(graph: ir.Graph, names: NameScope, base: str, quantized: BitModWeight) -> ir.Value:
-    """W = Gather(lut, code + type offset) · scale per group, reshaped to [K_padded, N] and cut to [K, N]."""
+def _lookup_subgraph(graph: ir.Graph, names: NameScope, base: str, quantized: BitModWeight, layer: Layer) -> ir.Value:
+    """W = Gather(lut, code + type offset) · scale per group, reshaped to [K_padded, N], cut to [K, N], laid out."""
     padded_rows, columns = quantized.codes.shape
     groups = padded_rows // quantized.group_size
     sub = _Subgraph(graph, names, base)
@@ -153,10 +151,25 @@ def _lookup_subgraph(graph: ir.Graph, names: NameScope, base: str, quantized: Bi
     weight = sub.reshape(scaled, (padded_rows, columns))
     if quantized.rows != padded_rows:
         weight = sub.first_rows(weight, quantized.rows)
+    shape = layer.weight_array.shape
+    if len(shape) > 2:
+        weight = _conv_layout(sub, weight, layer)
     weight.dtype = ir.DataType.FLOAT
-    weight.shape = ir.Shape([quantized.rows, columns])
+    weight.shape = ir.Shape(shape if len(shape) > 2 else [quantized.rows, columns])
     graph.insert_before(graph[0], sub.nodes)  # it reads only initializers; the graph holds the layer
     return weight
+
+
+def _conv_layout(sub: _Subgraph, matrix: ir.Value, layer: Layer) -> ir.Value:
+    """The [K, N] matrix of in_major(layer) back in the conv weight's layout (the inverse of weight_fit.in_major)."""
+    shape = layer.weight_array.shape
+    if layer.out_axis is None:
+        return sub.reshape(matrix, shape)
+    axes = (layer.out_axis, *range(2, len(shape)), layer.in_axis)
+    # in_major is transpose(W, axes) as [N, K], transposed: [K, N] -> [k..., c, N], then back to W's axes.
+    stacked = sub.reshape(matrix, (*shape[2:], shape[layer.in_axis], shape[layer.out_axis]))
+    order = (len(shape) - 1, *range(len(shape) - 2), len(shape) - 2)  # -> [N, k..., c], the axes order above
+    return sub.op("Transpose", [stacked], perm=[order[i] for i in np.argsort(axes)])
 
 
 def _unpacked_codes(sub: _Subgraph, quantized: BitModWeight) -> ir.Value:

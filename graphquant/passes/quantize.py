@@ -13,13 +13,16 @@ import onnx_ir as ir
 from graphquant import progress
 from graphquant.analysis import conv_ranges
 from graphquant.analysis.calibration import Calibrator
-from graphquant.analysis.gptq import gptq_round
+from graphquant.analysis.conv_gram import ConvGeometry, ConvGrams
+from graphquant.analysis.gptq import conv_weight_fit, gptq_round
 from graphquant.analysis.layers import Candidate, Layer, candidates, scale_groups
+from graphquant.analysis.sensitive_layers import matching_layers
 from graphquant.analysis.stats import CalibrationStats, TensorStats
 from graphquant.analysis.weight_fit import (
     WeightScheme,
     block_rows,
     fit_weight_spec,
+    from_in_major,
     in_major,
     row_energy,
     spec_from_ranges,
@@ -77,6 +80,8 @@ class QuantizePass(ir.passes.InPlacePass):
     ``abits`` None or 0 keeps activations float (weight-only). Blocks run along the weight's input-channel axis.
     ``overrides`` is the per-layer scheme map: each NodeOverride's glob (fnmatch, on the node name) sets LayerOptions
     fields or a named scheme (SCHEMES: float, w8a8, w4a8, w8, w4) on the layers it matches; later overrides win.
+    ``keep_8bit`` globs (node names, or analysis/sensitive_layers.py's roles such as ``@depthwise``) give the
+    layers they match 8-bit weights, after the overrides.
     """
 
     def __init__(
@@ -93,6 +98,7 @@ class QuantizePass(ir.passes.InPlacePass):
         gptq: bool = False,
         gptq_act_order: bool = False,
         overrides: Sequence[NodeOverride] = (),
+        keep_8bit: tuple[str, ...] = (),
     ):
         super().__init__()
         if activation_method not in ACTIVATION_METHODS:
@@ -107,6 +113,8 @@ class QuantizePass(ir.passes.InPlacePass):
         self.gptq = gptq
         self.gptq_act_order = gptq_act_order
         self.overrides = tuple(overrides)
+        self._kept_8bit = matching_layers([], keep_8bit)  # checks the patterns; call() fills it
+        self.keep_8bit = tuple(keep_8bit)
         for options in [self.defaults, *(self._options_for_pattern(o) for o in self.overrides)]:
             _check_bits(options)
 
@@ -120,18 +128,20 @@ class QuantizePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Annotate every eligible layer; record why the others stay float."""
         graph = model.graph
+        found = list(candidates(graph))
+        self._kept_8bit = matching_layers([c.layer for c in found if c.layer is not None], self.keep_8bit)
         layers: list[Layer] = []
-        for candidate in candidates(graph):
+        for candidate in found:
             if INPUT_SPECS_KEY in candidate.node.meta or _quantized_by_an_earlier_pass(candidate.node):
                 continue
             layer = self._accept(candidate)
             if layer is not None:
                 layers.append(layer)
-        stats = self._activation_stats(model, layers)
+        stats, grams = self._activation_stats(model, layers)
         names = NameScope(graph)
         ordered = [layer for group in scale_groups(layers) for layer in group.layers]
         for layer in progress.bar(ordered, "GPTQ" if self.gptq else "weights", unit="layer"):
-            self._annotate(graph, names, layer, stats)
+            self._annotate(graph, names, layer, stats, grams)
         return ir.passes.PassResult(model, modified=bool(layers))
 
     def _accept(self, candidate: Candidate) -> Layer | None:
@@ -157,7 +167,7 @@ class QuantizePass(ir.passes.InPlacePass):
         for override in self.overrides:
             if fnmatch.fnmatchcase(node.name or "", override.pattern):
                 options = dataclasses.replace(options, **_expanded(override))
-        return options
+        return dataclasses.replace(options, wbits=8) if node in self._kept_8bit else options
 
     def _options_for_pattern(self, override: NodeOverride) -> LayerOptions:
         """An override applied to the defaults, to validate it up front."""
@@ -173,8 +183,11 @@ class QuantizePass(ir.passes.InPlacePass):
         """Whether any layer could get quantized activations."""
         return bool(self.defaults.abits) or any(_expanded(o).get("abits") for o in self.overrides)
 
-    def _activation_stats(self, model: ir.Model, layers: list[Layer]) -> CalibrationStats:
-        """Calibrate the activations of the layers that quantize them, clip-search their weights or run GPTQ."""
+    def _activation_stats(self, model: ir.Model, layers: list[Layer]) -> tuple[CalibrationStats, ConvGrams]:
+        """Calibrate the activations of the layers that quantize them, clip-search their weights or run GPTQ.
+
+        GPTQ's Hessians: X^T X for 2-D weights, the im2col Grams (ConvGrams) for conv weights.
+        """
         names = [
             layer.activation.name or ""
             for layer in layers
@@ -188,22 +201,46 @@ class QuantizePass(ir.passes.InPlacePass):
             for layer in layers
             if layer.node.op_type == "Conv" and self.options_for(layer.node).abits
         ]
+        grams = ConvGrams([layer for layer in layers if self._uses_gptq(layer) and layer.weight_array.ndim > 2])
         if not (names or outputs) or self.calibrator is None:
-            return CalibrationStats()
+            return CalibrationStats(), grams
         gram_names = [layer.activation.name or "" for layer in layers if self._uses_gptq(layer)]
+        matrices = [name for name in gram_names if name not in grams.input_names]
         ranks = conv_ranges.conv_activation_ranks(layers)
-        return conv_ranges.collect(self.calibrator, model, names + outputs, ranks, gram_names=gram_names)
+        stats = conv_ranges.collect(
+            self.calibrator,
+            model,
+            names + outputs,
+            ranks,
+            gram_names=matrices,
+            observe=grams.observe,
+            observed=grams.input_names,
+        )
+        return stats, grams
 
     def _uses_gptq(self, layer: Layer) -> bool:
-        """GPTQ applies to 2-D weights that no other node reads (a tied weight keeps plain rounding)."""
-        return self.gptq and layer.weight_array.ndim == 2 and len(layer.weight.uses()) == 1
+        """GPTQ applies to 2-D and conv weights that no other node reads (a tied weight keeps plain rounding)."""
+        shaped = layer.weight_array.ndim == 2 or ConvGeometry.of_layer(layer) is not None
+        return self.gptq and shaped and len(layer.weight.uses()) == 1
 
     def _weight_spec(
-        self, graph: ir.Graph, names: NameScope, layer: Layer, options: LayerOptions, stats: CalibrationStats
+        self,
+        graph: ir.Graph,
+        names: NameScope,
+        layer: Layer,
+        options: LayerOptions,
+        stats: CalibrationStats,
+        grams: ConvGrams,
     ) -> tuple[QuantSpec, str]:
         """The weight's spec and scheme label; under GPTQ the weight is replaced by its rounded values first."""
         scheme = WeightScheme(options.wbits, options.weight_symmetric, options.block_size, self.weight_clip_search)
         activation = stats.tensors.get(layer.activation.name or "")
+        conv_grams = grams.gram(layer)
+        if conv_grams is not None and self._uses_gptq(layer):
+            spec, rounded, suffix = conv_weight_fit(layer, scheme, conv_grams, self.gptq_act_order)
+            if rounded is not None:  # snapped onto the spec's grid, as below
+                replace_weight(graph, names, layer, spec.dequantize(spec.quantize(rounded)), "gptq")
+            return spec, scheme.describe(layer) + suffix
         if not (self._uses_gptq(layer) and activation is not None and activation.gram is not None):
             energy = row_energy(layer, None if activation is None else activation.channel_mean_square())
             return fit_weight_spec(layer, scheme, energy), scheme.describe(layer)
@@ -218,7 +255,7 @@ class QuantizePass(ir.passes.InPlacePass):
         )
         spec = spec_from_ranges(layer, scheme, low, high)
         # Snapped onto the spec's float32 grid, so that lowering stores exactly the codes GPTQ chose.
-        weight = rounded if layer.in_axis == 0 else rounded.T
+        weight = from_in_major(layer, rounded)
         replace_weight(graph, names, layer, spec.dequantize(spec.quantize(weight)), "gptq")
         return spec, scheme.describe(layer) + (" GPTQ act-order" if self.gptq_act_order else " GPTQ")
 
@@ -232,10 +269,12 @@ class QuantizePass(ir.passes.InPlacePass):
             bound = conv_ranges.mse_bound(stats, bits, unsigned)
         return asymmetric_spec(0.0, bound, bits) if unsigned else symmetric_spec(bound, bits)
 
-    def _annotate(self, graph: ir.Graph, names: NameScope, layer: Layer, stats: CalibrationStats) -> None:
+    def _annotate(
+        self, graph: ir.Graph, names: NameScope, layer: Layer, stats: CalibrationStats, grams: ConvGrams
+    ) -> None:
         """Attach the weight and activation specs and the decision to the layer's node."""
         options = self.options_for(layer.node)
-        weight_spec, scheme = self._weight_spec(graph, names, layer, options, stats)
+        weight_spec, scheme = self._weight_spec(graph, names, layer, options, stats, grams)
         specs: dict[int, QuantSpec] = {layer.weight_index: weight_spec}
         preexecuted_bits = layer.activation.meta.get(PREEXECUTED_KEY)
         if preexecuted_bits is not None and options.abits:

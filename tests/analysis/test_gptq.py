@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from builders import build, run
+from builders import build, run, weights
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.gptq import gptq_round
 from graphquant.analysis.weight_fit import fit_ranges, round_trip
@@ -58,12 +58,15 @@ def test_uncorrelated_equal_energy_inputs_make_gptq_plain_rounding():
     np.testing.assert_allclose(rounded, expected, atol=1e-12)
 
 
-def test_channels_that_never_fire_get_zero_weights():
+def test_channels_that_never_fire_keep_their_weights_rounded_to_nearest():
+    """Zero on the calibration data is not zero on all data: such a row is rounded, and no error is pushed into it."""
     rng = np.random.default_rng(4)
     x = correlated_inputs(rng, 128, 16)
     x[:, 5] = 0.0
-    rounded, _, _ = gptq_round(rng.standard_normal((16, 4)), x.T @ x, 4, True, 16, clip_search=False)
-    np.testing.assert_array_equal(rounded[5], 0.0)
+    weight = rng.standard_normal((16, 4))
+    rounded, lows, highs = gptq_round(weight, x.T @ x, 4, True, 16, clip_search=False)
+    np.testing.assert_array_equal(rounded[5], round_trip(weight[5], lows[0], highs[0], 4, True))
+    assert np.abs(rounded[5]).max() > 0
 
 
 TWO_LAYERS = """
@@ -108,3 +111,92 @@ def test_the_spec_reproduces_the_gptq_weights_exactly(symmetric):
         layer_weight = node.inputs[1].const_value.numpy()
         spec = node.meta["graphquant.input_specs"][1]
         np.testing.assert_array_equal(spec.dequantize(spec.quantize(layer_weight)), layer_weight)
+
+
+CONV_LAYERS = """
+<ir_version: 8, opset_import: ["" : 17]>
+convs (float[N, 16, 8, 8] x) => (float[N, 12, 8, 8] y, float[N, 16, 8, 8] z, float[N, 8, 8, 8] u) {
+  [full] y = Conv<kernel_shape: ints = [3, 3], pads: ints = [1, 1, 1, 1]>(x, w1)
+  [depthwise] z = Conv<kernel_shape: ints = [3, 3], pads: ints = [1, 1, 1, 1], group: int = 16>(x, w2)
+  [grouped] u = Conv<kernel_shape: ints = [1, 1], group: int = 2>(x, w3)
+}
+"""
+
+
+def correlated_images(rng: np.random.Generator, images: int) -> np.ndarray:
+    """[images, 16, 8, 8] inputs, smooth in space and correlated across channels (what GPTQ and the Gram exploit)."""
+    base = correlated_inputs(rng, images * 64, 16).reshape(images, 8, 8, 16).transpose(0, 3, 1, 2)
+    return (base + np.roll(base, 1, axis=2) + np.roll(base, 1, axis=3)).astype(F32)
+
+
+def conv_errors(gptq: bool, **options) -> tuple[list[str], dict[str, float]]:
+    rng = np.random.default_rng(7)
+    arrays = {"w1": rng.standard_normal((12, 16, 3, 3)), "w2": rng.standard_normal((16, 1, 3, 3))}
+    arrays["w3"] = rng.standard_normal((8, 8, 1, 1))
+    reference = build(CONV_LAYERS, {name: array.astype(F32) for name, array in arrays.items()})
+    data = [{"x": images} for images in np.split(correlated_images(rng, 8), 2)]
+    model = reference.clone()
+    calibrator = Calibrator.for_model(model, data, show_progress=False)
+    QuantizePass(calibrator, wbits=3, abits=0, weight_symmetric=False, gptq=gptq, **options)(model)
+    schemes = [node.meta["graphquant.decision"].scheme for node in model.graph]
+    QdqLoweringPass()(model)
+    errors = dict.fromkeys(("full", "depthwise", "grouped"), 0.0)
+    for feed in data:
+        for name, expected, got in zip(errors, run(reference, feed), run(model, feed)):
+            errors[name] += float(np.sum((expected - got) ** 2))
+    return schemes, errors
+
+
+def test_conv_gptq_and_depthwise_output_error_grids_beat_rtn_in_onnxruntime():
+    schemes, gptq = conv_errors(True)
+    _, rtn = conv_errors(False)
+    assert schemes == ["W3 asym per-channel GPTQ", "W3 asym per-channel output-error grids", "W3 asym per-channel GPTQ"]
+    assert gptq["full"] < 0.7 * rtn["full"]
+    assert gptq["grouped"] < 0.95 * rtn["grouped"]
+    assert gptq["depthwise"] < rtn["depthwise"]
+
+
+def test_blocked_conv_gptq_lowers_to_blocked_dequantize_linear_on_axis_1():
+    schemes, blocked = conv_errors(True, block_size=8)
+    _, per_channel = conv_errors(True)
+    assert schemes[0] == "W3 asym block 8 GPTQ" and schemes[1] == "W3 asym per-channel output-error grids"
+    assert blocked["full"] < per_channel["full"]
+
+
+def test_conv_gptq_weights_lie_on_the_lowered_grid_and_depthwise_weights_are_kept():
+    rng = np.random.default_rng(8)
+    arrays = {"w1": weights(rng, 12, 16, 3, 3), "w2": weights(rng, 16, 1, 3, 3), "w3": weights(rng, 8, 8, 1, 1)}
+    model = build(CONV_LAYERS, arrays)
+    data = [{"x": correlated_images(rng, 4)}]
+    QuantizePass(Calibrator.for_model(model, data, show_progress=False), wbits=4, abits=0, block_size=8, gptq=True)(
+        model
+    )
+    full, depthwise, grouped = (node.inputs[1].const_value.numpy() for node in model.graph)
+    np.testing.assert_array_equal(depthwise, arrays["w2"])  # only its grid was chosen
+    for node, weight in zip(list(model.graph)[::2], (full, grouped)):
+        spec = node.meta["graphquant.input_specs"][1]
+        np.testing.assert_array_equal(spec.dequantize(spec.quantize(weight)), weight)
+        assert not np.array_equal(weight, arrays[node.inputs[1].name.split("_")[0]])
+
+
+UPSAMPLE = """
+<ir_version: 8, opset_import: ["" : 17]>
+up (float[N, 16, 8, 8] x) => (float[N, 6, 16, 16] y) {
+  [up] y = ConvTranspose<kernel_shape: ints = [4, 4], strides: ints = [2, 2], pads: ints = [1, 1, 1, 1]>(x, w)
+}
+"""
+
+
+def test_conv_transpose_gptq_beats_rtn_in_onnxruntime():
+    rng = np.random.default_rng(9)
+    reference = build(UPSAMPLE, {"w": weights(rng, 16, 6, 4, 4)})
+    data = [{"x": images} for images in np.split(correlated_images(rng, 8), 2)]
+    errors, schemes = {}, {}
+    for gptq in (False, True):
+        model = reference.clone()
+        QuantizePass(Calibrator.for_model(model, data, show_progress=False), wbits=3, abits=0, gptq=gptq)(model)
+        schemes[gptq] = next(iter(model.graph)).meta["graphquant.decision"].scheme
+        QdqLoweringPass()(model)
+        errors[gptq] = sum(float(np.sum((run(reference, f)[0] - run(model, f)[0]) ** 2)) for f in data)
+    assert schemes[True] == "W3 per-channel GPTQ"
+    assert errors[True] < 0.8 * errors[False]

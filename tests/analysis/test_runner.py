@@ -79,3 +79,13 @@ def test_a_large_reference_run_parks_the_other_models_own_weights_and_gives_them
     with runner.open_session(candidate) as session:
         got = session.run(None, data[0])[0]
     np.testing.assert_allclose(got, mlp_reference(candidate, data[0]["x"]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_graph_input_read_back_from_a_non_contiguous_feed_stays_valid():
+    """A graph input asked for as an output is onnxruntime's view of the feed's contiguous copy: it must outlive the run."""
+    model = mlp(np.random.default_rng(6))
+    feed = {"x": np.asfortranarray(np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32))}
+    with runner.open_session(model, ["x"]) as session:
+        (view,) = runner.run_views(session, ["x"], feed)
+        _ = [np.full((64, 16), 7.0, np.float32) for _ in range(20)]  # reuses freed buffers of the same size
+        np.testing.assert_array_equal(view, feed["x"])

@@ -208,3 +208,34 @@ def test_four_bit_activations_use_int4_quantize_linear():
     assert not any(node.op_type == "Clip" for node in model.graph)
     (y,) = run(model, data[0])
     assert np.all(np.isfinite(y))
+
+
+BLOCKED_CONV = """
+<ir_version: 8, opset_import: ["" : 17]>
+blocked (float[N, 16, 8, 8] x) => (float[N, 12, 8, 8] y, float[N, 6, 8, 8] z) {
+  [full] y = Conv<kernel_shape: ints = [3, 3], pads: ints = [1, 1, 1, 1]>(x, w, b)
+  [odd] z = Conv<kernel_shape: ints = [3, 3], pads: ints = [1, 1, 1, 1]>(x, v)
+}
+"""
+
+
+@pytest.mark.parametrize("wbits", [8, 4])
+def test_blocked_conv_weights_are_a_blocked_dequantize_linear_on_axis_1(wbits):
+    """Blocks of input channels at one tap: onnxruntime runs the opset-21 form as written, optimized or not."""
+    rng = np.random.default_rng(30)
+    init = {"w": weights(rng, 12, 16, 3, 3), "b": weights(rng, 12), "v": weights(rng, 6, 16, 3, 3)}
+    model = build(BLOCKED_CONV, init)
+    data = [{"x": rng.standard_normal((2, 16, 8, 8)).astype(F32)}]
+    QuantizePass(Calibrator.for_model(model, data, show_progress=False), wbits=wbits, block_size=8)(model)
+    specs = [node.meta[INPUT_SPECS_KEY][1] for node in model.graph]
+    QdqLoweringPass()(model)
+    dequantizers = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None]
+    assert {(n.attributes.get_int("axis"), n.attributes.get_int("block_size")) for n in dequantizers} == {(1, 8)}
+    assert [spec.scale.shape for spec in specs] == [(12, 2, 3, 3), (6, 2, 3, 3)]
+    for name, spec in zip("wv", specs):
+        # Each block of 8 input channels at one tap has its own range: absmax / qmax.
+        blocks = init[name].reshape(init[name].shape[0], 2, 8, 3, 3)
+        np.testing.assert_allclose(spec.scale, np.abs(blocks).max(axis=2) / spec.qmax, rtol=1e-6)
+    optimized, plain = run(model, data[0]), run(model, data[0], optimize=False)
+    for got, want in zip(optimized, plain):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

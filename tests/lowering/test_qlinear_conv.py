@@ -234,3 +234,17 @@ def test_six_bit_codes_pass_between_convs_through_the_clip_to_the_grid():
     nodes = by_name(model)
     assert nodes["grouped"].inputs[0].producer().op_type == "Clip"
     assert nodes["grouped"].inputs[0].producer().inputs[0] is nodes["depthwise"].outputs[0]
+
+
+def test_gptq_w4a8_conv_runs_as_qlinear_conv_with_4_bit_codes_in_int8():
+    rng = np.random.default_rng(20)
+    init = {"w": weights(rng, 8, 3, 3, 3), "b": weights(rng, 8)}
+    data = image_feeds(21, (4, 3, 9, 9))
+    model, reference, annotations, (result,) = lowered_pair(CONV, init, data, wbits=4, gptq=True)
+    assert result.modified and ops(model) == ["QuantizeLinear", "QLinearConv", "DequantizeLinear"]
+    codes = by_name(model)["conv"].inputs[3].const_value.numpy()
+    assert codes.dtype == np.int8 and np.abs(codes).max() == 7
+    specs, y_spec = annotations["conv"]
+    assert by_name(reference)["conv"].meta[DECISION_KEY].scheme.startswith("W4 per-channel GPTQ")
+    bound = requantization_bound(specs[0], specs[1], y_spec)
+    assert max_error_in_steps(model, reference, data, float(y_spec.scale)) <= bound

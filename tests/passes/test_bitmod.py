@@ -201,3 +201,38 @@ def test_the_recipe_runs_through_optimize_and_reports_the_layers(wbits):
     hidden = np.maximum(data[0]["x"] @ quantize_weight(arrays["w1"], bits).dequantize() + arrays["b1"], 0)
     expected = hidden @ quantize_weight(arrays["w2"].T, bits).dequantize() + initializer(model, "b2")
     np.testing.assert_allclose(run(result.model, data[0])[0], expected, rtol=1e-4, atol=1e-4)
+
+
+CONVS = """
+<ir_version: 8, opset_import: ["" : 17]>
+convs (float[N, 8, 6, 6] x) => (float[N, 6, 6, 6] a, float[N, 8, 6, 6] b, float[N, 4, 7, 7] c, float[N, 4, 12, 12] d) {
+  [full] a = Conv<kernel_shape: ints = [3, 3], pads: ints = [1, 1, 1, 1]>(x, wa, ba)
+  [depthwise] b = Conv<kernel_shape: ints = [5, 5], pads: ints = [2, 2, 2, 2], group: int = 8>(x, wb)
+  [up] c = ConvTranspose<kernel_shape: ints = [2, 2]>(x, wc)
+  [up_grouped] d = ConvTranspose<kernel_shape: ints = [2, 2], strides: ints = [2, 2], group: int = 2>(x, wd)
+}
+"""
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_conv_weights_are_flattened_per_output_kernel_and_rebuilt_in_their_layout(bits):
+    from graphquant.analysis.layers import classify
+    from graphquant.analysis.weight_fit import from_in_major, in_major
+
+    rng = np.random.default_rng(9)
+    shapes = {"wa": (6, 8, 3, 3), "wb": (8, 1, 5, 5), "wc": (8, 4, 2, 2), "wd": (8, 2, 2, 2)}
+    arrays = {**{name: weights(rng, *shape) for name, shape in shapes.items()}, "ba": weights(rng, 6)}
+    model = build(CONVS, arrays)
+    expected = dict(arrays)
+    for node in model.graph:
+        layer = classify(node).layer
+        matrix = quantize_weight(in_major(layer, np.float32), bits, group_size=32).dequantize()
+        expected[node.inputs[1].name] = from_in_major(layer, matrix).astype(np.float32)
+    assert BitModPass(wbits=bits, group_size=32)(model).modified
+    x = {"x": rng.standard_normal((2, 8, 6, 6)).astype(np.float32)}
+    for got, want in zip(run(model, x), run(build(CONVS, expected), x), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert not any(name in model.graph.initializers for name in shapes)
+    decisions = [node.meta[DECISION_KEY] for node in model.graph if DECISION_KEY in node.meta]
+    assert [d.status for d in decisions] == ["quantized"] * 4
+    assert all("transB" not in node.attributes for node in model.graph if node.op_type.startswith("Conv"))

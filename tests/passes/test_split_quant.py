@@ -195,3 +195,40 @@ def test_options_are_checked():
         SplitQuantPass(activation_chunks=0)
     with pytest.raises(ValueError):
         SplitQuantPass(wbits=1)
+
+
+CONVS = """
+<ir_version: 8, opset_import: ["" : 17]>
+convs (float[N, 8, 6, 6] x) => (float[N, 8, 6, 6] y) {
+  [depthwise] d = Conv<kernel_shape: ints = [3, 3], pads: ints = [1, 1, 1, 1], group: int = 8>(x, wd, bd)
+  r = Relu(d)
+  [pointwise] y = Conv<kernel_shape: ints = [1, 1]>(r, wp)
+}
+"""
+
+
+def depthwise_separable(rng: np.random.Generator) -> ir.Model:
+    """A depthwise 3x3 Conv with a bias, a Relu, and a pointwise Conv (a mobile CNN block)."""
+    heavy = weights(rng, 8, 8, 1, 1) * np.where(rng.random((8, 8, 1, 1)) < 0.1, 8.0, 1.0).astype(np.float32)
+    return build(CONVS, {"wd": weights(rng, 8, 1, 3, 3), "bd": weights(rng, 8), "wp": heavy})
+
+
+def test_depthwise_and_pointwise_convs_split_exactly_and_beat_plain_w3_in_onnxruntime():
+    model = depthwise_separable(np.random.default_rng(7))
+    reference = model.clone()
+    assert SplitQuantPass(max_overhead=EVERYTHING)(model).modified
+    assert len([node for node in model.graph if SPLIT_PART_KEY in node.meta]) == 6
+    assert_same_outputs(reference, model, conv_feeds_8(407))
+    errors = {}
+    for passes in (["quantize"], ["split-quant", "quantize"]):
+        recipe = graphquant.Recipe.named("splitquant").with_passes(passes).with_options(wbits=3)
+        result = graphquant.optimize(
+            reference, recipe, calibration=conv_feeds_8(408), validation=conv_feeds_8(409), show_progress=False
+        )
+        errors[len(passes)] = min(c.sqnr_db for c in result.report.outputs.values())
+    assert errors[2] >= errors[1] + 3
+
+
+def conv_feeds_8(seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((2, 8, 6, 6)).astype(np.float32)} for _ in range(2)]

