@@ -213,7 +213,7 @@ class QuantizePass(ir.passes.InPlacePass):
             names + outputs,
             ranks,
             gram_names=matrices,
-            observe=grams.observe,
+            observe=grams.observe if grams.input_names else None,
             observed=grams.input_names,
         )
         return stats, grams

@@ -98,3 +98,14 @@ def test_integer_tensors_are_known_absent_not_missed(data):
     assert "s" not in calibrator.collect(model, ["s"])
     assert "s" not in calibrator.collect(model, ["s"])
     assert calibrator.runs == 1
+
+
+def test_an_observer_sees_every_batch_even_when_the_statistics_are_cached(model, data):
+    calibrator = CachingCalibrator.for_model(model, data, False)
+    calibrator.collect(model, NAMES)
+    seen: list[tuple[str, np.ndarray]] = []
+    calibrator.collect(model, ["r"], observe=lambda name, batch: seen.append((name, batch.copy())))
+    assert [name for name, _ in seen] == ["r"] * len(data) and calibrator.runs == 2
+    for (_, batch), feed in zip(seen, data):
+        w1 = model.graph.initializers["w1"].const_value.numpy()
+        np.testing.assert_allclose(batch, np.maximum(feed["x"] @ w1, 0), rtol=1e-5, atol=1e-6)
