@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import minilm_common as common  # noqa: E402
 from outliertune_minilm import evaluate, fmt, graphquant_rows, ort_rows, parse_args  # noqa: E402
-from table_rows import Row, log  # noqa: E402
+from table_rows import Row, log, publish  # noqa: E402
 
 DEFAULT = "graphquant default (auto: latency, max-drop 0.002, ort-cpu)"
 # (label, recipe, keyword arguments for graphquant.optimize): every row is the auto recipe.
@@ -115,10 +115,7 @@ def main() -> None:
         f"{rounds}x{repeats} interleaved runs{' (--quick)' if args.quick else ''}; quant s includes graphquant's "
         "validation; mean/min cos: mean-pooled embeddings vs FP32; out err: 1 - cosine of the whole output."
     )
-    text = f"{header}\n\n{table(rows, latency)}\n"
-    print(text)
-    (out / "auto_minilm.md").write_text(text, encoding="utf-8")
-    log(f"wrote {out / 'auto_minilm.md'}; total {time.perf_counter() - started:.0f}s")
+    publish(out / "auto_minilm.md", header, table(rows, latency), started)
 
 
 if __name__ == "__main__":

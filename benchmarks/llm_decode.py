@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import minilm_common as common  # also puts examples/ on sys.path
 import smollm2
 from outliertune_minilm import one_line
-from table_rows import log, slug
+from table_rows import log, publish, slug
 
 from graphquant.analysis.decode import DecodeGraph, agreement, calibration_feeds, generate
 
@@ -182,10 +182,7 @@ def main() -> None:
         f"single-token step at batch 1 over every prompt (cache of {args.prompt_len} to "
         f"{args.prompt_len + args.steps - 2} positions), models interleaved prompt by prompt."
     )
-    text = f"{header}\n\n{table(rows, generated, args.steps)}\n"
-    print(text)
-    (out / "llm_decode.md").write_text(text, encoding="utf-8")
-    log(f"wrote {out / 'llm_decode.md'}; total {time.perf_counter() - started:.0f}s")
+    publish(out / "llm_decode.md", header, table(rows, generated, args.steps), started)
 
 
 if __name__ == "__main__":

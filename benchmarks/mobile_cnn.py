@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from table_rows import Row, log, make_reader, slug  # noqa: E402
+from table_rows import Row, log, make_reader, publish, slug  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "out"
@@ -391,10 +391,7 @@ def main() -> None:
         f"{float(np.median(_top_probability(reference))):.2f}; onnxruntime {onnxruntime.__version__} CPU, {THREADS} threads, "
         f"latency of a batch of {BATCH}, median of {rounds}x{repeats} interleaved runs."
     )
-    text = f"{header}\n\n{table(rows, latency)}\n"
-    print(text)
-    (out / "mobile_cnn.md").write_text(text, encoding="utf-8")
-    log(f"wrote {out / 'mobile_cnn.md'}; total {time.perf_counter() - started:.0f}s")
+    publish(out / "mobile_cnn.md", header, table(rows, latency), started)
 
 
 if __name__ == "__main__":

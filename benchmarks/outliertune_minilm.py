@@ -19,7 +19,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import minilm_common as common  # noqa: E402
-from table_rows import Row, log, make_reader, slug  # noqa: E402, F401 (other scripts import them from here)
+from table_rows import Row, log, make_reader, publish, slug  # noqa: E402, F401 (other scripts import them from here)
 
 # (label, recipe, keyword arguments for graphquant.optimize)
 GRAPHQUANT_CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
@@ -216,10 +216,7 @@ def main() -> None:
         f"top-{TOP_K} overlap = neighbours among held-out sentences vs FP32; speed = other_ms / model_ms "
         f"(>1 = faster); quant time = quantizer wall time (graphquant includes its built-in validation)."
     )
-    text = f"{header}\n\n{table(rows, latency)}\n"
-    print(text)
-    (out / "outliertune_minilm.md").write_text(text, encoding="utf-8")
-    log(f"wrote {out / 'outliertune_minilm.md'}; total {time.perf_counter() - started:.0f}s")
+    publish(out / "outliertune_minilm.md", header, table(rows, latency), started)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,14 @@ class Row:
 def log(message: str) -> None:
     """Progress on stderr."""
     print(message, file=sys.stderr, flush=True)
+
+
+def publish(path: Path, header: str, table: str, started: float) -> None:
+    """Print the header and table, write them to ``path`` and log it with the run's total time."""
+    text = f"{header}\n\n{table}\n"
+    print(text)
+    path.write_text(text, encoding="utf-8")
+    log(f"wrote {path}; total {time.perf_counter() - started:.0f}s")
 
 
 def slug(label: str) -> str:
