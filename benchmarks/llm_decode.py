@@ -39,6 +39,7 @@ CONFIGS: dict[str, tuple[str, str, str]] = {
     "w8a8-ort": ("graphquant w8a8 (ort-cpu)", "w8a8", "ort-cpu"),
     "outliertune-ort": ("graphquant outliertune W8A8 (ort-cpu)", "outliertune", "ort-cpu"),
     "weight-only-ort": ("graphquant weight-only W4 b32, int8 emb (ort-cpu)", "weight-only", "ort-cpu"),
+    "llm-w8a8-ort": ("graphquant llm-w8a8 W8A8, per-token scales (ort-cpu)", "llm-w8a8", "ort-cpu"),
 }
 DEFAULT_CONFIGS = ",".join(CONFIGS)
 

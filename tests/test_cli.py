@@ -109,7 +109,8 @@ def test_optimize_with_wbits_and_passes(files, tmp_path, capsys):
 def test_keep_8bit_keeps_the_matching_layers_at_8_bits(files, tmp_path, capsys):
     _, model_path, calib = files
     report = tmp_path / "report.json"
-    args = ["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--calib", str(calib), "--wbits", "4", "--recipe", "w8a8"]
+    output = ["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--calib", str(calib)]
+    args = [*output, "--recipe", "w8a8", "--wbits", "4"]
     assert main([*args, "--keep-8bit", " @last, nothing*", "--report", str(report)]) == 0
     schemes = [layer["scheme"].split()[0] for layer in json.loads(report.read_text())["layers"]]
     assert schemes == ["W4", "W8"]
