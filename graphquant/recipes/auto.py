@@ -43,6 +43,7 @@ OBJECTIVES = ("latency", "size")
 METRICS = ("cosine", "sqnr")
 DEFAULT_MAX_DROP = 0.002
 DEFAULT_TARGET = "ort-cpu"
+PORTABLE_TARGET = "qdq"
 # (method, its exact passes): the rewrites before quantization that each candidate model starts from.
 METHODS: dict[str, tuple[PassStep, ...]] = {
     "outliertune": (
@@ -98,6 +99,15 @@ class Settings:
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown or not self.methods:
             raise RecipeError(f"auto: methods must be among {sorted(METHODS)}, got {list(self.methods)}")
+
+    @property
+    def ranking(self) -> str:
+        """What option costs rank by: the objective, but size on the portable qdq target.
+
+        A qdq model runs on a runtime that is not this machine's onnxruntime (which executes small QDQ layers
+        slower than float), so latency timed here would rank float first and quantize nothing.
+        """
+        return "size" if self.target == PORTABLE_TARGET else self.objective
 
     @property
     def budget(self) -> float:
@@ -164,6 +174,7 @@ class Search:
             "max_drop": self.settings.max_drop,
             "metric": metric,
             "objective": self.settings.objective,
+            "ranked_by": self.settings.ranking,
             "budget_error": self.settings.budget,
             "method": self.method,
             "seconds": self.seconds,
@@ -436,7 +447,7 @@ def measure_units(model: ir.Model, calibrator: CachingCalibrator, settings: Sett
     tables = [table for node in model.graph if (table := embedding_table(node)) is not None]
     if tables:
         units.append(_embedding_unit(tables))
-    return scalarized(units, settings.objective)
+    return scalarized(units, settings.ranking)
 
 
 def scalarized(units: Sequence[Unit], objective: str) -> list[Unit]:
@@ -462,7 +473,7 @@ def _linear_unit(layer: Layer, stats: CalibrationStats, settings: Settings) -> U
     activation = stats.tensors.get(layer.activation.name or "")
     rows = activation.sample if activation is not None else None
     schemes = [s for s in LINEAR_SCHEMES if not (SCHEMES[s].get("abits") and (activation is None or rows is None))]
-    times = _latencies(layer, schemes, settings.target) if settings.objective == "latency" else [0.0] * len(schemes)
+    times = _latencies(layer, schemes, settings.target) if settings.ranking == "latency" else [0.0] * len(schemes)
     options = [
         Option(scheme, 0.0 if scheme == "float" else _layer_error(layer, scheme, rows, activation), time, size, time)
         for scheme, time in zip(schemes, times)

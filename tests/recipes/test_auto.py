@@ -224,3 +224,12 @@ def test_a_failing_pass_inside_the_search_is_one_line(chain, monkeypatch):
     monkeypatch.setattr(QuantizePass, "call", broken)
     with pytest.raises(graphquant.errors.InternalError, match=r"^pass quantize failed: ZeroDivisionError: planted$"):
         optimize(chain, objective="size")
+
+
+def test_the_portable_target_ranks_by_size_and_quantizes(chain):
+    """On qdq the runtime is not this machine's onnxruntime: latency timed here would keep every layer float."""
+    result = optimize(chain, target="qdq", max_drop=0.03)
+    assert result.report.auto["ranked_by"] == "size" and result.report.auto["objective"] == "latency"
+    assert sum(scheme != "float" for scheme in schemes(result).values()) >= 3
+    assert result.report.bytes_after < 0.5 * result.report.bytes_before
+    assert heldout_error(chain, result.model) <= 0.03
