@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import minilm_common as common  # also puts examples/ on sys.path
 import smollm2
 from outliertune_minilm import one_line
-from table_rows import log, publish, slug
+from table_rows import log, publish, ratio, slug
 
 from graphquant.analysis.decode import DecodeGraph, agreement, calibration_feeds, generate
 
@@ -124,19 +124,14 @@ def table(rows: list[Row], generated: dict[str, tuple[np.ndarray, list[float]]],
             f"{match.all_match * len(reference):.0f}/{len(reference)} ({match.all_match:.2f})",
             f"{match.mean_prefix:.1f}",
             f"{ms:.2f}",
-            _ratio(fp32_ms, ms),
-            _ratio(dynamic_ms, ms),
+            ratio(fp32_ms, ms),
+            ratio(dynamic_ms, ms),
             f"{common.file_size_mb(row.path):.1f}",
             "—" if row.quant_s is None else f"{row.quant_s:.1f}",
-            _ratio(row.quant_s, dynamic_s),
+            ratio(row.quant_s, dynamic_s),
         ]
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _ratio(numerator: float | None, denominator: float | None) -> str:
-    """numerator / denominator as '1.23x', or a dash."""
-    return "—" if not numerator or not denominator else f"{numerator / denominator:.2f}x"
 
 
 def parse_args() -> argparse.Namespace:

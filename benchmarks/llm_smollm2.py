@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import minilm_common as common  # also puts examples/ on sys.path
 import smollm2
 from outliertune_minilm import log, make_reader, one_line, run_ort, slug
-from table_rows import publish
+from table_rows import publish, ratio
 
 ORT_DYNAMIC = "ORT quantize_dynamic (S8 per-channel weights)"
 ORT_NBITS = "ORT MatMulNBitsQuantizer W4 block 32 (RTN, asym)"
@@ -187,11 +187,11 @@ def table(rows: list[Row], latency: dict[str, float], dynamic_s: float | None) -
             _fmt(row.agreement, ".3f"),
             _fmt(row.kl, ".4f"),
             _fmt(ms, ".1f"),
-            _ratio(fp32_ms, ms),
-            _ratio(dynamic_ms, ms),
+            ratio(fp32_ms, ms),
+            ratio(dynamic_ms, ms),
             _fmt(common.file_size_mb(row.path) if row.path else None, ".1f"),
             _fmt(row.quant_s, ".1f"),
-            _ratio(row.quant_s, dynamic_s),
+            ratio(row.quant_s, dynamic_s),
         ]
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -200,11 +200,6 @@ def table(rows: list[Row], latency: dict[str, float], dynamic_s: float | None) -
 def _fmt(value: float | None, spec: str) -> str:
     """A number, or a dash when it is missing."""
     return "—" if value is None else format(value, spec)
-
-
-def _ratio(numerator: float | None, denominator: float | None) -> str:
-    """numerator / denominator as '1.23x', or a dash."""
-    return "—" if not numerator or not denominator else f"{numerator / denominator:.2f}x"
 
 
 def parse_args() -> argparse.Namespace:
@@ -232,7 +227,7 @@ def latency_only(fp32: Path, out: Path, feed: dict[str, np.ndarray], rounds: int
     dynamic_ms = latency.get(slug(ORT_DYNAMIC))
     lines = ["| model file | latency ms | speed vs FP32 | speed vs dynamic |", "|---|---|---|---|"]
     for label, ms in latency.items():
-        lines.append(f"| {label} | {ms:.1f} | {_ratio(latency['FP32'], ms)} | {_ratio(dynamic_ms, ms)} |")
+        lines.append(f"| {label} | {ms:.1f} | {ratio(latency['FP32'], ms)} | {ratio(dynamic_ms, ms)} |")
     print("\n".join(lines))
 
 

@@ -35,6 +35,11 @@ def publish(path: Path, header: str, table: str, started: float) -> None:
     log(f"wrote {path}; total {time.perf_counter() - started:.0f}s")
 
 
+def ratio(numerator: float | None, denominator: float | None) -> str:
+    """numerator / denominator as '1.23x', or a dash."""
+    return "—" if not numerator or not denominator else f"{numerator / denominator:.2f}x"
+
+
 def slug(label: str) -> str:
     """A file-name-safe version of a label."""
     keep = "".join(c if c.isalnum() else "_" for c in label.lower())
