@@ -8,6 +8,7 @@ import inspect
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -48,16 +49,27 @@ from graphquant.output_paths import (
 from graphquant.passes import PASSES
 from graphquant.passes.fold_constants import refuse_quantized
 from graphquant.passes.upgrade_opset import INITIALIZERS_AS_INPUTS_BEFORE_IR, UpgradeOpsetPass
-from graphquant.pipeline import PassFailedError, pass_label
+from graphquant.pipeline import PassFailedError, Pipeline, pass_label
 from graphquant.quant_spec import KEEP_FLOAT_KEY, LayerDecision
 from graphquant.recipes import Recipe, auto
-from graphquant.report import Report, layer_decisions
+from graphquant.report import (
+    Report,
+    Timings,
+    activation_ranges,
+    data_size,
+    given_options,
+    input_files,
+    layer_decisions,
+    source_text,
+)
 from graphquant.validate import DEFAULT_MIN_COSINE, Probe, ReferenceLoadError, compare_models
 
 # Integer ops whose inputs 6 and 7 are the per-tensor grid (scale, zero point) of their uint8 output codes.
 INTEGER_OUTPUT_OPS = ("QLinearConv", "QLinearMatMul")
 # Page-aligned external tensors let onnxruntime memory-map them instead of reading them into its own buffers.
 EXTERNAL_ALIGNMENT = 4096
+# Model metadata: the seconds load() took, for the report's timings.
+LOAD_SECONDS_KEY = "graphquant.load_seconds"
 
 
 @dataclasses.dataclass
@@ -70,8 +82,10 @@ class OptimizeResult:
 
 def load(path: str | os.PathLike[str]) -> ir.Model:
     """Read an ONNX file into onnx_ir, refusing external data outside the model's directory."""
+    start = time.perf_counter()
     model = _load_file(path)
     record_input_files(model, path)
+    model.meta[LOAD_SECONDS_KEY] = time.perf_counter() - start
     return model
 
 
@@ -126,17 +140,21 @@ def optimize(
         raise RecipeError("recipe 'auto' needs calibration data (--calib)")
     calibrator = CachingCalibrator.for_model(model, calibration, show_progress) if calibration is not None else None
     search: auto.Search | None = None
+    timings = Timings(load=model.meta.get(LOAD_SECONDS_KEY))
+    given_validation = validation
     if settings is not None:
         assert calibrator is not None
+        start = time.perf_counter()
         calibrator, validation = _auto_split(model, calibrator, validation, show_progress)
         with progress.showing(show_progress), _pass_errors_in_one_line():
             chosen, candidate, search = auto.search(model, calibrator, validation, settings, _prepare)
+        timings.search = time.perf_counter() - start
     else:
         assert chosen is not None
         candidate = model.clone()
         _prepare(candidate)
         with progress.showing(show_progress):
-            _run_pipeline(chosen, calibrator, candidate)
+            timings.add_pipeline(_run_pipeline(chosen, calibrator, candidate))
     if INPUT_FILES_KEY in model.meta:  # clone() drops meta; keep save()'s guard against overwriting the input
         candidate.meta[INPUT_FILES_KEY] = model.meta[INPUT_FILES_KEY]
     report = Report(
@@ -150,14 +168,36 @@ def optimize(
     )
     report.layer_bytes = _quantized_layer_bytes(model, candidate, report.quantized)
     report.auto = None if search is None else search.to_dict()
+    report.timings = timings
+    report.options = given_options(
+        recipe=recipe,
+        passes=passes,
+        target=target,
+        min_cosine=threshold,
+        keep_failed=keep_failed,
+        max_drop=max_drop,
+        objective=objective,
+        metric=metric,
+        methods=methods,
+        **options,
+    )
+    report.inputs = input_files(model, recipe)
+    report.inputs.update(calibration=source_text(calibration) if calibration is not None else None)
+    report.inputs["validation"] = _validation_source(given_validation, settings is not None, calibration is not None)
+    if calibrator is not None:
+        report.data["calibration"] = data_size(calibrator.data)
+        report.activation_ranges = activation_ranges(model, calibrator, report.layers)
     if not report.quantized:
         _say_nothing_was_quantized(report)
     if report.quantized and (validation is not None or calibrator is not None):
         # Reuse the calibration data as given: a one-shot generator cannot be read twice (and warnings not repeated).
         checker = Calibrator.for_model(model, validation, False) if validation is not None else calibrator
         assert checker is not None
+        start = time.perf_counter()
         with progress.showing(show_progress):
             _validate_into(report, model, candidate, checker, threshold)
+        timings.validation = time.perf_counter() - start
+        report.data["validation"] = data_size(checker.data)
     release_mappings(model)  # the pages of memory-mapped weights read so far (both models share the tensors)
     if report.failures and not keep_failed:
         more = f" (and {len(report.failures) - 1} more)" if len(report.failures) > 1 else ""
@@ -166,6 +206,15 @@ def optimize(
             "threshold, keep_failed / --keep-failed writes it anyway)"
         )
     return OptimizeResult(candidate, report)
+
+
+def _validation_source(given: CalibrationSource | None, is_auto: bool, calibrated: bool) -> str | None:
+    """What the validation ran on: the data given, auto's held-out share, or the calibration data (None: none)."""
+    if given is not None:
+        return source_text(given)
+    if not calibrated:
+        return None
+    return "held out of the calibration data by auto" if is_auto else "the calibration data"
 
 
 def _prepare(candidate: ir.Model) -> None:
@@ -248,10 +297,12 @@ def _defaults(pass_class: type) -> dict[str, Any]:
     return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
-def _run_pipeline(recipe: Recipe, calibrator: Calibrator | None, candidate: ir.Model) -> None:
-    """Run the recipe's pipeline on the candidate; a pass's failure reaches the user in one line naming the pass."""
+def _run_pipeline(recipe: Recipe, calibrator: Calibrator | None, candidate: ir.Model) -> Pipeline:
+    """Run the recipe's pipeline on the candidate (and return it); a pass's failure is one line naming the pass."""
+    pipeline = recipe.to_pipeline(calibrator)
     with _pass_errors_in_one_line():
-        recipe.to_pipeline(calibrator)(candidate)
+        pipeline(candidate)
+    return pipeline
 
 
 @contextlib.contextmanager
@@ -461,6 +512,7 @@ def save(result_or_model: OptimizeResult | ir.Model, path: str | os.PathLike[str
     The path must be a regular file or a new path; it may replace the input model only with ``overwrite``, and
     neither it nor its ``.data`` file may replace a file the model reads (output_paths.check_outputs).
     """
+    start = time.perf_counter()
     model = result_or_model.model if isinstance(result_or_model, OptimizeResult) else result_or_model
     target = check_outputs(model_outputs(path), model_reads(model), overwrite=overwrite)[MODEL_OUTPUT]
     # External tensors must be rewritten beside the output: their locations are relative to the input's folder.
@@ -487,6 +539,8 @@ def save(result_or_model: OptimizeResult | ir.Model, path: str | os.PathLike[str
             os.replace(scratch / target.name, target)
         except OSError as exc:  # e.g. the target is a directory
             raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
+    if isinstance(result_or_model, OptimizeResult):
+        result_or_model.report.timings.save = time.perf_counter() - start
     return target
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 import onnx_ir as ir
@@ -26,16 +27,21 @@ class Pipeline(ir.passes.Sequential):
         if not steps:
             raise ValueError("a pipeline needs at least one pass")
         super().__init__(*steps)
+        # (command-line label, seconds) of each step of the last run, in order.
+        self.timings: list[tuple[str, float]] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Run each pass on the model under its own progress label; a failure is a PassFailedError naming the pass."""
         modified = False
+        self.timings = []
         for step in self.passes:
+            start = time.perf_counter()
             try:
                 with progress.stage(pass_label(step)):
                     result = step(model)
             except Exception as exc:
                 raise PassFailedError(step) from exc
+            self.timings.append((pass_label(step), time.perf_counter() - start))
             model, modified = result.model, modified or result.modified
             release_mappings(model)  # the weight pages this pass read: the next pass maps what it reads again
         return ir.passes.PassResult(model, modified)

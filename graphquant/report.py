@@ -5,15 +5,95 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import platform
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx
 import onnx_ir as ir
+import onnxruntime
 
+import graphquant
 from graphquant.analysis.cost import SplitCost
-from graphquant.output_paths import staged_text
+from graphquant.analysis.data import CalibrationData, Feed, rows
+from graphquant.analysis.layers import candidates
+from graphquant.analysis.stats_cache import CachingCalibrator
+from graphquant.output_paths import INPUT_FILES_KEY, staged_text
+from graphquant.pipeline import Pipeline
 from graphquant.quant_spec import DECISION_KEY, LayerDecision
+from graphquant.rewrites import layer_output
 from graphquant.validate import TensorComparison
+
+# The JSON report's layout; raised whenever a field changes meaning or is removed (README: "The JSON report").
+SCHEMA_VERSION = 2
+# A channel is an outlier when its max |x| exceeds this multiple of the median channel's (as `graphquant inspect`).
+OUTLIER_RATIO = 6.0
+# Why a metric is null in the JSON, by field and by the non-finite value it had.
+NULL_REASONS = {
+    ("sqnr_db", math.inf): "no error: the tensors are identical",
+    ("sqnr_db", -math.inf): "the reference is all zeros and the candidate is not",
+}
+
+
+@dataclasses.dataclass
+class Timings:
+    """Wall seconds per stage of a run; a stage that did not run stays None (or empty)."""
+
+    load: float | None = None
+    search: float | None = None
+    # (pass label, seconds) in order: the recipe's passes and clean-ups, and separately the target's lowering.
+    passes: list[tuple[str, float]] = dataclasses.field(default_factory=list)
+    lowering: list[tuple[str, float]] = dataclasses.field(default_factory=list)
+    validation: float | None = None
+    save: float | None = None
+
+    def add_pipeline(self, pipeline: Pipeline) -> None:
+        """The seconds of each step of a pipeline's last run: lowering passes apart from the others."""
+        for step, (label, seconds) in zip(pipeline.passes, pipeline.timings):
+            lowering = type(step).__module__.startswith("graphquant.lowering")
+            (self.lowering if lowering else self.passes).append((label, seconds))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stages that ran, in seconds, and their total."""
+        stages: dict[str, Any] = {name: getattr(self, name) for name in ("load", "search")}
+        stages["passes"] = [{"pass": label, "seconds": seconds} for label, seconds in self.passes]
+        stages["lowering"] = [{"pass": label, "seconds": seconds} for label, seconds in self.lowering]
+        stages.update(validation=self.validation, save=self.save)
+        stages = {name: value for name, value in stages.items() if value is not None}
+        flat = [v for v in stages.values() if isinstance(v, float)] + [s for _, s in self.passes + self.lowering]
+        return {**stages, "total": sum(flat)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationRange:
+    """Per-channel min and max of a layer's input activation over the calibration data (last axis = channels)."""
+
+    tensor: str
+    channel_min: np.ndarray
+    channel_max: np.ndarray
+
+    @property
+    def channel_absmax(self) -> np.ndarray:
+        """Per-channel max |x|."""
+        return np.maximum(np.abs(self.channel_min), np.abs(self.channel_max))
+
+    @property
+    def outliers(self) -> np.ndarray:
+        """Whether each channel's max |x| exceeds OUTLIER_RATIO times the median channel's."""
+        absmax = self.channel_absmax
+        return absmax > OUTLIER_RATIO * float(np.median(absmax))
+
+    def summary(self) -> dict[str, Any]:
+        """The range in the JSON: tensor, min, max, channels and outlier channels."""
+        return {
+            "tensor": self.tensor,
+            "min": float(self.channel_min.min()),
+            "max": float(self.channel_max.max()),
+            "channels": int(self.channel_min.size),
+            "outlier_channels": int(np.count_nonzero(self.outliers)),
+        }
 
 
 @dataclasses.dataclass
@@ -37,6 +117,15 @@ class Report:
     failures: list[str] = dataclasses.field(default_factory=list)
     # The auto recipe's search (recipes/auto.Search.to_dict): budget, per-layer choices with why, tried points, front.
     auto: dict[str, Any] | None = None
+    # The optimize options given (the validation threshold used always), and the files read.
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Per data set ("calibration", "validation"): its source, batches and samples.
+    data: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    timings: Timings = dataclasses.field(default_factory=Timings)
+    # Per layer: its input activation's channel ranges, as the run's first calibration of that tensor saw them.
+    activation_ranges: dict[str, ActivationRange] = dataclasses.field(default_factory=dict)
+    versions: dict[str, str] = dataclasses.field(default_factory=lambda: versions())
 
     @property
     def quantized(self) -> list[LayerDecision]:
@@ -56,22 +145,55 @@ class Report:
         return name, self.layer_metrics[name].sqnr_db
 
     def to_dict(self) -> dict[str, Any]:
-        """The report as JSON-ready data."""
+        """The report as JSON-ready data: plain numbers, a non-finite one as null beside a ``<field>_reason``."""
+        return json_ready(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "versions": self.versions,
+                "recipe": self.recipe,
+                "target": self.target,
+                "passes": self.passes,
+                "options": self.options,
+                "inputs": self.inputs,
+                "data": self.data,
+                "timings": self.timings.to_dict(),
+                "bytes_before": self.bytes_before,
+                "bytes_after": self.bytes_after,
+                "layers": [self._layer_entry(layer) for layer in self.layers],
+                "outputs": {name: self._output_entry(c) for name, c in self.outputs.items()},
+                "validation": self._validation_entry(),
+                "notes": self.notes,
+                "split_costs": [dataclasses.asdict(cost) for cost in self.split_costs],
+                **({} if self.auto is None else {"auto": self.auto}),
+            }
+        )
+
+    def _layer_entry(self, layer: LayerDecision) -> dict[str, Any]:
+        """One layer: its decision, measured metrics, stored bytes and input activation range, where known."""
+        entry: dict[str, Any] = {**dataclasses.asdict(layer), **self._bytes(layer.node)}
+        if layer.node in self.layer_metrics:
+            entry["metrics"] = _metrics(self.layer_metrics[layer.node])
+        if layer.node in self.activation_ranges:
+            entry["activation"] = self.activation_ranges[layer.node].summary()
+        return entry
+
+    def _output_entry(self, comparison: TensorComparison) -> dict[str, Any]:
+        """One output's metrics and whether it meets the validation threshold."""
+        assert self.min_cosine is not None  # outputs are measured only by validation, which sets the threshold
+        return {**_metrics(comparison), "within_tolerance": comparison.failure(self.min_cosine) is None}
+
+    def _validation_entry(self) -> dict[str, Any]:
+        """The threshold every output had to meet and the verdict; why there is none if the run was not validated."""
+        if self.min_cosine is None:
+            return {"validated": False, "reason": "no calibration or validation data, or nothing was quantized"}
         return {
-            "recipe": self.recipe,
-            "target": self.target,
-            "passes": self.passes,
-            "bytes_before": self.bytes_before,
-            "bytes_after": self.bytes_after,
-            "layers": [
-                {**dataclasses.asdict(layer), **_metrics(self.layer_metrics, layer.node), **self._bytes(layer.node)}
-                for layer in self.layers
-            ],
-            "outputs": {name: _finite(c.as_dict()) for name, c in self.outputs.items()},
-            "validation": {"min_cosine": self.min_cosine, "failures": self.failures},
-            "notes": self.notes,
-            "split_costs": [dataclasses.asdict(cost) for cost in self.split_costs],
-            **({} if self.auto is None else {"auto": self.auto}),
+            "validated": True,
+            "tolerance": "min_cosine",
+            "min_cosine": self.min_cosine,
+            "rule": f"every output's cosine against the float model >= {self.min_cosine:g}, and no NaN/Inf where "
+            "the float model's output is finite",
+            "passed": not self.failures,
+            "failures": self.failures,
         }
 
     def _bytes(self, node_name: str) -> dict[str, int]:
@@ -83,11 +205,18 @@ class Report:
 
     def to_json(self) -> str:
         """The report as JSON text."""
-        return json.dumps(self.to_dict(), indent=2) + "\n"
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
 
     def save_json(self, path: str | Path) -> None:
         """Write the report as JSON, atomically (temp file beside it, then rename); a device or folder is refused."""
         with staged_text(path, self.to_json(), "the report"):
+            pass
+
+    def save_html(self, path: str | Path, reference: ir.Model) -> None:
+        """Write the HTML page (report_html.py; needs matplotlib) atomically; ``reference`` is the float model."""
+        from graphquant.report_html import render  # matplotlib is an optional extra
+
+        with staged_text(path, render(self, reference), "the HTML report"):
             pass
 
     def format_table(self) -> str:
@@ -176,14 +305,126 @@ def layer_decisions(model: ir.Model) -> list[LayerDecision]:
     return [node.meta[DECISION_KEY] for node in model.graph if DECISION_KEY in node.meta]
 
 
-def _metrics(metrics: dict[str, TensorComparison], node_name: str) -> dict[str, Any]:
-    """The layer's metrics if it was measured."""
-    return {"metrics": _finite(metrics[node_name].as_dict())} if node_name in metrics else {}
+def given_options(**values: Any) -> dict[str, Any]:
+    """The options a run was given (None left out): a recipe by its name, a metric function by its own."""
+    given = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        if callable(value):
+            value = f"function {getattr(value, '__qualname__', type(value).__name__)}"
+        given[name] = getattr(value, "name", value) if not isinstance(value, (str, Path)) else str(value)
+    return given
 
 
-def _finite(values: dict[str, Any]) -> dict[str, Any]:
-    """Infinities as strings, since JSON has no inf."""
-    return {k: (str(v) if isinstance(v, float) and math.isinf(v) else v) for k, v in values.items()}
+def source_text(source: object) -> str:
+    """A calibration source as the report names it: a resolved path, 'random', or the type of data given in memory."""
+    if isinstance(source, str) and source == "random":
+        return source
+    if isinstance(source, (str, Path)):
+        return str(Path(source).resolve())
+    return f"in memory ({type(source).__name__})"
+
+
+def input_files(model: ir.Model, recipe: object) -> dict[str, Any]:
+    """The model file, its external data and the recipe file the run read (None for a model built in memory)."""
+    read = list(model.meta.get(INPUT_FILES_KEY, ()))
+    recipe_path = Path(recipe) if isinstance(recipe, (str, Path)) else None
+    return {
+        "model": next((str(f.path) for f in read if f.is_input_model), None),
+        "external_data": [str(f.path) for f in read if not f.is_input_model],
+        "recipe": str(recipe_path.resolve()) if recipe_path is not None and recipe_path.is_file() else None,
+    }
+
+
+def data_size(data: CalibrationData | list[Feed]) -> dict[str, Any]:
+    """Batches and samples of a data set (null, with a reason, if the run never read it in full)."""
+    if isinstance(data, list):
+        return {"batches": len(data), "samples": sum(rows(feed) for feed in data)}
+    if data.size is None:
+        return {"batches": None, "samples": None, "reason": "not read in full: no pass calibrated on it"}
+    return {"batches": data.size[0], "samples": data.size[1]}
+
+
+def activation_ranges(
+    reference: ir.Model, calibrator: CachingCalibrator, layers: list[LayerDecision]
+) -> dict[str, ActivationRange]:
+    """The channel ranges of the layers' inputs from the run's calibration statistics, where channels are last.
+
+    Layers are found in the float model by their output's name (its unnamed nodes get names only in the candidate),
+    after a bias Add as the decisions name it.
+    Conv inputs (channels on axis 1) are reduced in the graph by analysis/conv_ranges.py and are not kept per name.
+    """
+    by_output = {layer.output: layer.node for layer in layers if layer.output}
+    ranges = {}
+    for candidate in candidates(reference.graph):
+        layer, output = candidate.layer, layer_output(candidate.node).name
+        if layer is None or output not in by_output or not _channels_last(candidate.node, layer.activation_index):
+            continue
+        stats = calibrator.first_collected(layer.activation.name or "")
+        if stats is not None:
+            ranges[by_output[output]] = ActivationRange(
+                layer.activation.name or "", stats.channel_min, stats.channel_max
+            )
+    return ranges
+
+
+def _channels_last(node: ir.Node, activation_index: int) -> bool:
+    """Whether the layer's input activation holds its channels on the last axis (X @ W, Gemm without transA)."""
+    if node.op_type == "MatMul":
+        return activation_index == 0
+    return node.op_type == "Gemm" and activation_index == 0 and not node.attributes.get_int("transA", 0)
+
+
+def versions() -> dict[str, str]:
+    """The versions of graphquant and of the libraries that decide its output."""
+    return {
+        "graphquant": graphquant.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "onnx": onnx.__version__,
+        "onnx_ir": ir.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _metrics(comparison: TensorComparison) -> dict[str, float | int]:
+    """A tensor's error metrics (the rtol/atol check of validate.py is left out: lossy runs never meet it)."""
+    return {
+        "cosine": comparison.cosine,
+        "sqnr_db": comparison.sqnr_db,
+        "max_abs_error": comparison.max_abs_error,
+        "nonfinite": comparison.nonfinite,
+    }
+
+
+def json_ready(value: Any) -> Any:
+    """Plain JSON data: numpy scalars as numbers, tuples and paths converted; NaN/Inf as null with a reason."""
+    if isinstance(value, Mapping):
+        ready: dict[str, Any] = {}
+        for key, item in value.items():
+            ready[str(key)] = json_ready(item)
+            if _nonfinite(item):
+                ready[f"{key}_reason"] = NULL_REASONS.get((str(key), float(item)), f"not finite ({float(item)})")
+        return ready
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return json_ready(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)  # e.g. a path
+
+
+def _nonfinite(value: Any) -> bool:
+    """Whether the value is a NaN or infinite float."""
+    return isinstance(value, (float, np.floating)) and not math.isfinite(value)
 
 
 def _megabytes(count: int) -> str:

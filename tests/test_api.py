@@ -235,10 +235,10 @@ def test_calibration_near_float_max_collapses_the_model_and_fails_validation(mod
     assert (
         f"validation: FAILED (every output cosine >= {DEFAULT_MIN_COSINE:g} and finite)" in result.report.format_table()
     )
-    assert result.report.to_dict()["validation"] == {
-        "min_cosine": DEFAULT_MIN_COSINE,
-        "failures": result.report.failures,
-    }
+    validation = result.report.to_dict()["validation"]
+    assert (validation["min_cosine"], validation["passed"]) == (DEFAULT_MIN_COSINE, False)
+    assert validation["failures"] == result.report.failures
+    assert result.report.to_dict()["outputs"]["y"]["within_tolerance"] is False
     with pytest.raises(FidelityError, match=f"^validation failed: {result.report.failures[0]}; not written"):
         graphquant.optimize(model, calibration=huge, validation=data, show_progress=False)
 

@@ -85,6 +85,8 @@ class CalibrationData:
         self.is_random = isinstance(source, str) and source == "random"
         self._materialized: list[Feed] | None = None
         self.nonfinite: dict[str, int] = {}
+        # Batches and samples (rows of the first input) of the last full pass; None before one.
+        self.size: tuple[int, int] | None = None
         if self.is_random:
             warnings.warn(
                 "calibrating on RANDOM inputs: the activation ranges will not represent real data, "
@@ -107,9 +109,10 @@ class CalibrationData:
             raise CalibrationError(f"{self._where}the calibration data set is empty")
 
     def __iter__(self) -> Iterator[Feed]:
-        """Yield checked feeds, one batch at a time; a full pass counts NaN/Inf per input into ``nonfinite``."""
+        """Yield checked feeds, one batch at a time; a full pass counts NaN/Inf per input and sets ``size``."""
         finite: dict[str, int] = {}
         nonfinite: dict[str, int] = {}
+        batches = samples = 0
         for feed in self._raw_feeds():
             try:
                 checked = self._checked(feed)
@@ -120,11 +123,13 @@ class CalibrationData:
                     good = int(np.count_nonzero(np.isfinite(array)))
                     finite[name] = finite.get(name, 0) + good
                     nonfinite[name] = nonfinite.get(name, 0) + array.size - good
+            batches, samples = batches + 1, samples + rows(checked)
             yield checked
         for name, count in nonfinite.items():
             if count and not finite[name]:
                 raise CalibrationError(f"{self._where}input {name!r} has no finite value in the calibration data")
         self.nonfinite = {name: count for name, count in nonfinite.items() if count}
+        self.size = (batches, samples)
 
     @property
     def _where(self) -> str:
@@ -226,6 +231,11 @@ def _npy_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> 
         raise CalibrationError(f"{label} stores {stored} bytes, its shape {shape} of {dtype} needs {declared}")
     with archive.open(info) as member:
         return np.lib.format.read_array(member, allow_pickle=False)
+
+
+def rows(feed: Mapping[str, np.ndarray]) -> int:
+    """The samples in one feed: the first axis of its first input that has one (1 if every input is a scalar)."""
+    return next((int(np.shape(array)[0]) for array in feed.values() if np.ndim(array)), 1)
 
 
 def available_memory() -> int | None:

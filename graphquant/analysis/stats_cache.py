@@ -62,6 +62,10 @@ class CachingCalibrator(Calibrator):
                 stats.tensors[name] = cached
         return stats
 
+    def first_collected(self, name: str) -> TensorStats | None:
+        """The statistics first collected under this tensor name in the run (before later passes rewrote it), if any."""
+        return next((stats for (key, _), stats in self._cache.items() if key == name and stats is not None), None)
+
     def _usable(self, key: tuple[str, str], sample_rows: int, gram: bool) -> bool:
         """Whether a cached entry answers the request exactly (the same row sample; a Gram matrix where asked)."""
         if key not in self._cache:
