@@ -34,7 +34,7 @@ from graphquant.analysis.runner import (
     release_mappings,
     session_options,
 )
-from graphquant.analysis.sizes import layer_bytes
+from graphquant.analysis.sizes import layer_bytes, node_bytes
 from graphquant.analysis.stats_cache import CachingCalibrator
 from graphquant.errors import FidelityError, GraphQuantError, InternalError, InvalidModelError, OutputError, RecipeError
 from graphquant.frontends.onnx_file import load as _load_file
@@ -60,6 +60,7 @@ from graphquant.report import (
     given_options,
     input_files,
     layer_decisions,
+    reference_layers,
     source_text,
 )
 from graphquant.validate import DEFAULT_MIN_COSINE, Probe, ReferenceLoadError, compare_models
@@ -397,6 +398,10 @@ def _quantized_layer_bytes(
     """(bytes before, bytes after) of the stored tensors each quantized layer reads, where both are found."""
     names = {decision.node for decision in quantized}
     before, after = layer_bytes(reference, names), layer_bytes(candidate, names)
+    # A layer unnamed in the float model is named only in the candidate: found there by its output instead.
+    unnamed = [decision for decision in quantized if decision.node not in before]
+    layers = reference_layers(reference, unnamed)
+    before.update(node_bytes(reference, {name: layer.node for name, layer in layers.items()}))
     return {name: (before[name], after[name]) for name in names if name in before and name in after}
 
 

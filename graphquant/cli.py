@@ -15,14 +15,20 @@ import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import graphquant
 from graphquant.errors import CalibrationError, GraphQuantError, InternalError, InvalidModelError
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 # Signals that end the run through an exception, so that every context manager removes its temp files.
 TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 # onnxruntime's logger severity for the whole process: fatal only (graphquant reports its errors as exceptions).
 ORT_LOG_SEVERITY = 4
+# The label of --report-html's output in errors.
+HTML = "the HTML report"
 
 
 class Terminated(BaseException):
@@ -165,6 +171,12 @@ def _parser() -> argparse.ArgumentParser:
     optimize.add_argument("--passes", help="comma-separated pass names replacing the recipe's list")
     optimize.add_argument("--target", choices=sorted(TARGETS))
     optimize.add_argument("--report", type=Path, help="write the run report as JSON (same rules as -o)")
+    optimize.add_argument(
+        "--report-html",
+        type=Path,
+        help="write the run report as one self-contained HTML page with plots (needs graphquant[report]; same "
+        "rules as -o)",
+    )
     optimize.add_argument("--layers", action="store_true", help="print every layer's scheme, SQNR and reason")
     optimize.add_argument(
         "--overwrite", action="store_true", help="allow -o to replace the input model (never its external data)"
@@ -203,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _optimize(args: argparse.Namespace) -> int:
     """graphquant optimize."""
-    from graphquant.output_paths import check_outputs, model_outputs, model_reads, source_reads, staged_text
+    from graphquant.output_paths import check_outputs, model_outputs, model_reads, source_reads
 
     model = graphquant.load(args.model)
     reads = [
@@ -212,8 +224,12 @@ def _optimize(args: argparse.Namespace) -> int:
         *source_reads(args.validate_data, "the validation data"),
         *source_reads(args.recipe, "the recipe"),
     ]
-    outputs = {**model_outputs(args.output), **({"the report": args.report} if args.report else {})}
-    check_outputs(outputs, reads, overwrite=args.overwrite)
+    reports = {label: path for label, path in (("the report", args.report), (HTML, args.report_html)) if path}
+    check_outputs({**model_outputs(args.output), **reports}, reads, overwrite=args.overwrite)
+    if args.report_html:
+        from graphquant.report_html import require_matplotlib
+
+        require_matplotlib()
     for source in (args.calib, args.validate_data):
         if source not in (None, "random"):
             with _naming_data_file(source):
@@ -240,19 +256,36 @@ def _optimize(args: argparse.Namespace) -> int:
         objective=args.objective,
         metric=args.metric,
     )
-    # The report is staged beside its path first: a report that cannot be written leaves no model behind either.
-    report = staged_text(args.report, result.report.to_json(), "the report") if args.report else None
-    with report or contextlib.nullcontext():
-        graphquant.save(result, args.output, overwrite=args.overwrite)
+    _save_with_reports(result, model, args, reports)
     if args.layers:
         print(result.report.format_layers())
     print(result.report.format_table())
     print(f"wrote {args.output}")
-    if args.report:
-        print(f"wrote {args.report}")
+    for path in reports.values():
+        print(f"wrote {path}")
     if result.report.failures:
         return _fail(args, f"validation failed: {result.report.failures[0]} (written anyway: --keep-failed)")
     return 0
+
+
+def _save_with_reports(
+    result: graphquant.OptimizeResult, reference: ir.Model, args: argparse.Namespace, reports: dict[str, Path]
+) -> None:
+    """Save the model, then fill the reports (their timings include the save); all are renamed into place together.
+
+    The reports are staged beside their paths first: a report that cannot be written leaves no model behind either.
+    """
+    from graphquant.output_paths import staged_file
+
+    with contextlib.ExitStack() as stack:
+        staged = {label: stack.enter_context(staged_file(path, label)) for label, path in reports.items()}
+        graphquant.save(result, args.output, overwrite=args.overwrite)
+        if "the report" in staged:
+            staged["the report"].write(result.report.to_json())
+        if HTML in staged:
+            from graphquant.report_html import render
+
+            staged[HTML].write(render(result.report, reference))
 
 
 @contextlib.contextmanager

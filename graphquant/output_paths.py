@@ -125,24 +125,52 @@ def writable_path(path: str | os.PathLike[str], label: str) -> Path:
     return target
 
 
-@contextlib.contextmanager
-def staged_text(path: str | os.PathLike[str], text: str, label: str = "the file") -> Iterator[Path]:
-    """Write ``text`` to a temp file beside ``path``; rename it over ``path`` if the block succeeds, else remove it."""
-    target = writable_path(path, label)
-    temp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+@dataclasses.dataclass(frozen=True)
+class StagedFile:
+    """A temp file beside ``target`` that becomes it when its staging block succeeds."""
+
+    temp: Path
+    target: Path
+    path: str | os.PathLike[str]
+    label: str
+
+    def write(self, text: str) -> None:
+        """Replace the staged content with ``text``."""
         try:
-            with open(temp, "x", encoding="utf-8") as stream:
+            with open(self.temp, "w", encoding="utf-8") as stream:
                 stream.write(text)
         except OSError as exc:
-            raise OutputError(f"{path}: cannot write {label} ({exc.strerror or exc})") from exc
-        yield target
+            raise OutputError(f"{self.path}: cannot write {self.label} ({exc.strerror or exc})") from exc
+
+
+@contextlib.contextmanager
+def staged_file(path: str | os.PathLike[str], label: str = "the file") -> Iterator[StagedFile]:
+    """An empty temp file beside ``path`` (so the folder is known writable) to fill in the block, renamed at its end.
+
+    If the block fails the temp file is removed and ``path`` is left as it was.
+    """
+    target = writable_path(path, label)
+    staged = StagedFile(target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"), target, path, label)
+    try:
         try:
-            os.replace(temp, target)
+            open(staged.temp, "x", encoding="utf-8").close()
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write {label} ({exc.strerror or exc})") from exc
+        yield staged
+        try:
+            os.replace(staged.temp, target)
         except OSError as exc:
             raise OutputError(f"{path}: cannot write {label} ({exc.strerror or exc})") from exc
     finally:
-        temp.unlink(missing_ok=True)
+        staged.temp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged_text(path: str | os.PathLike[str], text: str, label: str = "the file") -> Iterator[Path]:
+    """Write ``text`` to a temp file beside ``path``; rename it over ``path`` if the block succeeds, else remove it."""
+    with staged_file(path, label) as staged:
+        staged.write(text)
+        yield staged.target
 
 
 def _same_file(a: Path, b: Path) -> bool:

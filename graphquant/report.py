@@ -18,7 +18,7 @@ import onnxruntime
 import graphquant
 from graphquant.analysis.cost import SplitCost
 from graphquant.analysis.data import CalibrationData, Feed, rows
-from graphquant.analysis.layers import candidates
+from graphquant.analysis.layers import Layer, candidates
 from graphquant.analysis.stats_cache import CachingCalibrator
 from graphquant.output_paths import INPUT_FILES_KEY, staged_text
 from graphquant.pipeline import Pipeline
@@ -346,26 +346,32 @@ def data_size(data: CalibrationData | list[Feed]) -> dict[str, Any]:
     return {"batches": data.size[0], "samples": data.size[1]}
 
 
+def reference_layers(reference: ir.Model, decisions: list[LayerDecision]) -> dict[str, Layer]:
+    """The float model's layer behind each decision, found by its output's name after a bias Add (as decisions name it).
+
+    Names of nodes do not serve: a float model's unnamed nodes get names only in the candidate.
+    """
+    by_output = {decision.output: decision.node for decision in decisions if decision.output}
+    found = {}
+    for candidate in candidates(reference.graph):
+        output = layer_output(candidate.node).name
+        if candidate.layer is not None and output in by_output:
+            found[by_output[output]] = candidate.layer
+    return found
+
+
 def activation_ranges(
-    reference: ir.Model, calibrator: CachingCalibrator, layers: list[LayerDecision]
+    reference: ir.Model, calibrator: CachingCalibrator, decisions: list[LayerDecision]
 ) -> dict[str, ActivationRange]:
     """The channel ranges of the layers' inputs from the run's calibration statistics, where channels are last.
 
-    Layers are found in the float model by their output's name (its unnamed nodes get names only in the candidate),
-    after a bias Add as the decisions name it.
     Conv inputs (channels on axis 1) are reduced in the graph by analysis/conv_ranges.py and are not kept per name.
     """
-    by_output = {layer.output: layer.node for layer in layers if layer.output}
     ranges = {}
-    for candidate in candidates(reference.graph):
-        layer, output = candidate.layer, layer_output(candidate.node).name
-        if layer is None or output not in by_output or not _channels_last(candidate.node, layer.activation_index):
-            continue
+    for node, layer in reference_layers(reference, decisions).items():
         stats = calibrator.first_collected(layer.activation.name or "")
-        if stats is not None:
-            ranges[by_output[output]] = ActivationRange(
-                layer.activation.name or "", stats.channel_min, stats.channel_max
-            )
+        if stats is not None and _channels_last(layer.node, layer.activation_index):
+            ranges[node] = ActivationRange(layer.activation.name or "", stats.channel_min, stats.channel_max)
     return ranges
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import onnx_ir as ir
 
 
@@ -18,14 +20,17 @@ def constant_cones(graph: ir.Graph) -> dict[str, set[str]]:
 
 def layer_bytes(model: ir.Model, layer_names: set[str]) -> dict[str, int]:
     """Bytes of the initializers that feed each named node, directly or through constant-only ops (DQ, lookups)."""
+    return node_bytes(model, {node.name or "": node for node in model.graph if node.name in layer_names})
+
+
+def node_bytes(model: ir.Model, nodes: Mapping[str, ir.Node]) -> dict[str, int]:
+    """Bytes of the initializers that feed each given node (keyed by a label), directly or through constant-only ops."""
     graph = model.graph
     cones = constant_cones(graph)
     sizes: dict[str, int] = {}
-    for node in graph:
-        if node.name not in layer_names:
-            continue
+    for label, node in nodes.items():
         sources = set().union(*(cones.get(value.name or "", set()) for value in node.inputs if value is not None))
-        sizes[node.name or ""] = sum(_nbytes(graph.initializers[name]) for name in sources)
+        sizes[label] = sum(_nbytes(graph.initializers[name]) for name in sources)
     return sizes
 
 
