@@ -379,3 +379,16 @@ def test_zero_of_n_layers_quantized_warns_with_the_reasons():
         result = graphquant.optimize(model, calibration=data, show_progress=False)
     assert result.report.notes == ["0 of 2 layers quantized: 2 x activation x activation MatMul (left float)"]
     np.testing.assert_array_equal(run(result.model, data[0])[0], np.eye(8, dtype=np.float32) * 8)
+
+
+def test_layers_unnamed_in_the_float_model_get_their_stored_bytes():
+    model = mlp(np.random.default_rng(0))  # no node names: the candidate's are given by the name-fixing pass
+    assert all(not node.name for node in model.graph)
+    data = feeds(np.random.default_rng(1), batches=2, rows=8, features=16)
+    result = graphquant.optimize(model, "w8a8", calibration=data, show_progress=False)
+    stored = {name: value.const_value.nbytes for name, value in model.graph.initializers.items()}
+    matmul, gemm = (layer.node for layer in result.report.quantized)
+    # before: the MatMul reads w1; the Gemm reads w2 and its bias b2. After: int8 codes plus per-channel grids.
+    assert result.report.layer_bytes[matmul][0] == stored["w1"]
+    assert result.report.layer_bytes[gemm][0] == stored["w2"] + stored["b2"]
+    assert all(after < before for before, after in result.report.layer_bytes.values())
