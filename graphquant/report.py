@@ -161,7 +161,7 @@ class Report:
                 "bytes_after": self.bytes_after,
                 "layers": [self._layer_entry(layer) for layer in self.layers],
                 "outputs": {name: self._output_entry(c) for name, c in self.outputs.items()},
-                "validation": self._validation_entry(),
+                "validation": self.validation_summary(),
                 "notes": self.notes,
                 "split_costs": [dataclasses.asdict(cost) for cost in self.split_costs],
                 **({} if self.auto is None else {"auto": self.auto}),
@@ -182,7 +182,7 @@ class Report:
         assert self.min_cosine is not None  # outputs are measured only by validation, which sets the threshold
         return {**_metrics(comparison), "within_tolerance": comparison.failure(self.min_cosine) is None}
 
-    def _validation_entry(self) -> dict[str, Any]:
+    def validation_summary(self) -> dict[str, Any]:
         """The threshold every output had to meet and the verdict; why there is none if the run was not validated."""
         if self.min_cosine is None:
             return {"validated": False, "reason": "no calibration or validation data, or nothing was quantized"}

@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from graphquant.analysis.runner import release_mappings
 from graphquant.errors import OutputError
-from graphquant.report import OUTLIER_RATIO, ActivationRange, Report, reference_layers
+from graphquant.report import OUTLIER_RATIO, SCHEMA_VERSION, ActivationRange, Report, json_ready, reference_layers
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -100,15 +100,16 @@ def weight_ranges(report: Report, reference: ir.Model) -> dict[str, WeightRange]
     ranges = {}
     for node, layer in reference_layers(reference, report.layers).items():
         weight = layer.weight_array.astype(np.float32, copy=False)
-        finite = weight[np.isfinite(weight)]
-        if not finite.size:
+        finite = np.isfinite(weight)
+        low = float(np.min(weight, where=finite, initial=np.inf))
+        high = float(np.max(weight, where=finite, initial=-np.inf))
+        if not low <= high:  # no finite value
             continue
-        absmax = np.abs(np.nan_to_num(weight, posinf=0.0, neginf=0.0))
-        axis = layer.out_axis
-        channels = absmax.max(axis=tuple(a for a in range(weight.ndim) if a != axis)) if axis is not None else absmax
-        median = float(np.median(channels))
-        spread = float(channels.max() / median) if median > 0 else math.inf
-        ranges[node] = WeightRange(float(finite.min()), float(finite.max()), spread)
+        spread = math.nan  # a per-tensor weight has no output channels
+        if layer.out_axis is not None:
+            others = tuple(axis for axis in range(weight.ndim) if axis != layer.out_axis)
+            spread = _spread(np.max(np.abs(weight), axis=others, where=finite, initial=0.0))
+        ranges[node] = WeightRange(low, high, spread)
     release_mappings(reference)  # the weight pages just read
     return ranges
 
@@ -131,7 +132,7 @@ def _summary(report: Report) -> str:
 
 def _validation(report: Report) -> str:
     """Each output's cosine, SQNR and error against the float model, and the threshold's verdict."""
-    entry = report.to_dict()["validation"]
+    entry = report.validation_summary()
     if not entry["validated"]:
         return f"<p>Not validated: {html.escape(entry['reason'])}.</p>"
     verdict = '<span class="pass">passed</span>' if entry["passed"] else '<span class="fail">FAILED</span>'
@@ -334,13 +335,13 @@ def _timings(report: Report) -> str:
 
 def _run(report: Report) -> str:
     """Library versions, the options given and the files read."""
-    data = report.to_dict()
+    groups = {"versions": report.versions, "options": report.options, "inputs": report.inputs}
     rows = [
-        (f"{group}: {key}", _text(value))
-        for group in ("versions", "options", "inputs")
-        for key, value in data[group].items()
+        (f"{group}: {key}", _text(json_ready(value)))
+        for group, values in groups.items()
+        for key, value in values.items()
     ]
-    return _table(("", ""), [("schema_version", str(data["schema_version"])), *rows], header=False)
+    return _table(("", ""), [("schema_version", str(SCHEMA_VERSION)), *rows], header=False)
 
 
 def _text(value: Any) -> str:
