@@ -24,12 +24,11 @@ from graphquant.output_paths import INPUT_FILES_KEY, staged_text
 from graphquant.pipeline import Pipeline
 from graphquant.quant_spec import DECISION_KEY, LayerDecision
 from graphquant.rewrites import layer_output
+from graphquant.summary import OUTLIER_RATIO
 from graphquant.validate import TensorComparison
 
 # The JSON report's layout; raised whenever a field changes meaning or is removed (README: "The JSON report").
 SCHEMA_VERSION = 2
-# A channel is an outlier when its max |x| exceeds this multiple of the median channel's (as `graphquant inspect`).
-OUTLIER_RATIO = 6.0
 # Why a metric is null in the JSON, by field and by the non-finite value it had.
 NULL_REASONS = {
     ("sqnr_db", math.inf): "no error: the tensors are identical",
@@ -178,9 +177,9 @@ class Report:
         return entry
 
     def _output_entry(self, comparison: TensorComparison) -> dict[str, Any]:
-        """One output's metrics and whether it meets the validation threshold."""
-        assert self.min_cosine is not None  # outputs are measured only by validation, which sets the threshold
-        return {**_metrics(comparison), "within_tolerance": comparison.failure(self.min_cosine) is None}
+        """One output's metrics and whether it meets the validation threshold (None without one)."""
+        within = None if self.min_cosine is None else comparison.failure(self.min_cosine) is None
+        return {**_metrics(comparison), "within_tolerance": within}
 
     def validation_summary(self) -> dict[str, Any]:
         """The threshold every output had to meet and the verdict; why there is none if the run was not validated."""
