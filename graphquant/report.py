@@ -119,7 +119,7 @@ class Report:
     # The optimize options given (the validation threshold used always), and the files read.
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # Per data set ("calibration", "validation"): its source, batches and samples.
+    # Per data set ("calibration", "validation"): its batches and samples (its source is in ``inputs``).
     data: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     timings: Timings = dataclasses.field(default_factory=Timings)
     # Per layer: its input activation's channel ranges, as the run's first calibration of that tensor saw them.
