@@ -6,11 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import build
+from builders import build, ops, save_model
 
+import graphquant
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.data import CalibrationData, InputSpec
 from graphquant.analysis.image_calib import ImageCalibration, ImagePreprocess, image_fit
+from graphquant.cli import main
 from graphquant.errors import CalibrationError, RecipeError
 
 Image = pytest.importorskip("PIL.Image")
@@ -163,3 +165,62 @@ def test_a_recipe_preprocess_table(tmp_path):
     recipe.write_text('[[passes]]\nname = "quantize"\n[preprocess]\nlayout = "CHW"\n')
     with pytest.raises(RecipeError, match=r"recipe.toml: \[preprocess\]: image layout 'CHW' is not one of NCHW, NHWC"):
         ImagePreprocess.from_recipe(recipe)
+
+
+def test_cli_optimize_from_images_with_a_recipe_preprocess_table_writes_the_model_the_npz_gives(
+    tmp_path, conv_model, capsys
+):
+    model = save_model(conv_model, tmp_path / "model.onnx")
+    pixels = write_images(tmp_path / "images", 4)
+    recipe = tmp_path / "w8a8-images.toml"
+    recipe.write_text(
+        'target = "qdq"\n[[passes]]\nname = "quantize"\noptions = { wbits = 8, abits = 8, activation_method = "minmax" }\n'
+        "[preprocess]\nscale = 1.0\nmean = [10, 20, 30]\nstd = 4\n"
+    )
+    npz = tmp_path / "images.npz"  # exact in float32: integer pixels, a power-of-two std
+    np.savez(
+        npz, x=np.stack([(array - np.float32([10, 20, 30])) / np.float32(2) for array in pixels]).transpose(0, 3, 1, 2)
+    )
+    common = ["optimize", model, "--recipe", str(recipe)]
+    assert main([*common, "-o", str(tmp_path / "images.onnx"), "--calib", str(tmp_path / "images"), "--std", "2"]) == 0
+    assert main([*common, "-o", str(tmp_path / "npz.onnx"), "--calib", str(npz)]) == 0
+    assert (tmp_path / "images.onnx").read_bytes() == (tmp_path / "npz.onnx").read_bytes()
+    assert "QuantizeLinear" in ops(graphquant.load(tmp_path / "images.onnx"))
+    capsys.readouterr()
+    preprocess = ["--scale", "1", "--mean", "10,20,30", "--std", "2"]
+    assert main(["inspect", model, "--calib", str(tmp_path / "images"), *preprocess]) == 0
+    from_images = capsys.readouterr().out
+    assert main(["inspect", model, "--calib", str(npz)]) == 0
+    assert from_images == capsys.readouterr().out
+    assert "or an image folder (x [?, 3, 8, 8], read as NCHW" in from_images
+    assert (
+        main(["validate", model, str(tmp_path / "images.onnx"), "--calib", str(tmp_path / "images"), *preprocess]) == 0
+    )
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert len(rows) == 1 and rows[0].split()[0] == "y" and float(rows[0].split()[1]) > 0.99
+
+
+def test_cli_image_errors_are_one_line(tmp_path, conv_model, capsys):
+    model = save_model(conv_model, tmp_path / "model.onnx")
+    write_images(tmp_path / "images", 2)
+    (tmp_path / "images" / "img_01.png").write_bytes(b"not a png")
+    (tmp_path / "empty").mkdir()
+    for calib, extra, message in (
+        ("images", [], "img_01.png: cannot read the image"),
+        ("empty", [], "empty: no images"),
+        ("images", ["--image-size", "4x6"], "image size 4x6 (--image-size) does not match input 'x'"),
+    ):
+        argv = [
+            "optimize",
+            model,
+            "-o",
+            str(tmp_path / "out.onnx"),
+            "--recipe",
+            "w8a8",
+            "--calib",
+            str(tmp_path / calib),
+        ]
+        assert main([*argv, *extra]) == 1
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("graphquant: error")]
+        assert len(errors) == 1 and message in errors[0], errors
+    assert not (tmp_path / "out.onnx").exists()

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import build
+from builders import build, ops, run, save_model
 
+import graphquant
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.data import CalibrationData, InputSpec
 from graphquant.analysis.text_calib import TextCalibration, text_fit
+from graphquant.cli import main
 from graphquant.errors import CalibrationError
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -209,3 +211,69 @@ def test_minilm_tokenizer_folder_matches_transformers(tmp_path):
     reference = examples_module("minilm").tokenize_sentences(sentences, 16)
     for name in batch:
         np.testing.assert_array_equal(batch[name], reference[name])
+
+
+@pytest.fixture
+def cli_files(tmp_path: Path, texts: Path, text_model: object) -> tuple[Path, Path, Path]:
+    """The text model saved, the tokenizer folder, and the .npz of the texts tokenized to 6 tokens by hand."""
+    model = Path(save_model(text_model, tmp_path / "model.onnx"))
+    tokenizer = tokenizer_file(tmp_path / "tok").parent
+    lines = [line for line in LINES if line]
+    npz = tmp_path / "tokens.npz"
+    np.savez(
+        npz,
+        input_ids=np.array([expected_ids(line, 6) for line in lines], dtype=np.int64),
+        attention_mask=np.array([expected_mask(line, 6) for line in lines], dtype=np.int64),
+        token_type_ids=np.zeros((len(lines), 6), dtype=np.int32),
+        position_ids=np.broadcast_to(np.arange(6, dtype=np.int64), (len(lines), 6)),
+    )
+    return model, tokenizer, npz
+
+
+def test_cli_optimize_from_text_writes_the_model_the_npz_gives(tmp_path, texts, cli_files, capsys):
+    model, tokenizer, npz = cli_files
+    text_options = ["--tokenizer", str(tokenizer), "--seq-len", "6"]
+    common = ["optimize", str(model), "--recipe", "w8a8"]
+    assert main([*common, "-o", str(tmp_path / "text.onnx"), "--calib", str(texts), *text_options]) == 0
+    assert main([*common, "-o", str(tmp_path / "npz.onnx"), "--calib", str(npz)]) == 0
+    assert (tmp_path / "text.onnx").read_bytes() == (tmp_path / "npz.onnx").read_bytes()
+    assert "QuantizeLinear" in ops(graphquant.load(tmp_path / "text.onnx"))
+    held_out = [*common, "-o", str(tmp_path / "held.onnx"), "--calib", str(npz), "--validate-data", str(texts)]
+    assert main([*held_out, *text_options]) == 0
+    capsys.readouterr()
+    feed = dict(np.load(npz))
+    float_y = run(graphquant.load(model), feed)[0]
+    quantized_y = run(graphquant.load(tmp_path / "text.onnx"), feed)[0]
+    cosine = float(np.dot(float_y.ravel(), quantized_y.ravel()) / np.linalg.norm(float_y) / np.linalg.norm(quantized_y))
+    assert cosine > 0.999
+
+
+def test_cli_inspect_and_validate_read_text(tmp_path, texts, cli_files, capsys):
+    model, tokenizer, npz = cli_files
+    assert main(["inspect", str(model), "--calib", str(texts), "--tokenizer", str(tokenizer), "--seq-len", "6"]) == 0
+    from_text = capsys.readouterr().out
+    assert main(["inspect", str(model), "--calib", str(npz)]) == 0
+    assert from_text == capsys.readouterr().out
+    assert "or a text file with --tokenizer (input_ids <- input_ids, attention_mask <- attention_mask" in from_text
+    assert "activations" in from_text
+    assert main(["validate", str(model), str(model), "--calib", str(texts), "--tokenizer", str(tokenizer)]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [row.split()[:2] for row in rows] == [["y", "1.00000"]]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ([], "texts.txt: a text file needs a tokenizer to calibrate from (--tokenizer DIR)"),
+        (["--seq-len", "6", "--calib", "{npz}"], "--seq-len applies to text data: give the tokenizer too"),
+        (["--tokenizer", "{missing}"], "tokenizer not found"),
+    ],
+)
+def test_cli_text_errors_are_one_line(tmp_path, texts, cli_files, capsys, options, message):
+    model, _, npz = cli_files
+    filled = [option.format(npz=npz, missing=tmp_path / "missing") for option in options]
+    argv = ["optimize", str(model), "-o", str(tmp_path / "out.onnx"), "--recipe", "w8a8", "--calib", str(texts)]
+    assert main([*argv, *filled]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("graphquant: error")]
+    assert len(errors) == 1 and message in errors[0]
+    assert not (tmp_path / "out.onnx").exists()
