@@ -15,9 +15,14 @@ import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import graphquant
 from graphquant.errors import CalibrationError, GraphQuantError, InternalError, InvalidModelError
+
+if TYPE_CHECKING:
+    from graphquant.analysis.data import CalibrationSource
+    from graphquant.analysis.image_calib import ImagePreprocess
 
 # Signals that end the run through an exception, so that every context manager removes its temp files.
 TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -243,7 +248,7 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
 
 
-def _data_source(args: argparse.Namespace, value: str | None) -> object:
+def _data_source(args: argparse.Namespace, value: str | None) -> CalibrationSource | None:
     """A --calib/--validate-data value as a calibration source: a text or image loader where it names one."""
     from graphquant.analysis.data import DEFAULT_BATCH_SIZE, is_test_data
 
@@ -262,7 +267,7 @@ def _data_source(args: argparse.Namespace, value: str | None) -> object:
     return value
 
 
-def _preprocess(args: argparse.Namespace) -> object:
+def _preprocess(args: argparse.Namespace) -> ImagePreprocess:
     """Image preprocessing: the recipe's [preprocess] table, with the command line's options over it."""
     from graphquant.analysis.image_calib import ImagePreprocess
 
