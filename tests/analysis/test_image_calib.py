@@ -186,6 +186,9 @@ def test_cli_optimize_from_images_with_a_recipe_preprocess_table_writes_the_mode
     assert main([*common, "-o", str(tmp_path / "npz.onnx"), "--calib", str(npz)]) == 0
     assert (tmp_path / "images.onnx").read_bytes() == (tmp_path / "npz.onnx").read_bytes()
     assert "QuantizeLinear" in ops(graphquant.load(tmp_path / "images.onnx"))
+    held_out = ["-o", str(tmp_path / "held.onnx"), "--calib", str(npz), "--validate-data", str(tmp_path / "images")]
+    assert main([*common, *held_out, "--std", "2"]) == 0
+    assert (tmp_path / "held.onnx").read_bytes() == (tmp_path / "npz.onnx").read_bytes()
     capsys.readouterr()
     preprocess = ["--scale", "1", "--mean", "10,20,30", "--std", "2"]
     assert main(["inspect", model, "--calib", str(tmp_path / "images"), *preprocess]) == 0
