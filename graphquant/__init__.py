@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from graphquant.analysis.calibration import Calibrator
+    from graphquant.analysis.image_calib import ImageCalibration, ImagePreprocess
     from graphquant.analysis.stats import CalibrationStats, TensorStats
+    from graphquant.analysis.text_calib import TextCalibration
     from graphquant.api import OptimizeResult, from_torch, load, optimize, save
     from graphquant.errors import (
         CalibrationError,
@@ -31,6 +33,8 @@ _EXPORTS = {
     "Calibrator": "graphquant.analysis.calibration",
     "FidelityError": "graphquant.errors",
     "GraphQuantError": "graphquant.errors",
+    "ImageCalibration": "graphquant.analysis.image_calib",
+    "ImagePreprocess": "graphquant.analysis.image_calib",
     "InvalidModelError": "graphquant.errors",
     "OptimizeResult": "graphquant.api",
     "OutputError": "graphquant.errors",
@@ -39,6 +43,7 @@ _EXPORTS = {
     "Recipe": "graphquant.recipes",
     "RecipeError": "graphquant.errors",
     "TensorStats": "graphquant.analysis.stats",
+    "TextCalibration": "graphquant.analysis.text_calib",
     "compare_models": "graphquant.validate",
     "from_torch": "graphquant.api",
     "load": "graphquant.api",
@@ -52,6 +57,8 @@ __all__ = [
     "Calibrator",
     "FidelityError",
     "GraphQuantError",
+    "ImageCalibration",
+    "ImagePreprocess",
     "InvalidModelError",
     "OptimizeResult",
     "OutputError",
@@ -60,6 +67,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "TensorStats",
+    "TextCalibration",
     "compare_models",
     "from_torch",
     "load",

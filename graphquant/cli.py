@@ -23,12 +23,16 @@ from graphquant.errors import CalibrationError, GraphQuantError, InternalError, 
 if TYPE_CHECKING:
     import onnx_ir as ir
 
+    from graphquant.analysis.data import CalibrationSource
+    from graphquant.analysis.image_calib import ImagePreprocess
+
 # Signals that end the run through an exception, so that every context manager removes its temp files.
 TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 # onnxruntime's logger severity for the whole process: fatal only (graphquant reports its errors as exceptions).
 ORT_LOG_SEVERITY = 4
 # The label of --report-html's output in errors.
 HTML = "the HTML report"
+CALIB_FORMS = ".npz, test-data folder, image folder, or text file (with --tokenizer)"
 
 
 class Terminated(BaseException):
@@ -129,8 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True)
+    data = _data_options()
 
-    optimize = commands.add_parser("optimize", help="quantize a model with a recipe", parents=[common])
+    optimize = commands.add_parser("optimize", help="quantize a model with a recipe", parents=[common, data])
     optimize.add_argument("model", type=Path)
     optimize.add_argument(
         "-o",
@@ -155,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
         "--objective", choices=("latency", "size"), help="auto: what the search minimizes (default latency)"
     )
     optimize.add_argument("--metric", choices=("cosine", "sqnr"), help="auto: the budget's metric (default cosine)")
-    optimize.add_argument("--calib", help="calibration .npz, test-data folder, or 'random'")
+    optimize.add_argument("--calib", help=f"calibration data: {CALIB_FORMS}, or 'random'")
     optimize.add_argument("--validate-data", help="held-out data for validation (default: the calibration data)")
     optimize.add_argument("--wbits", type=int)
     optimize.add_argument("--abits", type=int)
@@ -192,18 +197,18 @@ def _parser() -> argparse.ArgumentParser:
     optimize.set_defaults(run=_optimize)
 
     inspect = commands.add_parser(
-        "inspect", help="graph inputs, op histogram, quantizable layers, activation outliers", parents=[common]
+        "inspect", help="graph inputs, op histogram, quantizable layers, activation outliers", parents=[common, data]
     )
     inspect.add_argument("model", type=Path)
-    inspect.add_argument("--calib", help="calibration data for per-layer activation ranges")
+    inspect.add_argument("--calib", help=f"calibration data for per-layer activation ranges: {CALIB_FORMS}")
     inspect.set_defaults(run=_inspect)
 
     validate = commands.add_parser(
-        "validate", help="compare a model with its reference in onnxruntime", parents=[common]
+        "validate", help="compare a model with its reference in onnxruntime", parents=[common, data]
     )
     validate.add_argument("reference", type=Path)
     validate.add_argument("candidate", type=Path)
-    validate.add_argument("--calib", required=True, help="inputs: .npz, test-data folder, or 'random'")
+    validate.add_argument("--calib", required=True, help=f"inputs: {CALIB_FORMS}, or 'random'")
     validate.set_defaults(run=_validate)
 
     commands.add_parser("passes", help="list the rewrite passes", parents=[common]).set_defaults(run=_list_passes)
@@ -211,6 +216,90 @@ def _parser() -> argparse.ArgumentParser:
         run=_list_recipes
     )
     return parser
+
+
+def _data_options() -> argparse.ArgumentParser:
+    """The options that say how to read text and image calibration data (analysis/text_calib.py, image_calib.py)."""
+    data = argparse.ArgumentParser(add_help=False)
+    text = data.add_argument_group("text data (--calib FILE.txt: one sample per non-blank line)")
+    text.add_argument("--tokenizer", type=Path, help="a Hugging Face tokenizer folder or its tokenizer.json")
+    text.add_argument(
+        "--seq-len", type=int, help="pad and truncate to this many tokens (default: each batch's longest line)"
+    )
+    data.add_argument("--batch-size", type=int, help="samples per batch of text or image data (default 8)")
+    image = data.add_argument_group("image data (--calib DIR of .png/.jpg; also a recipe's [preprocess] table)")
+    image.add_argument("--image-size", type=_image_size, help="HxW or N (default: the input's fixed dims)")
+    image.add_argument("--resize", choices=("stretch", "crop", "pad"), help="how images reach the size (stretch)")
+    image.add_argument("--scale", type=float, help="pixel values are multiplied by this first (default 1/255)")
+    image.add_argument("--mean", type=_floats, help="subtracted after scaling, one value or one per channel (0)")
+    image.add_argument("--std", type=_floats, help="divided by last, one value or one per channel (1)")
+    image.add_argument("--layout", choices=("NCHW", "NHWC"), help="default: guessed from the input's shape")
+    image.add_argument("--channels", choices=("RGB", "BGR"), help="channel order of 3-channel inputs (RGB)")
+    return data
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    """--image-size: 'HxW' or one number for a square."""
+    parts = text.lower().split("x")
+    try:
+        sizes = [int(part) for part in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HxW or N") from None
+    if len(sizes) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"{text!r} is not HxW or N")
+    return (sizes[0], sizes[-1])
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    """A comma-separated list of numbers."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _data_source(args: argparse.Namespace, value: str | None) -> CalibrationSource | None:
+    """A --calib/--validate-data value as a calibration source: a text or image loader where it names one."""
+    from graphquant.analysis.data import DEFAULT_BATCH_SIZE, is_test_data
+
+    if value is None or value == "random":
+        return value
+    path = Path(value)
+    if args.batch_size is not None and (path.suffix == ".npz" or is_test_data(path)):
+        raise CalibrationError(f"{path}: --batch-size applies to text and image data only")
+    batch_size = args.batch_size or DEFAULT_BATCH_SIZE
+    if args.tokenizer is not None and path.is_file() and path.suffix != ".npz":
+        from graphquant.analysis.text_calib import TextCalibration
+
+        return TextCalibration(path, args.tokenizer, args.seq_len, batch_size)
+    if path.is_dir() and not is_test_data(path):
+        from graphquant.analysis.image_calib import ImageCalibration
+
+        return ImageCalibration(path, _preprocess(args), batch_size)
+    return value
+
+
+def _preprocess(args: argparse.Namespace) -> ImagePreprocess:
+    """Image preprocessing: the recipe's [preprocess] table, with the command line's options over it."""
+    from graphquant.analysis.image_calib import ImagePreprocess
+
+    recipe = getattr(args, "recipe", None)
+    base = ImagePreprocess.from_recipe(recipe) if recipe and recipe.endswith(".toml") else None
+    return (base or ImagePreprocess()).replaced(
+        size=args.image_size,
+        resize=args.resize,
+        scale=args.scale,
+        mean=args.mean,
+        std=args.std,
+        layout=args.layout,
+        channels=args.channels,
+    )
+
+
+def _check_data_options(args: argparse.Namespace) -> None:
+    """Refuse text options without --tokenizer."""
+    if args.seq_len is not None and args.tokenizer is None:
+        raise CalibrationError("--seq-len applies to text data: give the tokenizer too (--tokenizer DIR)")
 
 
 def _optimize(args: argparse.Namespace) -> int:
@@ -225,23 +314,26 @@ def _optimize(args: argparse.Namespace) -> int:
         *source_reads(args.recipe, "the recipe"),
     ]
     reports = {label: path for label, path in (("the report", args.report), (HTML, args.report_html)) if path}
+    reads += source_reads(args.tokenizer, "the tokenizer")
     check_outputs({**model_outputs(args.output), **reports}, reads, overwrite=args.overwrite)
     if args.report_html:
         from graphquant.report_html import require_matplotlib
 
         require_matplotlib()
-    for source in (args.calib, args.validate_data):
+    _check_data_options(args)
+    calibration, validation = _data_source(args, args.calib), _data_source(args, args.validate_data)
+    for name, source in ((args.calib, calibration), (args.validate_data, validation)):
         if source not in (None, "random"):
-            with _naming_data_file(source):
+            with _naming_data_file(name):
                 graphquant.Calibrator.for_model(model, source, False)  # checks the first batch before any work
     passes = [name.strip() for name in args.passes.split(",") if name.strip()] if args.passes else None
     result = graphquant.optimize(
         model,
         recipe=args.recipe,
-        calibration=args.calib,
+        calibration=calibration,
         passes=passes,
         target=args.target,
-        validation=args.validate_data,
+        validation=validation,
         wbits=args.wbits,
         abits=args.abits,
         block_size=args.block_size,
@@ -301,6 +393,9 @@ def _naming_data_file(source: str | None) -> Iterator[None]:
 
 def _inspect(args: argparse.Namespace) -> int:
     """graphquant inspect."""
+    from graphquant.analysis.data import InputSpec
+    from graphquant.analysis.image_calib import image_fit
+    from graphquant.analysis.text_calib import text_fit
     from graphquant.summary import activation_summaries, graph_inputs, layer_table, op_histogram
 
     model = graphquant.load(args.model)
@@ -314,9 +409,16 @@ def _inspect(args: argparse.Namespace) -> int:
     print("inputs (what a calibration .npz holds, one array per input, samples on the first axis):")
     for name, dtype, shape in graph_inputs(model):
         print(f"  {name:<40} {dtype:<9} {shape}")
+    print("--calib forms that fit: an .npz or test-data folder of these inputs")
+    specs = InputSpec.of_model(model)
+    for fit in (text_fit(specs), image_fit(specs)):
+        if fit:
+            print(f"  or {fit}")
     if args.calib:
+        _check_data_options(args)
+        source = _data_source(args, args.calib)
         with _naming_data_file(args.calib):
-            summaries = activation_summaries(model, graphquant.Calibrator.for_model(model, args.calib))
+            summaries = activation_summaries(model, graphquant.Calibrator.for_model(model, source))
         print("activations (outlier: channel max|x| > 6x the median channel's):")
         print(f"  {'layer':<40} {'min':>9} {'max':>9} {'outliers':>9} {'spread':>8}")
         for s in summaries:
@@ -340,8 +442,10 @@ def _validate(args: argparse.Namespace) -> int:
             f"{args.candidate}: its inputs ({_signature(graph_inputs(candidate))}) differ from those of "
             f"{args.reference} ({_signature(graph_inputs(reference))})"
         )
+    _check_data_options(args)
+    source = _data_source(args, args.calib)
     with _naming_data_file(args.calib):
-        data = graphquant.Calibrator.for_model(reference, args.calib).data
+        data = graphquant.Calibrator.for_model(reference, source).data
         comparisons = graphquant.compare_models(reference, candidate, data)
     print(f"  {'output':<30} {'cosine':>9} {'SQNR dB':>9} {'max abs err':>12}")
     for name, comparison in comparisons.items():

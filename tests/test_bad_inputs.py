@@ -468,7 +468,12 @@ def test_bad_calibration_data_api(problem):
 def test_bad_calibration_source_cli(folders, capsys):
     source, target = folders
     (source / "calib.txt").write_text("1 2 3\n")
-    for calib, message in (("absent.npz", "calibration data not found"), ("calib.txt", "must be an .npz file")):
+    (source / "calib.csv").write_text("1 2 3\n")
+    for calib, message in (
+        ("absent.npz", "calibration data not found"),
+        ("calib.csv", "must be an .npz file"),
+        ("calib.txt", "a text file needs a tokenizer to calibrate from (--tokenizer DIR)"),
+    ):
         argv = ["optimize", "--recipe", "w8a8", str(source / "model.onnx"), "-o", str(target / "q.onnx"), "--calib", str(source / calib)]
         code, lines, _ = run_cli(argv, capsys)
         assert code == 1

@@ -1,7 +1,8 @@
-"""Calibration and validation feeds: .npz files, ONNX test-data folders, iterables, or random inputs."""
+"""Calibration and validation feeds: .npz files, ONNX test-data folders, text, images, iterables, random inputs."""
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import math
@@ -22,7 +23,6 @@ from graphquant.errors import CalibrationError, InvalidModelError
 from graphquant.frontends.onnx_file import check_tensor, check_text
 
 Feed = dict[str, np.ndarray]
-CalibrationSource = str | Path | Iterable[Mapping[str, np.ndarray]]
 
 DEFAULT_BATCH_SIZE = 8
 RANDOM_BATCHES = 8
@@ -33,6 +33,7 @@ NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.li
 # What a damaged archive raises: zipfile, zlib and numpy's .npy header parser each have their own types.
 NPZ_READ_ERRORS = (OSError, EOFError, ValueError, SyntaxError, zipfile.BadZipFile, zlib.error, NotImplementedError)
 INPUT_FILE = re.compile(r"input_(\d+)\.pb")
+TEXT_SUFFIXES = (".txt", ".text")
 
 
 class RandomCalibrationWarning(UserWarning):
@@ -75,6 +76,19 @@ class InputSpec:
             raise CalibrationError(f"input {self.name!r}: shape {array.shape} given, model expects {expected}")
 
 
+class FeedLoader(abc.ABC):
+    """Calibration data read by a loader of its own (analysis/text_calib.py, analysis/image_calib.py)."""
+
+    path: Path
+
+    @abc.abstractmethod
+    def feeds(self, inputs: list[InputSpec]) -> Iterator[Feed]:
+        """The batches, built for the model's inputs."""
+
+
+CalibrationSource = str | Path | FeedLoader | Iterable[Mapping[str, np.ndarray]]
+
+
 class CalibrationData:
     """A re-iterable source of feeds checked against the model's inputs."""
 
@@ -95,11 +109,9 @@ class CalibrationData:
                 stacklevel=2,
             )
         elif isinstance(source, (str, Path)):
-            path = Path(source)
-            if not path.exists():
-                raise CalibrationError(f"{path}: calibration data not found")
-            if path.is_file() and path.suffix != ".npz":
-                raise CalibrationError(f"{path}: calibration data must be an .npz file or a test-data directory")
+            self._check_path(Path(source))
+        elif isinstance(source, FeedLoader):
+            pass
         elif not isinstance(source, Iterable):
             raise CalibrationError(f"calibration data of type {type(source).__name__} is not supported")
         elif not isinstance(source, (list, tuple)):
@@ -107,6 +119,22 @@ class CalibrationData:
         first = next(iter(self), None)
         if first is None:
             raise CalibrationError(f"{self._where}the calibration data set is empty")
+
+    def _check_path(self, path: Path) -> None:
+        """Refuse a missing path or a file no reader takes; an image folder (no test_data_set_*) gets its loader."""
+        if not path.exists():
+            raise CalibrationError(f"{path}: calibration data not found")
+        if path.is_file() and path.suffix in TEXT_SUFFIXES:
+            raise CalibrationError(f"{path}: a text file needs a tokenizer to calibrate from (--tokenizer DIR)")
+        if path.is_file() and path.suffix != ".npz":
+            raise CalibrationError(
+                f"{path}: calibration data must be an .npz file, a test-data or image folder, "
+                "or a text file with --tokenizer"
+            )
+        if path.is_dir() and not is_test_data(path):
+            from graphquant.analysis.image_calib import ImageCalibration
+
+            self.source = ImageCalibration(path, batch_size=self.batch_size)
 
     def __iter__(self) -> Iterator[Feed]:
         """Yield checked feeds, one batch at a time; a full pass counts NaN/Inf per input and sets ``size``."""
@@ -134,6 +162,8 @@ class CalibrationData:
     @property
     def _where(self) -> str:
         """The prefix that names the calibration file or folder in errors ("" for data given in memory)."""
+        if isinstance(self.source, FeedLoader):
+            return f"{self.source.path}: "
         return f"{Path(self.source)}: " if isinstance(self.source, (str, Path)) and not self.is_random else ""
 
     def __len__(self) -> int:
@@ -146,6 +176,8 @@ class CalibrationData:
             return _random_feeds(self.inputs)
         if self._materialized is not None:
             return iter(self._materialized)
+        if isinstance(self.source, FeedLoader):
+            return self.source.feeds(self.inputs)
         if isinstance(self.source, (str, Path)):
             path = Path(self.source)
             return (
@@ -259,6 +291,11 @@ def _batch_size_for(inputs: list[InputSpec], default: int) -> int:
     """The static batch dim shared by the inputs, or the default where the batch dim is symbolic."""
     static = {spec.shape[0] for spec in inputs if spec.shape and spec.shape[0] is not None}
     return static.pop() if len(static) == 1 else default
+
+
+def is_test_data(directory: Path) -> bool:
+    """Whether a folder has the ONNX test-data layout (test_data_set_* folders)."""
+    return any(path.is_dir() for path in directory.glob("test_data_set_*"))
 
 
 def _test_data_feeds(directory: Path, inputs: list[InputSpec]) -> Iterator[Feed]:

@@ -210,10 +210,10 @@ def test_missing_path_is_refused(tmp_path):
 
 
 def test_wrong_file_kind_and_unsupported_source_are_refused(tmp_path):
-    text = tmp_path / "calib.txt"
-    text.write_text("1 2 3")
-    with pytest.raises(CalibrationError, match=r"must be an \.npz file"):
-        CalibrationData(text, [X])
+    table = tmp_path / "calib.csv"
+    table.write_text("1 2 3")
+    with pytest.raises(CalibrationError, match=r"must be an \.npz file, a test-data or image folder, or a text file"):
+        CalibrationData(table, [X])
     corrupt = tmp_path / "corrupt.npz"
     corrupt.write_bytes(b"PK not really a zip")
     with pytest.raises(CalibrationError, match="cannot read .npz"):
