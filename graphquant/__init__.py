@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from graphquant.api import OptimizeResult, from_torch, load, optimize, save
     from graphquant.errors import (
         CalibrationError,
+        ExecutorError,
         FidelityError,
         GraphQuantError,
         InvalidModelError,
@@ -29,6 +30,7 @@ _EXPORTS = {
     "CalibrationError": "graphquant.errors",
     "CalibrationStats": "graphquant.analysis.stats",
     "Calibrator": "graphquant.analysis.calibration",
+    "ExecutorError": "graphquant.errors",
     "FidelityError": "graphquant.errors",
     "GraphQuantError": "graphquant.errors",
     "InvalidModelError": "graphquant.errors",
@@ -50,6 +52,7 @@ __all__ = [
     "CalibrationError",
     "CalibrationStats",
     "Calibrator",
+    "ExecutorError",
     "FidelityError",
     "GraphQuantError",
     "InvalidModelError",
