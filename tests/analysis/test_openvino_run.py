@@ -14,7 +14,6 @@ from graphquant.cli import main
 from graphquant.errors import ExecutorError
 from graphquant.validate import compare_models
 
-pytest.importorskip("openvino")
 
 F32 = np.float32
 

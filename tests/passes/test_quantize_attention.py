@@ -89,7 +89,6 @@ def test_lowered_qdq_attention_matches_onnxruntime_float_within_the_grid():
 
 
 def test_openvino_runs_both_attention_matmuls_on_int8_inputs():
-    pytest.importorskip("openvino")
     rng = np.random.default_rng(2)
     model, data = attention(rng), feeds(rng)
     float_kinds = openvino_run.layer_precisions(model.clone(), openvino_run.UNFUSED)
