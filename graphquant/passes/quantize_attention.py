@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import onnx_ir as ir
 
 from graphquant.analysis.calibration import Calibrator
+from graphquant.analysis.channel_probe import values_by_name
 from graphquant.analysis.layers import constant_array
 from graphquant.analysis.stats import TensorStats
+from graphquant.graph_edit import NameScope
 from graphquant.quant_spec import (
     DECISION_KEY,
     INPUT_SPECS_KEY,
@@ -43,7 +47,7 @@ class QuantizeAttentionPass(ir.passes.InPlacePass):
         if not nodes:
             return ir.passes.PassResult(model, modified=False)
         names = list(dict.fromkeys(value.name or "" for node in nodes for value in node.inputs if value is not None))
-        stats = self.calibrator.collect(model, names)
+        stats = self.ranges(model, names)
         modified = False
         for node in nodes:
             inputs = [stats[value.name or ""] for value in node.inputs if value is not None]
@@ -61,6 +65,19 @@ class QuantizeAttentionPass(ir.passes.InPlacePass):
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 
+    def ranges(self, model: ir.Model, names: Sequence[str]) -> dict[str, TensorStats]:
+        """Each tensor's range over the calibration data, reduced in the graph to (min, max) per batch on a clone.
+
+        Attention tensors change shape with the sequence length, so their last axis is no channel axis.
+        """
+        assert self.calibrator is not None
+        probe = model.clone()
+        values = values_by_name(probe.graph)
+        scope = NameScope(probe.graph)
+        reduced = {name: _append_range(probe.graph, scope, values[name]) for name in names}
+        stats = self.calibrator.collect(probe, list(reduced.values()))
+        return {name: stats[output] for name, output in reduced.items()}
+
     def spec(self, stats: TensorStats) -> QuantSpec:
         """Unsigned [0, max] for a never-negative input, else signed ±max|x|."""
         if stats.minimum >= 0:
@@ -76,3 +93,18 @@ def _activation_matmul(node: ir.Node) -> bool:
         value is not None and constant_array(value) is None and value.dtype in (None, ir.DataType.FLOAT)
         for value in node.inputs
     )
+
+
+def _append_range(graph: ir.Graph, names: NameScope, value: ir.Value) -> str:
+    """Append Concat(ReduceMin(value), ReduceMax(value)) over all axes, kept as [2, 1, ...]; the output's name."""
+    reductions = []
+    for op_type in ("ReduceMin", "ReduceMax"):
+        node = ir.node(op_type, [value], {"keepdims": 1}, name=names.fresh(f"{value.name}_{op_type}"))
+        node.outputs[0].name = names.fresh(f"{value.name}_{op_type}")
+        reductions.append(node)
+    concat = ir.node(
+        "Concat", [node.outputs[0] for node in reductions], {"axis": 0}, name=names.fresh(f"{value.name}_range")
+    )
+    concat.outputs[0].name = names.fresh(f"{value.name}_range")
+    graph.extend([*reductions, concat])
+    return concat.outputs[0].name

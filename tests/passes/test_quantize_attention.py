@@ -18,7 +18,7 @@ F32 = np.float32
 # One attention head: Q·Kᵀ scaled, softmax, ·V; the three projections have constant weights.
 ATTENTION = """
 <ir_version: 8, opset_import: ["" : 17]>
-attention (float[B, 8, 32] x) => (float[B, 8, 32] y, float[B, 8, 32] q2) {
+attention (float[B, S, 32] x) => (float[B, S, 32] y, float[B, S, 32] q2) {
   [q_proj] q = MatMul(x, wq)
   [k_proj] k = MatMul(x, wk)
   [v_proj] v = MatMul(x, wv)
@@ -38,8 +38,8 @@ def attention(rng: np.random.Generator) -> ir.Model:
     return build(ATTENTION, {**weights, "scale": np.array(1 / np.sqrt(32), F32)})
 
 
-def feeds(rng: np.random.Generator, batches: int = 4) -> list[dict[str, np.ndarray]]:
-    return [{"x": rng.standard_normal((4, 8, 32)).astype(F32)} for _ in range(batches)]
+def feeds(rng: np.random.Generator, batches: int = 4, seq: int = 8) -> list[dict[str, np.ndarray]]:
+    return [{"x": rng.standard_normal((4, seq, 32)).astype(F32)} for _ in range(batches)]
 
 
 def quantized(model: ir.Model, data: list[dict[str, np.ndarray]]) -> ir.passes.PassResult:
@@ -102,6 +102,18 @@ def test_openvino_runs_both_attention_matmuls_on_int8_inputs():
     assert kinds[("MatMul", "u8")] == 1
 
 
+def test_batches_of_different_sequence_lengths_calibrate_one_range_per_tensor():
+    rng = np.random.default_rng(5)
+    model = attention(rng)
+    float_model = model.clone()
+    data = [feed for seq in (5, 9, 7) for feed in feeds(rng, 1, seq)]
+    assert quantized(model, data).modified
+    # The scores' last axis is the sequence: its range is one per tensor, over every batch.
+    p = np.concatenate([run_tensors(float_model, feed)[2].ravel() for feed in data])
+    spec = model.graph.node("context").meta[INPUT_SPECS_KEY][0]
+    assert float(spec.scale) == pytest.approx(p.max() / 255, rel=1e-6)
+
+
 def test_a_graph_without_activation_matmuls_is_left_alone():
     rng = np.random.default_rng(3)
     model = mlp(rng)
@@ -131,6 +143,11 @@ def test_matmuls_sharing_inputs_get_the_same_specs():
     assert [node.op_type for node in model.graph].count("QuantizeLinear") == 2
     y, z = run(model, data[0])
     np.testing.assert_array_equal(y, z)
+
+
+def test_it_needs_calibration_data():
+    with pytest.raises(ir.passes.PreconditionError, match="quantize-attention needs calibration data"):
+        QuantizeAttentionPass()(attention(np.random.default_rng(6)))
 
 
 def test_bits_outside_the_grid_range_are_refused():
