@@ -25,11 +25,19 @@ Feed = dict[str, np.ndarray]
 THREADS = 2
 # graphquant's OpenVINO form: the embedding table int8 and the attention matmuls (Q·Kᵀ, softmax·V) in int8.
 OPENVINO_PASSES = ("quantize-embeddings", "quantize-attention")
-GRAPHQUANT = [
-    ("graphquant outliertune (qdq)", "outliertune", ()),
-    ("graphquant outliertune + openvino form", "outliertune", OPENVINO_PASSES),
-    ("graphquant smoothquant + openvino form", "smoothquant", OPENVINO_PASSES),
-    ("graphquant os-plus + openvino form", "os-plus", OPENVINO_PASSES),
+# (label, preset, extra passes, options)
+GRAPHQUANT: list[tuple[str, str, tuple[str, ...], dict[str, Any]]] = [
+    ("graphquant outliertune (qdq)", "outliertune", (), {}),
+    ("graphquant outliertune + openvino form", "outliertune", OPENVINO_PASSES, {}),
+    (
+        "graphquant outliertune, no float channels, + openvino form",
+        "outliertune",
+        OPENVINO_PASSES,
+        {"float_channels": 0},
+    ),
+    ("graphquant smoothquant + openvino form", "smoothquant", OPENVINO_PASSES, {}),
+    ("graphquant os-plus + openvino form", "os-plus", OPENVINO_PASSES, {}),
+    ("graphquant openvino-w8a8 preset", "openvino-w8a8", (), {}),
 ]
 FP32 = "FP32 (OpenVINO, its defaults)"
 NNCF_ONNX = "NNCF transformer preset (ONNX)"
@@ -70,13 +78,15 @@ def export_legacy(path: Path) -> Path:
     return path
 
 
-def graphquant_build(fp32: Path, calib: list[Feed], recipe: str, extra: tuple[str, ...]) -> Callable[[Path], None]:
-    """graphquant.optimize with a preset, the extra passes appended (embeddings first), validated on its data."""
+def graphquant_build(
+    fp32: Path, calib: list[Feed], recipe: str, extra: tuple[str, ...], options: dict[str, Any]
+) -> Callable[[Path], None]:
+    """graphquant.optimize with a preset, the extra passes added (embeddings first), options set, validated."""
 
     def build(path: Path) -> None:
         import graphquant
 
-        chosen = graphquant.Recipe.named(recipe)
+        chosen = graphquant.Recipe.named(recipe).with_options(**options)
         if extra:
             names = [step.name for step in chosen.steps]
             chosen = chosen.with_passes([extra[0], *names, *extra[1:]])
@@ -135,7 +145,10 @@ def build_rows(fp32: Path, calib: list[Feed], out: Path, reuse: bool, only: list
     builds: list[tuple[str, str, Callable[[Path], None]]] = [
         (NNCF_ONNX, ".onnx", nncf_onnx_build(fp32, calib)),
         (NNCF_OV, ".xml", nncf_openvino_build(fp32, calib)),
-        *[(label, ".onnx", graphquant_build(fp32, calib, recipe, extra)) for label, recipe, extra in GRAPHQUANT],
+        *[
+            (label, ".onnx", graphquant_build(fp32, calib, recipe, extra, options))
+            for label, recipe, extra, options in GRAPHQUANT
+        ],
     ]
     rows = [Row(FP32, fp32)]
     for label, suffix, build in builds:

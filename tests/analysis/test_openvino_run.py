@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from builders import mlp, run, save_model
+from builders import attention, attention_feeds, mlp, run, save_model
 
 import graphquant
 from graphquant.analysis import openvino_run
@@ -120,3 +120,15 @@ def test_a_model_openvino_cannot_load_names_the_candidate(tmp_path):
     relu.op_type = "NoSuchOp"
     with pytest.raises(graphquant.InvalidModelError, match="^OpenVINO cannot load the candidate model: "):
         compare_models(reference, broken, feeds(rng, 1), executor="openvino")
+
+
+def test_the_openvino_preset_runs_every_matmul_of_an_attention_block_in_int8():
+    rng = np.random.default_rng(7)
+    model, data = attention(rng), attention_feeds(rng, 4)
+    result = graphquant.optimize(model, "openvino-w8a8", data, show_progress=False)
+    assert result.report.outputs["y"].cosine > 0.99
+    kinds = openvino_run.layer_precisions(result.model, openvino_run.UNFUSED)
+    # Three projections (FullyConnected) and the two attention MatMuls, none left in float.
+    assert kinds[("FullyConnected", "i8")] == 3
+    assert kinds[("MatMul", "i8")] + kinds[("MatMul", "u8")] == 2
+    assert not any(kind in ("FullyConnected", "MatMul") and p not in ("i8", "u8") for kind, p in kinds)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from builders import build, mlp, run
+from builders import attention, build, mlp, run
+from builders import attention_feeds as feeds
 
 from graphquant.analysis import openvino_run
 from graphquant.analysis.calibration import Calibrator
@@ -14,32 +15,6 @@ from graphquant.passes.quantize_attention import QuantizeAttentionPass
 from graphquant.quant_spec import DECISION_KEY, INPUT_SPECS_KEY
 
 F32 = np.float32
-
-# One attention head: Q·Kᵀ scaled, softmax, ·V; the three projections have constant weights.
-ATTENTION = """
-<ir_version: 8, opset_import: ["" : 17]>
-attention (float[B, S, 32] x) => (float[B, S, 32] y, float[B, S, 32] q2) {
-  [q_proj] q = MatMul(x, wq)
-  [k_proj] k = MatMul(x, wk)
-  [v_proj] v = MatMul(x, wv)
-  [k_t] kt = Transpose<perm = [0, 2, 1]>(k)
-  [scores] s = MatMul(q, kt)
-  [scaled] sc = Mul(s, scale)
-  [softmax] p = Softmax<axis = -1>(sc)
-  [context] y = MatMul(p, v)
-  [q_twice] q2 = Add(q, q)
-}
-"""
-
-
-def attention(rng: np.random.Generator) -> ir.Model:
-    """The attention block with random projections (q also read by an Add: an unusual second consumer)."""
-    weights = {name: (rng.standard_normal((32, 32)) * 0.3).astype(F32) for name in ("wq", "wk", "wv")}
-    return build(ATTENTION, {**weights, "scale": np.array(1 / np.sqrt(32), F32)})
-
-
-def feeds(rng: np.random.Generator, batches: int = 4, seq: int = 8) -> list[dict[str, np.ndarray]]:
-    return [{"x": rng.standard_normal((4, seq, 32)).astype(F32)} for _ in range(batches)]
 
 
 def quantized(model: ir.Model, data: list[dict[str, np.ndarray]]) -> ir.passes.PassResult:
