@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from graphquant.api import OptimizeResult, from_torch, load, optimize, save
     from graphquant.errors import (
         CalibrationError,
+        ExecutorError,
         FidelityError,
         GraphQuantError,
         InvalidModelError,
@@ -31,6 +32,7 @@ _EXPORTS = {
     "CalibrationError": "graphquant.errors",
     "CalibrationStats": "graphquant.analysis.stats",
     "Calibrator": "graphquant.analysis.calibration",
+    "ExecutorError": "graphquant.errors",
     "FidelityError": "graphquant.errors",
     "GraphQuantError": "graphquant.errors",
     "ImageCalibration": "graphquant.analysis.image_calib",
@@ -55,6 +57,7 @@ __all__ = [
     "CalibrationError",
     "CalibrationStats",
     "Calibrator",
+    "ExecutorError",
     "FidelityError",
     "GraphQuantError",
     "ImageCalibration",

@@ -25,6 +25,7 @@ from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.cost import split_costs
 from graphquant.analysis.data import CalibrationSource, Feed
 from graphquant.analysis.layers import QUANTIZABLE_OPS, candidates, constant_array
+from graphquant.analysis.openvino_run import check_executor
 from graphquant.analysis.runner import (
     PROTO_SIZE_LIMIT,
     has_external_data,
@@ -115,6 +116,7 @@ def optimize(
     objective: str | None = None,
     metric: str | Callable[..., float] | None = None,
     methods: Sequence[str] | None = None,
+    validate_on: str = "onnxruntime",
     **options: Any,
 ) -> OptimizeResult:
     """Run a recipe on a copy of the model; validate against the original when data is available.
@@ -130,8 +132,10 @@ def optimize(
     1 - cosine, default 0.002; "sqnr": max_drop is the least SQNR in dB; or a function of the float and candidate
     outputs, lists per batch, returning a drop). Held-out data is ``validation``, else every fourth calibration batch.
     ``methods`` names the exact rewrites tried (default outliertune; also smoothquant, llm-int8).
+    ``validate_on`` runs the validation on "onnxruntime" (default) or "openvino" (see compare_models).
     """
     threshold = _checked_min_cosine(min_cosine)
+    check_executor(validate_on)
     refuse_quantized(model)  # before the calibration data is read (the pipeline's fold-constants pass checks again)
     settings = _auto_settings(recipe, passes, target, options, (max_drop, objective, metric, methods))
     chosen = _resolve_recipe(recipe, passes, target, options) if settings is None else None
@@ -196,7 +200,7 @@ def optimize(
         assert checker is not None
         start = time.perf_counter()
         with progress.showing(show_progress):
-            _validate_into(report, model, candidate, checker, threshold)
+            _validate_into(report, model, candidate, checker, threshold, validate_on)
         timings.validation = time.perf_counter() - start
         report.data["validation"] = data_size(checker.data)
     release_mappings(model)  # the pages of memory-mapped weights read so far (both models share the tensors)
@@ -424,7 +428,12 @@ def _resolve_recipe(
 
 
 def _validate_into(
-    report: Report, reference: ir.Model, candidate: ir.Model, calibrator: Calibrator, min_cosine: float
+    report: Report,
+    reference: ir.Model,
+    candidate: ir.Model,
+    calibrator: Calibrator,
+    min_cosine: float,
+    executor: str = "onnxruntime",
 ) -> None:
     """Fill the report's per-output and per-layer metrics and its validation verdict.
 
@@ -433,17 +442,26 @@ def _validate_into(
     """
     try:
         _compare_into(
-            report, reference, candidate, calibrator, ("the original model (the input)", "the quantized model")
+            report,
+            reference,
+            candidate,
+            calibrator,
+            ("the original model (the input)", "the quantized model"),
+            executor,
         )
     except ReferenceLoadError as exc:
         cleaned = _cleaned_float(reference)
         label = "the float model after graphquant's opset upgrade and name fixing"
         try:
-            _compare_into(report, cleaned, candidate, calibrator, (label, "the quantized model"))
+            _compare_into(report, cleaned, candidate, calibrator, (label, "the quantized model"), executor)
         except ReferenceLoadError:
             raise exc from None
         opsets = f"opset {reference.opset_imports.get('', 0)} -> {cleaned.opset_imports.get('', 0)}"
         report.notes.append(f"validated against {label} ({opsets}): {exc}")
+    if executor == "openvino":
+        report.notes.append(
+            "validated on OpenVINO's CPU plugin: the float model in float32, the quantized one with its defaults"
+        )
     report.min_cosine = min_cosine
     report.failures = [
         f"output {name!r}: {failure}"
@@ -461,7 +479,12 @@ def _cleaned_float(model: ir.Model) -> ir.Model:
 
 
 def _compare_into(
-    report: Report, reference: ir.Model, candidate: ir.Model, calibrator: Calibrator, labels: tuple[str, str]
+    report: Report,
+    reference: ir.Model,
+    candidate: ir.Model,
+    calibrator: Calibrator,
+    labels: tuple[str, str],
+    executor: str,
 ) -> None:
     """Compare the outputs, the layer outputs both models have, and the layers whose output stays integer codes."""
     names = _value_names(candidate)
@@ -475,7 +498,13 @@ def _compare_into(
     }
     layer_outputs = {node: output for node, output in layer_outputs.items() if output in produced}
     metrics = compare_models(
-        reference, candidate, calibrator.data, list(layer_outputs.values()), probes=probes, labels=labels
+        reference,
+        candidate,
+        calibrator.data,
+        list(layer_outputs.values()),
+        probes=probes,
+        labels=labels,
+        executor=executor,
     )
     report.outputs = {value.name or "": metrics[value.name or ""] for value in reference.graph.outputs}
     report.layer_metrics = {node: metrics[output] for node, output in layer_outputs.items()}

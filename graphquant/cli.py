@@ -124,6 +124,7 @@ def _show_warning(message: Warning | str, category: type[Warning], *_: object, *
 
 def _parser() -> argparse.ArgumentParser:
     """The argument parser with all subcommands."""
+    from graphquant.analysis.openvino_run import EXECUTORS
     from graphquant.lowering import TARGETS
     from graphquant.validate import DEFAULT_MIN_COSINE
 
@@ -194,6 +195,12 @@ def _parser() -> argparse.ArgumentParser:
     optimize.add_argument(
         "--keep-failed", action="store_true", help="write the model even if validation fails (exit 1)"
     )
+    optimize.add_argument(
+        "--validate-on",
+        choices=EXECUTORS,
+        default="onnxruntime",
+        help="run the validation on this executor (openvino: pip install 'graphquant[openvino]')",
+    )
     optimize.set_defaults(run=_optimize)
 
     inspect = commands.add_parser(
@@ -204,11 +211,17 @@ def _parser() -> argparse.ArgumentParser:
     inspect.set_defaults(run=_inspect)
 
     validate = commands.add_parser(
-        "validate", help="compare a model with its reference in onnxruntime", parents=[common, data]
+        "validate", help="compare a model with its reference in onnxruntime or OpenVINO", parents=[common, data]
     )
     validate.add_argument("reference", type=Path)
     validate.add_argument("candidate", type=Path)
     validate.add_argument("--calib", required=True, help=f"inputs: {CALIB_FORMS}, or 'random'")
+    validate.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="onnxruntime",
+        help="run both models on this executor (openvino: the reference in float32, the candidate as deployed)",
+    )
     validate.set_defaults(run=_validate)
 
     commands.add_parser("passes", help="list the rewrite passes", parents=[common]).set_defaults(run=_list_passes)
@@ -347,6 +360,7 @@ def _optimize(args: argparse.Namespace) -> int:
         max_drop=args.max_drop,
         objective=args.objective,
         metric=args.metric,
+        validate_on=args.validate_on,
     )
     _save_with_reports(result, model, args, reports)
     if args.layers:
@@ -446,7 +460,7 @@ def _validate(args: argparse.Namespace) -> int:
     source = _data_source(args, args.calib)
     with _naming_data_file(args.calib):
         data = graphquant.Calibrator.for_model(reference, source).data
-        comparisons = graphquant.compare_models(reference, candidate, data)
+        comparisons = graphquant.compare_models(reference, candidate, data, executor=args.executor)
     print(f"  {'output':<30} {'cosine':>9} {'SQNR dB':>9} {'max abs err':>12}")
     for name, comparison in comparisons.items():
         print(f"  {name:<30} {comparison.cosine:9.5f} {comparison.sqnr_db:9.1f} {comparison.max_abs_error:12.4g}")

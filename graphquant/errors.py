@@ -27,5 +27,9 @@ class FidelityError(GraphQuantError):
     """The quantized model failed validation: an output is far from the float model's, or not finite."""
 
 
+class ExecutorError(GraphQuantError):
+    """The executor chosen for validation is unknown or not installed."""
+
+
 class InternalError(Exception):
     """A bug inside graphquant: the message names the pass that failed and the first line of its error."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -13,6 +13,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from graphquant import progress
+from graphquant.analysis import openvino_run
 from graphquant.analysis.data import Feed
 from graphquant.analysis.runner import open_session, recorded_runs, run_views
 from graphquant.errors import InvalidModelError
@@ -128,11 +129,15 @@ def compare_models(
     atol: float = 1e-5,
     probes: Mapping[str, Probe] | None = None,
     labels: tuple[str, str] = ("the reference model", "the candidate model"),
+    executor: str = "onnxruntime",
 ) -> dict[str, TensorComparison]:
     """Run both models on the same feeds; compare every graph output, the named tensors and the probes.
 
-    ``labels`` name the two models in errors; a reference onnxruntime cannot load raises ReferenceLoadError.
+    ``labels`` name the two models in errors; a reference the executor cannot load raises ReferenceLoadError.
+    ``executor`` "openvino" runs both on OpenVINO's CPU plugin: the reference in float32, the candidate with the
+    plugin's defaults (as deployed), both loaded at once.
     """
+    openvino_run.check_executor(executor)
     outputs = [value.name or "" for value in reference.graph.outputs]
     names = outputs + [name for name in dict.fromkeys(tensors) if name not in outputs]
     probes = dict(probes or {})
@@ -143,15 +148,9 @@ def compare_models(
         list(dict.fromkeys([*names, *(probe.reference for probe in probes.values())])),
         list(dict.fromkeys([*names, *(probe.candidate for probe in probes.values())])),
     )
-    # One session at a time: the reference's outputs wait on disk while the candidate runs.
-    reference_feeds = progress.bar(feeds, "validation: reference", unit="batch")
-    with contextlib.ExitStack() as stack:
-        recording = recorded_runs(reference, wanted[0], reference_feeds, parked=candidate)
-        runs = _enter(stack, recording, labels[0], ReferenceLoadError)
-        candidate_session = _enter(stack, open_session(candidate, wanted[1]), labels[1], InvalidModelError)
-        for feed, recorded in progress.bar(runs, "validation: candidate", total=reference_feeds.n, unit="batch"):
-            expected = dict(zip(wanted[0], recorded))
-            actual = _run(candidate_session, wanted[1], feed, labels[1])
+    paired = _openvino_runs if executor == "openvino" else _onnxruntime_runs
+    with paired(reference, candidate, wanted, feeds, labels) as runs:
+        for expected, actual in runs:
             for name in names:
                 comparisons[name].update(expected[name], actual[name], rtol, atol)
             for label, probe in probes.items():
@@ -159,6 +158,63 @@ def compare_models(
                     expected[probe.reference], probe.dequantize(actual[probe.candidate]), rtol, atol
                 )
     return comparisons
+
+
+Outputs = dict[str, np.ndarray]
+
+
+@contextlib.contextmanager
+def _onnxruntime_runs(
+    reference: ir.Model,
+    candidate: ir.Model,
+    wanted: tuple[list[str], list[str]],
+    feeds: Iterable[Feed],
+    labels: tuple[str, str],
+) -> Iterator[Iterator[tuple[Outputs, Outputs]]]:
+    """Each feed's reference and candidate tensors from onnxruntime, one session at a time.
+
+    The reference's outputs wait on disk while the candidate runs.
+    """
+    reference_feeds = progress.bar(feeds, "validation: reference", unit="batch")
+    with contextlib.ExitStack() as stack:
+        recording = recorded_runs(reference, wanted[0], reference_feeds, parked=candidate)
+        runs = _enter(stack, recording, labels[0], ReferenceLoadError)
+        candidate_session = _enter(stack, open_session(candidate, wanted[1]), labels[1], InvalidModelError)
+        yield (
+            (dict(zip(wanted[0], recorded)), _run(candidate_session, wanted[1], feed, labels[1]))
+            for feed, recorded in progress.bar(runs, "validation: candidate", total=reference_feeds.n, unit="batch")
+        )
+
+
+@contextlib.contextmanager
+def _openvino_runs(
+    reference: ir.Model,
+    candidate: ir.Model,
+    wanted: tuple[list[str], list[str]],
+    feeds: Iterable[Feed],
+    labels: tuple[str, str],
+) -> Iterator[Iterator[tuple[Outputs, Outputs]]]:
+    """Each feed's reference (float32) and candidate (OpenVINO's defaults) tensors from OpenVINO's CPU plugin."""
+    with contextlib.ExitStack() as stack:
+        expected = _enter(
+            stack,
+            openvino_run.compiled_model(reference, wanted[0], openvino_run.FLOAT32),
+            labels[0],
+            ReferenceLoadError,
+        )
+        actual = _enter(stack, openvino_run.compiled_model(candidate, wanted[1]), labels[1], InvalidModelError)
+        yield (
+            (_run_openvino(expected, wanted[0], feed, labels[0]), _run_openvino(actual, wanted[1], feed, labels[1]))
+            for feed in progress.bar(feeds, "validation on OpenVINO", unit="batch")
+        )
+
+
+def _run_openvino(compiled: object, names: Sequence[str], feed: Feed, label: str) -> Outputs:
+    """The named tensors for one feed on OpenVINO; a run-time failure names the model by its label."""
+    try:
+        return openvino_run.run(compiled, names, feed)
+    except InvalidModelError as exc:
+        raise InvalidModelError(str(exc).replace("the model", label, 1)) from exc
 
 
 def _enter(

@@ -401,3 +401,31 @@ def token_feeds(seed: int, batches: int = 3, batch: int = 4, seq: int = 16, voca
         ids = rng.integers(0, vocab, (batch, seq)).astype(np.int64)
         feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids)})
     return feeds
+
+
+# One attention head: Q·Kᵀ scaled, softmax, ·V; the three projections have constant weights.
+ATTENTION = """
+<ir_version: 8, opset_import: ["" : 17]>
+attention (float[B, S, 32] x) => (float[B, S, 32] y, float[B, S, 32] q2) {
+  [q_proj] q = MatMul(x, wq)
+  [k_proj] k = MatMul(x, wk)
+  [v_proj] v = MatMul(x, wv)
+  [k_t] kt = Transpose<perm = [0, 2, 1]>(k)
+  [scores] s = MatMul(q, kt)
+  [scaled] sc = Mul(s, scale)
+  [softmax] p = Softmax<axis = -1>(sc)
+  [context] y = MatMul(p, v)
+  [q_twice] q2 = Add(q, q)
+}
+"""
+
+
+def attention(rng: np.random.Generator) -> ir.Model:
+    """The attention block with random projections (q also read by an Add: an unusual second consumer)."""
+    projections = {name: (rng.standard_normal((32, 32)) * 0.3).astype(np.float32) for name in ("wq", "wk", "wv")}
+    return build(ATTENTION, {**projections, "scale": np.array(1 / np.sqrt(32), np.float32)})
+
+
+def attention_feeds(rng: np.random.Generator, batches: int = 4, seq: int = 8) -> list[dict[str, np.ndarray]]:
+    """Batches of 4 sequences of ``seq`` tokens for the attention block."""
+    return [{"x": rng.standard_normal((4, seq, 32)).astype(np.float32)} for _ in range(batches)]

@@ -15,6 +15,7 @@ from graphquant.passes.ocs import OcsPass
 from graphquant.passes.outlier_decompose import OutlierDecomposePass
 from graphquant.passes.preexecute_dequant import PreexecuteDequantPass
 from graphquant.passes.quantize import QuantizePass
+from graphquant.passes.quantize_attention import QuantizeAttentionPass
 from graphquant.passes.quantize_embeddings import QuantizeEmbeddingsPass
 from graphquant.passes.split_quant import SplitQuantPass
 from graphquant.passes.symmetrize import SymmetrizePass
@@ -28,6 +29,7 @@ PASSES: dict[str, type[ir.passes.PassBase]] = {
     "split-quant": SplitQuantPass,
     "quantize": QuantizePass,
     "quantize-embeddings": QuantizeEmbeddingsPass,
+    "quantize-attention": QuantizeAttentionPass,
     "upgrade-opset": UpgradeOpsetPass,
     # onnx_ir's: drops per-node metadata and doc strings (exporter stack traces), which deployment does not need.
     "clear-metadata": ClearMetadataAndDocStringPass,
@@ -50,6 +52,7 @@ __all__ = [
     "OcsPass",
     "OutlierDecomposePass",
     "PreexecuteDequantPass",
+    "QuantizeAttentionPass",
     "QuantizeEmbeddingsPass",
     "QuantizePass",
     "SplitQuantPass",
