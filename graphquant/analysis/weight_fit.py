@@ -154,7 +154,7 @@ def fit_ranges(
         low = -high
     if not clip_search:
         return low, high
-    weights = _blocked(np.broadcast_to(energy, (matrix.shape[0], 1)), block)
+    weights = _blocked(np.broadcast_to(energy, (matrix.shape[0], 1)), block)[:, :, 0]
     step = max(1, SEARCH_CHUNK_ELEMENTS // max(1, matrix.shape[0]))
     for start in range(0, matrix.shape[1], step):
         columns = slice(start, start + step)
@@ -167,16 +167,43 @@ def fit_ranges(
 def _clip_search(
     blocks: np.ndarray, weights: np.ndarray, low: np.ndarray, high: np.ndarray, bits: int, symmetric: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per (block, column) of ``blocks`` [blocks, block, columns], the CLIP_RATIOS range with the least error."""
-    best_error, best_low, best_high = np.full(low.shape, np.inf), low, high
+    """Per (block, column) of ``blocks`` [blocks, block, columns], the CLIP_RATIOS range with the least error.
+
+    ``weights`` [blocks, block] are the rows' energies. The candidates are scored in float32, in one buffer.
+    """
+    best_error = np.full(low.shape, np.inf, np.float32)
+    best_ratio = np.ones(low.shape)
+    rounded = np.empty_like(blocks)
     for ratio in CLIP_RATIOS:
-        rounded = round_trip(blocks, low[:, None, :] * ratio, high[:, None, :] * ratio, bits, symmetric)
-        error = np.sum(weights * (blocks - rounded) ** 2, axis=1)
+        step, lowest, highest = _code_bounds(low * ratio, high * ratio, bits, symmetric)
+        # round_trip's grid as clip(rint(w / step), -z, qmax - z) · step: the zero point is an integer code.
+        np.divide(blocks, step[:, None, :], out=rounded)
+        np.rint(rounded, out=rounded)
+        np.maximum(rounded, lowest[:, None, :], out=rounded)
+        np.minimum(rounded, highest[:, None, :], out=rounded)
+        rounded *= step[:, None, :]
+        rounded -= blocks
+        np.square(rounded, out=rounded)
+        error = np.einsum("bk,bkc->bc", weights, rounded)
         better = error < best_error
-        best_error = np.where(better, error, best_error)
-        best_low = np.where(better, low * ratio, best_low)
-        best_high = np.where(better, high * ratio, best_high)
-    return best_low, best_high
+        best_error[better] = error[better]
+        best_ratio[better] = ratio
+    return low * best_ratio, high * best_ratio
+
+
+def _code_bounds(
+    low: np.ndarray, high: np.ndarray, bits: int, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """round_trip's float32 step and the least and largest code (zero point subtracted) per range."""
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        step = np.maximum(high, 1e-30) / qmax
+        bound = np.full(step.shape, float(qmax), np.float32)
+        return step.astype(np.float32), -bound, bound
+    qmax = 2**bits - 1
+    step = np.maximum(high - low, 1e-30) / qmax
+    zero_point = np.clip(np.rint(-low / step), 0, qmax)
+    return step.astype(np.float32), (-zero_point).astype(np.float32), (qmax - zero_point).astype(np.float32)
 
 
 def round_trip(values: np.ndarray, low: np.ndarray, high: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
@@ -195,7 +222,7 @@ def _blocked(matrix: np.ndarray, block: int) -> np.ndarray:
     """[rows, columns] -> [blocks, block, columns], zero-padding the last block."""
     rows, columns = matrix.shape
     count = -(-rows // block)
-    padded = np.zeros((count * block, columns), dtype=np.float64)
+    padded = np.zeros((count * block, columns), dtype=np.float32)
     padded[:rows] = matrix
     return padded.reshape(count, block, columns)
 
