@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 
 import numpy as np
 
@@ -11,8 +13,11 @@ from graphquant.quant_spec import QuantSpec, asymmetric_spec, symmetric_spec
 
 # Clip ratios tried per channel or block: the range is shrunk to ratio x (min, max).
 CLIP_RATIOS = np.linspace(1.0, 0.5, 21)
-# The clip search handles about this many weights at a time (its float64 temporaries are a few times that).
+# The clip search handles about this many weights at a time (its float32 buffer is as large).
 SEARCH_CHUNK_ELEMENTS = 1 << 20
+# Searched ranges kept by content digest: the auto search builds several candidates with the same weights and grids.
+SEARCH_MEMO_ENTRIES = 1024
+_SEARCHED: collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,14 +159,32 @@ def fit_ranges(
         low = -high
     if not clip_search:
         return low, high
-    weights = _blocked(np.broadcast_to(energy, (matrix.shape[0], 1)), block)[:, :, 0]
     step = max(1, SEARCH_CHUNK_ELEMENTS // max(1, matrix.shape[0]))
-    for start in range(0, matrix.shape[1], step):
-        columns = slice(start, start + step)
-        low[:, columns], high[:, columns] = _clip_search(
-            _blocked(matrix[:, columns], block), weights, low[:, columns], high[:, columns], bits, symmetric
-        )
-    return low, high
+    chunks = [slice(start, start + step) for start in range(0, matrix.shape[1], step)]
+    key = _search_key(matrix, chunks, energy, bits, symmetric, block)
+    if key not in _SEARCHED:
+        weights = _blocked(np.broadcast_to(energy, (matrix.shape[0], 1)), block)[:, :, 0]
+        for columns in chunks:
+            low[:, columns], high[:, columns] = _clip_search(
+                _blocked(matrix[:, columns], block), weights, low[:, columns], high[:, columns], bits, symmetric
+            )
+        _SEARCHED[key] = (low, high)
+        while len(_SEARCHED) > SEARCH_MEMO_ENTRIES:
+            _SEARCHED.popitem(last=False)
+    _SEARCHED.move_to_end(key)
+    return _SEARCHED[key][0].copy(), _SEARCHED[key][1].copy()
+
+
+def _search_key(
+    matrix: np.ndarray, chunks: list[slice], energy: np.ndarray, bits: int, symmetric: bool, block: int
+) -> str:
+    """A digest of everything the clip search's result depends on (the matrix hashed a chunk of columns at a time)."""
+    hasher = hashlib.blake2b(digest_size=16)
+    hasher.update(f"{matrix.shape} {matrix.dtype} {bits} {symmetric} {block}".encode())
+    hasher.update(np.ascontiguousarray(energy, np.float64).tobytes() + CLIP_RATIOS.tobytes())
+    for columns in chunks:
+        hasher.update(np.ascontiguousarray(matrix[:, columns]).reshape(-1).view(np.uint8))
+    return hasher.hexdigest()
 
 
 def _clip_search(
