@@ -120,8 +120,6 @@ def test_compare_models_on_identical_models():
     assert results["y"].cosine == pytest.approx(1.0, abs=1e-12)
 
 
-
-
 def test_chunked_sums_match_whole_array_float64_sums(monkeypatch):
     monkeypatch.setattr(validate, "COMPARED_CHUNK", 1000)  # 37 chunks, the NaN and the Inf in different ones
     rng = np.random.default_rng(3)
