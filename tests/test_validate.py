@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from builders import build, feeds, mlp
 
+from graphquant import validate
 from graphquant.validate import TensorComparison, compare_models
 
 
@@ -119,3 +120,17 @@ def test_compare_models_on_identical_models():
     assert results["y"].cosine == pytest.approx(1.0, abs=1e-12)
 
 
+def test_chunked_sums_match_whole_array_float64_sums(monkeypatch):
+    monkeypatch.setattr(validate, "COMPARED_CHUNK", 1000)  # 37 chunks, the NaN and the Inf in different ones
+    rng = np.random.default_rng(3)
+    reference = rng.standard_normal((6, 6000)).astype(np.float32)
+    candidate = (reference + 0.01 * rng.standard_normal(reference.shape)).astype(np.float32)
+    candidate[1, 2500], candidate[4, 10] = np.nan, np.inf
+    comparison = TensorComparison()
+    comparison.update(reference, candidate, rtol=1e-4, atol=1e-5)
+    finite = np.isfinite(candidate)
+    ref, cand = reference[finite].astype(np.float64), candidate[finite].astype(np.float64)
+    assert comparison.nonfinite == 2 and not comparison.within_tolerance
+    assert comparison.cosine == pytest.approx(ref @ cand / np.sqrt((ref @ ref) * (cand @ cand)), rel=1e-12)
+    assert comparison.sqnr_db == pytest.approx(10 * np.log10((ref @ ref) / np.sum((ref - cand) ** 2)), rel=1e-12)
+    assert comparison.max_abs_error == np.abs(ref - cand).max()

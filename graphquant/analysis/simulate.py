@@ -39,14 +39,16 @@ class GroupSimulator:
         # float32 GEMMs: twice the speed of float64, and the SQNR needs no more than float32's 7 digits.
         self.rows = np.ascontiguousarray(rows, dtype=np.float32)
         self.weights: list[np.ndarray] = []
-        self.biases: list[np.ndarray] = []
-        self.references: list[np.ndarray] = []
+        self.products: list[np.ndarray] = []  # X·W; the float output is X·W + b
+        self.signals: list[np.ndarray] = []
+        self._float_paths: dict[bytes, list[np.ndarray]] = {}
         for layer in layers:
             weight = weight_matrix(layer)
             columns = scored_columns(weight.shape[1], max_columns)
             self.weights.append(np.ascontiguousarray(weight[:, columns], dtype=np.float32))
-            self.biases.append(layer_bias(layer)[columns].astype(np.float32))
-            self.references.append(self.rows @ self.weights[-1] + self.biases[-1])
+            self.products.append(self.rows @ self.weights[-1])
+            reference = self.products[-1] + layer_bias(layer)[columns].astype(np.float32)
+            self.signals.append(np.maximum(np.sum(np.square(reference, dtype=np.float64), axis=0), 1e-30))
 
     def sqnr_db(
         self,
@@ -62,30 +64,49 @@ class GroupSimulator:
         The activation step is the given one, else one per row (``per_row``: the run-time per-token scale), else one
         per tensor.
         """
-        int_path = self.rows.copy()
+        divisor = divisor.astype(np.float32)
+        scaled = self.rows / divisor
         if float_channels is not None:
-            int_path[:, float_channels] = 0  # those channels go through an exact float MatMul
-        scaled = int_path / divisor.astype(np.float32)
+            scaled[:, float_channels] = 0  # those channels go through an exact float MatMul
         qmax = 2 ** (abits - 1) - 1
         step = activation_step if activation_step is not None else _dynamic_step(scaled, qmax, per_row)
-        x_quantized = fake_quantize(scaled, step, abits)
+        x_quantized = _fake_quantize_in_place(scaled, step, abits)
+        float_paths = self._float_path(float_channels)
         # Each output channel's relative error counts equally: a few huge channels must not hide the error in the rest.
         relative_errors = []
-        for weight, bias, reference in zip(self.weights, self.biases, self.references):
-            kept = weight.copy()
+        for index, weight in enumerate(self.weights):
+            migrated = weight * divisor[:, None]
             if float_channels is not None:
-                kept[float_channels, :] = 0
-            migrated = kept * divisor[:, None].astype(np.float32)
+                migrated[float_channels, :] = 0
             column_step = np.maximum(np.abs(migrated).max(axis=0), 1e-12) / (2 ** (wbits - 1) - 1)
-            # The bias counts: after a shift it cancels part of X·W, and the error is relative to the sum.
-            approximate = x_quantized @ fake_quantize(migrated, column_step[None, :], wbits) + bias
-            if float_channels is not None:
-                approximate += self.rows[:, float_channels] @ weight[float_channels, :]
-            signal = np.maximum(np.sum(np.square(reference, dtype=np.float64), axis=0), 1e-30)
-            error = np.sum(np.square(reference - approximate, dtype=np.float64), axis=0)
-            relative_errors.append(error / signal)
+            # The bias counts in the signal (after a shift it cancels part of X·W), not in the error: X·W - X_q·W_q.
+            error = x_quantized @ _fake_quantize_in_place(migrated, column_step[None, :], wbits)
+            if float_paths:
+                error += float_paths[index]
+            np.subtract(self.products[index], error, out=error)
+            relative_errors.append(np.einsum("ij,ij->j", error, error) / self.signals[index])
         mean_error = float(np.mean(np.concatenate(relative_errors)))
         return math.inf if mean_error == 0 else -10.0 * math.log10(mean_error)
+
+    def _float_path(self, float_channels: np.ndarray | None) -> list[np.ndarray]:
+        """Each layer's exact float product of the routed channels (cached: candidates share one outlier set)."""
+        if float_channels is None:
+            return []
+        key = np.asarray(float_channels, np.int64).tobytes()
+        if key not in self._float_paths:
+            rows = self.rows[:, float_channels]
+            self._float_paths[key] = [rows @ weight[float_channels, :] for weight in self.weights]
+        return self._float_paths[key]
+
+
+def _fake_quantize_in_place(values: np.ndarray, step: np.ndarray | float, bits: int) -> np.ndarray:
+    """fake_quantize, overwriting ``values`` (a float32 buffer of the caller's own)."""
+    qmax = 2 ** (bits - 1) - 1
+    np.divide(values, step, out=values)
+    np.rint(values, out=values)
+    np.clip(values, -qmax, qmax, out=values)
+    np.multiply(values, step, out=values)
+    return values
 
 
 def _dynamic_step(scaled: np.ndarray, qmax: int, per_row: bool) -> np.ndarray | float:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 
 import numpy as np
 
@@ -11,8 +13,11 @@ from graphquant.quant_spec import QuantSpec, asymmetric_spec, symmetric_spec
 
 # Clip ratios tried per channel or block: the range is shrunk to ratio x (min, max).
 CLIP_RATIOS = np.linspace(1.0, 0.5, 21)
-# The clip search handles about this many weights at a time (its float64 temporaries are a few times that).
+# The clip search handles about this many weights at a time (its float32 buffer is as large).
 SEARCH_CHUNK_ELEMENTS = 1 << 20
+# Searched ranges kept by content digest: the auto search builds several candidates with the same weights and grids.
+SEARCH_MEMO_ENTRIES = 1024
+_SEARCHED: collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,29 +159,74 @@ def fit_ranges(
         low = -high
     if not clip_search:
         return low, high
-    weights = _blocked(np.broadcast_to(energy, (matrix.shape[0], 1)), block)
     step = max(1, SEARCH_CHUNK_ELEMENTS // max(1, matrix.shape[0]))
-    for start in range(0, matrix.shape[1], step):
-        columns = slice(start, start + step)
-        low[:, columns], high[:, columns] = _clip_search(
-            _blocked(matrix[:, columns], block), weights, low[:, columns], high[:, columns], bits, symmetric
-        )
-    return low, high
+    chunks = [slice(start, start + step) for start in range(0, matrix.shape[1], step)]
+    key = _search_key(matrix, chunks, energy, bits, symmetric, block)
+    if key not in _SEARCHED:
+        weights = _blocked(np.broadcast_to(energy, (matrix.shape[0], 1)), block)[:, :, 0]
+        for columns in chunks:
+            low[:, columns], high[:, columns] = _clip_search(
+                _blocked(matrix[:, columns], block), weights, low[:, columns], high[:, columns], bits, symmetric
+            )
+        _SEARCHED[key] = (low, high)
+        while len(_SEARCHED) > SEARCH_MEMO_ENTRIES:
+            _SEARCHED.popitem(last=False)
+    _SEARCHED.move_to_end(key)
+    return _SEARCHED[key][0].copy(), _SEARCHED[key][1].copy()
+
+
+def _search_key(
+    matrix: np.ndarray, chunks: list[slice], energy: np.ndarray, bits: int, symmetric: bool, block: int
+) -> str:
+    """A digest of everything the clip search's result depends on (the matrix hashed a chunk of columns at a time)."""
+    hasher = hashlib.blake2b(digest_size=16)
+    hasher.update(f"{matrix.shape} {matrix.dtype} {bits} {symmetric} {block}".encode())
+    hasher.update(np.ascontiguousarray(energy, np.float64).tobytes() + CLIP_RATIOS.tobytes())
+    for columns in chunks:
+        hasher.update(np.ascontiguousarray(matrix[:, columns]).reshape(-1).view(np.uint8))
+    return hasher.hexdigest()
 
 
 def _clip_search(
     blocks: np.ndarray, weights: np.ndarray, low: np.ndarray, high: np.ndarray, bits: int, symmetric: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per (block, column) of ``blocks`` [blocks, block, columns], the CLIP_RATIOS range with the least error."""
-    best_error, best_low, best_high = np.full(low.shape, np.inf), low, high
+    """Per (block, column) of ``blocks`` [blocks, block, columns], the CLIP_RATIOS range with the least error.
+
+    ``weights`` [blocks, block] are the rows' energies. The candidates are scored in float32, in one buffer.
+    """
+    best_error = np.full(low.shape, np.inf, np.float32)
+    best_ratio = np.ones(low.shape)
+    rounded = np.empty_like(blocks)
     for ratio in CLIP_RATIOS:
-        rounded = round_trip(blocks, low[:, None, :] * ratio, high[:, None, :] * ratio, bits, symmetric)
-        error = np.sum(weights * (blocks - rounded) ** 2, axis=1)
+        step, lowest, highest = _code_bounds(low * ratio, high * ratio, bits, symmetric)
+        # round_trip's grid as clip(rint(w / step), -z, qmax - z) · step: the zero point is an integer code.
+        np.divide(blocks, step[:, None, :], out=rounded)
+        np.rint(rounded, out=rounded)
+        np.maximum(rounded, lowest[:, None, :], out=rounded)
+        np.minimum(rounded, highest[:, None, :], out=rounded)
+        rounded *= step[:, None, :]
+        rounded -= blocks
+        np.square(rounded, out=rounded)
+        error = np.einsum("bk,bkc->bc", weights, rounded)
         better = error < best_error
-        best_error = np.where(better, error, best_error)
-        best_low = np.where(better, low * ratio, best_low)
-        best_high = np.where(better, high * ratio, best_high)
-    return best_low, best_high
+        best_error[better] = error[better]
+        best_ratio[better] = ratio
+    return low * best_ratio, high * best_ratio
+
+
+def _code_bounds(
+    low: np.ndarray, high: np.ndarray, bits: int, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """round_trip's float32 step and the least and largest code (zero point subtracted) per range."""
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        step = np.maximum(high, 1e-30) / qmax
+        bound = np.full(step.shape, float(qmax), np.float32)
+        return step.astype(np.float32), -bound, bound
+    qmax = 2**bits - 1
+    step = np.maximum(high - low, 1e-30) / qmax
+    zero_point = np.clip(np.rint(-low / step), 0, qmax)
+    return step.astype(np.float32), (-zero_point).astype(np.float32), (qmax - zero_point).astype(np.float32)
 
 
 def round_trip(values: np.ndarray, low: np.ndarray, high: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
@@ -195,7 +245,7 @@ def _blocked(matrix: np.ndarray, block: int) -> np.ndarray:
     """[rows, columns] -> [blocks, block, columns], zero-padding the last block."""
     rows, columns = matrix.shape
     count = -(-rows // block)
-    padded = np.zeros((count * block, columns), dtype=np.float64)
+    padded = np.zeros((count * block, columns), dtype=np.float32)
     padded[:rows] = matrix
     return padded.reshape(count, block, columns)
 

@@ -396,6 +396,7 @@ class Judge:
         self.settings = settings
         self.names = [value.name or "" for value in reference.graph.outputs]
         self.reference = _outputs(reference, self.names, self.heldout)
+        self._flat = [_flattened(self.reference, index) for index in range(len(self.names))]
 
     def __call__(self, candidate: ir.Model) -> float:
         """The candidate's error under the settings' metric (1 - cosine, noise-to-signal, or the user's drop)."""
@@ -404,11 +405,15 @@ class Judge:
         if callable(metric):
             return float(metric(self.reference, outputs))
         errors = []
-        for index in range(len(self.names)):
-            reference = np.concatenate([np.ravel(batch[index]).astype(np.float64) for batch in self.reference])
-            produced = np.concatenate([np.ravel(batch[index]).astype(np.float64) for batch in outputs])
+        for index, reference in enumerate(self._flat):
+            produced = _flattened(outputs, index)
             errors.append(_cosine_error(reference, produced) if metric == "cosine" else _nsr(reference, produced))
         return max(errors)
+
+
+def _flattened(outputs: Sequence[Sequence[np.ndarray]], index: int) -> np.ndarray:
+    """One output over every batch, flattened, in float64."""
+    return np.concatenate([np.ravel(batch[index]).astype(np.float64) for batch in outputs])
 
 
 def _outputs(model: ir.Model, names: Sequence[str], feeds: Sequence[Feed]) -> list[list[np.ndarray]]:
@@ -474,38 +479,61 @@ def _linear_unit(layer: Layer, stats: CalibrationStats, settings: Settings) -> U
     rows = activation.sample if activation is not None else None
     schemes = [s for s in LINEAR_SCHEMES if not (SCHEMES[s].get("abits") and (activation is None or rows is None))]
     times = _latencies(layer, schemes, settings.target) if settings.ranking == "latency" else [0.0] * len(schemes)
+    scorer = _LayerScorer(layer, rows, activation)
     options = [
-        Option(scheme, 0.0 if scheme == "float" else _layer_error(layer, scheme, rows, activation), time, size, time)
+        Option(scheme, 0.0 if scheme == "float" else scorer.error(scheme), time, size, time)
         for scheme, time in zip(schemes, times)
         if (size := _scheme_bytes(layer, scheme))
     ]
     return Unit(layer.node.name or "", tuple(options))
 
 
-def _layer_error(layer: Layer, scheme: str, rows: np.ndarray | None, activation: Any) -> float:
-    """||XW - Q(X)Q(W)||^2 / ||XW||^2 on the sampled rows (uniform rows when there is no sample)."""
-    options = SCHEMES[scheme]
-    weight = layer.weight_array.astype(np.float32)
-    weight = weight if layer.in_axis == 0 else weight.T
-    energy = row_energy(layer, None if activation is None else activation.channel_mean_square())
-    # Clip search only below 8 bits: at 8 bits it barely moves the error and costs most of the scoring time.
-    weight_scheme = WeightScheme(
-        options["wbits"], options["weight_symmetric"], options["block_size"], options["wbits"] < INT8
-    )
-    spec = fit_weight_spec(layer, weight_scheme, energy)
-    stored = spec.dequantize(spec.quantize(layer.weight_array)).astype(np.float32)
-    approximate = stored if layer.in_axis == 0 else stored.T
-    x = rows.astype(np.float32) if rows is not None else np.eye(weight.shape[0], dtype=np.float32)
-    bias = layer_bias(layer).astype(np.float32)
-    reference = x @ weight + bias
-    x_quantized = x
-    if options.get("abits"):
-        activation_spec = _activation_spec(layer, activation, options["abits"])
-        x_quantized = activation_spec.dequantize(activation_spec.quantize(x)).astype(np.float32)
-    error = reference - (x_quantized @ approximate + bias)
-    return float(
-        np.sum(np.square(error, dtype=np.float64)) / max(np.sum(np.square(reference, dtype=np.float64)), 1e-30)
-    )
+class _LayerScorer:
+    """||XW - Q(X)Q(W)||^2 / ||XW||^2 per scheme on a layer's sampled rows (uniform rows when there is no sample).
+
+    X·W, the quantized rows per activation width and the stored weight per weight grid are computed once.
+    """
+
+    def __init__(self, layer: Layer, rows: np.ndarray | None, activation: Any):
+        self.layer = layer
+        self.activation = activation
+        weight = layer.weight_array.astype(np.float32)
+        weight = weight if layer.in_axis == 0 else weight.T
+        self.x = rows.astype(np.float32) if rows is not None else np.eye(weight.shape[0], dtype=np.float32)
+        self.bias = layer_bias(layer).astype(np.float32)
+        self.reference = self.x @ weight + self.bias
+        self.signal = max(np.sum(np.square(self.reference, dtype=np.float64)), 1e-30)
+        self._rows: dict[int, np.ndarray] = {}
+        self._weights: dict[WeightScheme, np.ndarray] = {}
+
+    def error(self, scheme: str) -> float:
+        """The scheme's output noise-to-signal ratio."""
+        options = SCHEMES[scheme]
+        error = self.reference - (self._quantized_rows(options.get("abits")) @ self._stored(options) + self.bias)
+        return float(np.sum(np.square(error, dtype=np.float64)) / self.signal)
+
+    def _stored(self, options: Mapping[str, Any]) -> np.ndarray:
+        """The dequantized weight as [C_in, C_out] under the scheme's weight grid."""
+        # Clip search only below 8 bits: at 8 bits it barely moves the error and costs most of the scoring time.
+        grid = WeightScheme(
+            options["wbits"], options["weight_symmetric"], options["block_size"], options["wbits"] < INT8
+        )
+        if grid not in self._weights:
+            layer = self.layer
+            energy = row_energy(layer, None if self.activation is None else self.activation.channel_mean_square())
+            spec = fit_weight_spec(layer, grid, energy)
+            stored = spec.dequantize(spec.quantize(layer.weight_array)).astype(np.float32)
+            self._weights[grid] = stored if layer.in_axis == 0 else stored.T
+        return self._weights[grid]
+
+    def _quantized_rows(self, bits: int | None) -> np.ndarray:
+        """The rows on the activation grid quantize would use (as they are for weight-only schemes)."""
+        if not bits:
+            return self.x
+        if bits not in self._rows:
+            activation_spec = _activation_spec(self.layer, self.activation, bits)
+            self._rows[bits] = activation_spec.dequantize(activation_spec.quantize(self.x)).astype(np.float32)
+        return self._rows[bits]
 
 
 def _activation_spec(layer: Layer, activation: Any, bits: int) -> QuantSpec:

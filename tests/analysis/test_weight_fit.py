@@ -196,3 +196,26 @@ def test_fitting_a_large_weight_makes_no_float64_copy_of_it():
         tracemalloc.stop()
     np.testing.assert_array_equal(spec.scale, np.abs(weight).max(axis=0) / np.float32(127))
     assert peak < weight.nbytes / 4  # a float64 copy alone would be twice the weight
+
+
+def test_clip_search_reuses_ranges_of_the_same_content_only(monkeypatch):
+    calls = []
+    search = weight_fit._clip_search
+    monkeypatch.setattr(weight_fit, "_clip_search", lambda *args: calls.append(1) or search(*args))
+    monkeypatch.setattr(weight_fit, "_SEARCHED", weight_fit.collections.OrderedDict())
+    rng = np.random.default_rng(11)
+    matrix = rng.laplace(size=(64, 24)).astype(F32)
+    energy = rng.uniform(0.1, 2.0, (64, 1))
+    first = fit_ranges(matrix, energy, 4, True, 32, clip_search=True)
+    first[1][:] = 0  # the caller's copy: the memo keeps its own
+    again = fit_ranges(matrix.copy(), energy, 4, True, 32, clip_search=True)
+    assert len(calls) == 1
+    want = _fit_ranges_float64(matrix.astype(np.float64), energy, 4, True, 32, clip_search=True)
+    np.testing.assert_array_equal(again[1], want[1])
+    matrix[5, 3] *= 3
+    changed = fit_ranges(matrix, energy, 4, True, 32, clip_search=True)
+    assert len(calls) == 2
+    want = _fit_ranges_float64(matrix.astype(np.float64), energy, 4, True, 32, clip_search=True)
+    np.testing.assert_array_equal(changed[1], want[1])
+    fit_ranges(matrix, energy * 2, 4, True, 32, clip_search=True)
+    assert len(calls) == 3
