@@ -20,6 +20,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass
 
 from graphquant import progress
+from graphquant.analysis import distributed
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.cost import split_costs
 from graphquant.analysis.data import CalibrationSource, Feed
@@ -35,7 +36,15 @@ from graphquant.analysis.runner import (
 )
 from graphquant.analysis.sizes import layer_bytes
 from graphquant.analysis.stats_cache import CachingCalibrator
-from graphquant.errors import FidelityError, GraphQuantError, InternalError, InvalidModelError, OutputError, RecipeError
+from graphquant.errors import (
+    CalibrationError,
+    FidelityError,
+    GraphQuantError,
+    InternalError,
+    InvalidModelError,
+    OutputError,
+    RecipeError,
+)
 from graphquant.frontends.onnx_file import load as _load_file
 from graphquant.output_paths import (
     INPUT_FILES_KEY,
@@ -100,6 +109,8 @@ def optimize(
     objective: str | None = None,
     metric: str | Callable[..., float] | None = None,
     methods: Sequence[str] | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
     **options: Any,
 ) -> OptimizeResult:
     """Run a recipe on a copy of the model; validate against the original when data is available.
@@ -115,6 +126,9 @@ def optimize(
     1 - cosine, default 0.002; "sqnr": max_drop is the least SQNR in dB; or a function of the float and candidate
     outputs, lists per batch, returning a drop). Held-out data is ``validation``, else every fourth calibration batch.
     ``methods`` names the exact rewrites tried (default outliertune; also smoothquant, llm-int8).
+
+    ``ray_address`` (a Ray cluster) or ``workers`` (a local Ray cluster of that many CPUs) runs the calibration
+    batches on Ray workers (analysis/distributed.py); the statistics, and so the model, are the same as in one process.
     """
     threshold = _checked_min_cosine(min_cosine)
     refuse_quantized(model)  # before the calibration data is read (the pipeline's fold-constants pass checks again)
@@ -124,7 +138,12 @@ def optimize(
         _refuse_unlowerable_blocks(chosen)
     elif calibration is None:
         raise RecipeError("recipe 'auto' needs calibration data (--calib)")
-    calibrator = CachingCalibrator.for_model(model, calibration, show_progress) if calibration is not None else None
+    if calibration is None and (workers, ray_address) != (None, None):
+        raise CalibrationError("--ray/--workers run the calibration: give calibration data (--calib)")
+    calibrator = None
+    if calibration is not None:
+        cluster = distributed.connect(ray_address, workers)
+        calibrator = CachingCalibrator.for_model(model, calibration, show_progress, cluster)
     search: auto.Search | None = None
     if settings is not None:
         assert calibrator is not None
@@ -211,7 +230,7 @@ def _auto_split(
     kept, held = auto.split_data(list(calibrator.data))
     if held is kept:
         warnings.warn("auto: one calibration sample cannot be split; the budget is checked on it", stacklevel=3)
-    return CachingCalibrator.for_model(model, kept, show_progress), held
+    return CachingCalibrator.for_model(model, kept, show_progress, calibrator.cluster), held
 
 
 def _checked_min_cosine(min_cosine: float | None) -> float:

@@ -151,6 +151,12 @@ def _parser() -> argparse.ArgumentParser:
     optimize.add_argument("--metric", choices=("cosine", "sqnr"), help="auto: the budget's metric (default cosine)")
     optimize.add_argument("--calib", help="calibration .npz, test-data folder, or 'random'")
     optimize.add_argument("--validate-data", help="held-out data for validation (default: the calibration data)")
+    optimize.add_argument(
+        "--ray", metavar="ADDRESS", help="calibrate on the Ray cluster at ADDRESS (HOST:PORT or auto)"
+    )
+    optimize.add_argument(
+        "--workers", type=int, help="calibrate on N Ray workers (a local cluster of N CPUs unless --ray is given)"
+    )
     optimize.add_argument("--wbits", type=int)
     optimize.add_argument("--abits", type=int)
     optimize.add_argument("--block-size", type=int, help="weight block size along the input channels")
@@ -239,6 +245,8 @@ def _optimize(args: argparse.Namespace) -> int:
         max_drop=args.max_drop,
         objective=args.objective,
         metric=args.metric,
+        workers=args.workers,
+        ray_address=args.ray,
     )
     # The report is staged beside its path first: a report that cannot be written leaves no model behind either.
     report = staged_text(args.report, result.report.to_json(), "the report") if args.report else None
