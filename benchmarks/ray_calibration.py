@@ -45,10 +45,13 @@ def measure(workers: int) -> dict[str, float | str]:
     started = time.perf_counter()
     cluster = distributed.connect(None, workers) if workers else None
     ray_start_s = time.perf_counter() - started
-    names = sorted({node.inputs[0].name or "" for node in model.graph if node.op_type in ("MatMul", "Gemm")})
+    weights = model.graph.initializers
+    linears = [node for node in model.graph if node.op_type in ("MatMul", "Gemm") and node.inputs[1].name in weights]
+    names = sorted({node.inputs[0].name or "" for node in linears})
     started = time.perf_counter()
     Calibrator.for_model(model, feeds, False, cluster).collect(model, names, sample_rows=512)
     collect_s = time.perf_counter() - started
+    del cluster  # its workers hold the CPUs that optimize's own workers need (Ray ends them with the last handle)
     started = time.perf_counter()
     result = graphquant.optimize(model, "w8a8", feeds, show_progress=False, workers=workers or None)
     optimize_s = time.perf_counter() - started
@@ -81,7 +84,7 @@ def main() -> None:
         for count in counts if round_index % 2 == 0 else counts[::-1]:
             log(f"round {round_index + 1}: {count} workers")
             output = subprocess.run(
-                [sys.executable, __file__, "--one", str(count)], check=True, capture_output=True, text=True
+                [sys.executable, __file__, "--one", str(count)], check=True, stdout=subprocess.PIPE, text=True
             ).stdout
             runs[count].append(json.loads(output.strip().splitlines()[-1]))
     publish(DEFAULT_OUT / "ray_calibration.md", _header(args.rounds), _table(runs), started)
