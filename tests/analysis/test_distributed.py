@@ -14,6 +14,7 @@ import pytest
 from builders import ln_qkv, mlp, outlier_feeds, save_model
 
 import graphquant
+from graphquant.analysis import distributed
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.distributed import RayCluster, connect
 from graphquant.analysis.stats import TensorStats
@@ -144,6 +145,15 @@ def test_without_ray_installed_the_error_says_how_to_install_it(tmp_path, capsys
     assert "need Ray, which is not installed (pip install 'graphquant[ray]')" in line
     with pytest.raises(CalibrationError, match="not installed"):
         connect(None, 2)
+
+
+def test_workers_that_cannot_start_are_refused_not_waited_for(cluster, monkeypatch):
+    model = mlp(np.random.default_rng(0))
+    data = [{"x": np.ones((4, 16), np.float32)}]
+    Calibrator.for_model(model, data, False, cluster).collect(model, ["x"])  # its two workers now hold both CPUs
+    monkeypatch.setattr(distributed, "START_TIMEOUT_S", 2.0)
+    with pytest.raises(CalibrationError, match="did not start within 2 s"):
+        Calibrator.for_model(model, data, False, RayCluster(1)).collect(model, ["x"])
 
 
 def test_workers_without_calibration_data_are_refused():
