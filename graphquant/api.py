@@ -21,6 +21,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass
 
 from graphquant import progress
+from graphquant.analysis import distributed
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.cost import split_costs
 from graphquant.analysis.data import CalibrationSource, Feed
@@ -37,7 +38,15 @@ from graphquant.analysis.runner import (
 )
 from graphquant.analysis.sizes import layer_bytes, node_bytes
 from graphquant.analysis.stats_cache import CachingCalibrator
-from graphquant.errors import FidelityError, GraphQuantError, InternalError, InvalidModelError, OutputError, RecipeError
+from graphquant.errors import (
+    CalibrationError,
+    FidelityError,
+    GraphQuantError,
+    InternalError,
+    InvalidModelError,
+    OutputError,
+    RecipeError,
+)
 from graphquant.frontends.onnx_file import load as _load_file
 from graphquant.output_paths import (
     INPUT_FILES_KEY,
@@ -117,6 +126,8 @@ def optimize(
     metric: str | Callable[..., float] | None = None,
     methods: Sequence[str] | None = None,
     validate_on: str = "onnxruntime",
+    workers: int | None = None,
+    ray_address: str | None = None,
     **options: Any,
 ) -> OptimizeResult:
     """Run a recipe on a copy of the model; validate against the original when data is available.
@@ -133,6 +144,9 @@ def optimize(
     outputs, lists per batch, returning a drop). Held-out data is ``validation``, else every fourth calibration batch.
     ``methods`` names the exact rewrites tried (default outliertune; also smoothquant, llm-int8).
     ``validate_on`` runs the validation on "onnxruntime" (default) or "openvino" (see compare_models).
+
+    ``ray_address`` (a Ray cluster) or ``workers`` (a local Ray cluster of that many CPUs) runs the calibration
+    batches on Ray workers (analysis/distributed.py); the statistics, and so the model, are the same as in one process.
     """
     threshold = _checked_min_cosine(min_cosine)
     check_executor(validate_on)
@@ -143,7 +157,12 @@ def optimize(
         _refuse_unlowerable_blocks(chosen)
     elif calibration is None:
         raise RecipeError("recipe 'auto' needs calibration data (--calib)")
-    calibrator = CachingCalibrator.for_model(model, calibration, show_progress) if calibration is not None else None
+    if calibration is None and (workers, ray_address) != (None, None):
+        raise CalibrationError("--ray/--workers run the calibration: give calibration data (--calib)")
+    calibrator = None
+    if calibration is not None:
+        cluster = distributed.connect(ray_address, workers)
+        calibrator = CachingCalibrator.for_model(model, calibration, show_progress, cluster)
     search: auto.Search | None = None
     timings = Timings(load=model.meta.get(LOAD_SECONDS_KEY))
     given_validation = validation
@@ -265,7 +284,7 @@ def _auto_split(
     kept, held = auto.split_data(list(calibrator.data))
     if held is kept:
         warnings.warn("auto: one calibration sample cannot be split; the budget is checked on it", stacklevel=3)
-    return CachingCalibrator.for_model(model, kept, show_progress), held
+    return CachingCalibrator.for_model(model, kept, show_progress, calibrator.cluster), held
 
 
 def _checked_min_cosine(min_cosine: float | None) -> float:

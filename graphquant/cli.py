@@ -163,6 +163,12 @@ def _parser() -> argparse.ArgumentParser:
     optimize.add_argument("--metric", choices=("cosine", "sqnr"), help="auto: the budget's metric (default cosine)")
     optimize.add_argument("--calib", help=f"calibration data: {CALIB_FORMS}, or 'random'")
     optimize.add_argument("--validate-data", help="held-out data for validation (default: the calibration data)")
+    optimize.add_argument(
+        "--ray", metavar="ADDRESS", help="calibrate on the Ray cluster at ADDRESS (HOST:PORT or auto)"
+    )
+    optimize.add_argument(
+        "--workers", type=int, help="calibrate on N Ray workers (a local cluster of N CPUs unless --ray is given)"
+    )
     optimize.add_argument("--wbits", type=int)
     optimize.add_argument("--abits", type=int)
     optimize.add_argument("--block-size", type=int, help="weight block size along the input channels")
@@ -361,6 +367,8 @@ def _optimize(args: argparse.Namespace) -> int:
         objective=args.objective,
         metric=args.metric,
         validate_on=args.validate_on,
+        workers=args.workers,
+        ray_address=args.ray,
     )
     _save_with_reports(result, model, args, reports)
     if args.layers:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
@@ -14,6 +15,9 @@ from graphquant.analysis.runner import open_session, run_views
 from graphquant.analysis.stats import CalibrationStats
 from graphquant.errors import CalibrationError
 
+if TYPE_CHECKING:
+    from graphquant.analysis.distributed import RayCluster
+
 
 class NonFiniteCalibrationWarning(UserWarning):
     """Some calibration values were NaN or Inf and were left out of the statistics."""
@@ -22,15 +26,18 @@ class NonFiniteCalibrationWarning(UserWarning):
 class Calibrator:
     """Collects statistics of named tensors of a model over a calibration data set."""
 
-    def __init__(self, data: CalibrationData, show_progress: bool = True):
+    def __init__(self, data: CalibrationData, show_progress: bool = True, cluster: RayCluster | None = None):
         self.data = data
         self.show_progress = show_progress
+        self.cluster = cluster
         self._warned_nonfinite = False
 
     @classmethod
-    def for_model(cls, model: ir.Model, source: CalibrationSource, show_progress: bool = True) -> Calibrator:
-        """A calibrator whose feeds are checked against the model's inputs."""
-        return cls(CalibrationData(source, InputSpec.of_model(model)), show_progress)
+    def for_model(
+        cls, model: ir.Model, source: CalibrationSource, show_progress: bool = True, cluster: RayCluster | None = None
+    ) -> Calibrator:
+        """A calibrator whose feeds are checked against the model's inputs (run on ``cluster``'s workers if given)."""
+        return cls(CalibrationData(source, InputSpec.of_model(model)), show_progress, cluster)
 
     def collect(
         self,
@@ -43,17 +50,24 @@ class Calibrator:
         """Run the model over the data once and reduce the named tensors per batch (keeping a bounded row sample).
 
         Tensors in ``gram_names`` also accumulate their channel Gram matrix X^T X. ``observe(name, batch)`` also sees
-        every float batch of the named tensors (e.g. analysis/conv_gram.py's im2col Grams).
+        every float batch of the named tensors (e.g. analysis/conv_gram.py's im2col Grams). With a cluster, the batches
+        run on its workers, except under ``observe``, which needs them here.
         """
         names = sorted(set(tensor_names))
         stats = CalibrationStats()
         if not names:
             return stats
-        with open_session(model, names) as session:
-            for feed in progress.bar(self.data, "calibrating", unit="batch", show=self.show_progress):
-                _reduce(stats, dict(zip(names, run_views(session, names, feed))), sample_rows, gram_names, observe)
-                stats.batches += 1
-            del session  # before open_session unmaps the weights that it shares
+        feeds = progress.bar(self.data, "calibrating", unit="batch", show=self.show_progress)
+        if self.cluster is not None and observe is None:
+            stats = self.cluster.collect(model, names, feeds, sample_rows, gram_names)
+        else:
+            with open_session(model, names) as session:
+                for feed in feeds:
+                    reduce_batch(
+                        stats, dict(zip(names, run_views(session, names, feed))), sample_rows, gram_names, observe
+                    )
+                    stats.batches += 1
+                del session  # before open_session unmaps the weights that it shares
         self._check_finite(stats)
         return stats
 
@@ -76,7 +90,7 @@ class Calibrator:
         )
 
 
-def _reduce(
+def reduce_batch(
     stats: CalibrationStats,
     outputs: dict[str, np.ndarray],
     sample_rows: int,

@@ -73,6 +73,11 @@ def has_mapped_data(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
+def shares_weights(model: ir.Model) -> bool:
+    """Whether open_session hands the model's initializers to onnxruntime as shared buffers (and runs unoptimized)."""
+    return initializer_bytes(model) > SHARED_MODEL_BYTES or has_mapped_data(model)
+
+
 @contextlib.contextmanager
 def inlined_mapped_data(model: ir.Model) -> Iterator[None]:
     """The model with its memory-mapped initializers as in-memory tensors (views of the mapping) for a while."""
@@ -104,16 +109,19 @@ def load_session(source: str | os.PathLike[str] | bytes, options: ort.SessionOpt
 
 
 @contextlib.contextmanager
-def open_session(model: ir.Model, extra_outputs: Sequence[str] = ()) -> Iterator[ort.InferenceSession]:
+def open_session(
+    model: ir.Model, extra_outputs: Sequence[str] = (), share: bool | None = None
+) -> Iterator[ort.InferenceSession]:
     """An onnxruntime CPU session on the model, with extra named tensors appended to its outputs.
 
     For models over SHARED_MODEL_BYTES or with external data, the initializers reach onnxruntime as shared buffers
     (zero copy; memory-mapped ones stay mapped), so the session holds no second copy of the weights. The proto
-    written for it names them as external data in a sparse placeholder file that onnxruntime never reads.
+    written for it names them as external data in a sparse placeholder file that onnxruntime never reads. ``share``
+    overrides that choice (a copy of a model runs as its original did: analysis/distributed.py's workers).
     """
     _map_large_allocations()
     output_names = {value.name for value in model.graph.outputs}
-    large = initializer_bytes(model) > SHARED_MODEL_BYTES or has_mapped_data(model)
+    large = shares_weights(model) if share is None else share
     shared = _shared_initializers(model) if large else {}
     release_mappings(model)
     proto = _session_proto(model, shared)
@@ -187,8 +195,7 @@ def parked_weights(model: ir.Model | None, running: ir.Model, folder: Path) -> I
     They are written to ``folder`` and memory-mapped (their pages are not resident until read), then read back
     into memory at the end, the same values under the same names. Only numeric full-byte tensors are parked.
     """
-    large = initializer_bytes(running) > SHARED_MODEL_BYTES or has_mapped_data(running)
-    if model is None or not large:
+    if model is None or not shares_weights(running):
         yield
         return
     shared = {id(value.const_value) for value in running.graph.initializers.values()}
