@@ -120,15 +120,20 @@ class _Rewrite:
         y = self._gemm_epilogue(y) if node.op_type == "Gemm" else y
         self._name_nodes(self.tape.nodes)
         old_weight = self.layer.weight
-        output = layer_output(node)
-        ir.convenience.replace_nodes_and_values(self.graph, node, [node], list(self.tape.nodes), [output], [y])
+        full = layer_output(node)
+        ir.convenience.replace_nodes_and_values(self.graph, node, [node], list(self.tape.nodes), [node.outputs[0]], [y])
         remove_if_unused(self.graph, old_weight)
         for nested in self.tape.nodes:
             nested.meta[KEEP_FLOAT_KEY] = self.options.scheme
         y_node = y.producer()
         assert y_node is not None
         y_node.meta[DECISION_KEY] = LayerDecision(
-            node.name or "", node.op_type, "quantized", "", self.options.scheme, output=y.name or ""
+            node.name or "",
+            node.op_type,
+            "quantized",
+            "",
+            self.options.scheme,
+            output=(y if full is node.outputs[0] else full).name or "",
         )
 
     def const(self, array: np.ndarray | float) -> ir.Value:

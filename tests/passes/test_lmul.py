@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from builders import build, run, weights
+from builders import build, gaussian_feeds, run, weights
 
+import graphquant
 from graphquant.analysis.lmul import FORMATS, exact_matmul, lmul, lmul_matmul
 from graphquant.passes.lmul import LMulPass
 
@@ -116,3 +117,31 @@ def test_options_are_checked() -> None:
         LMulPass(format="e3m4")
     with pytest.raises(ValueError, match="product"):
         LMulPass(product="approximate")
+
+
+MLP_17 = """
+<ir_version: 8, opset_import: ["" : 17]>
+mlp (float[N, 16] x) => (float[N, 4] y) {
+  h = MatMul(x, w1)
+  r = Relu(h)
+  y = Gemm<transB: int = 1>(r, w2, b2)
+}
+"""
+
+
+@pytest.mark.parametrize("recipe,options", [("lmul-e4m3", {}), ("lmul-e4m3", {"format": "e4m4"}), ("fp8-e4m3", {})])
+def test_the_presets_upgrade_the_opset_and_compute_the_reference(recipe: str, options: dict[str, str]) -> None:
+    rng = np.random.default_rng(8)
+    arrays = {"w1": weights(rng, 16, 12), "w2": weights(rng, 4, 12), "b2": weights(rng, 4)}
+    feeds = gaussian_feeds(9, batches=2, rows=20)
+    result = graphquant.optimize(build(MLP_17, arrays), recipe, feeds, show_progress=False, **options)
+    assert result.model.graph.opset_imports[""] >= 26
+    fmt = FORMATS[options.get("format", "e4m3")]
+    matmul = exact_matmul if recipe.startswith("fp8") else lmul_matmul
+    x = feeds[0]["x"]
+    hidden = np.maximum(matmul(x, arrays["w1"], fmt), 0).astype(np.float32)
+    expected = matmul(hidden, arrays["w2"].T, fmt) + arrays["b2"]
+    (got,) = run(result.model, {"x": x})
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    assert len(result.report.quantized) == 2
+    assert all(f"{fmt.name} operands" in layer.scheme for layer in result.report.quantized)
