@@ -60,8 +60,11 @@ class FloatFormat:
 
     @property
     def scale_target(self) -> float:
-        """Where a per-tensor scale puts the largest magnitude: max_finite, capped at 2^63 (products stay finite)."""
-        return min(self.max_finite, 2.0**63)
+        """Where a per-tensor scale puts the largest magnitude: max_finite, at most 2^16.
+
+        The cap only binds for bf16-like, whose range is float32's: it keeps products and their float32 sums finite.
+        """
+        return min(self.max_finite, 2.0**16)
 
     @property
     def offset_exponent(self) -> int:

@@ -145,3 +145,17 @@ def test_the_presets_upgrade_the_opset_and_compute_the_reference(recipe: str, op
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
     assert len(result.report.quantized) == 2
     assert all(f"{fmt.name} operands" in layer.scheme for layer in result.report.quantized)
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_scaled_float32_sums_stay_finite(name: str) -> None:
+    # bf16-like once scaled its operands to 2^63, where the float32 sums of products overflowed.
+    rng = np.random.default_rng(10)
+    # Positive operands: 1024 products of about 2^122 each would sum past float32's largest finite value.
+    x = np.abs(rng.standard_normal((3, 1024))).astype(np.float32)
+    w = np.abs(rng.standard_normal((1024, 3))).astype(np.float32)
+    model = build(ONE_LAYER.format(k=1024, n=3), {"w": w})
+    LMulPass(format=name)(model)
+    (got,) = run(model, {"x": x})
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, lmul_matmul(x, w, FORMATS[name]), rtol=0, atol=2e-6 * np.abs(x @ w).max())
