@@ -159,3 +159,28 @@ def test_scaled_float32_sums_stay_finite(name: str) -> None:
     (got,) = run(model, {"x": x})
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, lmul_matmul(x, w, FORMATS[name]), rtol=0, atol=2e-6 * np.abs(x @ w).max())
+
+
+SHARED = """
+<ir_version: 11, opset_import: ["" : 26]>
+shared (float[N, 8] x) => (float[N, 4] y, float[N, 4] z, float[N, 4] a) {
+  [first] y = MatMul(x, w)
+  [second] z = MatMul(x, w)
+  [reader] a = Relu(y)
+}
+"""
+
+
+def test_shared_inputs_and_an_output_that_is_also_read() -> None:
+    rng = np.random.default_rng(11)
+    w = weights(rng, 8, 4)
+    model = build(SHARED, {"w": w})
+    assert LMulPass(format="e5m2")(model).modified
+    assert "w" not in model.graph.initializers and not any(n.op_type == "MatMul" for n in model.graph)
+    x = rng.standard_normal((5, 8)).astype(np.float32)
+    y, z, a = run(model, {"x": x})
+    expected = lmul_matmul(x, w, FORMATS["e5m2"])
+    np.testing.assert_allclose(y, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+    np.testing.assert_array_equal(y, z)
+    np.testing.assert_array_equal(a, np.maximum(y, 0))
+    assert [v.name for v in model.graph.outputs] == ["y", "z", "a"]
