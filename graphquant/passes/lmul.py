@@ -73,7 +73,7 @@ class LMulPass(ir.passes.InPlacePass):
         modified = False
         for candidate in list(candidates(graph)):
             layer = candidate.layer
-            if layer is None or layer.node.op_type == "Conv" or layer.node.op_type == "ConvTranspose":
+            if layer is None or layer.node.op_type not in ("MatMul", "Gemm"):
                 continue
             if KEEP_FLOAT_KEY in layer.node.meta or DECISION_KEY in layer.node.meta:
                 continue
