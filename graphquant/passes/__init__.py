@@ -10,6 +10,7 @@ from graphquant.passes.bitmod import BitModPass
 from graphquant.passes.equalize_convs import EqualizeConvsPass
 from graphquant.passes.fold_batchnorm import FoldBatchNormPass
 from graphquant.passes.fold_constants import FoldConstantsPass
+from graphquant.passes.lmul import LMulPass
 from graphquant.passes.nbits_accuracy import NBitsAccuracyPass
 from graphquant.passes.ocs import OcsPass
 from graphquant.passes.outlier_decompose import OutlierDecomposePass
@@ -39,6 +40,7 @@ PASSES: dict[str, type[ir.passes.PassBase]] = {
     "equalize-convs": EqualizeConvsPass,
     "bias-correct": BiasCorrectPass,
     "nbits-accuracy": NBitsAccuracyPass,
+    "lmul": LMulPass,
 }
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "EqualizeConvsPass",
     "FoldBatchNormPass",
     "FoldConstantsPass",
+    "LMulPass",
     "NBitsAccuracyPass",
     "OcsPass",
     "OutlierDecomposePass",
