@@ -18,7 +18,9 @@ from graphquant.analysis.weight_fit import fit_ranges
 
 # Adam, its learning rate decaying on a cosine: larger steps flip many codes at once and lose more than they gain.
 DEFAULT_STEPS = 300
-DEFAULT_LEARNING_RATE = 3e-4
+DEFAULT_LEARNING_RATE = 1e-3
+# Past this many K x flips elements, H·codes is recomputed whole rather than updated where codes flipped.
+UPDATE_ELEMENTS = 1 << 22
 # Added to the Gram's diagonal, times its mean diagonal: inputs the calibration data never spanned cost a little.
 DAMPING = 0.01
 
@@ -137,7 +139,8 @@ def _train(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Adam on (log grid factor, S1, r, c); the grid factor [blocks, N] and integer codes [K, N] of the least loss.
 
-    ``start_codes`` are the first candidate, and S1 starts where it reproduces them.
+    ``start_codes`` are the first candidate, and S1 starts where it reproduces them. On per-channel grids
+    H·W_q = (H·codes)·s, and H·codes is updated only where codes flipped: a step costs K·flips·N', not K²·N.
     """
     rows, columns = weights.shape
     w = weights.astype(np.float32)
@@ -150,6 +153,7 @@ def _train(
         error = w - step * start_codes.astype(np.float32)
         best = (float(np.sum(error * (h @ error))), log_grid.copy(), start_codes.astype(np.float32))
         element = _divisors(weights / _rows(grid.step, block, rows), start_codes).astype(np.float32)
+    product, previous, weight_product = np.zeros_like(w), np.zeros_like(w), h @ w
     per_output = np.zeros((1, columns), np.float32)
     per_input = np.zeros((rows, 1), np.float32)
     adam = _Adam([log_grid, element, per_output, per_input])
@@ -159,7 +163,11 @@ def _train(
         rounded = np.rint(ratio)
         codes = np.clip(rounded, lower, upper)
         error = w - scale * codes
-        pulled = 2 * (h @ error)  # dL/d error
+        if log_grid.shape[0] == 1:
+            product, previous = _updated_product(h, product, codes, previous), codes
+            pulled = 2 * (weight_product - product * scale[:1])  # dL/d error = 2·H·error
+        else:
+            pulled = 2 * (h @ error)
         loss = float(np.sum(error * pulled)) / 2
         if loss < best[0]:
             best = (loss, log_grid.copy(), codes)
@@ -176,6 +184,15 @@ def _train(
         ]
         adam.step(gradients, settings.learning_rate * 0.5 * (1 + np.cos(np.pi * index / settings.steps)))
     return np.exp(best[1].astype(np.float64)), best[2].astype(np.float64)
+
+
+def _updated_product(h: np.ndarray, product: np.ndarray, codes: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    """H·codes from H·previous (``product``, updated in place), through the entries that changed."""
+    rows, columns = np.nonzero(codes != previous)
+    if rows.size * h.shape[0] > UPDATE_ELEMENTS:
+        return h @ codes
+    np.add.at(product, (slice(None), columns), h[:, rows] * (codes - previous)[rows, columns])
+    return product
 
 
 def _block_sums(values: np.ndarray, block: int) -> np.ndarray:

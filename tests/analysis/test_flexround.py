@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
-from builders import build, run
+from builders import build, run, save_model
 
 import graphquant
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.flexround import FlexRoundSettings, damped, flexround_round
 from graphquant.analysis.gptq import gptq_round
 from graphquant.analysis.weight_fit import fit_ranges, round_trip
+from graphquant.cli import main
 from graphquant.lowering.qdq import QdqLoweringPass
 from graphquant.passes.quantize import QuantizePass
 
@@ -145,3 +148,19 @@ def test_weight_only_with_flexround_validates_in_onnxruntime():
 def test_an_unknown_rounding_is_refused():
     with pytest.raises(ValueError, match="rounding must be one of"):
         QuantizePass(None, abits=0, rounding="adaround")
+
+
+def test_cli_rounding_flexround_writes_a_validated_model(tmp_path, capsys):
+    rng = np.random.default_rng(6)
+    reference = build(
+        TWO_LAYERS, {"w1": rng.standard_normal((64, 32)).astype(F32), "w2": rng.standard_normal((16, 64)).astype(F32)}
+    )
+    model_path = save_model(reference, tmp_path / "two.onnx")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=correlated_inputs(rng, 256, 64).astype(F32))
+    output, report = tmp_path / "two.w4.onnx", tmp_path / "report.json"
+    argv = ["optimize", model_path, "-o", str(output), "--recipe", "weight-only", "--calib", str(calib)]
+    assert main([*argv, "--rounding", "flexround", "--report", str(report)]) == 0
+    layers = {layer["node"]: layer["scheme"] for layer in json.loads(report.read_text())["layers"]}
+    assert layers == {name: "W4 asym block 32 clip-searched FlexRound 300 steps" for name in ("fc1", "fc2")}
+    assert json.loads(report.read_text())["validation"]["failures"] == []
