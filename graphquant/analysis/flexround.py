@@ -3,8 +3,9 @@
 W_q = s · round(W / (s · S)), S = exp(S1 + r + c): S1 element-wise, r per output channel, c per input channel, and
 the grid s (per channel or block) learned too, in log space. The loss is the exact layer-output error
 ||X·W - X·W_q||² = tr(Dᵀ·XᵀX·D), D = W - W_q, so only the Gram XᵀX of the calibration inputs is needed, never X.
-Rounding passes straight-through gradients, written out in numpy (Adam with a cosine-decayed learning rate). The codes kept are those of the least loss seen, the first being RTN's,
-so the result is never worse on the (damped) calibration Gram than the grid it starts from. The stored grid stays
+Rounding passes straight-through gradients, written out in numpy (Adam, its learning rate decaying on a cosine).
+The codes kept are those of the least loss seen, the first being the start's (RTN's or GPTQ's), so the result is
+never worse on the (damped) calibration Gram than where it starts. The stored grid stays
 s per channel or block with the starting zero point: every lowering takes the result unchanged.
 """
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from graphquant.analysis.weight_fit import fit_ranges
 
-# Adam, its learning rate decaying on a cosine: larger steps flip many codes at once and lose more than they gain.
+# Larger learning rates flip many codes at once and lose more than they gain.
 DEFAULT_STEPS = 300
 DEFAULT_LEARNING_RATE = 1e-3
 # Past this many K x flips elements, H·codes is recomputed whole rather than updated where codes flipped.
