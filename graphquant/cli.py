@@ -126,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     """The argument parser with all subcommands."""
     from graphquant.analysis.openvino_run import EXECUTORS
     from graphquant.lowering import TARGETS
+    from graphquant.passes.quantize import ROUNDINGS
     from graphquant.validate import DEFAULT_MIN_COSINE
 
     parser = argparse.ArgumentParser(prog="graphquant", description="Post-training quantization compiler for ONNX.")
@@ -173,6 +174,12 @@ def _parser() -> argparse.ArgumentParser:
     optimize.add_argument("--abits", type=int)
     optimize.add_argument("--block-size", type=int, help="weight block size along the input channels")
     optimize.add_argument("--gptq", action="store_const", const=True, help="GPTQ rounding of the weights")
+    optimize.add_argument(
+        "--rounding",
+        choices=ROUNDINGS,
+        help="how weights are rounded (overrides --gptq): nearest, gptq, flexround (learned from RTN's grid) or "
+        "gptq-flexround (learned from GPTQ's codes)",
+    )
     optimize.add_argument("--embed-bits", type=int, help="bits of the embedding tables (recipes that quantize them)")
     optimize.add_argument("--embed-block-size", type=int, help="embedding block size along the hidden axis")
     optimize.add_argument("--max-overhead", type=float, help="extra MACs the split passes may add (default 0.10)")
@@ -357,6 +364,7 @@ def _optimize(args: argparse.Namespace) -> int:
         abits=args.abits,
         block_size=args.block_size,
         gptq=args.gptq,
+        rounding=args.rounding,
         embed_bits=args.embed_bits,
         embed_block_size=args.embed_block_size,
         max_overhead=args.max_overhead,

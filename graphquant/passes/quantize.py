@@ -8,12 +8,14 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from graphquant import progress
 from graphquant.analysis import conv_ranges
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.conv_gram import ConvGeometry, ConvGrams
+from graphquant.analysis.flexround import DEFAULT_STEPS, FlexRoundSettings, flexround_round
 from graphquant.analysis.gptq import conv_weight_fit, gptq_round
 from graphquant.analysis.layers import Candidate, Layer, candidates, scale_groups
 from graphquant.analysis.sensitive_layers import matching_layers
@@ -43,6 +45,8 @@ from graphquant.quant_spec import (
 from graphquant.rewrites import layer_output, replace_weight
 
 ACTIVATION_METHODS = ("minmax", "percentile", "mse")
+# How 2-D weights are rounded onto their grids: to nearest, GPTQ, FlexRound from RTN's grid or from GPTQ's codes.
+ROUNDINGS = ("nearest", "gptq", "flexround", "gptq-flexround")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +86,8 @@ class QuantizePass(ir.passes.InPlacePass):
     fields or a named scheme (SCHEMES: float, w8a8, w4a8, w8, w4) on the layers it matches; later overrides win.
     ``keep_8bit`` globs (node names, or analysis/sensitive_layers.py's roles such as ``@depthwise``) give the
     layers they match 8-bit weights, after the overrides.
+    ``rounding`` (ROUNDINGS; default "gptq" if ``gptq`` else "nearest") overrides ``gptq``; under the FlexRound
+    roundings (analysis/flexround.py, ``flexround_steps`` Adam steps per layer) conv weights get GPTQ.
     """
 
     def __init__(
@@ -97,6 +103,8 @@ class QuantizePass(ir.passes.InPlacePass):
         block_size: int | None = None,
         gptq: bool = False,
         gptq_act_order: bool = False,
+        rounding: str | None = None,
+        flexround_steps: int = DEFAULT_STEPS,
         overrides: Sequence[NodeOverride] = (),
         keep_8bit: tuple[str, ...] = (),
     ):
@@ -105,13 +113,17 @@ class QuantizePass(ir.passes.InPlacePass):
             raise ValueError(f"activation_method must be one of {ACTIVATION_METHODS}, got {activation_method!r}")
         if block_size is not None and block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
+        if rounding is not None and rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
         self.calibrator = calibrator
         self.defaults = LayerOptions(wbits, abits or None, block_size=block_size, weight_symmetric=weight_symmetric)
         self.activation_method = activation_method
         self.percentile = percentile
         self.weight_clip_search = weight_clip_search
-        self.gptq = gptq
+        self.rounding = rounding or ("gptq" if gptq else "nearest")
+        self.gptq = self.rounding != "nearest"  # every other rounding needs the Grams GPTQ collects
         self.gptq_act_order = gptq_act_order
+        self.flexround = FlexRoundSettings(flexround_steps)
         self.overrides = tuple(overrides)
         self._kept_8bit = matching_layers([], keep_8bit)  # checks the patterns; call() fills it
         self.keep_8bit = tuple(keep_8bit)
@@ -119,11 +131,13 @@ class QuantizePass(ir.passes.InPlacePass):
             _check_bits(options)
 
     def requires(self, model: ir.Model) -> None:
-        """Activation quantization needs calibration data (GPTQ without it falls back to rounding, with a warning)."""
+        """Activation quantization needs calibration data (GPTQ or FlexRound without it rounds, with a warning)."""
         if self.calibrator is None and self._any_activation_bits():
             raise ir.passes.PreconditionError("quantize: activation quantization needs calibration data")
         if self.calibrator is None and self.gptq:
-            warnings.warn("quantize: no calibration data, so no GPTQ: weights are rounded to nearest", stacklevel=2)
+            warnings.warn(
+                "quantize: no calibration data, so no GPTQ or FlexRound: weights are rounded to nearest", stacklevel=2
+            )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Annotate every eligible layer; record why the others stay float."""
@@ -140,9 +154,15 @@ class QuantizePass(ir.passes.InPlacePass):
         stats, grams = self._activation_stats(model, layers)
         names = NameScope(graph)
         ordered = [layer for group in scale_groups(layers) for layer in group.layers]
-        for layer in progress.bar(ordered, "GPTQ" if self.gptq else "weights", unit="layer"):
+        for layer in progress.bar(ordered, self._progress_label(), unit="layer"):
             self._annotate(graph, names, layer, stats, grams)
         return ir.passes.PassResult(model, modified=bool(layers))
+
+    def _progress_label(self) -> str:
+        """What the progress bar says the layers go through."""
+        if not self.gptq:
+            return "weights"
+        return "FlexRound" if "flexround" in self.rounding else "GPTQ"
 
     def _accept(self, candidate: Candidate) -> Layer | None:
         """The candidate's layer if it is to be quantized; else record the reason on the node."""
@@ -244,20 +264,30 @@ class QuantizePass(ir.passes.InPlacePass):
         if not (self._uses_gptq(layer) and activation is not None and activation.gram is not None):
             energy = row_energy(layer, None if activation is None else activation.channel_mean_square())
             return fit_weight_spec(layer, scheme, energy), scheme.describe(layer)
-        rounded, low, high = gptq_round(
-            in_major(layer),
-            activation.gram,
-            scheme.bits,
-            scheme.symmetric,
-            block_rows(layer, scheme),
-            scheme.clip_search,
-            act_order=self.gptq_act_order,
-        )
+        rounded, low, high, suffix = self._rounded(in_major(layer), activation.gram, scheme, block_rows(layer, scheme))
         spec = spec_from_ranges(layer, scheme, low, high)
-        # Snapped onto the spec's float32 grid, so that lowering stores exactly the codes GPTQ chose.
+        # Snapped onto the spec's float32 grid, so that lowering stores exactly the codes GPTQ or FlexRound chose.
         weight = from_in_major(layer, rounded)
-        replace_weight(graph, names, layer, spec.dequantize(spec.quantize(weight)), "gptq")
-        return spec, scheme.describe(layer) + (" GPTQ act-order" if self.gptq_act_order else " GPTQ")
+        replace_weight(graph, names, layer, spec.dequantize(spec.quantize(weight)), self.rounding)
+        return spec, scheme.describe(layer) + suffix
+
+    def _rounded(
+        self, matrix: np.ndarray, gram: np.ndarray, scheme: WeightScheme, block: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+        """A 2-D weight (in_major) rounded by GPTQ and/or FlexRound: the rounded matrix, its ranges, a label suffix."""
+        start, suffix = None, ""
+        if self.rounding != "flexround":
+            start = gptq_round(
+                matrix, gram, scheme.bits, scheme.symmetric, block, scheme.clip_search, self.gptq_act_order
+            )
+            suffix = " GPTQ act-order" if self.gptq_act_order else " GPTQ"
+        if self.rounding == "gptq":
+            assert start is not None
+            return (*start, suffix)
+        rounded, low, high = flexround_round(
+            matrix, gram, scheme.bits, scheme.symmetric, block, scheme.clip_search, self.flexround, start
+        )
+        return rounded, low, high, suffix + f" FlexRound {self.flexround.steps} steps"
 
     def _activation_spec(self, stats: TensorStats, bits: int) -> QuantSpec:
         """Per tensor: unsigned [0, bound] where calibration saw no negative value (Relu/Clip outputs), else ±bound."""
