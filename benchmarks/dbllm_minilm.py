@@ -1,6 +1,7 @@
 """DB-LLM dual binarization on the real all-MiniLM-L6-v2 at 2 bits, weight-only, against graphquant's other 2-bit
 methods in one process: plain 2-bit RTN with clip search, GPTQ W2, SplitQuant W2, and dual binarization with and
-without deviation-aware distillation (DAD). Every row keeps int8 embeddings and blocks of 32 along the input channels.
+without deviation-aware distillation (DAD); onnxruntime's int8 quantize_dynamic is the speed reference. Every
+graphquant row keeps int8 embeddings and blocks of 32 along the input channels.
 
 Calibration on CALIBRATION_SENTENCES, mean-pooled embeddings compared with FP32 on the HELDOUT_SENTENCES, every
 model timed in one interleaved run (onnxruntime ORT_ENABLE_ALL: it fuses each blocked DequantizeLinear -> MatMul of
@@ -19,7 +20,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import minilm_common as common
-from outliertune_minilm import Row, evaluate, graphquant_rows, log, parse_args, table
+from outliertune_minilm import ORT_DYNAMIC, Row, evaluate, graphquant_rows, log, parse_args, run_ort, table
 from table_rows import publish
 
 # Every row is written and measured whatever its fidelity (plain 2-bit RTN falls below the default 0.8 threshold).
@@ -40,6 +41,7 @@ def main() -> None:
     """Build every model, evaluate, time, print and write the table."""
     args = parse_args(__doc__)
     import onnxruntime
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     started = time.perf_counter()
     out = args.out.resolve()
@@ -52,6 +54,11 @@ def main() -> None:
     feed = {name: timing_batch[name] for name in inputs}
 
     rows = [Row("FP32 (torch.onnx dynamo export)", fp32)]
+    rows.append(
+        run_ort(
+            ORT_DYNAMIC, out, lambda path: quantize_dynamic(fp32, path, per_channel=True, weight_type=QuantType.QInt8)
+        )
+    )
     rows += graphquant_rows(fp32, calib, out, CONFIGS)
 
     evaluate(rows, heldout)
