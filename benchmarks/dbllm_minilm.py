@@ -32,8 +32,17 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("graphquant weight-only W2 b32 RTN clip-searched (no GPTQ), int8 emb (qdq)", "weight-only", {**W2, "gptq": False}),
     ("graphquant weight-only W2 b32 GPTQ act-order, int8 emb (qdq)", "weight-only", W2),
     ("graphquant splitquant W2 b32 GPTQ (3 branches), int8 emb (qdq)", "splitquant", W2),
-    ("graphquant db-llm dual binary b32 (2 branches), int8 emb (qdq)", "db-llm", KEEP),
-    ("graphquant db-llm dual binary b32 + DAD (2 branches), int8 emb (qdq)", "db-llm", {"distill": True, **KEEP}),
+    ("graphquant db-llm dual binary b32 (2 branches, UINT2 codes), int8 emb (qdq)", "db-llm", KEEP),
+    (
+        "graphquant db-llm dual binary b32 + DAD (2 branches, UINT2), int8 emb (qdq)",
+        "db-llm",
+        {"distill": True, **KEEP},
+    ),
+    (
+        "graphquant db-llm dual binary b32 (2 branches, UINT4 codes), int8 emb (qdq)",
+        "db-llm",
+        {"container_bits": 4, **KEEP},
+    ),
 ]
 
 
@@ -74,7 +83,7 @@ def main() -> None:
         f"{len(common.HELDOUT_SENTENCES)} held-out sentences from examples/sentences.py; onnxruntime "
         f"{onnxruntime.__version__} CPU, intra_op_num_threads={common.INTRA_OP_THREADS}; latency batch {shape} "
         f"tokens, median of {rounds}x{repeats} interleaved runs{' (--quick)' if args.quick else ''}; "
-        f"size = file bytes / 10^6. Dual-binary branches store each {{0,1}} binary as UINT4 codes."
+        f"size = file bytes / 10^6. Dual-binary branches store each {{0,1}} binary as UINT2 (opset 25) or UINT4 (opset 21) codes."
     )
     publish(out / "dbllm_minilm.md", header, table(rows, latency), started)
 

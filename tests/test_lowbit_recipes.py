@@ -172,7 +172,7 @@ def test_the_db_llm_preset_runs_through_the_cli_and_beats_2bit_rtn(tmp_path):
     assert main([*argv, "--report", str(report)]) == 0
     layers = {layer["node"]: layer["scheme"] for layer in json.loads(report.read_text())["layers"]}
     branches = [scheme for node, scheme in layers.items() if node.startswith("fc1_")]
-    assert branches == ["DB-LLM dual binary W1+W1 (UINT4 codes in {0,1}) block 32"] * 2
+    assert branches == ["DB-LLM dual binary W1+W1 (UINT2 codes in {0,1}) block 32"] * 2
     assert layers["embed"] == "embedding W8 per-row clip-searched"
     rtn = graphquant.optimize(reference, "weight-only", calibration=CALIB, wbits=2, gptq=False, show_progress=False)
     assert output_sqnr_db(reference, graphquant.load(output), HELD_OUT) > output_sqnr_db(reference, rtn.model, HELD_OUT)

@@ -19,14 +19,18 @@ from graphquant.rewrites import FLOAT_PATH_SUM_KEY, layer_output
 # On a branch node: which of the two binaries it holds (1 or 2); later passes leave its dequantized weight alone.
 BRANCH_KEY = "graphquant.dual_binary_branch"
 BRANCH_NOTE = "DB-LLM dual-binary branch (weight dequantized in-graph)"
+# The code containers a binary may be stored in, with the opset whose DequantizeLinear takes them. UINT2 (opset 25)
+# is the narrowest that onnxruntime runs.
+CONTAINERS = {2: (ir.DataType.UINT2, 25), 4: (ir.DataType.UINT4, INT4_OPSET)}
 
 
 class DualBinarizePass(ir.passes.InPlacePass):
-    """Lossy: Y = X·W becomes X·(α1·B1) + X·(α2·B2), B_i ∈ {0,1} stored as UINT4 codes behind DequantizeLinear.
+    """Lossy: Y = X·W becomes X·(α1·B1) + X·(α2·B2), B_i ∈ {0,1} stored as UINT2 codes behind DequantizeLinear.
 
     analysis/dual_binarization.py fits the binaries and per-(block, column) scales on the layer's input Gram. A
     negative α_i is stored as scale |α_i| with zero point 1 and codes 1 − B_i, so codes stay in {0,1} and scales
-    positive. UINT4 (opset 21) is the narrowest DequantizeLinear input onnxruntime runs; the model is upgraded to it.
+    positive. ``container_bits`` 2 stores the codes as UINT2 (opset 25, the narrowest type onnxruntime dequantizes),
+    4 as UINT4 (opset 21); the model is upgraded to that opset.
     ``distill`` applies the deviation-aware row weights (DAD) to the Gram. 2-D-weight MatMul/Gemm layers only.
     """
 
@@ -41,16 +45,20 @@ class DualBinarizePass(ir.passes.InPlacePass):
         clip_search: bool = True,
         act_order: bool = True,
         distill: bool = False,
+        container_bits: int = 2,
     ):
         super().__init__()
         if (block_size is not None and block_size < 1) or iterations < 0:
             raise ValueError("block_size must be positive (or None: per channel) and iterations >= 0")
+        if container_bits not in CONTAINERS:
+            raise ValueError(f"container_bits must be one of {sorted(CONTAINERS)}, got {container_bits}")
         self.calibrator = calibrator
         self.block_size = block_size
         self.iterations = iterations
         self.clip_search = clip_search
         self.act_order = act_order
         self.distill = distill
+        self.container = CONTAINERS[container_bits]
 
     def requires(self, model: ir.Model) -> None:
         """Deviation-aware distillation weights calibration rows, so it needs calibration data."""
@@ -63,14 +71,18 @@ class DualBinarizePass(ir.passes.InPlacePass):
         if not layers:
             return ir.passes.PassResult(model, modified=False)
         with silenced("onnxscript.version_converter"):
-            if not upgrade_opset(model, INT4_OPSET, fallback=False):
-                raise ir.passes.PreconditionError(f"dual-binarize needs opset {INT4_OPSET} (UINT4 weights)")
+            dtype, opset = self.container
+            if not upgrade_opset(model, opset, fallback=False):
+                raise ir.passes.PreconditionError(
+                    f"dual-binarize needs opset {opset} for {dtype.name} codes; converting the model failed"
+                    + (" (container_bits = 4 needs opset 21)" if opset > INT4_OPSET else "")
+                )
         grams = self._grams(model, layers)
         names = NameScope(model.graph)
         for layer, gram in progress.bar(list(zip(layers, grams)), "dual binarization", unit="layer"):
             block = self.block_size or layer.weight_array.shape[layer.in_axis]
             fitted = dual_binarize(in_major(layer), gram, block, self.clip_search, self.act_order, self.iterations)
-            _split(model.graph, names, layer, fitted, self._scheme(block))
+            _split(model.graph, names, layer, fitted, self._scheme(), dtype)
         return ir.passes.PassResult(model, modified=True)
 
     def _accept(self, candidate: Candidate) -> Layer | None:
@@ -116,19 +128,21 @@ class DualBinarizePass(ir.passes.InPlacePass):
         block = self.block_size or matrix.shape[0]
         return DeviationGram(matrix, rtn_2bit(matrix, np.ones((matrix.shape[0], 1)), block, self.clip_search))
 
-    def _scheme(self, block: int) -> str:
+    def _scheme(self) -> str:
         """The decision's scheme label."""
         granularity = f"block {self.block_size}" if self.block_size else "per-channel"
-        label = f"DB-LLM dual binary W1+W1 (UINT4 codes in {{0,1}}) {granularity}"
+        label = f"DB-LLM dual binary W1+W1 ({self.container[0].name} codes in {{0,1}}) {granularity}"
         return label + (" DAD" if self.distill else "")
 
 
-def _split(graph: ir.Graph, names: NameScope, layer: Layer, fitted: DualBinary, scheme: str) -> None:
+def _split(
+    graph: ir.Graph, names: NameScope, layer: Layer, fitted: DualBinary, scheme: str, dtype: ir.DataType
+) -> None:
     """Replace the layer by its two branches (Gemm's C on the first) and an Add under the layer's output name."""
     node = layer.node
     output = node.outputs[0]
     full_output = layer_output(node).name or ""
-    branches = [_branch(graph, names, layer, fitted, index) for index in (0, 1)]
+    branches = [_branch(graph, names, layer, fitted, index, dtype) for index in (0, 1)]
     total = ir.node("Add", [b.outputs[0] for b in branches], name=names.fresh(f"{node.name}_dual_binary_sum"))
     total.meta[FLOAT_PATH_SUM_KEY] = True
     result = total.outputs[0]
@@ -153,11 +167,13 @@ def _split(graph: ir.Graph, names: NameScope, layer: Layer, fitted: DualBinary, 
         )
 
 
-def _branch(graph: ir.Graph, names: NameScope, layer: Layer, fitted: DualBinary, index: int) -> ir.Node:
+def _branch(
+    graph: ir.Graph, names: NameScope, layer: Layer, fitted: DualBinary, index: int, dtype: ir.DataType
+) -> ir.Node:
     """A copy of the layer reading DequantizeLinear(codes of B_i, |α_i|, zero point [α_i < 0]) as its weight."""
     node = layer.node
     base = f"{layer.weight.name or 'weight'}_binary{index + 1}"
-    weight = _dequantized_binary(graph, names, layer, fitted, index, base)
+    weight = _dequantized_binary(graph, names, layer, fitted, index, dtype, base)
     inputs: list[ir.Value | None] = list(node.inputs)
     inputs[layer.weight_index] = weight
     if index == 1:
@@ -173,9 +189,9 @@ def _branch(graph: ir.Graph, names: NameScope, layer: Layer, fitted: DualBinary,
 
 
 def _dequantized_binary(
-    graph: ir.Graph, names: NameScope, layer: Layer, fitted: DualBinary, index: int, base: str
+    graph: ir.Graph, names: NameScope, layer: Layer, fitted: DualBinary, index: int, dtype: ir.DataType, base: str
 ) -> ir.Value:
-    """DequantizeLinear of branch ``index``'s binary codes in the layer's weight layout (blocked along K)."""
+    """DequantizeLinear of branch ``index``'s binary codes (stored as ``dtype``) in the layer's weight layout."""
     binary, alpha = ((fitted.first, fitted.alpha1), (fitted.second, fitted.alpha2))[index]
     negative, used = alpha < 0, alpha != 0
     rows = binary.shape[0]
@@ -193,9 +209,9 @@ def _dequantized_binary(
     axis = layer.in_axis if blocked else (layer.out_axis or 0)
     attributes = {"axis": axis, **({"block_size": fitted.block} if blocked else {})}
     inputs = [
-        add_initializer(graph, names, f"{base}_codes", codes, dtype=ir.DataType.UINT4),
+        add_initializer(graph, names, f"{base}_codes", codes, dtype=dtype),
         add_initializer(graph, names, f"{base}_scale", np.ascontiguousarray(scale)),
-        add_initializer(graph, names, f"{base}_zero_point", np.ascontiguousarray(zero_point), dtype=ir.DataType.UINT4),
+        add_initializer(graph, names, f"{base}_zero_point", np.ascontiguousarray(zero_point), dtype=dtype),
     ]
     dequantize = ir.node("DequantizeLinear", inputs, attributes, name=names.fresh(f"{base}_DequantizeLinear"))
     value = dequantize.outputs[0]

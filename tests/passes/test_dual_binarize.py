@@ -74,17 +74,23 @@ def test_onnxruntime_matches_the_numpy_dual_binary_reconstruction(block, calibra
     assert ops(model).count("MatMul") == 2 and ops(model).count("Gemm") == 2 and ops(model).count("Add") == 3
 
 
-def test_the_branch_weights_are_binary_uint4_codes_behind_dequantize_linear():
+@pytest.mark.parametrize(("container_bits", "dtype", "opset"), [(2, ir.DataType.UINT2, 25), (4, ir.DataType.UINT4, 21)])
+def test_the_branch_weights_are_binary_codes_behind_dequantize_linear(container_bits, dtype, opset):
     rng = np.random.default_rng(3)
-    model, _ = layers(rng)
-    DualBinarizePass(calibrator(model, [correlated_rows(rng, 256)]))(model)
+    model, arrays = layers(rng)
+    reference = build(LAYERS, arrays)
+    DualBinarizePass(calibrator(model, [correlated_rows(rng, 256)]), container_bits=container_bits)(model)
     dequantizers = [node for node in model.graph if node.op_type == "DequantizeLinear"]
-    assert len(dequantizers) == 4 and model.graph.opset_imports[""] >= 21
+    assert len(dequantizers) == 4 and model.graph.opset_imports[""] == opset
     for node in dequantizers:
         codes, scale, zero_point = (value.const_value for value in node.inputs)
-        assert codes.dtype == zero_point.dtype == ir.DataType.UINT4
+        assert codes.dtype == zero_point.dtype == dtype
         assert set(np.unique(codes.numpy())) <= {0, 1} and set(np.unique(zero_point.numpy())) <= {0, 1}
         assert np.all(scale.numpy() > 0) and node.attributes["block_size"].as_int() == 32
+        assert len(codes.tobytes()) == codes.size * container_bits // 8
+    x = correlated_rows(rng, 16)
+    for got, exact in zip(run(model, {"x": x}, optimize=False), run(reference, {"x": x}), strict=True):
+        assert np.sum((got - exact) ** 2) < 0.5 * np.sum(exact**2)
     assert not {"w", "wt"} & set(model.graph.initializers)
     decisions = [node.meta[DECISION_KEY] for node in model.graph if DECISION_KEY in node.meta]
     assert [d.status for d in decisions] == ["quantized"] * 4
@@ -136,6 +142,11 @@ def test_deviation_aware_distillation_fits_on_the_deviation_weighted_gram():
         gram = (rows * (deviation / deviation.mean())[:, None]).T @ rows
         expected = x @ dual_binarize(matrix.astype(np.float64), gram, 32).reconstruct() + bias
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_an_unknown_container_is_refused():
+    with pytest.raises(ValueError, match="container_bits"):
+        DualBinarizePass(container_bits=1)
 
 
 def test_distillation_without_calibration_is_refused():
