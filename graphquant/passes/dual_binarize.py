@@ -67,16 +67,16 @@ class DualBinarizePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Binarize every eligible layer into two branches; record why the other candidates stay float."""
-        layers = [layer for c in list(candidates(model.graph)) if (layer := self._accept(c)) is not None]
-        if not layers:
+        if not self._layers(model):
             return ir.passes.PassResult(model, modified=False)
+        dtype, opset = self.container
         with silenced("onnxscript.version_converter"):
-            dtype, opset = self.container
             if not upgrade_opset(model, opset, fallback=False):
                 raise ir.passes.PreconditionError(
                     f"dual-binarize needs opset {opset} for {dtype.name} codes; converting the model failed"
                     + (" (container_bits = 4 needs opset 21)" if opset > INT4_OPSET else "")
                 )
+        layers = self._layers(model)  # again: the opset converter may have replaced nodes
         grams = self._grams(model, layers)
         names = NameScope(model.graph)
         for layer, gram in progress.bar(list(zip(layers, grams)), "dual binarization", unit="layer"):
@@ -84,6 +84,10 @@ class DualBinarizePass(ir.passes.InPlacePass):
             fitted = dual_binarize(in_major(layer), gram, block, self.clip_search, self.act_order, self.iterations)
             _split(model.graph, names, layer, fitted, self._scheme(), dtype)
         return ir.passes.PassResult(model, modified=True)
+
+    def _layers(self, model: ir.Model) -> list[Layer]:
+        """The layers to binarize (recording on the other candidates why they stay float)."""
+        return [layer for c in list(candidates(model.graph)) if (layer := self._accept(c)) is not None]
 
     def _accept(self, candidate: Candidate) -> Layer | None:
         """The candidate's layer if it is a single-use 2-D MatMul/Gemm weight not decided yet, else None."""
