@@ -160,3 +160,19 @@ def test_embedding_quantization_joins_any_recipe_through_the_pass_list():
     result = graphquant.optimize(reference, "outliertune", calibration=CALIB, passes=passes, show_progress=False)
     assert schemes(result)["embed"] == "embedding W8 per-row clip-searched"
     assert output_sqnr_db(reference, result.model, HELD_OUT) > 27.0  # 29.7 dB measured
+
+
+def test_the_db_llm_preset_runs_through_the_cli_and_beats_2bit_rtn(tmp_path):
+    reference = encoder(np.random.default_rng(0))
+    model_path = save_model(reference, tmp_path / "encoder.onnx")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, ids=np.concatenate([feed["ids"] for feed in CALIB]))
+    output, report = tmp_path / "encoder.db.onnx", tmp_path / "report.json"
+    argv = ["optimize", model_path, "-o", str(output), "--recipe", "db-llm", "--calib", str(calib)]
+    assert main([*argv, "--report", str(report)]) == 0
+    layers = {layer["node"]: layer["scheme"] for layer in json.loads(report.read_text())["layers"]}
+    branches = [scheme for node, scheme in layers.items() if node.startswith("fc1_")]
+    assert branches == ["DB-LLM dual binary W1+W1 (UINT2 codes in {0,1}) block 32"] * 2
+    assert layers["embed"] == "embedding W8 per-row clip-searched"
+    rtn = graphquant.optimize(reference, "weight-only", calibration=CALIB, wbits=2, gptq=False, show_progress=False)
+    assert output_sqnr_db(reference, graphquant.load(output), HELD_OUT) > output_sqnr_db(reference, rtn.model, HELD_OUT)

@@ -7,6 +7,7 @@ from onnx_ir.passes.common import ClearMetadataAndDocStringPass
 
 from graphquant.passes.bias_correct import BiasCorrectPass
 from graphquant.passes.bitmod import BitModPass
+from graphquant.passes.dual_binarize import DualBinarizePass
 from graphquant.passes.equalize_convs import EqualizeConvsPass
 from graphquant.passes.fold_batchnorm import FoldBatchNormPass
 from graphquant.passes.fold_constants import FoldConstantsPass
@@ -37,6 +38,7 @@ PASSES: dict[str, type[ir.passes.PassBase]] = {
     "fold-batchnorm": FoldBatchNormPass,
     "fold-constants": FoldConstantsPass,
     "bitmod": BitModPass,
+    "dual-binarize": DualBinarizePass,
     "equalize-convs": EqualizeConvsPass,
     "bias-correct": BiasCorrectPass,
     "nbits-accuracy": NBitsAccuracyPass,
@@ -47,6 +49,7 @@ __all__ = [
     "PASSES",
     "BiasCorrectPass",
     "BitModPass",
+    "DualBinarizePass",
     "EqualizeConvsPass",
     "FoldBatchNormPass",
     "FoldConstantsPass",
