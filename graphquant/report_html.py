@@ -8,6 +8,7 @@ import html
 import io
 import json
 import math
+import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,8 @@ WORST_LAYERS = 4
 INCHES_PER_LAYER = 0.22
 WIDTH_INCHES = 10.0
 DPI = 90
+# Characters per line of a plot title.
+TITLE_WIDTH = 110
 # The page's section ids and titles, in order (tests/test_report_html.py looks for each).
 SECTIONS = {
     "summary": "Summary",
@@ -237,8 +240,9 @@ def _channel_plot(axes: Axes, report: Report, name: str) -> None:
     axes.axhline(-limit, color="#888", linestyle="--", linewidth=0.8)
     metric = report.layer_metrics.get(name)
     sqnr = f", layer SQNR {_db(metric.sqnr_db)}" if metric is not None else ""
+    title = f"{name} (input {channels.tensor}): {int(outliers.sum())}/{low.size} outlier channels{sqnr}"
     axes.set_title(
-        f"{name} (input {channels.tensor}): {int(outliers.sum())}/{low.size} outlier channels{sqnr}",
+        "\n".join(textwrap.wrap(title, TITLE_WIDTH)),  # long node names would run off the figure
         fontsize=9,
         parse_math=False,
     )
