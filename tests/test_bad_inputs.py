@@ -377,7 +377,16 @@ def test_bad_model_file_cli(folders, capsys, caplog, problem):
     spoil, message = BAD_MODELS[problem]
     spoil(source / "model.onnx")
     before = snapshot(source.parent)
-    argv = ["optimize", "--recipe", "w8a8", str(source / "model.onnx"), "-o", str(target / "q.onnx"), "--calib", str(source / "calib.npz")]
+    argv = [
+        "optimize",
+        "--recipe",
+        "w8a8",
+        str(source / "model.onnx"),
+        "-o",
+        str(target / "q.onnx"),
+        "--calib",
+        str(source / "calib.npz"),
+    ]
     code, lines, _ = run_cli(argv, capsys)
     assert code == 1
     assert_one_error_line(lines, f"{source / 'model.onnx'}: ", message)
@@ -397,7 +406,9 @@ def test_bad_model_file_api(folders, problem):
 
 def test_missing_model_file(folders, capsys):
     source, target = folders
-    code, lines, _ = run_cli(["optimize", "--recipe", "w8a8", str(source / "absent.onnx"), "-o", str(target / "q.onnx")], capsys)
+    code, lines, _ = run_cli(
+        ["optimize", "--recipe", "w8a8", str(source / "absent.onnx"), "-o", str(target / "q.onnx")], capsys
+    )
     assert code == 1
     assert_one_error_line(lines, "absent.onnx: no such file")
     with pytest.raises(InvalidModelError, match="no such file"):
@@ -447,7 +458,16 @@ def test_bad_calibration_data_cli(folders, capsys, problem):
     make, message = BAD_FEEDS[problem]
     np.savez(source / "bad.npz", **make(np.random.default_rng(1)))
     before = snapshot(source)
-    argv = ["optimize", "--recipe", "w8a8", str(source / "model.onnx"), "-o", str(target / "q.onnx"), "--calib", str(source / "bad.npz")]
+    argv = [
+        "optimize",
+        "--recipe",
+        "w8a8",
+        str(source / "model.onnx"),
+        "-o",
+        str(target / "q.onnx"),
+        "--calib",
+        str(source / "bad.npz"),
+    ]
     code, lines, _ = run_cli(argv, capsys)
     assert code == 1
     assert_one_error_line(lines, f"{source / 'bad.npz'}: ", message)
@@ -474,7 +494,16 @@ def test_bad_calibration_source_cli(folders, capsys):
         ("calib.csv", "must be an .npz file"),
         ("calib.txt", "a text file needs a tokenizer to calibrate from (--tokenizer DIR)"),
     ):
-        argv = ["optimize", "--recipe", "w8a8", str(source / "model.onnx"), "-o", str(target / "q.onnx"), "--calib", str(source / calib)]
+        argv = [
+            "optimize",
+            "--recipe",
+            "w8a8",
+            str(source / "model.onnx"),
+            "-o",
+            str(target / "q.onnx"),
+            "--calib",
+            str(source / calib),
+        ]
         code, lines, _ = run_cli(argv, capsys)
         assert code == 1
         assert_one_error_line(lines, message)
@@ -556,7 +585,16 @@ def test_bad_npz_file_cli(folders, capsys, problem):
     write, message = BAD_NPZ[problem]
     write(source / "bad.npz")
     before = snapshot(source)
-    argv = ["optimize", "--recipe", "w8a8", str(source / "model.onnx"), "-o", str(target / "q.onnx"), "--calib", str(source / "bad.npz")]
+    argv = [
+        "optimize",
+        "--recipe",
+        "w8a8",
+        str(source / "model.onnx"),
+        "-o",
+        str(target / "q.onnx"),
+        "--calib",
+        str(source / "bad.npz"),
+    ]
     code, lines, _ = run_cli(argv, capsys)
     assert code == 1
     assert_one_error_line(lines, f"{source / 'bad.npz'}: ", message)
@@ -674,7 +712,16 @@ def test_bad_test_data_folder_cli(folders, capsys, monkeypatch, problem):
     data = make(source / "data")
     before = snapshot(source.parent)
     monkeypatch.chdir(source.parent)  # a location relative to the working directory must not resolve either
-    argv = ["optimize", "--recipe", "w8a8", str(source / "model.onnx"), "-o", str(target / "q.onnx"), "--calib", str(data)]
+    argv = [
+        "optimize",
+        "--recipe",
+        "w8a8",
+        str(source / "model.onnx"),
+        "-o",
+        str(target / "q.onnx"),
+        "--calib",
+        str(data),
+    ]
     code, lines, _ = run_cli(argv, capsys)
     assert code == 1
     assert_one_error_line(lines, str(data / "test_data_set_0"), message)
@@ -770,7 +817,9 @@ def test_output_equal_to_input_is_refused(folders, capsys):
     before = snapshot(source)
     model = str(source / "model.onnx")
     for same in (model, str(source / "." / "model.onnx")):
-        code, lines, _ = run_cli(["optimize", "--recipe", "w8a8", model, "-o", same, "--calib", str(source / "calib.npz")], capsys)
+        code, lines, _ = run_cli(
+            ["optimize", "--recipe", "w8a8", model, "-o", same, "--calib", str(source / "calib.npz")], capsys
+        )
         assert code == 1
         assert_one_error_line(lines, "--overwrite")
     assert snapshot(source) == before
@@ -785,7 +834,18 @@ def test_overwrite_replaces_the_input_and_leaves_nothing_else(folders, capsys):
     model = source / "model.onnx"
     before = model.read_bytes()
     code, _, _ = run_cli(
-        ["optimize", "--recipe", "w8a8", str(model), "-o", str(model), "--calib", str(source / "calib.npz"), "--overwrite"], capsys
+        [
+            "optimize",
+            "--recipe",
+            "w8a8",
+            str(model),
+            "-o",
+            str(model),
+            "--calib",
+            str(source / "calib.npz"),
+            "--overwrite",
+        ],
+        capsys,
     )
     assert code == 0
     assert model.read_bytes() != before
@@ -835,7 +895,16 @@ def test_unwritable_output_cli(folders, capsys, monkeypatch, problem):
     make, message = BAD_OUTPUTS[problem]
     output = make(target, monkeypatch)
     before = snapshot(target)
-    argv = ["optimize", "--recipe", "w8a8", str(source / "model.onnx"), "-o", str(output), "--calib", str(source / "calib.npz")]
+    argv = [
+        "optimize",
+        "--recipe",
+        "w8a8",
+        str(source / "model.onnx"),
+        "-o",
+        str(output),
+        "--calib",
+        str(source / "calib.npz"),
+    ]
     code, lines, _ = run_cli(argv, capsys)
     target.chmod(0o700)
     assert code == 1
@@ -881,7 +950,16 @@ def test_failed_save_leaves_no_partial_file_cli(folders, capsys, monkeypatch, pr
     error, exit_code, message = INTERRUPTIONS[problem]
     monkeypatch.setattr(graphquant.api.ir, "save", fail_while_writing(error))
     before = snapshot(source)
-    argv = ["optimize", "--recipe", "w8a8", str(source / "model.onnx"), "-o", str(target / "q.onnx"), "--calib", str(source / "calib.npz")]
+    argv = [
+        "optimize",
+        "--recipe",
+        "w8a8",
+        str(source / "model.onnx"),
+        "-o",
+        str(target / "q.onnx"),
+        "--calib",
+        str(source / "calib.npz"),
+    ]
     code, lines, _ = run_cli(argv, capsys)
     assert code == exit_code
     assert_one_error_line(lines, message)

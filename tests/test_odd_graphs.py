@@ -134,7 +134,9 @@ def test_ir3_model_listing_initializers_as_inputs(tmp_path, capsys, opset):
     before = source.read_bytes()
     np.savez(tmp_path / "calib.npz", x=gaussian((32, 16)))
     output = tmp_path / "q.onnx"
-    code = main(["optimize", "--recipe", "w8a8", str(source), "-o", str(output), "--calib", str(tmp_path / "calib.npz")])
+    code = main(
+        ["optimize", "--recipe", "w8a8", str(source), "-o", str(output), "--calib", str(tmp_path / "calib.npz")]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "layers quantized: 2" in captured.out
@@ -205,7 +207,16 @@ def test_unknown_domain_op_is_refused_in_one_line(tmp_path, capsys):
     source = unknown_domain_file(tmp_path)
     np.savez(tmp_path / "calib.npz", x=gaussian((16, 16)))
     (tmp_path / "out").mkdir()
-    argv = ["optimize", "--recipe", "w8a8", str(source), "-o", str(tmp_path / "out" / "q.onnx"), "--calib", str(tmp_path / "calib.npz")]
+    argv = [
+        "optimize",
+        "--recipe",
+        "w8a8",
+        str(source),
+        "-o",
+        str(tmp_path / "out" / "q.onnx"),
+        "--calib",
+        str(tmp_path / "calib.npz"),
+    ]
     assert main(argv) == 1
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert line.startswith("graphquant: error: onnxruntime cannot load the model") and "FancyActivation" in line
@@ -389,7 +400,10 @@ def test_nothing_to_quantize_exits_0_writes_the_model_and_says_so(tmp_path, caps
     source = Path(save_model(relu_only(), tmp_path / "relu.onnx"))
     np.savez(tmp_path / "calib.npz", x=gaussian((8, 4)))
     output = tmp_path / "out.onnx"
-    assert main(["optimize", "--recipe", "w8a8", str(source), "-o", str(output), "--calib", str(tmp_path / "calib.npz")]) == 0
+    assert (
+        main(["optimize", "--recipe", "w8a8", str(source), "-o", str(output), "--calib", str(tmp_path / "calib.npz")])
+        == 0
+    )
     captured = capsys.readouterr()
     assert [line for line in captured.out.splitlines() if "nothing to quantize" in line] == [
         "note: nothing to quantize: the model was written unchanged apart from clean-ups"
