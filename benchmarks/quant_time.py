@@ -176,6 +176,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--presets", default="w8a8,outliertune,auto")
     parser.add_argument("--calib-seqs", type=int, default=0, help="MiniLM sentences / SmolLM2 windows (0: default)")
     parser.add_argument("--no-ort", action="store_true", help="skip onnxruntime's quantizers")
+    parser.add_argument(
+        "--ort", default="dynamic,static", help="onnxruntime quantizers to time (static takes ~19 min on SmolLM2)"
+    )
     parser.add_argument("--eval-seqs", type=int, default=8, help="SmolLM2 evaluation windows for the perplexity")
     parser.add_argument("--profile", type=Path, help="write a cProfile dump per graphquant row here")
     parser.add_argument("--baseline", type=Path, help="another graphquant checkout, timed in alternation with this one")
@@ -200,7 +203,9 @@ def main() -> None:
         reference = "quantize_dynamic" if name == "smollm2" else "quantize_static"
         rows = []
         if not args.no_ort:
-            rows += [timed(f"{name}: {label}", build, out, None) for label, build in ort_builders(fp32, calib).items()]
+            chosen = {f"ORT quantize_{kind.strip()}" for kind in args.ort.split(",")}
+            builders = {label: build for label, build in ort_builders(fp32, calib).items() if label in chosen}
+            rows += [timed(f"{name}: {label}", build, out, None) for label, build in builders.items()]
         for preset in [p for p in args.presets.split(",") if p]:
             if args.baseline is not None:
                 this = Path(__file__).resolve().parents[1]
