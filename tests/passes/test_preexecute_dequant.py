@@ -30,6 +30,8 @@ from graphquant import rewrites
 from graphquant.analysis.calibration import Calibrator
 from graphquant.lowering import TARGETS
 from graphquant.lowering.qdq import QdqLoweringPass
+from graphquant.analysis.simulate import GroupSimulator
+from graphquant.passes import preexecute_dequant
 from graphquant.passes.preexecute_dequant import MIGRATED_KEY, PreexecuteDequantPass
 from graphquant.passes.quantize import QuantizePass
 from graphquant.passes.symmetrize import SHIFT_KEY, SymmetrizePass
@@ -389,3 +391,37 @@ def test_a_gemm_with_a_bias_input_keeps_static_steps_and_its_outputs():
     # Gemm adds C inside the op, where a per-row factor on its output would scale it too.
     assert not any(rewrites.ROW_SCALE_KEY in node.meta for node in model.graph)
     assert_same_outputs(reference, model, HELD_OUT)
+
+
+def scheme_notes(model: ir.Model) -> dict[str, str]:
+    """Each annotated layer's scheme note (the chosen candidate and its SQNR)."""
+    return {node.name or "": node.meta[SCHEME_NOTE_KEY] for node in model.graph if SCHEME_NOTE_KEY in node.meta}
+
+
+@pytest.mark.parametrize("options", [{}, {"row_scales_below_db": 100.0, "float_channels": 2, "max_float_fraction": 0.5}])
+def test_the_screened_search_chooses_what_scoring_every_candidate_on_every_row_chooses(monkeypatch, options):
+    model = ln_qkv(np.random.default_rng(36))
+    feeds = outlier_feeds(37)
+    screened = model.clone()
+    PreexecuteDequantPass(calibrator(screened, feeds), **options)(screened)
+    monkeypatch.setattr(preexecute_dequant, "SCREEN_KEPT", 10**9)
+    PreexecuteDequantPass(calibrator(model, feeds), **options)(model)
+    assert scheme_notes(screened) == scheme_notes(model) and len(scheme_notes(model)) == 3
+
+
+def test_only_the_screen_survivors_are_scored_on_every_sampled_row(monkeypatch):
+    model = ln_qkv(np.random.default_rng(38))
+    rows_scored: list[int] = []
+    original = GroupSimulator.sqnr_db
+
+    def counting(self, *args, **kwargs):
+        rows_scored.append(len(self.rows))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GroupSimulator, "sqnr_db", counting)
+    PreexecuteDequantPass(calibrator(model, outlier_feeds(39)), float_route_below_db=0.0)(model)
+    full = max(rows_scored)
+    # outliertune's nine static candidates, each on every fourth row; then the best three on all of them.
+    assert rows_scored.count(full) == preexecute_dequant.SCREEN_KEPT == 3
+    assert sorted(set(rows_scored)) == [-(-full // preexecute_dequant.SCREEN_STRIDE), full]
+    assert len(rows_scored) == 9 + 3
