@@ -71,17 +71,18 @@ class TensorComparison:
         # Float64 sums over cache-sized float64 copies: no full-size float64 temporaries of a 49152-wide logits tensor.
         for start in range(0, ref.size, COMPARED_CHUNK):
             chunk = slice(start, start + COMPARED_CHUNK)
-            self._update_chunk(ref[chunk].astype(np.float64), cand[chunk].astype(np.float64), rtol, atol)
+            self._update_chunk(ref[chunk], cand[chunk], rtol, atol)
         if self.nonfinite:
             self.worst_tolerance_excess = math.inf
 
     def _update_chunk(self, ref: np.ndarray, cand: np.ndarray, rtol: float, atol: float) -> None:
-        """Fold one flat float64 slice in."""
-        finite_ref, finite_cand = np.isfinite(ref), np.isfinite(cand)
-        if not (finite_ref.all() and finite_cand.all()):
+        """Fold one flat slice in, summed in float64 (its two copies are also the work buffers)."""
+        if not (np.isfinite(ref).all() and np.isfinite(cand).all()):
+            finite_ref, finite_cand = np.isfinite(ref), np.isfinite(cand)
             self.nonfinite += int(np.count_nonzero(finite_ref & ~finite_cand))
             finite = finite_ref & finite_cand
             ref, cand = ref[finite], cand[finite]
+        ref, cand = ref.astype(np.float64), cand.astype(np.float64)
         error = np.subtract(ref, cand)
         self.dot += float(np.einsum("i,i->", ref, cand))
         self.reference_energy += float(np.einsum("i,i->", ref, ref))
@@ -90,8 +91,12 @@ class TensorComparison:
         if error.size:
             np.abs(error, out=error)
             self.max_abs_error = max(self.max_abs_error, float(error.max()))
-            excess = float(np.max(error - atol - rtol * np.abs(ref)))
-            self.worst_tolerance_excess = max(self.worst_tolerance_excess, excess)
+            # (|error| - atol) - rtol·|ref|, in place
+            np.subtract(error, atol, out=error)
+            np.abs(ref, out=ref)
+            np.multiply(ref, rtol, out=ref)
+            np.subtract(error, ref, out=error)
+            self.worst_tolerance_excess = max(self.worst_tolerance_excess, float(error.max()))
 
     @property
     def cosine(self) -> float:
