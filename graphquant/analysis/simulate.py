@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -39,16 +40,32 @@ class GroupSimulator:
         # float32 GEMMs: twice the speed of float64, and the SQNR needs no more than float32's 7 digits.
         self.rows = np.ascontiguousarray(rows, dtype=np.float32)
         self.weights: list[np.ndarray] = []
+        self.biases: list[np.ndarray] = []
         self.products: list[np.ndarray] = []  # X·W; the float output is X·W + b
-        self.signals: list[np.ndarray] = []
         self._float_paths: dict[bytes, list[np.ndarray]] = {}
         for layer in layers:
             weight = weight_matrix(layer)
             columns = scored_columns(weight.shape[1], max_columns)
             self.weights.append(np.ascontiguousarray(weight[:, columns], dtype=np.float32))
+            self.biases.append(layer_bias(layer)[columns].astype(np.float32))
             self.products.append(self.rows @ self.weights[-1])
-            reference = self.products[-1] + layer_bias(layer)[columns].astype(np.float32)
-            self.signals.append(np.maximum(np.sum(np.square(reference, dtype=np.float64), axis=0), 1e-30))
+        self.signals = self._signals()
+
+    def every(self, stride: int) -> GroupSimulator:
+        """This simulator on every ``stride``-th row: the same weights, the products sliced (no GEMM)."""
+        subset = copy.copy(self)
+        subset.rows = np.ascontiguousarray(self.rows[::stride])
+        subset.products = [np.ascontiguousarray(product[::stride]) for product in self.products]
+        subset.signals = subset._signals()
+        subset._float_paths = {}
+        return subset
+
+    def _signals(self) -> list[np.ndarray]:
+        """Each layer's per-column energy of the float output X·W + b (the SQNR's signal)."""
+        return [
+            np.maximum(np.sum(np.square(product + bias, dtype=np.float64), axis=0), 1e-30)
+            for product, bias in zip(self.products, self.biases)
+        ]
 
     def sqnr_db(
         self,

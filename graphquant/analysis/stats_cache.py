@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -27,6 +28,7 @@ class CachingCalibrator(Calibrator):
     def __init__(self, *args: object, **kwargs: object):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._cache: dict[tuple[str, str], TensorStats | None] = {}
+        self._tensor_digests = TensorDigests()
         self.runs = 0
         self.hits = 0
         self._batches = 0
@@ -44,7 +46,7 @@ class CachingCalibrator(Calibrator):
         An ``observe`` callback needs every batch, so it makes the run calibrate all the named tensors afresh.
         """
         names = sorted(set(tensor_names))
-        keys = value_digests(model.graph, names)
+        keys = value_digests(model.graph, names, self._tensor_digests)
         usable = observe is None
         missing = [name for name in names if not (usable and self._usable(keys[name], sample_rows, name in gram_names))]
         self.hits += len(names) - len(missing)
@@ -76,19 +78,42 @@ class CachingCalibrator(Calibrator):
         return (not sample_rows or cached.sample_limit == sample_rows) and (not gram or cached.gram is not None)
 
 
-def value_digests(graph: ir.Graph, names: Sequence[str]) -> dict[str, tuple[str, str]]:
+class TensorDigests:
+    """Digests of stored tensors, each computed once while the tensor lives (onnx_ir tensors are immutable)."""
+
+    def __init__(self) -> None:
+        self._known: dict[int, tuple[weakref.ref[ir.TensorProtocol], str]] = {}
+
+    def __call__(self, tensor: ir.TensorProtocol) -> str:
+        """The digest of the tensor's dtype, shape and bytes."""
+        key = id(tensor)
+        known = self._known.get(key)
+        if known is not None and known[0]() is tensor:
+            return known[1]
+        digest = _tensor_digest(tensor)
+        try:
+            alive = weakref.ref(tensor, lambda _, key=key: self._known.pop(key, None))
+        except TypeError:  # a tensor class without weak references: digested at every use
+            return digest
+        self._known[key] = (alive, digest)
+        return digest
+
+
+def value_digests(
+    graph: ir.Graph, names: Sequence[str], tensors: TensorDigests | None = None
+) -> dict[str, tuple[str, str]]:
     """(name, digest of the producer cone) of each named value of the graph; unknown names get a unique key."""
     values = {value.name: value for value in graph.inputs}
     values.update((output.name, output) for node in graph for output in node.outputs)
     values.update(graph.initializers)
     memo: dict[int, str] = {}
-    tensors: dict[int, str] = {}
+    digests = tensors if tensors is not None else TensorDigests()
     return {
-        name: (name, _digest(values[name], memo, tensors) if name in values else uuid.uuid4().hex) for name in names
+        name: (name, _digest(values[name], memo, digests) if name in values else uuid.uuid4().hex) for name in names
     }
 
 
-def _digest(value: ir.Value, memo: dict[int, str], tensors: dict[int, str]) -> str:
+def _digest(value: ir.Value, memo: dict[int, str], tensors: TensorDigests) -> str:
     """The digest of one value, its producers first (an explicit stack: graphs are deeper than Python's recursion)."""
     stack = [value]
     while stack:
@@ -106,12 +131,12 @@ def _digest(value: ir.Value, memo: dict[int, str], tensors: dict[int, str]) -> s
     return memo[id(value)]
 
 
-def _value_digest(value: ir.Value, producer: ir.Node | None, memo: dict[int, str], tensors: dict[int, str]) -> str:
+def _value_digest(value: ir.Value, producer: ir.Node | None, memo: dict[int, str], tensors: TensorDigests) -> str:
     """A value's digest from its producer's op, attributes and input digests, or from its stored tensor or input."""
     hasher = hashlib.blake2b(digest_size=16)
     if producer is None:
         if value.const_value is not None:
-            hasher.update(b"tensor" + _tensor_digest(value.const_value, tensors).encode())
+            hasher.update(b"tensor" + tensors(value.const_value).encode())
         else:
             hasher.update(f"input {value.name} {value.dtype} {value.shape}".encode())
         return hasher.hexdigest()
@@ -123,21 +148,19 @@ def _value_digest(value: ir.Value, producer: ir.Node | None, memo: dict[int, str
     return hasher.hexdigest()
 
 
-def _attribute_text(attribute: ir.Attr, tensors: dict[int, str]) -> str:
+def _attribute_text(attribute: ir.Attr, tensors: TensorDigests) -> str:
     """An attribute as text; a tensor by its digest; a subgraph by a fresh token (never matched: no reuse there)."""
     if attribute.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
         return uuid.uuid4().hex
     if attribute.type == ir.AttributeType.TENSOR:
-        return _tensor_digest(attribute.value, tensors)
+        return tensors(attribute.value)
     return repr(attribute.value)
 
 
-def _tensor_digest(tensor: ir.TensorProtocol, tensors: dict[int, str]) -> str:
+def _tensor_digest(tensor: ir.TensorProtocol) -> str:
     """The digest of a stored tensor's dtype, shape and bytes (read without a copy where they are contiguous)."""
-    if id(tensor) not in tensors:
-        hasher = hashlib.blake2b(digest_size=16)
-        hasher.update(f"{tensor.dtype} {tensor.shape}".encode())
-        array = np.ascontiguousarray(tensor.numpy())
-        hasher.update(repr(array.tolist()).encode() if array.dtype == object else array.reshape(-1).view(np.uint8))
-        tensors[id(tensor)] = hasher.hexdigest()
-    return tensors[id(tensor)]
+    hasher = hashlib.blake2b(digest_size=16)
+    hasher.update(f"{tensor.dtype} {tensor.shape}".encode())
+    array = np.ascontiguousarray(tensor.numpy())
+    hasher.update(repr(array.tolist()).encode() if array.dtype == object else array.reshape(-1).view(np.uint8))
+    return hasher.hexdigest()

@@ -61,7 +61,8 @@ class Screened:
     @classmethod
     def of(cls, rows: np.ndarray, layers: Sequence[Layer]) -> Screened:
         """Both simulators of a group; the screen takes every SCREEN_STRIDE-th row (the sample is evenly spaced)."""
-        return cls(GroupSimulator(rows, layers), GroupSimulator(rows[::SCREEN_STRIDE], layers))
+        full = GroupSimulator(rows, layers)
+        return cls(full, full.every(SCREEN_STRIDE))
 
 
 class PreexecuteDequantPass(CalibratedGroupPass):

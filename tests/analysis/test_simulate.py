@@ -312,3 +312,17 @@ def test_simulated_per_row_sqnr_matches_run_time_row_scales_in_onnxruntime():
     measured = channel_averaged_sqnr_db(run(model, {"x": rows}), run(candidate, {"x": rows}))
     assert simulated == pytest.approx(measured, abs=0.2)
     assert simulated > GroupSimulator(rows, layers).sqnr_db(divisor, 8, 8) + 6  # per tensor, the tokens set the step
+
+
+def test_a_strided_simulator_scores_as_one_built_on_those_rows():
+    rng = np.random.default_rng(5)
+    model = build(WIDE, {"w": weights(rng, 16, 300)})
+    rows, layers = outlier_rows(rng), layers_of(model)
+    strided, built = GroupSimulator(rows, layers).every(4), GroupSimulator(rows[::4], layers)
+    assert strided.rows.shape == built.rows.shape == (-(-len(rows) // 4), 16)
+    routed = np.array([0, 3])
+    for divisor in (np.ones(16), np.sqrt(np.abs(rows).max(axis=0))):
+        for options in ({}, {"per_row": True}, {"float_channels": routed}):
+            assert strided.sqnr_db(divisor, 8, 8, **options) == pytest.approx(
+                built.sqnr_db(divisor, 8, 8, **options), abs=1e-4
+            )

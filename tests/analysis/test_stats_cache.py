@@ -8,6 +8,7 @@ import pytest
 
 from builders import build, weights
 from graphquant.analysis.calibration import Calibrator
+from graphquant.analysis import stats_cache
 from graphquant.analysis.stats_cache import CachingCalibrator, value_digests
 
 GRAPH = """
@@ -109,3 +110,16 @@ def test_an_observer_sees_every_batch_even_when_the_statistics_are_cached(model,
     for (_, batch), feed in zip(seen, data):
         w1 = model.graph.initializers["w1"].const_value.numpy()
         np.testing.assert_allclose(batch, np.maximum(feed["x"] @ w1, 0), rtol=1e-5, atol=1e-6)
+
+
+def test_each_stored_tensor_is_read_once_while_it_lives(model, data, monkeypatch):
+    read: list[str] = []
+    original = stats_cache._tensor_digest
+    monkeypatch.setattr(stats_cache, "_tensor_digest", lambda tensor: read.append(tensor.name) or original(tensor))
+    calibrator = CachingCalibrator.for_model(model, data, False)
+    calibrator.collect(model, NAMES)
+    calibrator.collect(model, NAMES)
+    assert sorted(read) == ["w1", "w2", "w3"]
+    replace_initializer(model, "w2", np.full((4, 4), 3.0, np.float32))  # the old w2 tensor is dropped
+    calibrator.collect(model, NAMES)
+    assert sorted(read) == ["w1", "w2", "w2", "w3"] and calibrator.runs == 2
