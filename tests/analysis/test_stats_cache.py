@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-
 from builders import build, weights
-from graphquant.analysis.calibration import Calibrator
+
 from graphquant.analysis import stats_cache
+from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.stats_cache import CachingCalibrator, value_digests
 
 GRAPH = """

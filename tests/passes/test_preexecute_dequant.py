@@ -28,9 +28,9 @@ from builders import (
 
 from graphquant import rewrites
 from graphquant.analysis.calibration import Calibrator
+from graphquant.analysis.simulate import GroupSimulator
 from graphquant.lowering import TARGETS
 from graphquant.lowering.qdq import QdqLoweringPass
-from graphquant.analysis.simulate import GroupSimulator
 from graphquant.passes import preexecute_dequant
 from graphquant.passes.preexecute_dequant import MIGRATED_KEY, PreexecuteDequantPass
 from graphquant.passes.quantize import QuantizePass
@@ -398,7 +398,9 @@ def scheme_notes(model: ir.Model) -> dict[str, str]:
     return {node.name or "": node.meta[SCHEME_NOTE_KEY] for node in model.graph if SCHEME_NOTE_KEY in node.meta}
 
 
-@pytest.mark.parametrize("options", [{}, {"row_scales_below_db": 100.0, "float_channels": 2, "max_float_fraction": 0.5}])
+@pytest.mark.parametrize(
+    "options", [{}, {"row_scales_below_db": 100.0, "float_channels": 2, "max_float_fraction": 0.5}]
+)
 def test_the_screened_search_chooses_what_scoring_every_candidate_on_every_row_chooses(monkeypatch, options):
     model = ln_qkv(np.random.default_rng(36))
     feeds = outlier_feeds(37)
