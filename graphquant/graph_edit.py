@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import mmap
 
 import numpy as np
 import onnx_ir as ir
@@ -61,7 +62,13 @@ def remove_if_unused(graph: ir.Graph, value: ir.Value) -> bool:
 
 
 def release_mapping(tensor: ir.TensorProtocol | None) -> None:
-    """Unmap an external tensor's file unless a numpy view of it is still alive; other tensors are left alone."""
+    """Drop an external tensor's resident pages and unmap its file unless a numpy view of it is still alive.
+
+    Other tensors are left alone. The mapping is read-only, so a view that is still alive reads the same bytes
+    again from the file (the page cache) if it is used.
+    """
     if isinstance(tensor, ir.ExternalTensor):
+        if tensor.raw is not None and not tensor.raw.closed:
+            tensor.raw.madvise(mmap.MADV_DONTNEED)
         with contextlib.suppress(BufferError):
             tensor.release()

@@ -174,6 +174,7 @@ def compare_models(
                 comparisons[label].update(
                     expected[probe.reference], probe.dequantize(actual[probe.candidate]), rtol, atol
                 )
+            del expected, actual  # before the next feed runs
     return comparisons
 
 
@@ -196,11 +197,12 @@ def _onnxruntime_runs(
     with contextlib.ExitStack() as stack:
         recording = recorded_runs(reference, wanted[0], reference_feeds, parked=candidate)
         runs = _enter(stack, recording, labels[0], ReferenceLoadError)
-        candidate_session = _enter(stack, open_session(candidate, wanted[1]), labels[1], InvalidModelError)
+        candidate_session = _enter(stack, open_session(candidate, wanted[1], park=True), labels[1], InvalidModelError)
         yield (
             (dict(zip(wanted[0], recorded)), _run(candidate_session, wanted[1], feed, labels[1]))
             for feed, recorded in progress.bar(runs, "validation: candidate", total=reference_feeds.n, unit="batch")
         )
+        del candidate_session  # before open_session reads the parked weights back
 
 
 @contextlib.contextmanager

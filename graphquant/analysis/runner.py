@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import gc
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -31,6 +32,8 @@ SHARED_INITIALIZER_BYTES = 1024
 # The placeholder file the shared initializers point at; onnxruntime takes their data from the session options.
 SHARED_LOCATION = "shared-initializers.bin"
 # The file a model's weights wait in while another model runs (parked_weights).
+# Models with fewer initializer bytes keep their weights in memory while their own session holds a copy (park).
+PARKED_MODEL_BYTES = 64 << 20
 PARKED_LOCATION = "parked-weights.bin"
 # The file a recorded run's feeds and outputs wait in (recorded_runs).
 RECORDED_LOCATION = "recorded-outputs.npy"
@@ -110,16 +113,20 @@ def load_session(source: str | os.PathLike[str] | bytes, options: ort.SessionOpt
 
 @contextlib.contextmanager
 def open_session(
-    model: ir.Model, extra_outputs: Sequence[str] = (), share: bool | None = None
+    model: ir.Model, extra_outputs: Sequence[str] = (), share: bool | None = None, park: bool = False
 ) -> Iterator[ort.InferenceSession]:
     """An onnxruntime CPU session on the model, with extra named tensors appended to its outputs.
 
     For models over SHARED_MODEL_BYTES or with external data, the initializers reach onnxruntime as shared buffers
     (zero copy; memory-mapped ones stay mapped), so the session holds no second copy of the weights. The proto
     written for it names them as external data in a sparse placeholder file that onnxruntime never reads. ``share``
-    overrides that choice (a copy of a model runs as its original did: analysis/distributed.py's workers).
+    overrides that choice (a copy of a model runs as its original did: analysis/distributed.py's workers). With
+    ``park``, a session that holds its own copy of a model over PARKED_MODEL_BYTES has the model's in-memory weights
+    wait in a file while it is open (see parked_weights); the caller must not change them meanwhile.
     """
     _map_large_allocations()
+    # Weights a pass replaced can wait in reference cycles (graph objects) until a full collection frees them.
+    gc.collect()
     output_names = {value.name for value in model.graph.outputs}
     large = shares_weights(model) if share is None else share
     shared = _shared_initializers(model) if large else {}
@@ -136,20 +143,23 @@ def open_session(
     buffers = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(tensor.numpy())) for tensor in shared.values()]
     for name, buffer in zip(shared, buffers):
         options.add_initializer(name, buffer)
-    try:
-        with scratch_folder() as scratch:
-            with open(scratch / SHARED_LOCATION, "wb") as placeholder:
-                placeholder.truncate(max((tensor.nbytes for tensor in shared.values()), default=0))
-            onnx.save(proto, scratch / "model.onnx")
-            proto = None  # before onnxruntime reads its own copy of the weights
+    with contextlib.ExitStack() as parking:  # closed last: parked weights come back once the session is gone
+        try:
+            with scratch_folder() as scratch:
+                with open(scratch / SHARED_LOCATION, "wb") as placeholder:
+                    placeholder.truncate(max((tensor.nbytes for tensor in shared.values()), default=0))
+                onnx.save(proto, scratch / "model.onnx")
+                proto = None  # before onnxruntime reads its own copy of the weights
+                release_mappings(model)
+                session = load_session(str(scratch / "model.onnx"), options)
+            if park and not shared and initializer_bytes(model) > PARKED_MODEL_BYTES:
+                parking.enter_context(_parked(_in_memory_weights(model), parking.enter_context(scratch_folder())))
+            yield session
+        finally:
+            # The mappings can only close once nothing holds the buffers: callers drop the session first.
+            session = options = buffers = proto = None
             release_mappings(model)
-            session = load_session(str(scratch / "model.onnx"), options)
-        yield session
-    finally:
-        # The mappings can only close once nothing holds the buffers: callers drop the session first.
-        session = options = buffers = proto = None
-        release_mappings(model)
-        _return_freed_memory()
+            _return_freed_memory()
 
 
 def run_views(session: ort.InferenceSession, names: Sequence[str], feed: Feed) -> list[np.ndarray]:
@@ -199,19 +209,30 @@ def parked_weights(model: ir.Model | None, running: ir.Model, folder: Path) -> I
         yield
         return
     shared = {id(value.const_value) for value in running.graph.initializers.values()}
-    values = [
+    with _parked([v for v in _in_memory_weights(model) if id(v.const_value) not in shared], folder):
+        yield
+
+
+def _in_memory_weights(model: ir.Model) -> list[ir.Value]:
+    """The initializers whose numeric full-byte values of SHARED_INITIALIZER_BYTES or more are held in memory."""
+    return [
         value
         for value in model.graph.initializers.values()
         if value.const_value is not None
         and not isinstance(value.const_value, ir.ExternalTensor)
         and value.const_value.dtype in SHAREABLE_DTYPES
-        and id(value.const_value) not in shared
         and value.const_value.nbytes >= SHARED_INITIALIZER_BYTES
     ]
+
+
+@contextlib.contextmanager
+def _parked(values: list[ir.Value], folder: Path) -> Iterator[None]:
+    """The values' tensors written to ``folder`` and memory-mapped for a while, then read back into memory."""
     path = folder / PARKED_LOCATION
     with open(path, "wb") as store:
         for value in values:
-            value.const_value = _parked(store, value.const_value, folder)
+            assert value.const_value is not None
+            value.const_value = _parked_tensor(store, value.const_value, folder)
     try:
         yield
     finally:
@@ -219,7 +240,7 @@ def parked_weights(model: ir.Model | None, running: ir.Model, folder: Path) -> I
             value.const_value = _unparked(value.const_value)
 
 
-def _parked(store: BinaryIO, tensor: ir.TensorProtocol, folder: Path) -> ir.ExternalTensor:
+def _parked_tensor(store: BinaryIO, tensor: ir.TensorProtocol, folder: Path) -> ir.ExternalTensor:
     """Append the tensor's bytes to the store and return a mapped tensor that reads them back."""
     offset = store.tell()
     store.write(tensor.tobytes())
