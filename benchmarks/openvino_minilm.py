@@ -10,6 +10,7 @@ from interleaved rounds. NNCF quantizes the ONNX model and the OpenVINO-native o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -25,19 +26,47 @@ Feed = dict[str, np.ndarray]
 THREADS = 2
 # graphquant's OpenVINO form: the embedding table int8 and the attention matmuls (Q·Kᵀ, softmax·V) in int8.
 OPENVINO_PASSES = ("quantize-embeddings", "quantize-attention")
-# (label, preset, extra passes, options)
-GRAPHQUANT: list[tuple[str, str, tuple[str, ...], dict[str, Any]]] = [
-    ("graphquant outliertune (qdq)", "outliertune", (), {}),
-    ("graphquant outliertune + openvino form", "outliertune", OPENVINO_PASSES, {}),
-    (
+# fc2 of every block: its input is GELU's output (min -0.17), where a signed grid wastes half its codes.
+FC2 = "*/output/dense/MatMul"
+ASYMMETRIC = {"activation_symmetric": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A graphquant row: a preset, passes added to it, options set on its passes, per-node overrides."""
+
+    label: str
+    preset: str
+    extra: tuple[str, ...] = ()
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    overrides: tuple[tuple[str, dict[str, Any]], ...] = ()
+
+
+GRAPHQUANT = [
+    Variant("graphquant outliertune (qdq)", "outliertune"),
+    Variant("graphquant outliertune + openvino form", "outliertune", OPENVINO_PASSES),
+    Variant(
         "graphquant outliertune, no float channels, + openvino form",
         "outliertune",
         OPENVINO_PASSES,
         {"float_channels": 0},
     ),
-    ("graphquant smoothquant + openvino form", "smoothquant", OPENVINO_PASSES, {}),
-    ("graphquant os-plus + openvino form", "os-plus", OPENVINO_PASSES, {}),
-    ("graphquant openvino-w8a8 preset", "openvino-w8a8", (), {}),
+    Variant("graphquant smoothquant + openvino form", "smoothquant", OPENVINO_PASSES),
+    Variant("graphquant os-plus + openvino form", "os-plus", OPENVINO_PASSES),
+    Variant(
+        "graphquant os-plus + openvino form, asymmetric fc2 inputs",
+        "os-plus",
+        OPENVINO_PASSES,
+        overrides=((FC2, ASYMMETRIC),),
+    ),
+    Variant("graphquant os-plus + openvino form, asymmetric activations", "os-plus", OPENVINO_PASSES, ASYMMETRIC),
+    Variant(
+        "graphquant outliertune, no float channels, + openvino form, asymmetric activations",
+        "outliertune",
+        OPENVINO_PASSES,
+        {"float_channels": 0, **ASYMMETRIC},
+    ),
+    Variant("graphquant openvino-w8a8 preset", "openvino-w8a8"),
 ]
 FP32 = "FP32 (OpenVINO, its defaults)"
 NNCF_ONNX = "NNCF transformer preset (ONNX)"
@@ -78,18 +107,19 @@ def export_legacy(path: Path) -> Path:
     return path
 
 
-def graphquant_build(
-    fp32: Path, calib: list[Feed], recipe: str, extra: tuple[str, ...], options: dict[str, Any]
-) -> Callable[[Path], None]:
-    """graphquant.optimize with a preset, the extra passes added (embeddings first), options set, validated."""
+def graphquant_build(fp32: Path, calib: list[Feed], variant: Variant) -> Callable[[Path], None]:
+    """graphquant.optimize with the variant's recipe (extra passes added, embeddings first), validated."""
 
     def build(path: Path) -> None:
         import graphquant
+        from graphquant.passes.quantize import NodeOverride
 
-        chosen = graphquant.Recipe.named(recipe).with_options(**options)
-        if extra:
+        chosen = graphquant.Recipe.named(variant.preset).with_options(**variant.options)
+        if variant.extra:
             names = [step.name for step in chosen.steps]
-            chosen = chosen.with_passes([extra[0], *names, *extra[1:]])
+            chosen = chosen.with_passes([variant.extra[0], *names, *variant.extra[1:]])
+        overrides = tuple(NodeOverride(pattern, options) for pattern, options in variant.overrides)
+        chosen = dataclasses.replace(chosen, overrides=chosen.overrides + overrides)
         result = graphquant.optimize(graphquant.load(fp32), chosen, calib, show_progress=False, keep_failed=True)
         graphquant.save(result, path, overwrite=True)
 
@@ -145,10 +175,7 @@ def build_rows(fp32: Path, calib: list[Feed], out: Path, reuse: bool, only: list
     builds: list[tuple[str, str, Callable[[Path], None]]] = [
         (NNCF_ONNX, ".onnx", nncf_onnx_build(fp32, calib)),
         (NNCF_OV, ".xml", nncf_openvino_build(fp32, calib)),
-        *[
-            (label, ".onnx", graphquant_build(fp32, calib, recipe, extra, options))
-            for label, recipe, extra, options in GRAPHQUANT
-        ],
+        *[(variant.label, ".onnx", graphquant_build(fp32, calib, variant)) for variant in GRAPHQUANT],
     ]
     rows = [Row(FP32, fp32)]
     for label, suffix, build in builds:
