@@ -61,12 +61,40 @@ GRAPHQUANT = [
     ),
     Variant("graphquant os-plus + openvino form, asymmetric activations", "os-plus", OPENVINO_PASSES, ASYMMETRIC),
     Variant(
+        "graphquant os-plus + openvino form, asymmetric fc2 inputs, GPTQ",
+        "os-plus",
+        OPENVINO_PASSES,
+        {"gptq": True},
+        ((FC2, ASYMMETRIC),),
+    ),
+    Variant(
+        "graphquant os-plus + openvino form, asymmetric fc2 inputs, per-token below 26 dB",
+        "os-plus",
+        OPENVINO_PASSES,
+        {"row_scales_below_db": 26.0},
+        ((FC2, ASYMMETRIC),),
+    ),
+    Variant(
+        "graphquant os-plus + int8 embeddings (float attention), asymmetric fc2 inputs",
+        "os-plus",
+        ("quantize-embeddings",),
+        overrides=((FC2, ASYMMETRIC),),
+    ),
+    Variant(
         "graphquant outliertune, no float channels, + openvino form, asymmetric activations",
         "outliertune",
         OPENVINO_PASSES,
         {"float_channels": 0, **ASYMMETRIC},
     ),
     Variant("graphquant openvino-w8a8 preset", "openvino-w8a8"),
+    Variant("graphquant openvino-w8a8, per-token below 26 dB", "openvino-w8a8", options={"row_scales_below_db": 26.0}),
+    Variant("graphquant openvino-w8a8, per-token below 28 dB", "openvino-w8a8", options={"row_scales_below_db": 28.0}),
+    Variant(
+        "graphquant openvino-w8a8, no per-token, asymmetric fc2 inputs",
+        "openvino-w8a8",
+        options={"row_scales_below_db": 0.0},
+        overrides=((FC2, ASYMMETRIC),),
+    ),
 ]
 FP32 = "FP32 (OpenVINO, its defaults)"
 NNCF_ONNX = "NNCF transformer preset (ONNX)"
@@ -242,6 +270,7 @@ def evaluate(rows: list[Row], heldout: list[Feed]) -> None:
             size=model_size_mb(row.path),
         )
         row.metrics["int8"] = int8_matmuls(model)  # type: ignore[assignment]
+        log(f"{row.label}: mean cos {row.metrics['cos']:.5f}, int8 matmuls {row.metrics['int8']}")
 
 
 def latencies(rows: list[Row], feed: Feed, rounds: int, repeats: int) -> dict[str, float]:
