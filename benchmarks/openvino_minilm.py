@@ -4,7 +4,10 @@ One run builds every model, then measures on OpenVINO's CPU plugin (2 threads): 
 embeddings against FP32 (OpenVINO, float32 precision), file size, and latency against OpenVINO FP32 (its defaults)
 from interleaved rounds. NNCF quantizes the ONNX model and the OpenVINO-native one (ov.convert_model).
 
-    nice -n 10 .venv/bin/python benchmarks/openvino_minilm.py [--quick] [--reuse] [--only LABELS]
+    nice -n 10 .venv/bin/python benchmarks/openvino_minilm.py [--quick] [--reuse] [--only ROWS]
+
+To re-time chosen rows of an earlier run: --reuse --only with their file stems (e.g.
+nncf_transformer_preset_openvino_ir,graphquant_openvino_w8a8_preset).
 """
 
 from __future__ import annotations
@@ -95,6 +98,17 @@ GRAPHQUANT = [
         options={"row_scales_below_db": 0.0},
         overrides=((FC2, ASYMMETRIC),),
     ),
+    Variant(
+        "graphquant openvino-w8a8, no per-token, asymmetric activations",
+        "openvino-w8a8",
+        options={"row_scales_below_db": 0.0, **ASYMMETRIC},
+    ),
+    Variant(
+        "graphquant os-plus + openvino form, asymmetric activations, GPTQ",
+        "os-plus",
+        OPENVINO_PASSES,
+        {"gptq": True, **ASYMMETRIC},
+    ),
 ]
 FP32 = "FP32 (OpenVINO, its defaults)"
 NNCF_ONNX = "NNCF transformer preset (ONNX)"
@@ -107,7 +121,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=common.DEFAULT_OUT / "openvino")
     parser.add_argument("--quick", action="store_true", help="32 calibration sentences, fewer timing rounds")
     parser.add_argument("--reuse", action="store_true", help="keep models already built in --out")
-    parser.add_argument("--only", help="comma-separated row labels (substrings) to build and measure besides FP32")
+    parser.add_argument(
+        "--only",
+        help="comma-separated rows to build and measure besides FP32: a row's file stem in --out selects just that "
+        "row, any other entry every row whose label contains it",
+    )
     return parser.parse_args()
 
 
@@ -198,6 +216,11 @@ def nncf_openvino_build(fp32: Path, calib: list[Feed]) -> Callable[[Path], None]
     return build
 
 
+def selected(label: str, only: list[str]) -> bool:
+    """Whether --only picks the row: by its exact file stem, or by a part of its label."""
+    return any(part == slug(label) or part in label for part in only)
+
+
 def build_rows(fp32: Path, calib: list[Feed], out: Path, reuse: bool, only: list[str] | None) -> list[Row]:
     """Every model of the table (FP32 first), each built once; a build that fails becomes an error row."""
     builds: list[tuple[str, str, Callable[[Path], None]]] = [
@@ -207,7 +230,7 @@ def build_rows(fp32: Path, calib: list[Feed], out: Path, reuse: bool, only: list
     ]
     rows = [Row(FP32, fp32)]
     for label, suffix, build in builds:
-        if only is not None and not any(part in label for part in only):
+        if only is not None and not selected(label, only):
             continue
         path = out / f"{slug(label)}{suffix}"
         row = Row(label, path)
