@@ -54,15 +54,38 @@ GRAPHQUANT = [
         OPENVINO_PASSES,
         {"float_channels": 0},
     ),
+    # The earlier openvino-w8a8 preset (per-token steps below 30 dB: the five fc2 layers), and fewer of them.
+    *[
+        Variant(
+            f"graphquant outliertune, no float channels, + openvino form, per-token below {db} dB",
+            "outliertune",
+            OPENVINO_PASSES,
+            {"float_channels": 0, "row_scales_below_db": float(db)},
+        )
+        for db in (26, 28, 30)
+    ],
+    Variant(
+        "graphquant outliertune, no float channels, + openvino form, asymmetric fc2 inputs",
+        "outliertune",
+        OPENVINO_PASSES,
+        {"float_channels": 0},
+        ((FC2, ASYMMETRIC),),
+    ),
+    Variant(
+        "graphquant outliertune, no float channels, + openvino form, asymmetric activations",
+        "outliertune",
+        OPENVINO_PASSES,
+        {"float_channels": 0, **ASYMMETRIC},
+    ),
     Variant("graphquant smoothquant + openvino form", "smoothquant", OPENVINO_PASSES),
     Variant("graphquant os-plus + openvino form", "os-plus", OPENVINO_PASSES),
+    # fc2's grid only (OS+ searched on the signed grid), then every grid asymmetric and searched as such.
     Variant(
         "graphquant os-plus + openvino form, asymmetric fc2 inputs",
         "os-plus",
         OPENVINO_PASSES,
         overrides=((FC2, ASYMMETRIC),),
     ),
-    Variant("graphquant os-plus + openvino form, asymmetric activations", "os-plus", OPENVINO_PASSES, ASYMMETRIC),
     Variant(
         "graphquant os-plus + openvino form, asymmetric fc2 inputs, GPTQ",
         "os-plus",
@@ -71,44 +94,14 @@ GRAPHQUANT = [
         ((FC2, ASYMMETRIC),),
     ),
     Variant(
-        "graphquant os-plus + openvino form, asymmetric fc2 inputs, per-token below 26 dB",
-        "os-plus",
-        OPENVINO_PASSES,
-        {"row_scales_below_db": 26.0},
-        ((FC2, ASYMMETRIC),),
-    ),
-    Variant(
         "graphquant os-plus + int8 embeddings (float attention), asymmetric fc2 inputs",
         "os-plus",
         ("quantize-embeddings",),
         overrides=((FC2, ASYMMETRIC),),
     ),
-    Variant(
-        "graphquant outliertune, no float channels, + openvino form, asymmetric activations",
-        "outliertune",
-        OPENVINO_PASSES,
-        {"float_channels": 0, **ASYMMETRIC},
-    ),
+    Variant("graphquant os-plus + openvino form, asymmetric activations", "os-plus", OPENVINO_PASSES, ASYMMETRIC),
+    # os-plus + openvino form, asymmetric activations, GPTQ.
     Variant("graphquant openvino-w8a8 preset", "openvino-w8a8"),
-    Variant("graphquant openvino-w8a8, per-token below 26 dB", "openvino-w8a8", options={"row_scales_below_db": 26.0}),
-    Variant("graphquant openvino-w8a8, per-token below 28 dB", "openvino-w8a8", options={"row_scales_below_db": 28.0}),
-    Variant(
-        "graphquant openvino-w8a8, no per-token, asymmetric fc2 inputs",
-        "openvino-w8a8",
-        options={"row_scales_below_db": 0.0},
-        overrides=((FC2, ASYMMETRIC),),
-    ),
-    Variant(
-        "graphquant openvino-w8a8, no per-token, asymmetric activations",
-        "openvino-w8a8",
-        options={"row_scales_below_db": 0.0, **ASYMMETRIC},
-    ),
-    Variant(
-        "graphquant os-plus + openvino form, asymmetric activations, GPTQ",
-        "os-plus",
-        OPENVINO_PASSES,
-        {"gptq": True, **ASYMMETRIC},
-    ),
 ]
 FP32 = "FP32 (OpenVINO, its defaults)"
 NNCF_ONNX = "NNCF transformer preset (ONNX)"
