@@ -83,6 +83,8 @@ class QuantizePass(ir.passes.InPlacePass):
     """Lossy: per-channel or block-wise weights (RTN with clip search, or GPTQ), per-tensor activations, as QuantSpecs.
 
     ``abits`` None or 0 keeps activations float (weight-only). Blocks run along the weight's input-channel axis.
+    ``activation_symmetric`` False (a LayerOptions field, so per layer too) puts activations on an unsigned [min, max]
+    grid with a zero point instead of ±max|x| (minmax only).
     ``overrides`` is the per-layer scheme map: each NodeOverride's glob (fnmatch, on the node name) sets LayerOptions
     fields or a named scheme (SCHEMES: float, w8a8, w4a8, w8, w4) on the layers it matches; later overrides win.
     ``keep_8bit`` globs (node names, or analysis/sensitive_layers.py's roles such as ``@depthwise``) give the
