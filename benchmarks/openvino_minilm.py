@@ -4,12 +4,16 @@ One run builds every model, then measures on OpenVINO's CPU plugin (2 threads): 
 embeddings against FP32 (OpenVINO, float32 precision), file size, and latency against OpenVINO FP32 (its defaults)
 from interleaved rounds. NNCF quantizes the ONNX model and the OpenVINO-native one (ov.convert_model).
 
-    nice -n 10 .venv/bin/python benchmarks/openvino_minilm.py [--quick] [--reuse] [--only LABELS]
+    nice -n 10 .venv/bin/python benchmarks/openvino_minilm.py [--quick] [--reuse] [--only ROWS]
+
+To re-time chosen rows of an earlier run: --reuse --only with their file stems (e.g.
+nncf_transformer_preset_openvino_ir,graphquant_openvino_w8a8_preset).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -25,19 +29,79 @@ Feed = dict[str, np.ndarray]
 THREADS = 2
 # graphquant's OpenVINO form: the embedding table int8 and the attention matmuls (Q·Kᵀ, softmax·V) in int8.
 OPENVINO_PASSES = ("quantize-embeddings", "quantize-attention")
-# (label, preset, extra passes, options)
-GRAPHQUANT: list[tuple[str, str, tuple[str, ...], dict[str, Any]]] = [
-    ("graphquant outliertune (qdq)", "outliertune", (), {}),
-    ("graphquant outliertune + openvino form", "outliertune", OPENVINO_PASSES, {}),
-    (
+# fc2 of every block: its input is GELU's output (min -0.17), where a signed grid wastes half its codes.
+FC2 = "*/output/dense/MatMul"
+ASYMMETRIC = {"activation_symmetric": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A graphquant row: a preset, passes added to it, options set on its passes, per-node overrides."""
+
+    label: str
+    preset: str
+    extra: tuple[str, ...] = ()
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    overrides: tuple[tuple[str, dict[str, Any]], ...] = ()
+
+
+GRAPHQUANT = [
+    Variant("graphquant outliertune (qdq)", "outliertune"),
+    Variant("graphquant outliertune + openvino form", "outliertune", OPENVINO_PASSES),
+    Variant(
         "graphquant outliertune, no float channels, + openvino form",
         "outliertune",
         OPENVINO_PASSES,
         {"float_channels": 0},
     ),
-    ("graphquant smoothquant + openvino form", "smoothquant", OPENVINO_PASSES, {}),
-    ("graphquant os-plus + openvino form", "os-plus", OPENVINO_PASSES, {}),
-    ("graphquant openvino-w8a8 preset", "openvino-w8a8", (), {}),
+    # The earlier openvino-w8a8 preset (per-token steps below 30 dB: the five fc2 layers), and fewer of them.
+    *[
+        Variant(
+            f"graphquant outliertune, no float channels, + openvino form, per-token below {db} dB",
+            "outliertune",
+            OPENVINO_PASSES,
+            {"float_channels": 0, "row_scales_below_db": float(db)},
+        )
+        for db in (26, 28, 30)
+    ],
+    Variant(
+        "graphquant outliertune, no float channels, + openvino form, asymmetric fc2 inputs",
+        "outliertune",
+        OPENVINO_PASSES,
+        {"float_channels": 0},
+        ((FC2, ASYMMETRIC),),
+    ),
+    Variant(
+        "graphquant outliertune, no float channels, + openvino form, asymmetric activations",
+        "outliertune",
+        OPENVINO_PASSES,
+        {"float_channels": 0, **ASYMMETRIC},
+    ),
+    Variant("graphquant smoothquant + openvino form", "smoothquant", OPENVINO_PASSES),
+    Variant("graphquant os-plus + openvino form", "os-plus", OPENVINO_PASSES),
+    # fc2's grid only (OS+ searched on the signed grid), then every grid asymmetric and searched as such.
+    Variant(
+        "graphquant os-plus + openvino form, asymmetric fc2 inputs",
+        "os-plus",
+        OPENVINO_PASSES,
+        overrides=((FC2, ASYMMETRIC),),
+    ),
+    Variant(
+        "graphquant os-plus + openvino form, asymmetric fc2 inputs, GPTQ",
+        "os-plus",
+        OPENVINO_PASSES,
+        {"gptq": True},
+        ((FC2, ASYMMETRIC),),
+    ),
+    Variant(
+        "graphquant os-plus + int8 embeddings (float attention), asymmetric fc2 inputs",
+        "os-plus",
+        ("quantize-embeddings",),
+        overrides=((FC2, ASYMMETRIC),),
+    ),
+    Variant("graphquant os-plus + openvino form, asymmetric activations", "os-plus", OPENVINO_PASSES, ASYMMETRIC),
+    # os-plus + openvino form, asymmetric activations, GPTQ.
+    Variant("graphquant openvino-w8a8 preset", "openvino-w8a8"),
 ]
 FP32 = "FP32 (OpenVINO, its defaults)"
 NNCF_ONNX = "NNCF transformer preset (ONNX)"
@@ -50,7 +114,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=common.DEFAULT_OUT / "openvino")
     parser.add_argument("--quick", action="store_true", help="32 calibration sentences, fewer timing rounds")
     parser.add_argument("--reuse", action="store_true", help="keep models already built in --out")
-    parser.add_argument("--only", help="comma-separated row labels (substrings) to build and measure besides FP32")
+    parser.add_argument(
+        "--only",
+        help="comma-separated rows to build and measure besides FP32: a row's file stem in --out selects just that "
+        "row, any other entry every row whose label contains it",
+    )
     return parser.parse_args()
 
 
@@ -78,18 +146,19 @@ def export_legacy(path: Path) -> Path:
     return path
 
 
-def graphquant_build(
-    fp32: Path, calib: list[Feed], recipe: str, extra: tuple[str, ...], options: dict[str, Any]
-) -> Callable[[Path], None]:
-    """graphquant.optimize with a preset, the extra passes added (embeddings first), options set, validated."""
+def graphquant_build(fp32: Path, calib: list[Feed], variant: Variant) -> Callable[[Path], None]:
+    """graphquant.optimize with the variant's recipe (extra passes added, embeddings first), validated."""
 
     def build(path: Path) -> None:
         import graphquant
+        from graphquant.passes.quantize import NodeOverride
 
-        chosen = graphquant.Recipe.named(recipe).with_options(**options)
-        if extra:
+        chosen = graphquant.Recipe.named(variant.preset).with_options(**variant.options)
+        if variant.extra:
             names = [step.name for step in chosen.steps]
-            chosen = chosen.with_passes([extra[0], *names, *extra[1:]])
+            chosen = chosen.with_passes([variant.extra[0], *names, *variant.extra[1:]])
+        overrides = tuple(NodeOverride(pattern, options) for pattern, options in variant.overrides)
+        chosen = dataclasses.replace(chosen, overrides=chosen.overrides + overrides)
         result = graphquant.optimize(graphquant.load(fp32), chosen, calib, show_progress=False, keep_failed=True)
         graphquant.save(result, path, overwrite=True)
 
@@ -140,19 +209,21 @@ def nncf_openvino_build(fp32: Path, calib: list[Feed]) -> Callable[[Path], None]
     return build
 
 
+def selected(label: str, only: list[str]) -> bool:
+    """Whether --only picks the row: by its exact file stem, or by a part of its label."""
+    return any(part == slug(label) or part in label for part in only)
+
+
 def build_rows(fp32: Path, calib: list[Feed], out: Path, reuse: bool, only: list[str] | None) -> list[Row]:
     """Every model of the table (FP32 first), each built once; a build that fails becomes an error row."""
     builds: list[tuple[str, str, Callable[[Path], None]]] = [
         (NNCF_ONNX, ".onnx", nncf_onnx_build(fp32, calib)),
         (NNCF_OV, ".xml", nncf_openvino_build(fp32, calib)),
-        *[
-            (label, ".onnx", graphquant_build(fp32, calib, recipe, extra, options))
-            for label, recipe, extra, options in GRAPHQUANT
-        ],
+        *[(variant.label, ".onnx", graphquant_build(fp32, calib, variant)) for variant in GRAPHQUANT],
     ]
     rows = [Row(FP32, fp32)]
     for label, suffix, build in builds:
-        if only is not None and not any(part in label for part in only):
+        if only is not None and not selected(label, only):
             continue
         path = out / f"{slug(label)}{suffix}"
         row = Row(label, path)
@@ -215,6 +286,7 @@ def evaluate(rows: list[Row], heldout: list[Feed]) -> None:
             size=model_size_mb(row.path),
         )
         row.metrics["int8"] = int8_matmuls(model)  # type: ignore[assignment]
+        log(f"{row.label}: mean cos {row.metrics['cos']:.5f}, int8 matmuls {row.metrics['int8']}")
 
 
 def latencies(rows: list[Row], feed: Feed, rounds: int, repeats: int) -> dict[str, float]:

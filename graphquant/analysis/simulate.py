@@ -75,19 +75,23 @@ class GroupSimulator:
         activation_step: float | None = None,
         float_channels: np.ndarray | None = None,
         per_row: bool = False,
+        asymmetric: bool = False,
     ) -> float:
         """Channel-averaged output SQNR with X/divisor quantized and W·divisor per column.
 
         The activation step is the given one, else one per row (``per_row``: the run-time per-token scale), else one
-        per tensor.
+        per tensor: ±max|x| on the signed grid, or [min, max] on the unsigned one with a zero point (``asymmetric``).
         """
         divisor = divisor.astype(np.float32)
         scaled = self.rows / divisor
         if float_channels is not None:
             scaled[:, float_channels] = 0  # those channels go through an exact float MatMul
         qmax = 2 ** (abits - 1) - 1
-        step = activation_step if activation_step is not None else _dynamic_step(scaled, qmax, per_row)
-        x_quantized = _fake_quantize_in_place(scaled, step, abits)
+        if asymmetric and activation_step is None and not per_row:
+            x_quantized = _fake_quantize_asymmetric_in_place(scaled, abits)
+        else:
+            step = activation_step if activation_step is not None else _dynamic_step(scaled, qmax, per_row)
+            x_quantized = _fake_quantize_in_place(scaled, step, abits)
         float_paths = self._float_path(float_channels)
         # Each output channel's relative error counts equally: a few huge channels must not hide the error in the rest.
         relative_errors = []
@@ -122,6 +126,18 @@ def _fake_quantize_in_place(values: np.ndarray, step: np.ndarray | float, bits: 
     np.divide(values, step, out=values)
     np.rint(values, out=values)
     np.clip(values, -qmax, qmax, out=values)
+    np.multiply(values, step, out=values)
+    return values
+
+
+def _fake_quantize_asymmetric_in_place(values: np.ndarray, bits: int) -> np.ndarray:
+    """Round onto the unsigned grid spanning [min(x, 0), max(x, 0)] with zero on it, overwriting ``values``."""
+    low, high = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
+    step = max(high - low, 1e-12) / (2**bits - 1)
+    zero = float(np.rint(-low / step))
+    np.divide(values, step, out=values)
+    np.rint(values, out=values)
+    np.clip(values, -zero, 2**bits - 1 - zero, out=values)
     np.multiply(values, step, out=values)
     return values
 

@@ -66,7 +66,10 @@ class Screened:
 
 
 class PreexecuteDequantPass(CalibratedGroupPass):
-    """Exact: X <- X/d per channel (folded into the producer) and W <- diag(d)·W; d chosen per method."""
+    """Exact: X <- X/d per channel (folded into the producer) and W <- diag(d)·W; d chosen per method.
+
+    ``activation_symmetric`` False scores the per-tensor candidates on quantize's asymmetric [min, max] grid.
+    """
 
     cli_name = "preexecute-dequant"
     done_key = MIGRATED_KEY
@@ -85,6 +88,7 @@ class PreexecuteDequantPass(CalibratedGroupPass):
         float_route_below_db: float = 30.0,
         max_float_fraction: float = 0.05,
         row_scales_below_db: float | None = None,
+        activation_symmetric: bool = True,
     ):
         super().__init__(calibrator)
         if method not in METHODS:
@@ -99,6 +103,7 @@ class PreexecuteDequantPass(CalibratedGroupPass):
         self.float_route_below_db = float_route_below_db
         self.max_float_fraction = max_float_fraction
         self.row_scales_below_db = row_scales_below_db
+        self.activation_symmetric = activation_symmetric
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Choose and apply a divisor for every MatMul/Gemm scale group."""
@@ -157,7 +162,13 @@ class PreexecuteDequantPass(CalibratedGroupPass):
             dataclasses.replace(
                 c,
                 sqnr_db=simulator.sqnr_db(
-                    c.divisor, self.abits, self.wbits, 1.0 if c.preexecuted else None, c.float_channels, c.per_row
+                    c.divisor,
+                    self.abits,
+                    self.wbits,
+                    1.0 if c.preexecuted else None,
+                    c.float_channels,
+                    c.per_row,
+                    asymmetric=not self.activation_symmetric,
                 ),
             )
             for c in candidates

@@ -66,6 +66,7 @@ class LayerOptions:
     skip: bool = False
     block_size: int | None = None
     weight_symmetric: bool = True
+    activation_symmetric: bool = True
 
 
 # Named per-layer schemes: an override ``{ scheme = "w4" }`` sets these options (later keys of the same override win).
@@ -82,6 +83,8 @@ class QuantizePass(ir.passes.InPlacePass):
     """Lossy: per-channel or block-wise weights (RTN with clip search, or GPTQ), per-tensor activations, as QuantSpecs.
 
     ``abits`` None or 0 keeps activations float (weight-only). Blocks run along the weight's input-channel axis.
+    ``activation_symmetric`` False (a LayerOptions field, so per layer too) puts activations on an unsigned [min, max]
+    grid with a zero point instead of ±max|x| (minmax only).
     ``overrides`` is the per-layer scheme map: each NodeOverride's glob (fnmatch, on the node name) sets LayerOptions
     fields or a named scheme (SCHEMES: float, w8a8, w4a8, w8, w4) on the layers it matches; later overrides win.
     ``keep_8bit`` globs (node names, or analysis/sensitive_layers.py's roles such as ``@depthwise``) give the
@@ -100,6 +103,7 @@ class QuantizePass(ir.passes.InPlacePass):
         percentile: float = 99.99,
         weight_clip_search: bool = False,
         weight_symmetric: bool = True,
+        activation_symmetric: bool = True,
         block_size: int | None = None,
         gptq: bool = False,
         gptq_act_order: bool = False,
@@ -116,7 +120,13 @@ class QuantizePass(ir.passes.InPlacePass):
         if rounding is not None and rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
         self.calibrator = calibrator
-        self.defaults = LayerOptions(wbits, abits or None, block_size=block_size, weight_symmetric=weight_symmetric)
+        self.defaults = LayerOptions(
+            wbits,
+            abits or None,
+            block_size=block_size,
+            weight_symmetric=weight_symmetric,
+            activation_symmetric=activation_symmetric,
+        )
         self.activation_method = activation_method
         self.percentile = percentile
         self.weight_clip_search = weight_clip_search
@@ -129,6 +139,10 @@ class QuantizePass(ir.passes.InPlacePass):
         self.keep_8bit = tuple(keep_8bit)
         for options in [self.defaults, *(self._options_for_pattern(o) for o in self.overrides)]:
             _check_bits(options)
+            if not options.activation_symmetric and activation_method != "minmax":
+                raise ValueError(
+                    f"an asymmetric activation grid takes activation_method 'minmax', not {activation_method!r}"
+                )
 
     def requires(self, model: ir.Model) -> None:
         """Activation quantization needs calibration data (GPTQ or FlexRound without it rounds, with a warning)."""
@@ -289,8 +303,11 @@ class QuantizePass(ir.passes.InPlacePass):
         )
         return rounded, low, high, suffix + f" FlexRound {self.flexround.steps} steps"
 
-    def _activation_spec(self, stats: TensorStats, bits: int) -> QuantSpec:
-        """Per tensor: unsigned [0, bound] where calibration saw no negative value (Relu/Clip outputs), else ±bound."""
+    def _activation_spec(self, stats: TensorStats, bits: int, symmetric: bool = True) -> QuantSpec:
+        """Per tensor: unsigned [0, bound] where calibration saw no negative value (Relu/Clip outputs), else ±bound;
+        not ``symmetric``: unsigned [min, max] with a zero point (minmax only)."""
+        if not symmetric:
+            return asymmetric_spec(stats.minimum, stats.maximum, bits)
         unsigned = stats.minimum >= 0
         bound = stats.absmax
         if self.activation_method == "percentile":
@@ -312,12 +329,18 @@ class QuantizePass(ir.passes.InPlacePass):
             specs[layer.activation_index] = symmetric_spec(float(qmax), preexecuted_bits)
             scheme += f", A{preexecuted_bits} per-channel (step pre-executed into W)"
         elif options.abits:
-            specs[layer.activation_index] = self._activation_spec(stats[layer.activation.name or ""], options.abits)
+            activation = stats[layer.activation.name or ""]
+            specs[layer.activation_index] = self._activation_spec(
+                activation, options.abits, options.activation_symmetric
+            )
             scheme += f", A{options.abits} per-tensor {self.activation_method}"
+            scheme += "" if options.activation_symmetric else " asymmetric"
         node = layer.node
         node.meta[INPUT_SPECS_KEY] = specs
         if options.abits and (output := node.outputs[0].name or "") in stats:
-            node.meta[OUTPUT_SPEC_KEY] = self._activation_spec(stats[output], options.abits)
+            node.meta[OUTPUT_SPEC_KEY] = self._activation_spec(
+                stats[output], options.abits, options.activation_symmetric
+            )
         reason = node.meta.get(SCHEME_NOTE_KEY, "")
         node.meta[DECISION_KEY] = LayerDecision(
             node.name or "", node.op_type, "quantized", reason, scheme, output=_output_name(node)

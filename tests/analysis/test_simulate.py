@@ -98,10 +98,11 @@ def test_sqnr_decreases_with_fewer_bits():
     assert weight_only[0] > weight_only[1] > weight_only[2]
 
 
-def quantized_copy(model: ir.Model, rows: np.ndarray) -> ir.Model:
+def quantized_copy(model: ir.Model, rows: np.ndarray, activation_symmetric: bool = True) -> ir.Model:
     """W8A8 QDQ (per-tensor MinMax, per-channel absmax) calibrated on exactly ``rows``."""
     copy = model.clone()
-    QuantizePass(Calibrator.for_model(copy, [{"x": rows}], show_progress=False))(copy)
+    calibrator = Calibrator.for_model(copy, [{"x": rows}], show_progress=False)
+    QuantizePass(calibrator, activation_symmetric=activation_symmetric)(copy)
     QdqLoweringPass()(copy)
     return copy
 
@@ -140,6 +141,19 @@ def test_simulated_sqnr_matches_the_quantized_model_in_onnxruntime(scheme):
     candidate = quantized_copy(migrated(model, divisor, float_channels), rows)
     measured = channel_averaged_sqnr_db(run(model, {"x": rows}), run(candidate, {"x": rows}))
     assert simulated == pytest.approx(measured, abs=0.2)
+
+
+def test_simulated_asymmetric_sqnr_matches_the_zero_point_grid_in_onnxruntime():
+    rng = np.random.default_rng(12)
+    model = group_model(rng)
+    rows = outlier_rows(rng)  # channels 2 and 9 centred on +30: a lopsided tensor
+    layers = layers_of(model)
+    ones = np.ones(16)
+    simulated = GroupSimulator(rows, layers).sqnr_db(ones, 8, 8, asymmetric=True)
+    candidate = quantized_copy(model, rows, activation_symmetric=False)
+    measured = channel_averaged_sqnr_db(run(model, {"x": rows}), run(candidate, {"x": rows}))
+    assert simulated == pytest.approx(measured, abs=0.2)
+    assert simulated > GroupSimulator(rows, layers).sqnr_db(ones, 8, 8) + 2  # the signed grid wastes codes
 
 
 def test_routing_the_outlier_channels_beats_per_tensor_in_simulation():

@@ -427,3 +427,19 @@ def test_only_the_screen_survivors_are_scored_on_every_sampled_row(monkeypatch):
     assert rows_scored.count(full) == preexecute_dequant.SCREEN_KEPT == 3
     assert sorted(set(rows_scored)) == [-(-full // preexecute_dequant.SCREEN_STRIDE), full]
     assert len(rows_scored) == 9 + 3
+
+
+def test_an_asymmetric_grid_is_scored_as_quantize_lowers_it():
+    lopsided = [{"x": np.abs(feed["x"]) * 3 - 0.3} for feed in gaussian_feeds(seed=40, features=8)]
+    held_out = [{"x": np.abs(feed["x"]) * 3 - 0.3} for feed in gaussian_feeds(seed=41, batches=2, features=8)]
+    reference = qkv(np.random.default_rng(39))
+    notes, measured = [], []
+    for symmetric in (True, False):
+        model = reference.clone()
+        PreexecuteDequantPass(calibrator(model, lopsided), method="os-plus", activation_symmetric=symmetric)(model)
+        notes.append(float(by_name(model)["q_proj"].meta[SCHEME_NOTE_KEY].split("SQNR ")[1].split(" dB")[0]))
+        QuantizePass(calibrator(model, lopsided), activation_symmetric=symmetric)(model)
+        QdqLoweringPass()(model)
+        measured.append(sqnr_db(run(reference, held_out[0])[0], run(model, held_out[0])[0]))
+    assert notes[1] > notes[0] + 2  # [-0.3, max] on 255 steps against ±max on 254
+    assert measured[1] > measured[0] + 1  # on held-out data, q only

@@ -236,6 +236,43 @@ def test_percentile_gives_a_smaller_scale_than_minmax_on_heavy_tails():
     assert by_name(percentile_model)["fc1"].meta[DECISION_KEY].scheme.endswith("per-tensor percentile")
 
 
+def test_an_asymmetric_override_puts_min_and_max_on_an_unsigned_grid():
+    rng = np.random.default_rng(5)
+    # A lopsided input like GELU's output: a long positive tail, a short negative one.
+    data = [{"x": (np.abs(rng.standard_normal((64, 16))) * 2 - 0.2).astype(np.float32)} for _ in range(3)]
+    x = np.concatenate([feed["x"] for feed in data])
+    symmetric, asymmetric = named_mlp(np.random.default_rng(6)), named_mlp(np.random.default_rng(6))
+    w1 = initializer(asymmetric, "w1")
+    calibrated(symmetric, data)
+    calibrated(asymmetric, data, overrides=[NodeOverride("fc1", {"activation_symmetric": False})])
+    named = by_name(asymmetric)
+    spec = named["fc1"].meta[INPUT_SPECS_KEY][0]
+    scale = np.float32(x.max() - x.min()) / np.float32(255)
+    assert not spec.signed and spec.qmax == 255
+    np.testing.assert_allclose(spec.scale, scale, rtol=1e-6)
+    assert int(spec.zero_point) == int(np.rint(-x.min() / scale))
+    assert named["fc1"].meta[DECISION_KEY].scheme == "W8 per-channel, A8 per-tensor minmax asymmetric"
+    assert named["fc2"].meta[INPUT_SPECS_KEY][0].zero_point == 0  # the Relu output keeps its [0, max] grid
+
+    errors = []
+    for model in (symmetric, asymmetric):
+        QdqLoweringPass()(model)
+        hidden = by_name(model)["fc1"].outputs[0].name
+        model.graph.outputs.append(next(n.outputs[0] for n in model.graph if n.outputs[0].name == hidden))
+        errors.append(np.abs(run(model, {"x": x})[1] - x @ w1).max())
+    zero = np.float32(spec.zero_point.astype(np.float32))
+    x_q = (np.clip(np.rint(x / spec.scale) + zero, 0, 255) - zero) * spec.scale
+    w_scale = (np.abs(w1).max(axis=0) / np.float32(127)).astype(np.float32)
+    expected = x_q @ (np.clip(np.rint(w1 / w_scale), -127, 127) * w_scale)
+    np.testing.assert_allclose(run(asymmetric, {"x": x})[1], expected, rtol=1e-5, atol=1e-5)
+    assert errors[1] < 0.75 * errors[0]  # [-0.2, max] on 255 steps: a finer grid than ±max on 254
+
+
+def test_an_asymmetric_grid_needs_minmax():
+    with pytest.raises(ValueError, match="asymmetric activation grid takes activation_method 'minmax'"):
+        QuantizePass(None, activation_method="mse", overrides=[NodeOverride("fc1", {"activation_symmetric": False})])
+
+
 @pytest.mark.parametrize(
     "options",
     [
