@@ -9,7 +9,7 @@ import pytest
 from builders import build, gaussian_feeds, run, weights
 import graphquant
 from graphquant.errors import RecipeError
-from graphquant.recipes.auto import LATENCY_ROWS, _one_layer, split_data, time_forms
+from graphquant.recipes.auto import LATENCY_ROWS, Judge, Settings, _one_layer, split_data, time_forms
 
 CHAIN = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -233,3 +233,73 @@ def test_the_portable_target_ranks_by_size_and_quantizes(chain):
     assert sum(scheme != "float" for scheme in schemes(result).values()) >= 3
     assert result.report.bytes_after < 0.5 * result.report.bytes_before
     assert heldout_error(chain, result.model) <= 0.03
+
+
+MASKED = """
+<ir_version: 8, opset_import: ["" : 17]>
+masked (float[N, T, 8] x, int64[N, T] MASK) => (float[N, T, 8] y) {
+  m = Cast<to: int = 1>(MASK)
+  m3 = Unsqueeze(m, axes)
+  y = Mul(x, m3)
+}
+"""
+IDENTITY = """
+<ir_version: 8, opset_import: ["" : 17]>
+identity (float[N, T, 8] x, int64[N, T] MASK) => (float[N, T, 8] y) {
+  y = Identity(x)
+}
+"""
+
+
+def masked_feeds(mask_name: str) -> list[dict[str, np.ndarray]]:
+    """Two batches whose last three positions of each row are padding."""
+    rng = np.random.default_rng(3)
+    mask = np.ones((2, 6), np.int64)
+    mask[:, 3:] = 0
+    return [{"x": rng.standard_normal((2, 6, 8)).astype(np.float32), mask_name: mask} for _ in range(2)]
+
+
+@pytest.mark.parametrize("metric", ["cosine", "sqnr"])
+def test_the_held_out_error_leaves_out_the_padding_positions(metric):
+    """A candidate that differs from the float model only where attention_mask is 0 has no error."""
+    for name, expected in (("attention_mask", 0.0), ("lengths", 1 - 0.5**0.5 if metric == "cosine" else 0.5)):
+        reference = build(IDENTITY.replace("MASK", name))
+        zeroed = build(MASKED.replace("MASK", name), {"axes": np.array([-1], np.int64)})
+        judge = Judge(reference, masked_feeds(name), Settings(metric=metric))
+        # Without a mask, half the output's energy is lost: 1 - cosine is 1 - sqrt(1/2) and noise-to-signal 1/2.
+        assert judge.masked == (expected == 0.0) and judge(zeroed) == pytest.approx(expected, abs=0.05)
+        if expected == 0.0:
+            assert judge(zeroed) == pytest.approx(0.0, abs=1e-12)
+
+
+EMBEDDED = """
+<ir_version: 8, opset_import: ["" : 17]>
+embedded (int64[N, T] ids) => (float[N, T, 64] y) {
+  e = Gather(table, ids)
+  h = LayerNormalization<axis: int = -1>(e, g, b)
+  [l1] a = MatMul(h, w1)
+  a2 = Relu(a)
+  [l2] y = MatMul(a2, w2)
+}
+"""
+
+
+def test_the_embedding_tables_are_measured_in_the_whole_graph():
+    rng = np.random.default_rng(4)
+    table = rng.standard_normal((256, 64)).astype(np.float32)
+    model = build(
+        EMBEDDED,
+        {"table": table, "g": np.ones(64, np.float32), "b": np.zeros(64, np.float32)}
+        | {f"w{i}": weights(rng, 64, 64) for i in (1, 2)},
+    )
+    calib = [{"ids": rng.integers(0, 256, (4, 16))} for _ in range(8)]
+    result = graphquant.optimize(model, "auto", calib, objective="size", max_drop=0.05, show_progress=False)
+    tables = next(unit for unit in result.report.auto["layers"] if unit["unit"] == "embeddings")["options"]
+    assert {option["measured"] for option in tables.values()} == {"end to end"}
+    assert 0 < tables["e8"]["error"] < tables["e4"]["error"]
+    # The e4 measurement is the held-out error of the model with only the tables at 4 bits, computed apart here.
+    alone = graphquant.optimize(
+        model, "w8a8", calib, passes=["quantize-embeddings"], embed_bits=4, target="ort-cpu", show_progress=False
+    )
+    _, held = split_data(calib)
+    assert tables["e4"]["error"] == pytest.approx(heldout_error(model, alone.model, held), rel=0.1)
