@@ -67,6 +67,8 @@ QUANTIZE_OPTIONS = {"weight_clip_search": True}
 SAMPLE_ROWS = 512
 EMBEDDING_ROWS = 2048
 MAX_ROUNDS = 5
+# Groups of layers (in graph order) whose end-to-end gain is measured, one build each.
+GAIN_GROUPS = 4
 # The search aims below the budget by this factor, so that the first end-to-end check usually passes; once the error
 # model is fitted to a measurement, closer.
 AIM = 0.7
@@ -168,6 +170,8 @@ class Search:
     calibration_hits: int = 0
     # Whether the held-out error left out the positions an attention mask marks as padding.
     masked: bool = False
+    # Each group of layers measured alone end to end (_group_gains).
+    group_gains: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The report's ``auto`` section: settings, per-layer choices with why, the tried points and their front."""
@@ -181,6 +185,7 @@ class Search:
             "ranked_by": self.settings.ranking,
             "budget_error": self.settings.budget,
             "positions": "unmasked (attention_mask)" if self.masked else "all",
+            "group_gains": self.group_gains,
             "method": self.method,
             "seconds": self.seconds,
             "calibration_runs": self.calibration_runs,
@@ -266,12 +271,12 @@ def _search_method(
     steps = METHODS[method]
     Recipe("auto", steps, target=settings.target).to_pipeline(calibrator, lower=False)(base)
     units = _embeddings_end_to_end(base, calibrator, judge, settings, method, measure_units(base, calibrator, settings))
-    record = Search(settings, method, units, masked=judge.masked)
-    errors = ErrorModel(settings.initial_gain)
+    units, gains, samples = _group_gains(base, calibrator, judge, settings, method, units)
+    record = Search(settings, method, units, masked=judge.masked, group_gains=gains)
+    errors = ErrorModel(settings.initial_gain).fitted(samples)
     choice: dict[str, int] | None = errors.choose(units, AIM * settings.budget)
     kept: tuple[Recipe, ir.Model] | None = None
     tried: list[dict[str, int]] = []
-    samples: list[tuple[float, float, float]] = []
     while choice is not None and choice not in tried and len(tried) < MAX_ROUNDS:
         point, built = _try(base, calibrator, judge, settings, method, units, choice, errors)
         kept = built if _record(record, point, choice) else kept
@@ -319,6 +324,65 @@ def _build(
     return recipe, candidate
 
 
+def _group_gains(
+    base: ir.Model,
+    calibrator: CachingCalibrator,
+    judge: Judge,
+    settings: Settings,
+    method: str,
+    units: Sequence[Unit],
+) -> tuple[list[Unit], list[dict[str, Any]], list[tuple[float, float, float]]]:
+    """Layers' proxies scaled by their group's measured gain, the groups' record, and the measurements as samples.
+
+    The layers, in graph order, form GAIN_GROUPS groups; each group is built alone at its layers' probe options (the
+    most accurate quantized option cheaper than float) and measured end to end. A layer's output noise reaches the
+    output amplified or damped by what follows it (near the output it passes almost whole), so each group's
+    measured error over its summed proxies is its gain; proxies are rescaled by gain / mean gain.
+    """
+    layers = [unit for unit in units if not any(option.end_to_end for option in unit.options)]
+    floats = {unit.name: _float_index(unit) for unit in units}
+    groups = [list(group) for group in np.array_split(np.arange(len(layers)), min(GAIN_GROUPS, len(layers)))]
+    measured: list[tuple[list[Unit], float, float]] = []
+    for group in groups:
+        members = [layers[i] for i in group]
+        probes = {unit.name: _probe_index(unit) for unit in members}
+        proxy = sum(unit.options[probes[unit.name]].error for unit in members)
+        error = judge(_build(base, calibrator, settings, method, units, {**floats, **probes})[1]) if proxy > 0 else 0.0
+        measured.append((members, proxy, error))
+    total_proxy = sum(proxy for _, proxy, _ in measured)
+    mean = sum(error for _, _, error in measured) / total_proxy if total_proxy > 0 else 0.0
+    factors = {
+        unit.name: error / proxy / mean if proxy > 0 and error > 0 and mean > 0 else 1.0
+        for members, proxy, error in measured
+        for unit in members
+    }
+    scaled = [
+        Unit(unit.name, tuple(dataclasses.replace(o, error=o.error * factors[unit.name]) for o in unit.options))
+        if unit.name in factors
+        else unit
+        for unit in units
+    ]
+    record = [
+        {"first": members[0].name, "layers": len(members), "proxies": proxy, "measured_error": error}
+        for members, proxy, error in measured
+    ]
+    samples = [(error / mean if mean > 0 else proxy, 0.0, error) for _, proxy, error in measured]
+    return scaled, record, samples
+
+
+def _float_index(unit: Unit) -> int:
+    """The unit's float option."""
+    return next(index for index, option in enumerate(unit.options) if option.scheme == "float")
+
+
+def _probe_index(unit: Unit) -> int:
+    """The most accurate quantized option cheaper than float (any quantized one when none is cheaper)."""
+    base = unit.options[_float_index(unit)]
+    quantized = [i for i, option in enumerate(unit.options) if option.scheme != "float"]
+    cheaper = [i for i in quantized if unit.options[i].cost < base.cost] or quantized
+    return min(cheaper, key=lambda i: unit.options[i].error) if cheaper else _float_index(unit)
+
+
 def _embeddings_end_to_end(
     base: ir.Model,
     calibrator: CachingCalibrator,
@@ -335,7 +399,7 @@ def _embeddings_end_to_end(
     tables = next((unit for unit in units if unit.name == EMBEDDINGS), None)
     if tables is None:
         return list(units)
-    floats = {unit.name: next(i for i, o in enumerate(unit.options) if o.scheme == "float") for unit in units}
+    floats = {unit.name: _float_index(unit) for unit in units}
     options = []
     for index, option in enumerate(tables.options):
         error = 0.0
