@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-
 from builders import build, gaussian_feeds, run, weights
+
 import graphquant
 from graphquant.errors import RecipeError
 from graphquant.recipes.auto import LATENCY_ROWS, Judge, Settings, _one_layer, split_data, time_forms
