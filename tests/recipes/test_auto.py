@@ -306,3 +306,32 @@ def test_the_embedding_tables_are_measured_in_the_whole_graph():
     )
     _, held = split_data(calib)
     assert tables["e4"]["error"] == pytest.approx(heldout_error(model, alone.model, held), rel=0.1)
+
+
+DAMPED = """
+<ir_version: 8, opset_import: ["" : 17]>
+damped (float[N, 64] x) => (float[N, 64] y) {
+  [side] b = MatMul(x, w2)
+  [main] a = MatMul(x, w1)
+  b2 = Mul(b, tiny)
+  y = Add(a, b2)
+}
+"""
+
+
+def test_a_layer_the_graph_damps_is_measured_so_and_goes_to_fewer_bits():
+    """Same weights, same inputs, so the same layer proxies: only the end-to-end gains tell the layers apart.
+
+    The damped layer comes first, so on a tie of proxies alone it would be the one upgraded.
+    """
+    rng = np.random.default_rng(5)
+    weight = weights(rng, 64, 64)
+    model = build(DAMPED, {"w1": weight, "w2": weight.copy(), "tiny": np.array(1e-3, np.float32)})
+    result = optimize(model, objective="size", max_drop=0.001, methods=["llm-int8"])
+    auto = result.report.auto
+    side, main = auto["group_gains"]
+    assert (side["first"], main["first"]) == ("side", "main")
+    assert main["proxies"] == pytest.approx(side["proxies"]) and side["measured_error"] < 1e-3 * main["measured_error"]
+    chosen = schemes(result)
+    assert chosen["side"] in LOW_BITS and chosen["main"] not in LOW_BITS
+    assert heldout_error(model, result.model) <= 0.001
