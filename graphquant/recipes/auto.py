@@ -340,6 +340,8 @@ def _group_gains(
     measured error over its summed proxies is its gain; proxies are rescaled by gain / mean gain.
     """
     layers = [unit for unit in units if not any(option.end_to_end for option in unit.options)]
+    if not layers:
+        return list(units), [], []
     floats = {unit.name: _float_index(unit) for unit in units}
     groups = [list(group) for group in np.array_split(np.arange(len(layers)), min(GAIN_GROUPS, len(layers)))]
     measured: list[tuple[list[Unit], float, float]] = []

@@ -335,3 +335,26 @@ def test_a_layer_the_graph_damps_is_measured_so_and_goes_to_fewer_bits():
     chosen = schemes(result)
     assert chosen["side"] in LOW_BITS and chosen["main"] not in LOW_BITS
     assert heldout_error(model, result.model) <= 0.001
+
+
+TABLE_ONLY = """
+<ir_version: 8, opset_import: ["" : 17]>
+table_only (int64[N, T] ids) => (float[N, T, 64] y) {
+  e = Gather(table, ids)
+  y = LayerNormalization<axis: int = -1>(e, g, b)
+}
+"""
+
+
+def test_a_graph_with_tables_and_no_layer_is_searched_on_the_tables_alone():
+    rng = np.random.default_rng(6)
+    model = build(
+        TABLE_ONLY,
+        {"table": rng.standard_normal((256, 64)).astype(np.float32), "g": np.ones(64, np.float32)}
+        | {"b": np.zeros(64, np.float32)},
+    )
+    calib = [{"ids": rng.integers(0, 256, (4, 16))} for _ in range(8)]
+    result = graphquant.optimize(model, "auto", calib, objective="size", max_drop=0.05, show_progress=False)
+    auto = result.report.auto
+    assert auto["group_gains"] == [] and [unit["unit"] for unit in auto["layers"]] == ["embeddings"]
+    assert schemes(result)["embeddings"] == "e4" and auto["chosen"]["meets_budget"]
