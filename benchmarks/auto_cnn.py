@@ -84,7 +84,10 @@ def parse_args() -> argparse.Namespace:
 def build_rows(fp32: Path, calib: list[cnn.Feed], out: Path, args: argparse.Namespace) -> list[Row]:
     """FP32, then every row --only selects (quantize_static always): recorded builds kept under --reuse."""
     only = [part.strip() for part in args.only.split(",")] if args.only else None
-    record_path = out / RECORD
+    # A folder of their own: the auto rows' labels are auto_minilm.py's, and so would be their file names.
+    models = out / "auto_cnn"
+    models.mkdir(exist_ok=True)
+    record_path = models / RECORD
     record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
     builders = {ORT_DYNAMIC: ort_dynamic(fp32), ORT_STATIC: cnn.ort_static(fp32, calib, "MinMax")}
     builders |= {label: graphquant_build(fp32, calib, recipe, options) for label, recipe, options in CONFIGS}
@@ -92,9 +95,9 @@ def build_rows(fp32: Path, calib: list[cnn.Feed], out: Path, args: argparse.Name
     for label, build in builders.items():
         if only is not None and label != ORT_STATIC and not any(part in label for part in only):
             continue
-        path = out / f"{slug(label)}.onnx"
+        path = models / f"{slug(label)}.onnx"
         kept = args.reuse and path.is_file() and label in record
-        rows.append(Row(label, path, record[label]) if kept else cnn.timed(label, out, build))
+        rows.append(Row(label, path, record[label]) if kept else cnn.timed(label, models, build))
     record.update({row.label: row.quant_s for row in rows[1:] if row.path is not None})
     record_path.write_text(json.dumps(record, indent=1), encoding="utf-8")
     return rows
