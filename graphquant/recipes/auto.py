@@ -6,8 +6,10 @@
    calibration rows of its own input, with the QuantSpecs the quantize pass would fit; the embedding tables'
    under 8 and 4 bits on their rows. Costs: bytes of each form, or its latency measured once on the target.
 3. analysis.search picks greedily by error removed per cost added; the pick is built for the target and measured
-   end to end on held-out data; while it misses the budget, the error model is re-fitted and the search upgrades
-   further from there (never back down). The method whose cheapest passing model costs least wins.
+   end to end on held-out data. After each measurement the error model (a gain times a power of the summed layer
+   errors) is re-fitted to every candidate measured; after a miss the search upgrades further from the missed
+   choice (never back down), after a pass it tries the cheaper choice the fitted model allows. The method whose
+   cheapest passing model costs least wins. The error is measured on the positions an attention mask keeps.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from graphquant.analysis.cost import cached_latencies
 from graphquant.analysis.data import Feed
 from graphquant.analysis.layers import Layer, candidates
 from graphquant.analysis.runner import load_session, open_session, run_views, session_options
-from graphquant.analysis.search import Option, Unit, greedy, more_accurate, pareto_front, predicted_error, total
+from graphquant.analysis.search import ErrorModel, Option, Unit, more_accurate, pareto_front, proxy_sums, total
 from graphquant.analysis.stats import CalibrationStats
 from graphquant.analysis.stats_cache import CachingCalibrator
 from graphquant.analysis.weight_fit import WeightScheme, fit_weight_spec, row_energy
@@ -64,7 +66,9 @@ EMBED_SCHEMES = {"float": None, "e8": 8, "e4": 4}
 QUANTIZE_OPTIONS = {"weight_clip_search": True}
 SAMPLE_ROWS = 512
 EMBEDDING_ROWS = 2048
-MAX_ROUNDS = 4
+MAX_ROUNDS = 5
+# Groups of layers (in graph order) whose end-to-end gain is measured, one build each.
+GAIN_GROUPS = 4
 # The search aims below the budget by this factor, so that the first end-to-end check usually passes; once the error
 # model is fitted to a measurement, closer.
 AIM = 0.7
@@ -164,6 +168,10 @@ class Search:
     # Calibration runs over the data, and tensors whose statistics came from the cache instead.
     calibration_runs: int = 0
     calibration_hits: int = 0
+    # Whether the held-out error left out the positions an attention mask marks as padding.
+    masked: bool = False
+    # Each group of layers measured alone end to end (_group_gains).
+    group_gains: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The report's ``auto`` section: settings, per-layer choices with why, the tried points and their front."""
@@ -176,6 +184,8 @@ class Search:
             "objective": self.settings.objective,
             "ranked_by": self.settings.ranking,
             "budget_error": self.settings.budget,
+            "positions": "unmasked (attention_mask)" if self.masked else "all",
+            "group_gains": self.group_gains,
             "method": self.method,
             "seconds": self.seconds,
             "calibration_runs": self.calibration_runs,
@@ -194,7 +204,13 @@ class Search:
             "scheme": unit.options[index].scheme,
             "why": _why(unit, index),
             "options": {
-                o.scheme: {"error": o.error, "cost": o.cost, "bytes": o.size, "latency_us": o.latency}
+                o.scheme: {
+                    "error": o.error,
+                    "measured": "end to end" if o.end_to_end else "on the layer",
+                    "cost": o.cost,
+                    "bytes": o.size,
+                    "latency_us": o.latency,
+                }
                 for o in unit.options
             },
         }
@@ -254,22 +270,25 @@ def _search_method(
     prepare(base)
     steps = METHODS[method]
     Recipe("auto", steps, target=settings.target).to_pipeline(calibrator, lower=False)(base)
-    units = measure_units(base, calibrator, settings)
-    record = Search(settings, method, units)
-    gain = settings.initial_gain
-    choice: dict[str, int] | None = greedy(units, AIM * settings.budget, gain)
+    units = _embeddings_end_to_end(base, calibrator, judge, settings, method, measure_units(base, calibrator, settings))
+    units, gains, samples = _group_gains(base, calibrator, judge, settings, method, units)
+    record = Search(settings, method, units, masked=judge.masked, group_gains=gains)
+    errors = ErrorModel(settings.initial_gain).fitted(samples)
+    choice: dict[str, int] | None = errors.choose(units, AIM * settings.budget)
     kept: tuple[Recipe, ir.Model] | None = None
     tried: list[dict[str, int]] = []
     while choice is not None and choice not in tried and len(tried) < MAX_ROUNDS:
-        point, built = _try(base, calibrator, judge, settings, method, units, choice, gain)
+        point, built = _try(base, calibrator, judge, settings, method, units, choice, errors)
         kept = built if _record(record, point, choice) else kept
         tried.append(choice)
-        choice, gain = _next_choice(units, choice, gain, point, settings), _refit(gain, point)
+        samples.append((*proxy_sums(units, choice), point.measured_error))
+        errors = errors.fitted(samples)
+        choice = _next_choice(units, choice, errors, point, settings)
     assert record.chosen is not None and kept is not None
     if not record.chosen.meets_budget:  # the last back-off: every unit at its most accurate option (float)
         choice = {unit.name: min(range(len(unit.options)), key=lambda i: unit.options[i].error) for unit in units}
         if choice not in tried:
-            point, built = _try(base, calibrator, judge, settings, method, units, choice, gain)
+            point, built = _try(base, calibrator, judge, settings, method, units, choice, errors)
             kept = built if _record(record, point, choice) else kept
     return kept[0], kept[1], record
 
@@ -282,14 +301,114 @@ def _try(
     method: str,
     units: Sequence[Unit],
     choice: dict[str, int],
-    gain: float,
+    errors: ErrorModel,
 ) -> tuple[Point, tuple[Recipe, ir.Model]]:
     """Build a choice from the prepared graph for the target and measure it end to end."""
+    recipe, candidate = _build(base, calibrator, settings, method, units, choice)
+    return _point(method, units, choice, errors, judge(candidate), settings), (recipe, candidate)
+
+
+def _build(
+    base: ir.Model,
+    calibrator: CachingCalibrator,
+    settings: Settings,
+    method: str,
+    units: Sequence[Unit],
+    choice: Mapping[str, int],
+) -> tuple[Recipe, ir.Model]:
+    """The recipe of a choice and the prepared graph's clone built with it for the target."""
     recipe = _recipe(method, units, choice, settings.target)
     candidate = base.clone()
     _mark_float(candidate, units, choice)
     recipe.to_pipeline(calibrator, first_step=len(METHODS[method]), prelude=False)(candidate)
-    return _point(method, units, choice, gain, judge(candidate), settings), (recipe, candidate)
+    return recipe, candidate
+
+
+def _group_gains(
+    base: ir.Model,
+    calibrator: CachingCalibrator,
+    judge: Judge,
+    settings: Settings,
+    method: str,
+    units: Sequence[Unit],
+) -> tuple[list[Unit], list[dict[str, Any]], list[tuple[float, float, float]]]:
+    """Layers' proxies scaled by their group's measured gain, the groups' record, and the measurements as samples.
+
+    The layers, in graph order, form GAIN_GROUPS groups; each group is built alone at its layers' probe options (the
+    most accurate quantized option cheaper than float) and measured end to end. A layer's output noise reaches the
+    output amplified or damped by what follows it (near the output it passes almost whole), so each group's
+    measured error over its summed proxies is its gain; proxies are rescaled by gain / mean gain.
+    """
+    layers = [unit for unit in units if not any(option.end_to_end for option in unit.options)]
+    if not layers:
+        return list(units), [], []
+    floats = {unit.name: _float_index(unit) for unit in units}
+    groups = [list(group) for group in np.array_split(np.arange(len(layers)), min(GAIN_GROUPS, len(layers)))]
+    measured: list[tuple[list[Unit], float, float]] = []
+    for group in groups:
+        members = [layers[i] for i in group]
+        probes = {unit.name: _probe_index(unit) for unit in members}
+        proxy = sum(unit.options[probes[unit.name]].error for unit in members)
+        error = judge(_build(base, calibrator, settings, method, units, {**floats, **probes})[1]) if proxy > 0 else 0.0
+        measured.append((members, proxy, error))
+    total_proxy = sum(proxy for _, proxy, _ in measured)
+    mean = sum(error for _, _, error in measured) / total_proxy if total_proxy > 0 else 0.0
+    factors = {
+        unit.name: error / proxy / mean if proxy > 0 and error > 0 and mean > 0 else 1.0
+        for members, proxy, error in measured
+        for unit in members
+    }
+    scaled = [
+        Unit(unit.name, tuple(dataclasses.replace(o, error=o.error * factors[unit.name]) for o in unit.options))
+        if unit.name in factors
+        else unit
+        for unit in units
+    ]
+    record = [
+        {"first": members[0].name, "layers": len(members), "proxies": proxy, "measured_error": error}
+        for members, proxy, error in measured
+    ]
+    samples = [(error / mean if mean > 0 else proxy, 0.0, error) for _, proxy, error in measured]
+    return scaled, record, samples
+
+
+def _float_index(unit: Unit) -> int:
+    """The unit's float option."""
+    return next(index for index, option in enumerate(unit.options) if option.scheme == "float")
+
+
+def _probe_index(unit: Unit) -> int:
+    """The most accurate quantized option cheaper than float (any quantized one when none is cheaper)."""
+    base = unit.options[_float_index(unit)]
+    quantized = [i for i, option in enumerate(unit.options) if option.scheme != "float"]
+    cheaper = [i for i in quantized if unit.options[i].cost < base.cost] or quantized
+    return min(cheaper, key=lambda i: unit.options[i].error) if cheaper else _float_index(unit)
+
+
+def _embeddings_end_to_end(
+    base: ir.Model,
+    calibrator: CachingCalibrator,
+    judge: Judge,
+    settings: Settings,
+    method: str,
+    units: Sequence[Unit],
+) -> list[Unit]:
+    """The embedding unit with each option's error measured in the whole graph: tables quantized, layers float.
+
+    The tables' own noise says little about the output: the lookups are summed with other embeddings and normalized
+    before any layer reads them, so their error is measured once this way instead of through the fitted gain.
+    """
+    tables = next((unit for unit in units if unit.name == EMBEDDINGS), None)
+    if tables is None:
+        return list(units)
+    floats = {unit.name: _float_index(unit) for unit in units}
+    options = []
+    for index, option in enumerate(tables.options):
+        error = 0.0
+        if option.scheme != "float":
+            error = judge(_build(base, calibrator, settings, method, units, {**floats, EMBEDDINGS: index})[1])
+        options.append(dataclasses.replace(option, error=error, end_to_end=True))
+    return [Unit(unit.name, tuple(options)) if unit is tables else unit for unit in units]
 
 
 def _record(record: Search, point: Point, choice: dict[str, int]) -> bool:
@@ -302,12 +421,12 @@ def _record(record: Search, point: Point, choice: dict[str, int]) -> bool:
 
 
 def _next_choice(
-    units: Sequence[Unit], choice: dict[str, int], gain: float, point: Point, settings: Settings
+    units: Sequence[Unit], choice: dict[str, int], errors: ErrorModel, point: Point, settings: Settings
 ) -> dict[str, int] | None:
     """Next to build: a more accurate choice after a miss, a cheaper one the re-fitted model allows after a pass."""
     if not point.meets_budget:
-        return _backed_off(units, choice, gain, point, settings)
-    cheaper = greedy(units, AIM_FITTED * settings.budget, _refit(gain, point))
+        return _backed_off(units, choice, errors, settings)
+    cheaper = errors.choose(units, AIM_FITTED * settings.budget)
     return cheaper if total(units, cheaper, "cost") < point.cost else None
 
 
@@ -335,16 +454,11 @@ def _preferred(point: Point, chosen: Point) -> bool:
     return point.cost < chosen.cost if point.meets_budget else point.measured_error < chosen.measured_error
 
 
-def _refit(gain: float, point: Point) -> float:
-    """The gain that would have predicted the measured error (kept when the prediction was zero)."""
-    return gain * point.measured_error / point.predicted_error if point.predicted_error > 0 else gain
-
-
 def _backed_off(
-    units: Sequence[Unit], choice: dict[str, int], gain: float, point: Point, settings: Settings
+    units: Sequence[Unit], choice: dict[str, int], errors: ErrorModel, settings: Settings
 ) -> dict[str, int] | None:
-    """A strictly more accurate choice: the search rerun from this one with the re-fitted gain, else one step up."""
-    upgraded = greedy(units, AIM_FITTED * settings.budget, _refit(gain, point), start=choice)
+    """A strictly more accurate choice: the search rerun from this one with the re-fitted model, else one step up."""
+    upgraded = errors.choose(units, AIM_FITTED * settings.budget, start=choice)
     if upgraded != choice:
         return upgraded
     worst = max(units, key=lambda unit: unit.options[choice[unit.name]].error)
@@ -353,13 +467,13 @@ def _backed_off(
 
 
 def _point(
-    method: str, units: Sequence[Unit], choice: dict[str, int], gain: float, error: float, settings: Settings
+    method: str, units: Sequence[Unit], choice: dict[str, int], errors: ErrorModel, error: float, settings: Settings
 ) -> Point:
     """The record of one built candidate."""
     return Point(
         method,
         {unit.name: unit.options[choice[unit.name]].scheme for unit in units},
-        predicted_error(units, choice, gain),
+        errors.predict(units, choice),
         error,
         total(units, choice, "cost"),
         int(total(units, choice, "size")),
@@ -389,14 +503,24 @@ def _literal_glob(name: str) -> str:
 
 
 class Judge:
-    """The end-to-end error of candidates on held-out data; the float model's outputs are computed once."""
+    """The end-to-end error of candidates on held-out data; the float model's outputs are computed once.
+
+    Outputs whose leading [batch, tokens] dims match a feed's attention mask are scored on the unmasked positions
+    only: padding positions carry no meaning, yet their outputs move under quantization (cosine and SQNR alike).
+    """
 
     def __init__(self, reference: ir.Model, heldout: Sequence[Feed], settings: Settings):
         self.heldout = list(heldout)
         self.settings = settings
         self.names = [value.name or "" for value in reference.graph.outputs]
         self.reference = _outputs(reference, self.names, self.heldout)
-        self._flat = [_flattened(self.reference, index) for index in range(len(self.names))]
+        self.masks = [attention_mask(feed) for feed in self.heldout]
+        self.masked = any(
+            _position_mask(batch[index], mask) is not None
+            for batch, mask in zip(self.reference, self.masks)
+            for index in range(len(self.names))
+        )
+        self._flat = [self._flattened(self.reference, index) for index in range(len(self.names))]
 
     def __call__(self, candidate: ir.Model) -> float:
         """The candidate's error under the settings' metric (1 - cosine, noise-to-signal, or the user's drop)."""
@@ -406,14 +530,33 @@ class Judge:
             return float(metric(self.reference, outputs))
         errors = []
         for index, reference in enumerate(self._flat):
-            produced = _flattened(outputs, index)
+            produced = self._flattened(outputs, index)
             errors.append(_cosine_error(reference, produced) if metric == "cosine" else _nsr(reference, produced))
         return max(errors)
 
+    def _flattened(self, outputs: Sequence[Sequence[np.ndarray]], index: int) -> np.ndarray:
+        """One output over every batch, its unmasked positions only where a mask applies, flattened, in float64."""
+        parts = []
+        for batch, mask in zip(outputs, self.masks):
+            value = batch[index]
+            keep = _position_mask(value, mask)
+            parts.append(np.ravel(value if keep is None else value[keep]).astype(np.float64))
+        return np.concatenate(parts)
 
-def _flattened(outputs: Sequence[Sequence[np.ndarray]], index: int) -> np.ndarray:
-    """One output over every batch, flattened, in float64."""
-    return np.concatenate([np.ravel(batch[index]).astype(np.float64) for batch in outputs])
+
+def attention_mask(feed: Feed) -> np.ndarray | None:
+    """The feed's [batch, tokens] 0/1 attention mask (an input named ``*attention_mask``), as booleans, or None."""
+    for name, array in feed.items():
+        if name.lower().endswith("attention_mask") and array.ndim == 2 and np.isin(array, (0, 1)).all():
+            return array.astype(bool)
+    return None
+
+
+def _position_mask(value: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
+    """The mask when it covers the output's leading [batch, tokens] dims and keeps at least one position."""
+    if mask is None or value.ndim < 2 or value.shape[:2] != mask.shape or not mask.any():
+        return None
+    return mask
 
 
 def _outputs(model: ir.Model, names: Sequence[str], feeds: Sequence[Feed]) -> list[list[np.ndarray]]:

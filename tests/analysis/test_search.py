@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from graphquant.analysis.search import (
+    POWER_RANGE,
+    ErrorModel,
     Option,
     Unit,
     cheapest,
@@ -10,6 +14,7 @@ from graphquant.analysis.search import (
     more_accurate,
     pareto_front,
     predicted_error,
+    proxy_sums,
     total,
 )
 
@@ -78,3 +83,43 @@ def test_more_accurate_is_the_cheapest_better_option():
 def test_pareto_front_keeps_the_undominated_points_by_cost():
     points = [(0.1, 5.0), (0.2, 3.0), (0.3, 4.0), (0.05, 9.0), (0.2, 3.0)]
     assert pareto_front(points) == [1, 4, 0, 3]
+
+
+def test_an_end_to_end_error_counts_as_measured_whatever_the_gain():
+    measured = Unit("tables", (Option("float", 0.0, 2.0, 200, end_to_end=True), Option("e4", 0.03, 1.0, 100, 0, True)))
+    units = [measured, UNITS[0]]
+    choice = cheapest(units)
+    assert predicted_error(units, choice, 2.0) == 0.03 + 2.0 * 0.01
+    assert predicted_error(units, choice, 0.5) == 0.03 + 0.5 * 0.01
+
+
+def test_upgrades_compare_proxies_through_the_gain():
+    """At gain 0.1 the proxy unit's 0.1 is 0.01 of model error: the measured unit's 0.05 goes first."""
+    measured = Unit("tables", (Option("float", 0.0, 2.0, 200, end_to_end=True), Option("e4", 0.05, 1.0, 100, 0, True)))
+    proxy = Unit("layer", (Option("float", 0.0, 2.0, 200), Option("w4", 0.1, 1.0, 100)))
+    choice = greedy([measured, proxy], budget=0.04, gain=0.1)
+    assert choice == {"tables": 0, "layer": 1}
+    assert greedy([measured, proxy], budget=0.06, gain=1.0) == {"tables": 1, "layer": 0}
+
+
+def test_the_error_model_fits_a_gain_and_a_power_to_the_measurements():
+    """Measured = 0.02 x proxies ** 0.5 (+ the end-to-end part): two samples recover both; one gives the ratio."""
+    samples = [(0.01, 0.0005, 0.0005 + 0.002), (0.04, 0.0, 0.004)]
+    fitted = ErrorModel(0.5).fitted(samples)
+    assert fitted.gain == pytest.approx(0.02) and fitted.power == pytest.approx(0.5)
+    alone = ErrorModel(0.5).fitted(samples[1:])
+    assert alone.power == 1.0 and alone.gain == pytest.approx(0.1)
+    # Growth slower than the least power is clamped to it; no usable sample keeps the model as it was.
+    assert ErrorModel(0.5).fitted([(0.01, 0.0, 0.001), (0.1, 0.0, 0.00101)]).power == POWER_RANGE[0]
+    assert ErrorModel(0.5).fitted([(0.0, 0.001, 0.002)]) == ErrorModel(0.5)
+
+
+def test_a_sublinear_model_upgrades_less_than_the_linear_one():
+    """At power 0.5 the predicted error of the summed proxies is their root: the same budget allows more of them."""
+    linear, root = ErrorModel(1.0), ErrorModel(0.2, power=0.5)
+    assert schemes(linear.choose(UNITS, budget=0.05)) == {"robust": "w4", "sensitive": "w8", "middle": "w8"}
+    choice = root.choose(UNITS, budget=0.05)
+    assert schemes(choice) == {"robust": "w4", "sensitive": "w8", "middle": "w4"}
+    assert root.predict(UNITS, choice) == pytest.approx(0.2 * 0.061**0.5)
+    assert proxy_sums(UNITS, choice) == pytest.approx((0.061, 0.0))
+    assert root.slope(UNITS, choice) == pytest.approx(0.1 * 0.061**-0.5)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-
 from builders import build, gaussian_feeds, run, weights
+
 import graphquant
 from graphquant.errors import RecipeError
-from graphquant.recipes.auto import LATENCY_ROWS, _one_layer, split_data, time_forms
+from graphquant.recipes.auto import LATENCY_ROWS, Judge, Settings, _one_layer, split_data, time_forms
 
 CHAIN = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -185,17 +185,19 @@ def test_the_timings_rank_the_integer_form_ahead_of_float_at_a_real_size():
 
 
 def test_candidates_after_the_first_reuse_the_statistics(chain):
-    def scaled(reference, candidate) -> float:  # 20 x (1 - cosine): the first pick, made on the raw scale, misses
+    def scaled(reference, candidate) -> float:  # 20 x (1 - cosine): a scale the initial gain knows nothing of
         expected = np.concatenate([batch[0].ravel() for batch in reference]).astype(np.float64)
         produced = np.concatenate([batch[0].ravel() for batch in candidate]).astype(np.float64)
         return 20 * (1 - float(expected @ produced / (np.linalg.norm(expected) * np.linalg.norm(produced))))
 
     result = optimize(chain, objective="size", metric=scaled, max_drop=0.05)
     auto = result.report.auto
-    assert len(auto["tried"]) >= 2
-    # symmetrize, preexecute-dequant and the scoring each calibrate once; every quantize pass finds its statistics.
-    assert auto["calibration_runs"] == 3 and auto["calibration_hits"] >= len(auto["tried"])
-    assert auto["chosen"]["meets_budget"] and auto["tried"][0]["measured_error"] > 0.05
+    # symmetrize, preexecute-dequant and the scoring each calibrate once; every other build finds its statistics:
+    # the four one-layer gain probes and every candidate tried.
+    assert len(auto["group_gains"]) == 4
+    assert auto["calibration_runs"] == 3 and auto["calibration_hits"] >= len(auto["tried"]) + 4
+    # The measured gains carry the metric's scale: the first pick already fits the budget.
+    assert auto["tried"][0]["meets_budget"] and auto["chosen"]["meets_budget"]
 
 
 def test_the_report_sums_the_timed_forms_of_the_chosen_layers(chain):
@@ -204,13 +206,14 @@ def test_the_report_sums_the_timed_forms_of_the_chosen_layers(chain):
     assert auto["chosen"]["timed_layers_us"] == pytest.approx(expected) and expected > 0
 
 
-def test_a_metric_only_float_meets_backs_off_to_float(chain):
+def test_a_metric_only_float_meets_keeps_every_layer_float(chain):
     def exact(reference, candidate) -> float:  # 1 unless equal up to float rounding (the exact rewrites reorder sums)
         return float(any(not np.allclose(r[0], c[0], rtol=1e-4, atol=1e-4) for r, c in zip(reference, candidate)))
 
     result = optimize(chain, objective="size", metric=exact, max_drop=0.5)
     auto = result.report.auto
-    assert auto["tried"][0]["measured_error"] == 1.0 and auto["chosen"]["meets_budget"]
+    # Every one-layer probe measures the metric's full error: the search goes to float without a failed candidate.
+    assert [group["measured_error"] for group in auto["group_gains"]] == [1.0] * 4 and auto["chosen"]["meets_budget"]
     assert set(schemes(result).values()) == {"float"} and not result.report.quantized
     np.testing.assert_allclose(run(result.model, HELDOUT[0])[0], run(chain, HELDOUT[0])[0], rtol=1e-4, atol=1e-4)
 
@@ -233,3 +236,125 @@ def test_the_portable_target_ranks_by_size_and_quantizes(chain):
     assert sum(scheme != "float" for scheme in schemes(result).values()) >= 3
     assert result.report.bytes_after < 0.5 * result.report.bytes_before
     assert heldout_error(chain, result.model) <= 0.03
+
+
+MASKED = """
+<ir_version: 8, opset_import: ["" : 17]>
+masked (float[N, T, 8] x, int64[N, T] MASK) => (float[N, T, 8] y) {
+  m = Cast<to: int = 1>(MASK)
+  m3 = Unsqueeze(m, axes)
+  y = Mul(x, m3)
+}
+"""
+IDENTITY = """
+<ir_version: 8, opset_import: ["" : 17]>
+identity (float[N, T, 8] x, int64[N, T] MASK) => (float[N, T, 8] y) {
+  y = Identity(x)
+}
+"""
+
+
+def masked_feeds(mask_name: str) -> list[dict[str, np.ndarray]]:
+    """Two batches whose last three positions of each row are padding."""
+    rng = np.random.default_rng(3)
+    mask = np.ones((2, 6), np.int64)
+    mask[:, 3:] = 0
+    return [{"x": rng.standard_normal((2, 6, 8)).astype(np.float32), mask_name: mask} for _ in range(2)]
+
+
+@pytest.mark.parametrize("metric", ["cosine", "sqnr"])
+def test_the_held_out_error_leaves_out_the_padding_positions(metric):
+    """A candidate that differs from the float model only where attention_mask is 0 has no error."""
+    for name, expected in (("attention_mask", 0.0), ("lengths", 1 - 0.5**0.5 if metric == "cosine" else 0.5)):
+        reference = build(IDENTITY.replace("MASK", name))
+        zeroed = build(MASKED.replace("MASK", name), {"axes": np.array([-1], np.int64)})
+        judge = Judge(reference, masked_feeds(name), Settings(metric=metric))
+        # Without a mask, half the output's energy is lost: 1 - cosine is 1 - sqrt(1/2) and noise-to-signal 1/2.
+        assert judge.masked == (expected == 0.0) and judge(zeroed) == pytest.approx(expected, abs=0.05)
+        if expected == 0.0:
+            assert judge(zeroed) == pytest.approx(0.0, abs=1e-12)
+
+
+EMBEDDED = """
+<ir_version: 8, opset_import: ["" : 17]>
+embedded (int64[N, T] ids) => (float[N, T, 64] y) {
+  e = Gather(table, ids)
+  h = LayerNormalization<axis: int = -1>(e, g, b)
+  [l1] a = MatMul(h, w1)
+  a2 = Relu(a)
+  [l2] y = MatMul(a2, w2)
+}
+"""
+
+
+def test_the_embedding_tables_are_measured_in_the_whole_graph():
+    rng = np.random.default_rng(4)
+    table = rng.standard_normal((256, 64)).astype(np.float32)
+    model = build(
+        EMBEDDED,
+        {"table": table, "g": np.ones(64, np.float32), "b": np.zeros(64, np.float32)}
+        | {f"w{i}": weights(rng, 64, 64) for i in (1, 2)},
+    )
+    calib = [{"ids": rng.integers(0, 256, (4, 16))} for _ in range(8)]
+    result = graphquant.optimize(model, "auto", calib, objective="size", max_drop=0.05, show_progress=False)
+    tables = next(unit for unit in result.report.auto["layers"] if unit["unit"] == "embeddings")["options"]
+    assert {option["measured"] for option in tables.values()} == {"end to end"}
+    assert 0 < tables["e8"]["error"] < tables["e4"]["error"]
+    # The e4 measurement is the held-out error of the model with only the tables at 4 bits, computed apart here.
+    alone = graphquant.optimize(
+        model, "w8a8", calib, passes=["quantize-embeddings"], embed_bits=4, target="ort-cpu", show_progress=False
+    )
+    _, held = split_data(calib)
+    assert tables["e4"]["error"] == pytest.approx(heldout_error(model, alone.model, held), rel=0.1)
+
+
+DAMPED = """
+<ir_version: 8, opset_import: ["" : 17]>
+damped (float[N, 64] x) => (float[N, 64] y) {
+  [side] b = MatMul(x, w2)
+  [main] a = MatMul(x, w1)
+  b2 = Mul(b, tiny)
+  y = Add(a, b2)
+}
+"""
+
+
+def test_a_layer_the_graph_damps_is_measured_so_and_goes_to_fewer_bits():
+    """Same weights, same inputs, so the same layer proxies: only the end-to-end gains tell the layers apart.
+
+    The damped layer comes first, so on a tie of proxies alone it would be the one upgraded.
+    """
+    rng = np.random.default_rng(5)
+    weight = weights(rng, 64, 64)
+    model = build(DAMPED, {"w1": weight, "w2": weight.copy(), "tiny": np.array(1e-3, np.float32)})
+    result = optimize(model, objective="size", max_drop=0.001, methods=["llm-int8"])
+    auto = result.report.auto
+    side, main = auto["group_gains"]
+    assert (side["first"], main["first"]) == ("side", "main")
+    assert main["proxies"] == pytest.approx(side["proxies"]) and side["measured_error"] < 1e-3 * main["measured_error"]
+    chosen = schemes(result)
+    assert chosen["side"] in LOW_BITS and chosen["main"] not in LOW_BITS
+    assert heldout_error(model, result.model) <= 0.001
+
+
+TABLE_ONLY = """
+<ir_version: 8, opset_import: ["" : 17]>
+table_only (int64[N, T] ids) => (float[N, T, 64] y) {
+  e = Gather(table, ids)
+  y = LayerNormalization<axis: int = -1>(e, g, b)
+}
+"""
+
+
+def test_a_graph_with_tables_and_no_layer_is_searched_on_the_tables_alone():
+    rng = np.random.default_rng(6)
+    model = build(
+        TABLE_ONLY,
+        {"table": rng.standard_normal((256, 64)).astype(np.float32), "g": np.ones(64, np.float32)}
+        | {"b": np.zeros(64, np.float32)},
+    )
+    calib = [{"ids": rng.integers(0, 256, (4, 16))} for _ in range(8)]
+    result = graphquant.optimize(model, "auto", calib, objective="size", max_drop=0.05, show_progress=False)
+    auto = result.report.auto
+    assert auto["group_gains"] == [] and [unit["unit"] for unit in auto["layers"]] == ["embeddings"]
+    assert schemes(result)["embeddings"] == "e4" and auto["chosen"]["meets_budget"]
