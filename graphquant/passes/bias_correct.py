@@ -51,7 +51,7 @@ class BiasCorrectPass(ir.passes.InPlacePass):
             found = shifts.get(shift_names[layer.node.name or ""])
             if found is None or not np.all(np.isfinite(found["ReduceMean"])):
                 continue
-            modified |= _subtract_from_bias(graph, names, layer, found["ReduceMean"].astype(np.float32))
+            modified |= subtract_from_bias(graph, names, layer, found["ReduceMean"].astype(np.float32))
         return ir.passes.PassResult(model, modified=modified)
 
 
@@ -97,7 +97,7 @@ def shadow_probe(model: ir.Model, layers: list[Layer]) -> tuple[ir.Model, dict[s
     return probe, shift_names, ranks
 
 
-def _subtract_from_bias(graph: ir.Graph, names: NameScope, layer: Layer, shift: np.ndarray) -> bool:
+def subtract_from_bias(graph: ir.Graph, names: NameScope, layer: Layer, shift: np.ndarray) -> bool:
     """b ← b - shift on the layer's bias (created if absent); False where the layer's bias cannot take it."""
     node = layer.node
     if node.op_type == "Gemm":
