@@ -272,6 +272,12 @@ GRAPHQUANT_CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("graphquant w8a8 (qdq)", "w8a8", {}),
     ("graphquant cnn-w8a8 (qdq)", "cnn-w8a8", {}),
     ("graphquant cnn-w8a8 (ort-cpu)", "cnn-w8a8", {"target": "ort-cpu"}),
+    ("graphquant cnn-w8a8 + sequential GPTQ (qdq)", "cnn-w8a8", {"gptq": True, "gptq_sequential": True}),
+    (
+        "graphquant cnn-w8a8 + sequential GPTQ (ort-cpu)",
+        "cnn-w8a8",
+        {"gptq": True, "gptq_sequential": True, "target": "ort-cpu"},
+    ),
 ]
 
 
@@ -285,7 +291,10 @@ def build_rows(fp32: Path, calib: list[Feed], check: list[Feed], out: Path, args
             rows.append(timed(label, out, ort_static(fp32, calib, method)))
         for preset in ("PERFORMANCE", "MIXED"):
             rows.append(timed(f"NNCF nncf.quantize {preset} (ONNX)", out, nncf_quantize(fp32, calib, preset)))
+    wanted = [part for part in (args.only or "").split(",") if part]
     for label, recipe, options in GRAPHQUANT_CONFIGS:
+        if wanted and not any(part in label for part in wanted):
+            continue
         rows.append(timed(label, out, graphquant_build(fp32, calib, check, recipe, options)))
     return rows
 
@@ -352,10 +361,11 @@ def table(rows: list[Row], latency: dict[str, float]) -> str:
 
 
 def parse_args() -> argparse.Namespace:
-    """--quick, --out, --skip-peers, --ort-percentile."""
+    """--quick, --out, --skip-peers, --only, --ort-percentile."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer latency rounds and repeats")
     parser.add_argument("--skip-peers", action="store_true", help="graphquant rows only (no ORT / NNCF)")
+    parser.add_argument("--only", help="comma-separated substrings: build only the graphquant rows whose label has one")
     parser.add_argument("--ort-percentile", action="store_true", help="add ORT's Percentile calibration (slow)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default benchmarks/out)")
     return parser.parse_args()

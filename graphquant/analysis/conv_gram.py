@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -250,13 +250,21 @@ def paired_moments(quantized: np.ndarray, reference: np.ndarray, geometry: ConvG
 class SequentialConvGrams:
     """Conv Grams measured when a layer's turn comes, on the model as quantized so far and on a float copy of it.
 
-    Ask for the layers in graph order, each after the ones before it hold their rounded weights: then gram(layer) is
-    X̃^T X̃ of the quantized model's input X̃, target(layer) the weights that map X̃ best onto the float output
+    Ask for the layers in graph order, each after the ones before it are rounded: then gram(layer) is X̃^T X̃ of the
+    layer's input X̃ in ``quantized(model)`` (the model with the specs annotated so far applied; by default the model
+    itself, whose rounded weights are in place), target(layer) the weights that map X̃ best onto the float output
     (gptq.sequential_target) and bias_shift(layer) the mean output error left by the layer's rounded weight.
     """
 
-    def __init__(self, model: ir.Model, layers: Sequence[Layer], data: Iterable[Feed]):
+    def __init__(
+        self,
+        model: ir.Model,
+        layers: Sequence[Layer],
+        data: Iterable[Feed],
+        quantized: Callable[[ir.Model], ir.Model] = lambda model: model,
+    ):
         self._model = model
+        self._quantized = quantized
         self._reference = model.clone()
         twins = dict(zip(model.graph, self._reference.graph))  # clone() keeps the node order
         self._data = data
@@ -302,7 +310,8 @@ class SequentialConvGrams:
         name = layer.activation.name or ""
         geometry = self._geometries[layer.node]
         total: PairedMoments | None = None
-        with open_session(self._model, [name]) as current, open_session(self._reference, [name]) as reference:
+        simulated = self._quantized(self._model)
+        with open_session(simulated, [name]) as current, open_session(self._reference, [name]) as reference:
             for feed in self._data:
                 quantized = run_views(current, [name], feed)[0]
                 batch = paired_moments(quantized, run_views(reference, [name], feed)[0], geometry)

@@ -30,7 +30,7 @@ from graphquant.analysis.weight_fit import (
     spec_from_ranges,
 )
 from graphquant.graph_edit import NameScope
-from graphquant.passes.bias_correct import subtract_from_bias
+from graphquant.passes.bias_correct import quantized_copy, subtract_from_bias
 from graphquant.quant_spec import (
     DECISION_KEY,
     INPUT_SPECS_KEY,
@@ -235,7 +235,7 @@ class QuantizePass(ir.passes.InPlacePass):
         conv_layers = [layer for layer in layers if self._uses_gptq(layer) and layer.weight_array.ndim > 2]
         grams: ConvGrams | SequentialConvGrams = ConvGrams(conv_layers)
         if self.gptq_sequential and self.calibrator is not None:
-            grams = SequentialConvGrams(model, conv_layers, self.calibrator.data)
+            grams = SequentialConvGrams(model, conv_layers, self.calibrator.data, quantized_copy)
         if not (names or outputs) or self.calibrator is None:
             return CalibrationStats(), grams
         gram_names = [layer.activation.name or "" for layer in layers if self._uses_gptq(layer)]
