@@ -51,11 +51,13 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("weight-only W4 (qdq)", "weight-only", {}),
     ("weight-only W4 sequential (qdq)", "weight-only", SEQUENTIAL),
     ("weight-only W4 + keep-8bit (qdq)", "weight-only", KEPT),
+    ("weight-only W4 sequential + keep-8bit (qdq)", "weight-only", {**SEQUENTIAL, **KEPT}),
     ("weight-only W4 block 16 + keep-8bit (qdq)", "weight-only", {**KEPT, "block_size": 16}),
     ("w4a8, no GPTQ (ort-cpu)", "w4a8", NO_GPTQ),
     ("w4a8 (ort-cpu)", "w4a8", {}),
     ("w4a8 sequential (ort-cpu)", "w4a8", SEQUENTIAL),
     ("w4a8 + keep-8bit (ort-cpu)", "w4a8", KEPT),
+    ("w4a8 sequential + keep-8bit (ort-cpu)", "w4a8", {**SEQUENTIAL, **KEPT}),
     ("splitquant W4 (qdq)", "splitquant", {}),
     ("bitmod W4 (qdq)", "bitmod", {}),
 ]

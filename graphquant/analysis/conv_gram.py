@@ -10,12 +10,14 @@ A ConvTranspose is the Conv of its zero-stuffed, re-padded input with the flippe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 
 from graphquant.analysis.data import Feed
 from graphquant.analysis.gptq import mean_shift, sequential_target
@@ -272,6 +274,9 @@ class SequentialConvGrams:
         self._moments: dict[ir.Node, PairedMoments] = {}
         self._targets: dict[ir.Node, np.ndarray] = {}
         self._twins = {node: twins[node] for node in self._geometries}
+        self._inputs = sorted({layer.activation.name or "" for layer in layers if layer.node in self._geometries})
+        self._sessions = contextlib.ExitStack()  # the float model's session, open until the last layer is measured
+        self._float_session: ort.InferenceSession | None = None
 
     @property
     def input_names(self) -> list[str]:
@@ -310,12 +315,21 @@ class SequentialConvGrams:
         name = layer.activation.name or ""
         geometry = self._geometries[layer.node]
         total: PairedMoments | None = None
-        simulated = self._quantized(self._model)
-        with open_session(simulated, [name]) as current, open_session(self._reference, [name]) as reference:
+        reference = self._reference_session()
+        with open_session(self._quantized(self._model), [name]) as current:
             for feed in self._data:
                 quantized = run_views(current, [name], feed)[0]
                 batch = paired_moments(quantized, run_views(reference, [name], feed)[0], geometry)
                 total = batch if total is None else total + batch
-            del current, reference  # before open_session unmaps the weights that they share
+            del current  # before open_session unmaps the weights that it shares
+        if len(self._moments) + 1 == len(self._geometries):
+            self._float_session = reference = None
+            self._sessions.close()
         assert total is not None, "no calibration batch"
         return total
+
+    def _reference_session(self) -> ort.InferenceSession:
+        """The float model's session, with every measured layer's input as an output (opened once)."""
+        if self._float_session is None:
+            self._float_session = self._sessions.enter_context(open_session(self._reference, self._inputs))
+        return self._float_session
