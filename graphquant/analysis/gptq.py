@@ -5,6 +5,8 @@ Conv weights use the im2col Grams of analysis/conv_gram.py, per group.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from graphquant.analysis.layers import Layer
@@ -20,8 +22,13 @@ from graphquant.analysis.weight_fit import (
 )
 from graphquant.quant_spec import QuantSpec
 
+if TYPE_CHECKING:
+    from graphquant.analysis.conv_gram import PairedMoments
+
 # Rows rounded together before their error is pushed onto the remaining rows in one matrix product.
 LAZY_ROWS = 128
+# λ/mean diag(X̃^T X̃) of sequential_target's pull towards the float weights (the Gram is often rank-deficient).
+TARGET_DAMPING = 0.01
 
 
 def gptq_round(
@@ -97,19 +104,50 @@ def grouped_gptq_round(
 
 
 def conv_weight_fit(
-    layer: Layer, scheme: WeightScheme, grams: np.ndarray, act_order: bool
+    layer: Layer, scheme: WeightScheme, grams: np.ndarray, act_order: bool, target: np.ndarray | None = None
 ) -> tuple[QuantSpec, np.ndarray | None, str]:
-    """A Conv weight's spec from its im2col Grams, the GPTQ-rounded weight (None: the spec alone) and a label suffix.
+    """A Conv weight's spec from its im2col Grams, the rounded weight (None: the spec alone) and a label suffix.
 
     Depthwise weights (one input channel per group, 9 or 25 weights per output channel) get per-channel grids
-    chosen by output error; other convs GPTQ per group.
+    chosen by output error; other convs GPTQ per group. ``target`` (in_major, from sequential_target) replaces the
+    weight being rounded; a depthwise weight is then returned too, since it differs from the layer's.
     """
-    matrix = in_major(layer)
+    matrix = in_major(layer) if target is None else target
     if layer.node.op_type == "Conv" and layer.weight_array.shape[1] == 1:
         low, high = output_error_ranges(matrix, grams, scheme.bits, scheme.symmetric)
-        return spec_from_ranges(layer, scheme, low, high), None, " output-error grids"
+        spec = spec_from_ranges(layer, scheme, low, high)
+        return spec, None if target is None else from_in_major(layer, target), " output-error grids"
     rounded, low, high = grouped_gptq_round(
         matrix, grams, scheme.bits, scheme.symmetric, block_rows(layer, scheme), scheme.clip_search, act_order
     )
     spec = spec_from_ranges(layer, scheme, low, high)
     return spec, from_in_major(layer, rounded), " GPTQ act-order" if act_order else " GPTQ"
+
+
+def sequential_target(matrix: np.ndarray, moments: PairedMoments, damping: float = TARGET_DAMPING) -> np.ndarray:
+    """The weights that best map the quantized model's input onto the float model's output, per group of columns.
+
+    W* = argmin ||X·W - X̃·W*||² + λ||W* - W||² = (X̃^T X̃ + λI)^-1 (X̃^T X·W + λW), λ = damping · mean diag(X̃^T X̃).
+    Since X̃(W* - Q) is orthogonal to the residual, ||X·W - X̃·Q||² = const + ||X̃(W* - Q)||²: GPTQ on W* with the
+    Gram X̃^T X̃ then rounds against the float model's output, so each layer undoes the error of the layers before it.
+    """
+    weights = matrix.astype(np.float64)
+    width = weights.shape[1] // moments.gram.shape[0]
+    target = np.empty_like(weights)
+    for g, (gram, cross) in enumerate(zip(moments.gram, moments.cross)):
+        columns = slice(g * width, (g + 1) * width)
+        strength = damping * max(float(np.mean(np.diag(gram))), 1e-12)
+        regularized = gram + strength * np.eye(gram.shape[0])
+        target[:, columns] = np.linalg.solve(regularized, cross @ weights[:, columns] + strength * weights[:, columns])
+    return target
+
+
+def mean_shift(matrix: np.ndarray, rounded: np.ndarray, moments: PairedMoments) -> np.ndarray:
+    """Per output channel, E[p·W] - E[p̃·Q]: what the bias must gain so that the rounded layer's mean output is the
+    float layer's."""
+    width = matrix.shape[1] // moments.gram.shape[0]
+    shift = np.empty(matrix.shape[1])
+    for g in range(moments.gram.shape[0]):
+        columns = slice(g * width, (g + 1) * width)
+        shift[columns] = moments.float_sum[g] @ matrix[:, columns] - moments.quantized_sum[g] @ rounded[:, columns]
+    return shift / max(moments.count, 1)

@@ -51,7 +51,7 @@ class BiasCorrectPass(ir.passes.InPlacePass):
             found = shifts.get(shift_names[layer.node.name or ""])
             if found is None or not np.all(np.isfinite(found["ReduceMean"])):
                 continue
-            modified |= _subtract_from_bias(graph, names, layer, found["ReduceMean"].astype(np.float32))
+            modified |= subtract_from_bias(graph, names, layer, found["ReduceMean"].astype(np.float32))
         return ir.passes.PassResult(model, modified=modified)
 
 
@@ -69,20 +69,16 @@ def annotated_layers(graph: ir.Graph) -> list[Layer]:
 
 def shadow_probe(model: ir.Model, layers: list[Layer]) -> tuple[ir.Model, dict[str, str], dict[str, int]]:
     """A QDQ-lowered copy with y_q - y of each layer as a value: layer name -> its name, and value name -> rank."""
-    probe = model.clone()
-    twins = {node.name: node for node in probe.graph}
-    for node in model.graph:  # clone() does not copy meta: every annotation, so that the copy is the quantized model
-        if INPUT_SPECS_KEY in node.meta:
-            twins[node.name].meta[INPUT_SPECS_KEY] = node.meta[INPUT_SPECS_KEY]
+    probe, twins = _annotated_copy(model)
     originals = {}
     for layer in layers:
-        twin = twins[layer.node.name]
+        twin = twins[layer.node]
         originals[layer.node.name] = (twin.inputs[layer.activation_index], twin.inputs[layer.weight_index])
     QdqLoweringPass()(probe)
     names = NameScope(probe.graph)
     shift_names, ranks = {}, {}
     for layer in layers:
-        twin = twins[layer.node.name]
+        twin = twins[layer.node]
         activation, weight = originals[layer.node.name]
         assert weight is not None and weight.const_value is not None
         float_weight = add_initializer(probe.graph, names, f"{weight.name}_float", weight.const_value.numpy())
@@ -97,7 +93,24 @@ def shadow_probe(model: ir.Model, layers: list[Layer]) -> tuple[ir.Model, dict[s
     return probe, shift_names, ranks
 
 
-def _subtract_from_bias(graph: ir.Graph, names: NameScope, layer: Layer, shift: np.ndarray) -> bool:
+def quantized_copy(model: ir.Model) -> ir.Model:
+    """A copy of the model with the specs annotated so far lowered to QDQ: the model as quantized up to now."""
+    copy, _ = _annotated_copy(model)
+    QdqLoweringPass()(copy)
+    return copy
+
+
+def _annotated_copy(model: ir.Model) -> tuple[ir.Model, dict[ir.Node, ir.Node]]:
+    """A clone carrying the original's input specs (clone() does not copy meta), and each node's twin in it."""
+    copy = model.clone()
+    twins = dict(zip(model.graph, copy.graph))  # clone() keeps the node order
+    for node, twin in twins.items():
+        if INPUT_SPECS_KEY in node.meta:
+            twin.meta[INPUT_SPECS_KEY] = node.meta[INPUT_SPECS_KEY]
+    return copy, twins
+
+
+def subtract_from_bias(graph: ir.Graph, names: NameScope, layer: Layer, shift: np.ndarray) -> bool:
     """b ← b - shift on the layer's bias (created if absent); False where the layer's bias cannot take it."""
     node = layer.node
     if node.op_type == "Gemm":

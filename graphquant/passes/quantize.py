@@ -14,7 +14,7 @@ import onnx_ir as ir
 from graphquant import progress
 from graphquant.analysis import conv_ranges
 from graphquant.analysis.calibration import Calibrator
-from graphquant.analysis.conv_gram import ConvGeometry, ConvGrams
+from graphquant.analysis.conv_gram import ConvGeometry, ConvGrams, SequentialConvGrams
 from graphquant.analysis.flexround import DEFAULT_STEPS, FlexRoundSettings, flexround_round
 from graphquant.analysis.gptq import conv_weight_fit, gptq_round
 from graphquant.analysis.layers import Candidate, Layer, candidates, scale_groups
@@ -30,6 +30,7 @@ from graphquant.analysis.weight_fit import (
     spec_from_ranges,
 )
 from graphquant.graph_edit import NameScope
+from graphquant.passes.bias_correct import quantized_copy, subtract_from_bias
 from graphquant.quant_spec import (
     DECISION_KEY,
     INPUT_SPECS_KEY,
@@ -91,6 +92,9 @@ class QuantizePass(ir.passes.InPlacePass):
     layers they match 8-bit weights, after the overrides.
     ``rounding`` (ROUNDINGS; default "gptq" if ``gptq`` else "nearest") overrides ``gptq``; under the FlexRound
     roundings (analysis/flexround.py, ``flexround_steps`` Adam steps per layer) conv weights get GPTQ.
+    ``gptq_sequential`` fits conv weights one layer at a time, in graph order, on the inputs of the model quantized
+    so far, against the float model's outputs, and moves each conv's bias by its remaining mean output error
+    (analysis/conv_gram.py's SequentialConvGrams).
     """
 
     def __init__(
@@ -107,6 +111,7 @@ class QuantizePass(ir.passes.InPlacePass):
         block_size: int | None = None,
         gptq: bool = False,
         gptq_act_order: bool = False,
+        gptq_sequential: bool = False,
         rounding: str | None = None,
         flexround_steps: int = DEFAULT_STEPS,
         overrides: Sequence[NodeOverride] = (),
@@ -133,6 +138,7 @@ class QuantizePass(ir.passes.InPlacePass):
         self.rounding = rounding or ("gptq" if gptq else "nearest")
         self.gptq = self.rounding != "nearest"  # every other rounding needs the Grams GPTQ collects
         self.gptq_act_order = gptq_act_order
+        self.gptq_sequential = gptq_sequential
         self.flexround = FlexRoundSettings(flexround_steps)
         self.overrides = tuple(overrides)
         self._kept_8bit = matching_layers([], keep_8bit)  # checks the patterns; call() fills it
@@ -168,6 +174,9 @@ class QuantizePass(ir.passes.InPlacePass):
         stats, grams = self._activation_stats(model, layers)
         names = NameScope(graph)
         ordered = [layer for group in scale_groups(layers) for layer in group.layers]
+        if isinstance(grams, SequentialConvGrams):  # each conv after the ones that feed it
+            position = {node: index for index, node in enumerate(graph)}
+            ordered.sort(key=lambda layer: position[layer.node])
         for layer in progress.bar(ordered, self._progress_label(), unit="layer"):
             self._annotate(graph, names, layer, stats, grams)
         return ir.passes.PassResult(model, modified=bool(layers))
@@ -217,7 +226,9 @@ class QuantizePass(ir.passes.InPlacePass):
         """Whether any layer could get quantized activations."""
         return bool(self.defaults.abits) or any(_expanded(o).get("abits") for o in self.overrides)
 
-    def _activation_stats(self, model: ir.Model, layers: list[Layer]) -> tuple[CalibrationStats, ConvGrams]:
+    def _activation_stats(
+        self, model: ir.Model, layers: list[Layer]
+    ) -> tuple[CalibrationStats, ConvGrams | SequentialConvGrams]:
         """Calibrate the activations of the layers that quantize them, clip-search their weights or run GPTQ.
 
         GPTQ's Hessians: X^T X for 2-D weights, the im2col Grams (ConvGrams) for conv weights.
@@ -235,7 +246,10 @@ class QuantizePass(ir.passes.InPlacePass):
             for layer in layers
             if layer.node.op_type == "Conv" and self.options_for(layer.node).abits
         ]
-        grams = ConvGrams([layer for layer in layers if self._uses_gptq(layer) and layer.weight_array.ndim > 2])
+        conv_layers = [layer for layer in layers if self._uses_gptq(layer) and layer.weight_array.ndim > 2]
+        grams: ConvGrams | SequentialConvGrams = ConvGrams(conv_layers)
+        if self.gptq_sequential and self.calibrator is not None:
+            grams = SequentialConvGrams(model, conv_layers, self.calibrator.data, quantized_copy)
         if not (names or outputs) or self.calibrator is None:
             return CalibrationStats(), grams
         gram_names = [layer.activation.name or "" for layer in layers if self._uses_gptq(layer)]
@@ -264,16 +278,20 @@ class QuantizePass(ir.passes.InPlacePass):
         layer: Layer,
         options: LayerOptions,
         stats: CalibrationStats,
-        grams: ConvGrams,
+        grams: ConvGrams | SequentialConvGrams,
     ) -> tuple[QuantSpec, str]:
         """The weight's spec and scheme label; under GPTQ the weight is replaced by its rounded values first."""
         scheme = WeightScheme(options.wbits, options.weight_symmetric, options.block_size, self.weight_clip_search)
         activation = stats.tensors.get(layer.activation.name or "")
         conv_grams = grams.gram(layer)
         if conv_grams is not None and self._uses_gptq(layer):
-            spec, rounded, suffix = conv_weight_fit(layer, scheme, conv_grams, self.gptq_act_order)
+            target = grams.target(layer)
+            spec, rounded, suffix = conv_weight_fit(layer, scheme, conv_grams, self.gptq_act_order, target)
             if rounded is not None:  # snapped onto the spec's grid, as below
                 replace_weight(graph, names, layer, spec.dequantize(spec.quantize(rounded)), "gptq")
+            shift = grams.bias_shift(layer)
+            if shift is not None and subtract_from_bias(graph, names, layer, -shift.astype(np.float32)):
+                suffix += " sequential, bias corrected"
             return spec, scheme.describe(layer) + suffix
         if not (self._uses_gptq(layer) and activation is not None and activation.gram is not None):
             energy = row_energy(layer, None if activation is None else activation.channel_mean_square())
@@ -317,7 +335,12 @@ class QuantizePass(ir.passes.InPlacePass):
         return asymmetric_spec(0.0, bound, bits) if unsigned else symmetric_spec(bound, bits)
 
     def _annotate(
-        self, graph: ir.Graph, names: NameScope, layer: Layer, stats: CalibrationStats, grams: ConvGrams
+        self,
+        graph: ir.Graph,
+        names: NameScope,
+        layer: Layer,
+        stats: CalibrationStats,
+        grams: ConvGrams | SequentialConvGrams,
     ) -> None:
         """Attach the weight and activation specs and the decision to the layer's node."""
         options = self.options_for(layer.node)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from builders import build, run, weights
-from graphquant.analysis.conv_gram import ConvGeometry, ConvGrams, patch_gram
+from graphquant.analysis.conv_gram import ConvGeometry, ConvGrams, paired_moments, patch_gram
 from graphquant.analysis.layers import classify
 from graphquant.analysis.weight_fit import in_major
 
@@ -66,6 +66,31 @@ def test_the_gram_gives_each_output_channels_energy_as_onnxruntime_computes_it(o
     predicted = [columns[:, o] @ gram[o // per_group] @ columns[:, o] for o in range(columns.shape[1])]
     energy = np.sum(y.astype(np.float64) ** 2, axis=tuple(i for i in range(y.ndim) if i != 1))
     np.testing.assert_allclose(predicted, energy, rtol=1e-4)
+
+
+@pytest.mark.parametrize("index", [0, 2, 3, 7])
+def test_paired_moments_give_the_cross_products_and_means_of_two_inputs_outputs_as_onnxruntime_computes_them(index):
+    op, attributes, shape, channels, size = GEOMETRIES[index]
+    model = conv_model(op, attributes, shape, channels, size)
+    layer = classify(next(iter(model.graph))).layer
+    geometry = ConvGeometry.of_layer(layer)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, channels, size, size)).astype(np.float32)
+    x_tilde = (x + 0.3 * rng.standard_normal(x.shape)).astype(np.float32)
+    (y,), (y_tilde,) = run(model, {"x": x}), run(model, {"x": x_tilde})
+    moments = paired_moments(x_tilde, x, geometry)
+    columns = in_major(layer)
+    per_group = columns.shape[1] // geometry.group
+    outputs = range(columns.shape[1])
+    cross = [columns[:, o] @ moments.cross[o // per_group] @ columns[:, o] for o in outputs]
+    means = [moments.float_sum[o // per_group] @ columns[:, o] / moments.count for o in outputs]
+    tilde_means = [moments.quantized_sum[o // per_group] @ columns[:, o] / moments.count for o in outputs]
+    axes = tuple(i for i in range(y.ndim) if i != 1)
+    np.testing.assert_allclose(cross, np.sum(y_tilde.astype(np.float64) * y, axis=axes), rtol=1e-4)
+    np.testing.assert_allclose(means, y.mean(axis=axes), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(tilde_means, y_tilde.mean(axis=axes), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(moments.gram, patch_gram(x_tilde, geometry), rtol=1e-12)
+    assert moments.count * columns.shape[1] == y.size
 
 
 def test_batches_stream_into_one_gram_per_layer_and_non_finite_values_count_as_zero():

@@ -7,7 +7,8 @@ import pytest
 
 from builders import build, run, weights
 from graphquant.analysis.calibration import Calibrator
-from graphquant.analysis.gptq import gptq_round
+from graphquant.analysis.conv_gram import PairedMoments
+from graphquant.analysis.gptq import gptq_round, mean_shift, sequential_target
 from graphquant.analysis.weight_fit import fit_ranges, round_trip
 from graphquant.lowering.qdq import QdqLoweringPass
 from graphquant.passes.quantize import QuantizePass
@@ -200,3 +201,83 @@ def test_conv_transpose_gptq_beats_rtn_in_onnxruntime():
         errors[gptq] = sum(float(np.sum((run(reference, f)[0] - run(model, f)[0]) ** 2)) for f in data)
     assert schemes[True] == "W3 per-channel GPTQ"
     assert errors[True] < 0.8 * errors[False]
+
+
+def moments_of(x_tilde: np.ndarray, x: np.ndarray) -> PairedMoments:
+    """The PairedMoments of [samples, K] row sets (one group)."""
+    return PairedMoments(
+        (x_tilde.T @ x_tilde)[None], (x_tilde.T @ x)[None], x_tilde.sum(0)[None], x.sum(0)[None], len(x)
+    )
+
+
+def test_the_sequential_target_is_the_weight_itself_when_the_inputs_are_the_float_ones():
+    rng = np.random.default_rng(10)
+    x, weight = correlated_inputs(rng, 200, 16), rng.standard_normal((16, 6))
+    np.testing.assert_allclose(sequential_target(weight, moments_of(x, x)), weight, rtol=1e-9, atol=1e-12)
+
+
+def test_the_sequential_target_maps_the_perturbed_input_onto_the_float_output():
+    rng = np.random.default_rng(11)
+    x, weight = correlated_inputs(rng, 400, 16), rng.standard_normal((16, 6))
+    x_tilde = x + 0.2 * rng.standard_normal(x.shape)
+    target = sequential_target(weight, moments_of(x_tilde, x))
+    best = np.linalg.lstsq(x_tilde, x @ weight, rcond=None)[0]
+    plain, fitted, optimum = (float(np.sum((x @ weight - x_tilde @ w) ** 2)) for w in (weight, target, best))
+    assert optimum <= fitted < min(1.01 * optimum, 0.97 * plain)
+
+
+def test_the_mean_shift_is_the_mean_output_difference():
+    rng = np.random.default_rng(12)
+    x, weight = correlated_inputs(rng, 100, 8), rng.standard_normal((8, 4))
+    x_tilde, rounded = x + 0.1 + 0.1 * rng.standard_normal(x.shape), np.round(weight * 2) / 2
+    expected = (x @ weight - x_tilde @ rounded).mean(axis=0)
+    np.testing.assert_allclose(mean_shift(weight, rounded, moments_of(x_tilde, x)), expected, rtol=1e-10)
+
+
+CHAIN = """
+<ir_version: 8, opset_import: ["" : 17]>
+chain (float[N, 8, 8, 8] x) => (float[N, 8, 8, 8] y) {
+  [stem] a = Conv<kernel_shape: ints = [3, 3], pads: ints = [1, 1, 1, 1]>(x, w1, b1)
+  ar = Relu(a)
+  [depthwise] d = Conv<kernel_shape: ints = [3, 3], pads: ints = [1, 1, 1, 1], group: int = 16>(ar, w2, b2)
+  dr = Relu(d)
+  [expand] e = Conv<kernel_shape: ints = [1, 1]>(dr, w3)
+  er = Relu(e)
+  [project] y = Conv<kernel_shape: ints = [1, 1]>(er, w4, b4)
+}
+"""
+
+
+def chain_error(sequential: bool, abits: int) -> tuple[list[str], float]:
+    """The schemes and the summed squared output error in onnxruntime of the W3 conv chain on its calibration data."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "w1": weights(rng, 16, 8, 3, 3, scale=1 / 8),
+        "b1": weights(rng, 16, scale=0.1),
+        "w2": weights(rng, 16, 1, 3, 3, scale=1 / 3),
+        "b2": weights(rng, 16, scale=0.1),
+        "w3": weights(rng, 24, 16, 1, 1, scale=1 / 4),
+        "w4": weights(rng, 8, 24, 1, 1, scale=1 / 5),
+        "b4": weights(rng, 8, scale=0.1),
+    }
+    reference = build(CHAIN, arrays)
+    data = [{"x": images} for images in np.split(correlated_images(rng, 16)[:, :8], 4)]
+    model = reference.clone()
+    calibrator = Calibrator.for_model(model, data, show_progress=False)
+    QuantizePass(calibrator, wbits=3, abits=abits, weight_symmetric=False, gptq=True, gptq_sequential=sequential)(model)
+    schemes = [node.meta["graphquant.decision"].scheme.split(",")[0] for node in model.graph if node.op_type == "Conv"]
+    QdqLoweringPass()(model)
+    return schemes, sum(float(np.sum((run(reference, f)[0] - run(model, f)[0]) ** 2)) for f in data)
+
+
+@pytest.mark.parametrize("abits", [0, 8])
+def test_sequential_conv_gptq_undoes_the_error_of_the_layers_before_it_in_onnxruntime(abits):
+    schemes, sequential = chain_error(True, abits)
+    _, plain = chain_error(False, abits)
+    assert schemes == [
+        "W3 asym per-channel GPTQ sequential",
+        "W3 asym per-channel output-error grids sequential",
+        "W3 asym per-channel GPTQ sequential",
+        "W3 asym per-channel GPTQ sequential",
+    ]
+    assert sequential < 0.8 * plain
