@@ -4,7 +4,8 @@ The question it answers: is FlexRound's loss (the quantity analysis/flexround.py
 on the same damped Gram H = XᵀX of the calibration inputs? Weights asymmetric per output channel, clip-searched,
 GPTQ with act-order, as in benchmarks/flexround_minilm.py; Grams from CALIBRATION_SENTENCES. Each FlexRound run
 (``--runs STEPS:LR``) starts from RTN's codes, and once from GPTQ's (``--from-gptq``); losses are printed as
-ratios to GPTQ's (below 1: better than GPTQ), with the fraction of GPTQ's codes a GPTQ-started run changed.
+ratios to GPTQ's (below 1: better than GPTQ), with the fraction of GPTQ's codes a GPTQ-started run changed and
+the fraction that one ±1 change alone would improve (GPTQ's greedy codes are not a local optimum where it is > 0).
 
     .venv/bin/python benchmarks/flexround_layer_loss.py [--bits 4 3] [--layers 0 4 5] [--runs 300:1e-3 1000:3e-3]
 """
@@ -25,7 +26,7 @@ from table_rows import log, publish
 
 import graphquant
 from graphquant.analysis.calibration import Calibrator
-from graphquant.analysis.flexround import FlexRoundSettings, damped, flexround_round
+from graphquant.analysis.flexround import FlexRoundSettings, Grid, damped, flexround_round
 from graphquant.analysis.gptq import gptq_round
 from graphquant.analysis.layers import candidates
 from graphquant.analysis.weight_fit import fit_ranges, in_major, round_trip
@@ -72,6 +73,20 @@ def rtn(weight: np.ndarray, gram: np.ndarray, bits: int) -> np.ndarray:
     return round_trip(weight, low, high, bits, False)
 
 
+def improving_flips(hessian: np.ndarray, weight: np.ndarray, gptq: tuple[np.ndarray, ...], bits: int) -> float:
+    """The fraction of GPTQ's codes whose change by +1 or -1 alone (inside the code range) lowers tr(DᵀHD)."""
+    grid = Grid.of_ranges(gptq[1], gptq[2], bits, symmetric=False)
+    codes = np.rint(gptq[0] / grid.step)
+    pulled = hessian @ (weight - gptq[0])
+    # Moving one entry by d changes the loss by -2·d·(H·D)[i, j] + d²·H[i, i].
+    lowers = np.zeros(weight.shape, bool)
+    for sign in (1, -1):
+        inside = (codes + sign >= grid.lower) & (codes + sign <= grid.upper)
+        change = sign * grid.step
+        lowers |= inside & (change * change * np.diag(hessian)[:, None] < 2 * change * pulled)
+    return float(np.mean(lowers))
+
+
 def rows(problem: Problem, bits: int, runs: list[str], from_gptq: bool) -> list[str]:
     """One markdown row per FlexRound run on one linear: its loss over GPTQ's, and RTN's for reference."""
     name, weight, gram = problem
@@ -79,7 +94,11 @@ def rows(problem: Problem, bits: int, runs: list[str], from_gptq: bool) -> list[
     start = time.perf_counter()
     gptq = gptq_round(weight, gram, bits, False, block, True, True)
     gptq_s, base = time.perf_counter() - start, loss(hessian, weight, gptq[0])
-    prefix = f"| {name} {weight.shape[0]}x{weight.shape[1]} | W{bits} | {loss(hessian, weight, rtn(weight, gram, bits)) / base:.3f} | {gptq_s:.1f} |"
+    relative_rtn = loss(hessian, weight, rtn(weight, gram, bits)) / base
+    flips = improving_flips(hessian, weight, gptq, bits)
+    prefix = (
+        f"| {name} {weight.shape[0]}x{weight.shape[1]} | W{bits} | {relative_rtn:.3f} | {gptq_s:.1f} | {flips:.4f} |"
+    )
     lines = []
     for run in runs:
         steps, rate = run.split(":")
@@ -105,10 +124,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     lines = [
         (
-            "| linear [K x N] | bits | RTN / GPTQ | GPTQ s | FlexRound steps @ lr, start | FlexRound / GPTQ | "
+            "| linear [K x N] | bits | RTN / GPTQ | GPTQ s | GPTQ codes a single flip improves | "
+            "FlexRound steps @ lr, start | FlexRound / GPTQ | "
             "codes changed vs GPTQ | FlexRound s |"
         ),
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for problem in problems(args.layers, out):
         for bits in args.bits:
