@@ -119,6 +119,7 @@ def parse_args() -> argparse.Namespace:
         help="comma-separated rows to build and measure besides FP32: a row's file stem in --out selects just that "
         "row, any other entry every row whose label contains it",
     )
+    parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 7, 3 with --quick)")
     return parser.parse_args()
 
 
@@ -342,6 +343,7 @@ def main() -> None:
     rows = build_rows(fp32, calib, out, args.reuse, only)
     evaluate(rows, heldout)
     rounds, repeats = (3, 5) if args.quick else (7, 10)
+    rounds = args.rounds or rounds
     feed = common.latency_feed()
     log(f"timing {sum(row.path is not None for row in rows)} models interleaved: {rounds} rounds x {repeats} runs")
     latency = latencies(rows, feed, rounds, repeats)
