@@ -72,3 +72,16 @@ def release_mapping(tensor: ir.TensorProtocol | None) -> None:
             tensor.raw.madvise(mmap.MADV_DONTNEED)
         with contextlib.suppress(BufferError):
             tensor.release()
+
+
+def release_pages(tensor: ir.TensorProtocol | None, start: int, stop: int) -> None:
+    """Drop the resident pages of bytes [start, stop) of an external tensor's data that it has mapped.
+
+    Other tensors are left alone. Only whole pages inside the range go (a view reads them again from the file).
+    """
+    if isinstance(tensor, ir.ExternalTensor) and tensor.raw is not None and not tensor.raw.closed:
+        base = tensor.offset or 0
+        first = -(-(base + start) // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = (base + stop) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            tensor.raw.madvise(mmap.MADV_DONTNEED, first, last - first)
