@@ -8,7 +8,7 @@ import ctypes.util
 import functools
 import gc
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -17,6 +17,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from graphquant.analysis import segments as segment_plan
 from graphquant.analysis.data import Feed
 from graphquant.errors import InvalidModelError
 from graphquant.frontends.mapped_weights import INLINE_KEY
@@ -35,6 +36,8 @@ SHARED_LOCATION = "shared-initializers.bin"
 # Models with fewer initializer bytes keep their weights in memory while their own session holds a copy (park).
 PARKED_MODEL_BYTES = 64 << 20
 PARKED_LOCATION = "parked-weights.bin"
+# Models that share weights run in segments of about 1 / SEGMENTS of their weight bytes each (see open_segmented).
+SEGMENTS = 4
 # The file a recorded run's feeds and outputs wait in (recorded_runs).
 RECORDED_LOCATION = "recorded-outputs.npy"
 # glibc's mallopt parameter number of M_MMAP_THRESHOLD, and the threshold graphquant sets (see _map_large_allocations).
@@ -134,6 +137,10 @@ def open_session(
     proto = _session_proto(model, shared)
     proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra_outputs if n not in output_names)
     options = session_options()
+    parks = park and not shared and initializer_bytes(model) > PARKED_MODEL_BYTES
+    if parks:
+        # The arena would keep each run's largest buffers (a float copy of a weight behind its DequantizeLinear).
+        options.enable_cpu_mem_arena = False
     if shared:
         # onnxruntime's graph optimizers (constant folding, QDQ fusions) read initializer data from the proto, which
         # for shared initializers is the placeholder's zeros: the unoptimized graph runs instead.
@@ -152,7 +159,7 @@ def open_session(
                 proto = None  # before onnxruntime reads its own copy of the weights
                 release_mappings(model)
                 session = load_session(str(scratch / "model.onnx"), options)
-            if park and not shared and initializer_bytes(model) > PARKED_MODEL_BYTES:
+            if parks:
                 parking.enter_context(_parked(_in_memory_weights(model), parking.enter_context(scratch_folder())))
             yield session
         finally:
@@ -160,6 +167,105 @@ def open_session(
             session = options = buffers = proto = None
             release_mappings(model)
             _return_freed_memory()
+
+
+Outputs = dict[str, np.ndarray]
+
+
+@contextlib.contextmanager
+def open_segmented(model: ir.Model, names: Sequence[str]) -> Iterator[Callable[[Feed], Iterator[Outputs]]]:
+    """A run of the model that yields the named tensors of one feed in parts, one graph segment at a time.
+
+    A model that shares its weights (see open_session) and splits (analysis/segments.py) runs as consecutive
+    segments of about 1 / SEGMENTS of its weight bytes, each in its own session, whose weight pages are dropped
+    once it has run: one segment's weights are resident at a time. Values crossing segments are passed on in
+    memory. Other models run whole, as one part. Each part is yielded before the next segment runs.
+    """
+    segments = segment_plan.plan(model.graph, names, SEGMENTS) if shares_weights(model) else None
+    if segments is None:
+        with open_session(model, names) as session:
+            yield lambda feed: iter([dict(zip(names, run_views(session, names, feed)))])
+            del session  # before open_session unmaps the weights that it shares
+        return
+    _map_large_allocations()
+    gc.collect()
+    shared = _shared_initializers(model)
+    release_mappings(model)
+    whole = _session_proto(model, shared)
+    buffers = {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(t.numpy())) for n, t in shared.items()}
+    sessions: list[ort.InferenceSession | None] = [None] * len(segments)
+    graph_inputs = {value.name for value in model.graph.inputs}
+
+    def run(feed: Feed) -> Iterator[Outputs]:
+        available = dict(feed)
+        first = {name: np.ascontiguousarray(feed[name]) for name in names if name in graph_inputs}
+        for index, segment in enumerate(segments):
+            if sessions[index] is None:
+                sessions[index] = _segment_session(whole, segment, available, buffers, scratch, index)
+            made = dict(
+                zip(
+                    segment.outputs,
+                    run_views(sessions[index], segment.outputs, {n: available[n] for n in segment.inputs}),
+                )
+            )
+            release_mappings(model)
+            later = {name for other in segments[index + 1 :] for name in other.inputs}
+            available = {name: array for name, array in [*available.items(), *made.items()] if name in later}
+            part = (
+                {**first, **{name: made[name] for name in segment.wanted}}
+                if index == 0
+                else {name: made[name] for name in segment.wanted}
+            )
+            del made
+            yield part
+
+    try:
+        with scratch_folder() as scratch:
+            with open(scratch / SHARED_LOCATION, "wb") as placeholder:
+                placeholder.truncate(max((tensor.nbytes for tensor in shared.values()), default=0))
+            yield run
+    finally:
+        sessions.clear()
+        buffers.clear()
+        release_mappings(model)
+        _return_freed_memory()
+
+
+def _segment_session(
+    whole: onnx.ModelProto,
+    segment: segment_plan.Segment,
+    available: Outputs,
+    buffers: dict[str, ort.OrtValue],
+    scratch: Path,
+    index: int,
+) -> ort.InferenceSession:
+    """A session on one segment of the whole model's proto, its crossing inputs typed as the arrays that feed them."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(whole)
+    graph = proto.graph
+    nodes = [whole.graph.node[i] for i in segment.nodes]
+    made = {name for node in nodes for name in node.output}
+    keep = set(segment.initializers)
+    originals = {value.name: value for value in whole.graph.input}
+    del graph.node[:], graph.initializer[:], graph.input[:], graph.output[:], graph.value_info[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(tensor for tensor in whole.graph.initializer if tensor.name in keep)
+    graph.input.extend(
+        originals.get(name)
+        or onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(available[name].dtype), None)
+        for name in segment.inputs
+    )
+    graph.output.extend(onnx.ValueInfoProto(name=name) for name in segment.outputs)
+    graph.value_info.extend(info for info in whole.graph.value_info if info.name in made)
+    options = session_options()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as in open_session's shared runs
+    options.enable_cpu_mem_arena = False
+    for name in segment.initializers:
+        if name in buffers:
+            options.add_initializer(name, buffers[name])
+    path = scratch / f"segment{index}.onnx"
+    onnx.save(proto, path)
+    return load_session(str(path), options)
 
 
 def run_views(session: ort.InferenceSession, names: Sequence[str], feed: Feed) -> list[np.ndarray]:
@@ -187,15 +293,19 @@ def recorded_runs(
     large model, the ``parked`` model's own in-memory weights wait in that file meanwhile (see parked_weights).
     """
     with scratch_folder() as folder, open(folder / RECORDED_LOCATION, "w+b") as store:
-        recorded: list[list[str]] = []  # each feed's input names
-        with parked_weights(parked, model, folder), open_session(model, names) as session:
+        recorded: list[tuple[list[str], list[str]]] = []  # each feed's input names and output names, as stored
+        with parked_weights(parked, model, folder), open_segmented(model, names) as run:
             for feed in feeds:
-                for array in [*feed.values(), *run_views(session, names, feed)]:
+                for array in feed.values():
                     np.save(store, array, allow_pickle=False)
-                recorded.append(list(feed))
-            del session  # before open_session unmaps the weights that it shares
+                stored: list[str] = []
+                for outputs in run(feed):
+                    for name in list(outputs):
+                        np.save(store, outputs.pop(name), allow_pickle=False)
+                        stored.append(name)
+                recorded.append((list(feed), stored))
         store.seek(0)
-        yield (_replayed(store, folder / RECORDED_LOCATION, inputs, len(names)) for inputs in recorded)
+        yield (_replayed(store, folder / RECORDED_LOCATION, inputs, stored, names) for inputs, stored in recorded)
 
 
 @contextlib.contextmanager
@@ -270,13 +380,17 @@ def _unparked(tensor: ir.TensorProtocol) -> ir.Tensor:
     )
 
 
-def _replayed(store: BinaryIO, path: Path, input_names: list[str], output_count: int) -> tuple[Feed, list[np.ndarray]]:
-    """One recorded feed and its outputs from the store's current position, the outputs memory-mapped from ``path``.
+def _replayed(
+    store: BinaryIO, path: Path, input_names: list[str], stored: list[str], names: Sequence[str]
+) -> tuple[Feed, list[np.ndarray]]:
+    """One recorded feed and its outputs (stored in ``stored`` order, returned in ``names`` order) from the store's
+    current position, the outputs memory-mapped from ``path``.
 
     Mapped, the outputs take no memory while the second model runs; their pages are read when they are compared.
     """
     feed = {name: np.load(store, allow_pickle=False) for name in input_names}
-    return feed, [_mapped_array(store, path) for _ in range(output_count)]
+    outputs = {name: _mapped_array(store, path) for name in stored}
+    return feed, [outputs[name] for name in names]
 
 
 def _mapped_array(store: BinaryIO, path: Path) -> np.ndarray:
