@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+from collections.abc import Iterator
 
 import numpy as np
 import onnx_ir as ir
+
+# Values per slice of read_in_slices.
+SLICE_ELEMENTS = 1 << 20
 
 
 class NameScope:
@@ -85,3 +89,16 @@ def release_pages(tensor: ir.TensorProtocol | None, start: int, stop: int) -> No
         last = (base + stop) // mmap.PAGESIZE * mmap.PAGESIZE
         if last > first:
             tensor.raw.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def read_in_slices(tensor: ir.TensorProtocol, array: np.ndarray) -> Iterator[slice]:
+    """Leading-axis slices of ``array`` (the tensor's values, at least 1-D), about SLICE_ELEMENTS values each.
+
+    Once the caller has read a slice, a memory-mapped tensor's pages of it are dropped: a copy made slice by slice
+    never has the whole original resident beside it.
+    """
+    row = array.size // max(1, array.shape[0])  # values per leading-axis index
+    step = max(1, SLICE_ELEMENTS // max(1, row))
+    for start in range(0, array.shape[0], step):
+        yield slice(start, start + step)
+        release_pages(tensor, start * row * array.itemsize, (start + step) * row * array.itemsize)

@@ -9,7 +9,7 @@ import onnx_ir as ir
 
 from graphquant.analysis.layers import RMS_NORM_OPS, Layer, channel_scale_input, classify, constant_array
 from graphquant.analysis.runner import release_mapping
-from graphquant.graph_edit import NameScope, add_initializer, insert_after_producer, release_pages, remove_if_unused
+from graphquant.graph_edit import NameScope, add_initializer, insert_after_producer, read_in_slices, remove_if_unused
 from graphquant.quant_spec import KEEP_FLOAT_KEY
 
 # Marks the Mul/Add nodes that carry a group's channel affine, so later passes can compose into them.
@@ -297,20 +297,16 @@ def scale_weight_columns(graph: ir.Graph, names: NameScope, layer: Layer, factor
 def _scale_weight(graph: ir.Graph, names: NameScope, layer: Layer, factors: np.ndarray, axis: int) -> None:
     """The layer's weight times ``factors`` along ``axis``, as a new initializer.
 
-    Built a few leading-axis slices at a time, each slice's pages of a memory-mapped original dropped once read, so
-    that the original and its scaled copy are not both resident.
+    Built slice by slice (graph_edit.read_in_slices), so that a memory-mapped original and its scaled copy are not
+    both resident.
     """
     weight = layer.weight_array
     shape = [1] * weight.ndim
     shape[axis] = factors.size
     factors = factors.reshape(shape)
     scaled = np.empty(weight.shape, weight.dtype)
-    row = weight.size // max(1, weight.shape[0])  # elements per leading-axis index
-    step = max(1, WEIGHT_CHUNK_ELEMENTS // max(1, row))
-    for start in range(0, weight.shape[0], step):
-        part = slice(start, start + step)
+    for part in read_in_slices(layer.weight.const_value, weight):
         scaled[part] = weight[part] * (factors[part] if axis == 0 else factors)
-        release_pages(layer.weight.const_value, start * row * weight.itemsize, (start + step) * row * weight.itemsize)
     del weight
     replace_weight(graph, names, layer, scaled, "scaled")
 

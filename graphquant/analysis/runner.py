@@ -21,7 +21,7 @@ from graphquant.analysis import segments as segment_plan
 from graphquant.analysis.data import Feed
 from graphquant.errors import InvalidModelError
 from graphquant.frontends.mapped_weights import INLINE_KEY
-from graphquant.graph_edit import release_mapping
+from graphquant.graph_edit import read_in_slices, release_mapping
 from graphquant.scratch import scratch_folder
 
 # Above this many initializer bytes the model is written with external data (the protobuf limit is 2 GiB).
@@ -187,48 +187,68 @@ def open_segmented(model: ir.Model, names: Sequence[str]) -> Iterator[Callable[[
             yield lambda feed: iter([dict(zip(names, run_views(session, names, feed)))])
             del session  # before open_session unmaps the weights that it shares
         return
+    with _segmented_runs(model, names, segments) as run:
+        yield run
+
+
+@contextlib.contextmanager
+def _segmented_runs(
+    model: ir.Model, names: Sequence[str], segments: list[segment_plan.Segment]
+) -> Iterator[Callable[[Feed], Iterator[Outputs]]]:
+    """open_segmented's run for a model that splits."""
     _map_large_allocations()
     gc.collect()
-    shared = _shared_initializers(model)
-    release_mappings(model)
-    whole = _session_proto(model, shared)
-    buffers = {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(t.numpy())) for n, t in shared.items()}
-    sessions: list[ort.InferenceSession | None] = [None] * len(segments)
-    graph_inputs = {value.name for value in model.graph.inputs}
-
-    def run(feed: Feed) -> Iterator[Outputs]:
-        available = dict(feed)
-        first = {name: np.ascontiguousarray(feed[name]) for name in names if name in graph_inputs}
-        for index, segment in enumerate(segments):
-            if sessions[index] is None:
-                sessions[index] = _segment_session(whole, segment, available, buffers, scratch, index)
-            made = dict(
-                zip(
-                    segment.outputs,
-                    run_views(sessions[index], segment.outputs, {n: available[n] for n in segment.inputs}),
-                )
-            )
+    with scratch_folder() as scratch:
+        shared = _shared_initializers(model)
+        with open(scratch / SHARED_LOCATION, "wb") as placeholder:
+            placeholder.truncate(max((tensor.nbytes for tensor in shared.values()), default=0))
+        release_mappings(model)
+        run = _SegmentedRun(model, names, segments, shared, scratch)
+        try:
+            yield run
+        finally:
+            run.sessions.clear()
+            run.buffers.clear()
             release_mappings(model)
-            later = {name for other in segments[index + 1 :] for name in other.inputs}
+            _return_freed_memory()
+
+
+class _SegmentedRun:
+    """Runs one feed through the segments in turn, each in its own session (opened on its first feed)."""
+
+    def __init__(
+        self,
+        model: ir.Model,
+        names: Sequence[str],
+        segments: list[segment_plan.Segment],
+        shared: dict[str, ir.TensorProtocol],
+        scratch: Path,
+    ):
+        self.model, self.names, self.segments, self.scratch = model, names, segments, scratch
+        self.whole = _session_proto(model, shared)
+        self.buffers = {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(t.numpy())) for n, t in shared.items()}
+        self.sessions: list[ort.InferenceSession | None] = [None] * len(segments)
+        self.graph_inputs = {value.name for value in model.graph.inputs}
+
+    def __call__(self, feed: Feed) -> Iterator[Outputs]:
+        """The named tensors, one segment's at a time (the asked-for graph inputs with the first)."""
+        available = dict(feed)
+        part = {name: np.ascontiguousarray(feed[name]) for name in self.names if name in self.graph_inputs}
+        for index, segment in enumerate(self.segments):
+            session = self.sessions[index]
+            if session is None:
+                session = _segment_session(self.whole, segment, available, self.buffers, self.scratch / f"{index}.onnx")
+                self.sessions[index] = session
+            feed_part = {name: available[name] for name in segment.inputs}
+            made = dict(zip(segment.outputs, run_views(session, segment.outputs, feed_part)))
+            del session, feed_part
+            release_mappings(self.model)  # this segment's weight pages
+            later = {name for other in self.segments[index + 1 :] for name in other.inputs}
             available = {name: array for name, array in [*available.items(), *made.items()] if name in later}
-            part = (
-                {**first, **{name: made[name] for name in segment.wanted}}
-                if index == 0
-                else {name: made[name] for name in segment.wanted}
-            )
+            part.update((name, made[name]) for name in segment.wanted)
             del made
             yield part
-
-    try:
-        with scratch_folder() as scratch:
-            with open(scratch / SHARED_LOCATION, "wb") as placeholder:
-                placeholder.truncate(max((tensor.nbytes for tensor in shared.values()), default=0))
-            yield run
-    finally:
-        sessions.clear()
-        buffers.clear()
-        release_mappings(model)
-        _return_freed_memory()
+            part = {}
 
 
 def _segment_session(
@@ -236,8 +256,7 @@ def _segment_session(
     segment: segment_plan.Segment,
     available: Outputs,
     buffers: dict[str, ort.OrtValue],
-    scratch: Path,
-    index: int,
+    path: Path,
 ) -> ort.InferenceSession:
     """A session on one segment of the whole model's proto, its crossing inputs typed as the arrays that feed them."""
     proto = onnx.ModelProto()
@@ -263,7 +282,6 @@ def _segment_session(
     for name in segment.initializers:
         if name in buffers:
             options.add_initializer(name, buffers[name])
-    path = scratch / f"segment{index}.onnx"
     onnx.save(proto, path)
     return load_session(str(path), options)
 
@@ -339,6 +357,7 @@ def _in_memory_weights(model: ir.Model) -> list[ir.Value]:
 def _parked(values: list[ir.Value], folder: Path) -> Iterator[None]:
     """The values' tensors written to ``folder`` and memory-mapped for a while, then read back into memory."""
     path = folder / PARKED_LOCATION
+    gc.collect()  # replaced weights waiting in reference cycles go before the parked copies are made
     with open(path, "wb") as store:
         for value in values:
             assert value.const_value is not None
@@ -353,7 +372,8 @@ def _parked(values: list[ir.Value], folder: Path) -> Iterator[None]:
 def _parked_tensor(store: BinaryIO, tensor: ir.TensorProtocol, folder: Path) -> ir.ExternalTensor:
     """Append the tensor's bytes to the store and return a mapped tensor that reads them back."""
     offset = store.tell()
-    store.write(tensor.tobytes())
+    array = np.ascontiguousarray(tensor.numpy())
+    store.write(array.astype(array.dtype.newbyteorder("<"), copy=False).data)  # the bytes, uncopied where native
     return ir.ExternalTensor(
         PARKED_LOCATION,
         offset,
@@ -368,8 +388,14 @@ def _parked_tensor(store: BinaryIO, tensor: ir.TensorProtocol, folder: Path) -> 
 
 
 def _unparked(tensor: ir.TensorProtocol) -> ir.Tensor:
-    """A parked tensor's values in memory again, its mapping closed."""
-    array = np.array(tensor.numpy())
+    """A parked tensor's values in memory again (copied slice by slice), its mapping closed."""
+    source = tensor.numpy()
+    array = np.empty(source.shape, source.dtype)
+    if source.ndim == 0:
+        array[...] = source
+    for part in read_in_slices(tensor, source) if source.ndim else ():
+        array[part] = source[part]
+    del source
     release_mapping(tensor)
     return ir.Tensor(
         array,
