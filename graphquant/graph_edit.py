@@ -9,6 +9,8 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
+from graphquant.scratch import drop_pages
+
 # Values per slice of read_in_slices.
 SLICE_ELEMENTS = 1 << 20
 
@@ -68,7 +70,8 @@ def remove_if_unused(graph: ir.Graph, value: ir.Value) -> bool:
 def release_mapping(tensor: ir.TensorProtocol | None) -> None:
     """Drop an external tensor's resident pages and unmap its file unless a numpy view of it is still alive.
 
-    Other tensors are left alone. The mapping is read-only, so a view that is still alive reads the same bytes
+    A tensor of a file-backed array (scratch.file_backed_array) has its resident pages dropped. Other tensors are left
+    alone. The mapping is read-only, so a view that is still alive reads the same bytes
     again from the file (the page cache) if it is used.
     """
     if isinstance(tensor, ir.ExternalTensor):
@@ -76,6 +79,8 @@ def release_mapping(tensor: ir.TensorProtocol | None) -> None:
             tensor.raw.madvise(mmap.MADV_DONTNEED)
         with contextlib.suppress(BufferError):
             tensor.release()
+    elif isinstance(tensor, ir.Tensor) and isinstance(tensor.raw, np.ndarray):
+        drop_pages(tensor.raw)
 
 
 def release_pages(tensor: ir.TensorProtocol | None, start: int, stop: int) -> None:

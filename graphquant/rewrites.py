@@ -11,6 +11,7 @@ from graphquant.analysis.layers import RMS_NORM_OPS, Layer, channel_scale_input,
 from graphquant.analysis.runner import release_mapping
 from graphquant.graph_edit import NameScope, add_initializer, insert_after_producer, read_in_slices, remove_if_unused
 from graphquant.quant_spec import KEEP_FLOAT_KEY
+from graphquant.scratch import drop_pages, file_backed_array
 
 # Marks the Mul/Add nodes that carry a group's channel affine, so later passes can compose into them.
 AFFINE_BRANCH_KEY = "graphquant.affine_branch"
@@ -298,16 +299,17 @@ def _scale_weight(graph: ir.Graph, names: NameScope, layer: Layer, factors: np.n
     """The layer's weight times ``factors`` along ``axis``, as a new initializer.
 
     Built slice by slice (graph_edit.read_in_slices), so that a memory-mapped original and its scaled copy are not
-    both resident.
+    both resident; a large copy is file-backed (scratch.file_backed_array), so its pages can be dropped too.
     """
     weight = layer.weight_array
     shape = [1] * weight.ndim
     shape[axis] = factors.size
     factors = factors.reshape(shape)
-    scaled = np.empty(weight.shape, weight.dtype)
+    scaled = file_backed_array(weight.shape, weight.dtype)
     for part in read_in_slices(layer.weight.const_value, weight):
         scaled[part] = weight[part] * (factors[part] if axis == 0 else factors)
     del weight
+    drop_pages(scaled)  # written to its file: resident again only while read
     replace_weight(graph, names, layer, scaled, "scaled")
 
 
