@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+from collections.abc import Iterator
 
 import numpy as np
 import onnx_ir as ir
+
+from graphquant.scratch import drop_pages
+
+# Values per slice of read_in_slices.
+SLICE_ELEMENTS = 1 << 20
 
 
 class NameScope:
@@ -64,7 +70,8 @@ def remove_if_unused(graph: ir.Graph, value: ir.Value) -> bool:
 def release_mapping(tensor: ir.TensorProtocol | None) -> None:
     """Drop an external tensor's resident pages and unmap its file unless a numpy view of it is still alive.
 
-    Other tensors are left alone. The mapping is read-only, so a view that is still alive reads the same bytes
+    A tensor of a file-backed array (scratch.file_backed_array) has its resident pages dropped. Other tensors are left
+    alone. The mapping is read-only, so a view that is still alive reads the same bytes
     again from the file (the page cache) if it is used.
     """
     if isinstance(tensor, ir.ExternalTensor):
@@ -72,3 +79,31 @@ def release_mapping(tensor: ir.TensorProtocol | None) -> None:
             tensor.raw.madvise(mmap.MADV_DONTNEED)
         with contextlib.suppress(BufferError):
             tensor.release()
+    elif isinstance(tensor, ir.Tensor) and isinstance(tensor.raw, np.ndarray):
+        drop_pages(tensor.raw)
+
+
+def release_pages(tensor: ir.TensorProtocol | None, start: int, stop: int) -> None:
+    """Drop the resident pages of bytes [start, stop) of an external tensor's data that it has mapped.
+
+    Other tensors are left alone. Only whole pages inside the range go (a view reads them again from the file).
+    """
+    if isinstance(tensor, ir.ExternalTensor) and tensor.raw is not None and not tensor.raw.closed:
+        base = tensor.offset or 0
+        first = -(-(base + start) // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = (base + stop) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            tensor.raw.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def read_in_slices(tensor: ir.TensorProtocol, array: np.ndarray) -> Iterator[slice]:
+    """Leading-axis slices of ``array`` (the tensor's values, at least 1-D), about SLICE_ELEMENTS values each.
+
+    Once the caller has read a slice, a memory-mapped tensor's pages of it are dropped: a copy made slice by slice
+    never has the whole original resident beside it.
+    """
+    row = array.size // max(1, array.shape[0])  # values per leading-axis index
+    step = max(1, SLICE_ELEMENTS // max(1, row))
+    for start in range(0, array.shape[0], step):
+        yield slice(start, start + step)
+        release_pages(tensor, start * row * array.itemsize, (start + step) * row * array.itemsize)

@@ -9,8 +9,9 @@ import onnx_ir as ir
 
 from graphquant.analysis.layers import RMS_NORM_OPS, Layer, channel_scale_input, classify, constant_array
 from graphquant.analysis.runner import release_mapping
-from graphquant.graph_edit import NameScope, add_initializer, insert_after_producer, remove_if_unused
+from graphquant.graph_edit import NameScope, add_initializer, insert_after_producer, read_in_slices, remove_if_unused
 from graphquant.quant_spec import KEEP_FLOAT_KEY
+from graphquant.scratch import drop_pages, file_backed_array
 
 # Marks the Mul/Add nodes that carry a group's channel affine, so later passes can compose into them.
 AFFINE_BRANCH_KEY = "graphquant.affine_branch"
@@ -295,12 +296,20 @@ def scale_weight_columns(graph: ir.Graph, names: NameScope, layer: Layer, factor
 
 
 def _scale_weight(graph: ir.Graph, names: NameScope, layer: Layer, factors: np.ndarray, axis: int) -> None:
-    """The layer's weight times ``factors`` along ``axis``, as a new initializer."""
+    """The layer's weight times ``factors`` along ``axis``, as a new initializer.
+
+    Built slice by slice (graph_edit.read_in_slices), so that a memory-mapped original and its scaled copy are not
+    both resident; a large copy is file-backed (scratch.file_backed_array), so its pages can be dropped too.
+    """
     weight = layer.weight_array
     shape = [1] * weight.ndim
     shape[axis] = factors.size
-    scaled = weight * factors.reshape(shape)
+    factors = factors.reshape(shape)
+    scaled = file_backed_array(weight.shape, weight.dtype)
+    for part in read_in_slices(layer.weight.const_value, weight):
+        scaled[part] = weight[part] * (factors[part] if axis == 0 else factors)
     del weight
+    drop_pages(scaled)  # written to its file: resident again only while read
     replace_weight(graph, names, layer, scaled, "scaled")
 
 

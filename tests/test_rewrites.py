@@ -13,6 +13,7 @@ from builders import (
     build,
     by_name,
     initializer,
+    mlp,
     ops,
     outlier_layer_norm,
     run,
@@ -20,7 +21,7 @@ from builders import (
     weights,
 )
 
-from graphquant import rewrites
+from graphquant import graph_edit, rewrites
 from graphquant.analysis.layers import ScaleGroup, classify, constant_array, migratable_groups
 from graphquant.graph_edit import NameScope
 from graphquant.rewrites import (
@@ -386,6 +387,25 @@ def test_scale_weight_rows_makes_one_new_weight_and_no_second_copy():
         tracemalloc.stop()
     np.testing.assert_array_equal(by_name(model)["plain_mm"].inputs[1].const_value.numpy(), big * factors[:, None])
     assert peak < 1.5 * big.nbytes  # W' itself, not W' and a copy of it
+
+
+def test_a_mapped_weight_is_scaled_slice_by_slice_to_the_same_bits_its_pages_dropped_as_read(tmp_path, monkeypatch):
+    path = tmp_path / "model.onnx"
+    ir.save(mlp(np.random.default_rng(14)), path, external_data="model.onnx.data", size_threshold_bytes=0)
+    model = ir.load(path)
+    originals = {name: np.array(initializer(model, name)) for name in ("w1", "w2")}
+    factors = np.random.default_rng(15).uniform(0.5, 2.0, 16).astype(F32)
+    monkeypatch.setattr(graph_edit, "SLICE_ELEMENTS", 24)  # 3 rows of w1 (16 x 8) or of w2 (4 x 8)
+    dropped = []
+    release = graph_edit.release_pages
+    monkeypatch.setattr(graph_edit, "release_pages", lambda t, a, b: dropped.append(t.name) or release(t, a, b))
+    names = NameScope(model.graph)
+    for node in [node for node in model.graph if node.op_type in ("MatMul", "Gemm")]:
+        scale_weight_rows(model.graph, names, classify(node).layer, factors[: 16 if node.op_type == "MatMul" else 8])
+    scaled = [node.inputs[1].const_value.numpy() for node in model.graph if node.op_type in ("MatMul", "Gemm")]
+    np.testing.assert_array_equal(scaled[0], originals["w1"] * factors[:, None])  # rows: the leading axis
+    np.testing.assert_array_equal(scaled[1], originals["w2"] * factors[None, :8])  # transB: across each slice
+    assert dropped == ["w1"] * 6 + ["w2"] * 2  # 16 rows in slices of 3, then 4 rows
 
 
 def test_scale_weight_rows_keeps_a_tied_weight_for_its_other_reader():

@@ -11,7 +11,7 @@ import onnx_ir as ir
 
 from graphquant import progress
 from graphquant.analysis.data import CalibrationData, CalibrationSource, InputSpec
-from graphquant.analysis.runner import open_session, run_views
+from graphquant.analysis.runner import open_segmented
 from graphquant.analysis.stats import CalibrationStats
 from graphquant.errors import CalibrationError
 
@@ -61,13 +61,11 @@ class Calibrator:
         if self.cluster is not None and observe is None:
             stats = self.cluster.collect(model, names, feeds, sample_rows, gram_names)
         else:
-            with open_session(model, names) as session:
+            with open_segmented(model, names) as run:
                 for feed in feeds:
-                    reduce_batch(
-                        stats, dict(zip(names, run_views(session, names, feed))), sample_rows, gram_names, observe
-                    )
+                    for outputs in run(feed):
+                        reduce_batch(stats, outputs, sample_rows, gram_names, observe)
                     stats.batches += 1
-                del session  # before open_session unmaps the weights that it shares
         self._check_finite(stats)
         return stats
 

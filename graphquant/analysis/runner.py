@@ -8,7 +8,7 @@ import ctypes.util
 import functools
 import gc
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -17,10 +17,11 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from graphquant.analysis import segments as segment_plan
 from graphquant.analysis.data import Feed
 from graphquant.errors import InvalidModelError
 from graphquant.frontends.mapped_weights import INLINE_KEY
-from graphquant.graph_edit import release_mapping
+from graphquant.graph_edit import read_in_slices, release_mapping
 from graphquant.scratch import scratch_folder
 
 # Above this many initializer bytes the model is written with external data (the protobuf limit is 2 GiB).
@@ -35,6 +36,8 @@ SHARED_LOCATION = "shared-initializers.bin"
 # Models with fewer initializer bytes keep their weights in memory while their own session holds a copy (park).
 PARKED_MODEL_BYTES = 64 << 20
 PARKED_LOCATION = "parked-weights.bin"
+# Models that share weights run in segments of about 1 / SEGMENTS of their weight bytes each (see open_segmented).
+SEGMENTS = 4
 # The file a recorded run's feeds and outputs wait in (recorded_runs).
 RECORDED_LOCATION = "recorded-outputs.npy"
 # glibc's mallopt parameter number of M_MMAP_THRESHOLD, and the threshold graphquant sets (see _map_large_allocations).
@@ -134,6 +137,10 @@ def open_session(
     proto = _session_proto(model, shared)
     proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra_outputs if n not in output_names)
     options = session_options()
+    parks = park and not shared and initializer_bytes(model) > PARKED_MODEL_BYTES
+    if parks:
+        # The arena would keep each run's largest buffers (a float copy of a weight behind its DequantizeLinear).
+        options.enable_cpu_mem_arena = False
     if shared:
         # onnxruntime's graph optimizers (constant folding, QDQ fusions) read initializer data from the proto, which
         # for shared initializers is the placeholder's zeros: the unoptimized graph runs instead.
@@ -152,7 +159,7 @@ def open_session(
                 proto = None  # before onnxruntime reads its own copy of the weights
                 release_mappings(model)
                 session = load_session(str(scratch / "model.onnx"), options)
-            if park and not shared and initializer_bytes(model) > PARKED_MODEL_BYTES:
+            if parks:
                 parking.enter_context(_parked(_in_memory_weights(model), parking.enter_context(scratch_folder())))
             yield session
         finally:
@@ -160,6 +167,123 @@ def open_session(
             session = options = buffers = proto = None
             release_mappings(model)
             _return_freed_memory()
+
+
+Outputs = dict[str, np.ndarray]
+
+
+@contextlib.contextmanager
+def open_segmented(model: ir.Model, names: Sequence[str]) -> Iterator[Callable[[Feed], Iterator[Outputs]]]:
+    """A run of the model that yields the named tensors of one feed in parts, one graph segment at a time.
+
+    A model that shares its weights (see open_session) and splits (analysis/segments.py) runs as consecutive
+    segments of about 1 / SEGMENTS of its weight bytes, each in its own session, whose weight pages are dropped
+    once it has run: one segment's weights are resident at a time. Values crossing segments are passed on in
+    memory. Other models run whole, as one part. Each part is yielded before the next segment runs.
+    """
+    segments = segment_plan.plan(model.graph, names, SEGMENTS) if shares_weights(model) else None
+    if segments is None:
+        with open_session(model, names) as session:
+            yield lambda feed: iter([dict(zip(names, run_views(session, names, feed)))])
+            del session  # before open_session unmaps the weights that it shares
+        return
+    with _segmented_runs(model, names, segments) as run:
+        yield run
+
+
+@contextlib.contextmanager
+def _segmented_runs(
+    model: ir.Model, names: Sequence[str], segments: list[segment_plan.Segment]
+) -> Iterator[Callable[[Feed], Iterator[Outputs]]]:
+    """open_segmented's run for a model that splits."""
+    _map_large_allocations()
+    gc.collect()
+    with scratch_folder() as scratch:
+        shared = _shared_initializers(model)
+        with open(scratch / SHARED_LOCATION, "wb") as placeholder:
+            placeholder.truncate(max((tensor.nbytes for tensor in shared.values()), default=0))
+        release_mappings(model)
+        run = _SegmentedRun(model, names, segments, shared, scratch)
+        try:
+            yield run
+        finally:
+            run.sessions.clear()
+            run.buffers.clear()
+            release_mappings(model)
+            _return_freed_memory()
+
+
+class _SegmentedRun:
+    """Runs one feed through the segments in turn, each in its own session (opened on its first feed)."""
+
+    def __init__(
+        self,
+        model: ir.Model,
+        names: Sequence[str],
+        segments: list[segment_plan.Segment],
+        shared: dict[str, ir.TensorProtocol],
+        scratch: Path,
+    ):
+        self.model, self.names, self.segments, self.scratch = model, names, segments, scratch
+        self.whole = _session_proto(model, shared)
+        self.buffers = {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(t.numpy())) for n, t in shared.items()}
+        self.sessions: list[ort.InferenceSession | None] = [None] * len(segments)
+        self.graph_inputs = {value.name for value in model.graph.inputs}
+
+    def __call__(self, feed: Feed) -> Iterator[Outputs]:
+        """The named tensors, one segment's at a time (the asked-for graph inputs with the first)."""
+        available = dict(feed)
+        part = {name: np.ascontiguousarray(feed[name]) for name in self.names if name in self.graph_inputs}
+        for index, segment in enumerate(self.segments):
+            session = self.sessions[index]
+            if session is None:
+                session = _segment_session(self.whole, segment, available, self.buffers, self.scratch / f"{index}.onnx")
+                self.sessions[index] = session
+            feed_part = {name: available[name] for name in segment.inputs}
+            made = dict(zip(segment.outputs, run_views(session, segment.outputs, feed_part)))
+            del session, feed_part
+            release_mappings(self.model)  # this segment's weight pages
+            later = {name for other in self.segments[index + 1 :] for name in other.inputs}
+            available = {name: array for name, array in [*available.items(), *made.items()] if name in later}
+            part.update((name, made[name]) for name in segment.wanted)
+            del made
+            yield part
+            part = {}
+
+
+def _segment_session(
+    whole: onnx.ModelProto,
+    segment: segment_plan.Segment,
+    available: Outputs,
+    buffers: dict[str, ort.OrtValue],
+    path: Path,
+) -> ort.InferenceSession:
+    """A session on one segment of the whole model's proto, its crossing inputs typed as the arrays that feed them."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(whole)
+    graph = proto.graph
+    nodes = [whole.graph.node[i] for i in segment.nodes]
+    made = {name for node in nodes for name in node.output}
+    keep = set(segment.initializers)
+    originals = {value.name: value for value in whole.graph.input}
+    del graph.node[:], graph.initializer[:], graph.input[:], graph.output[:], graph.value_info[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(tensor for tensor in whole.graph.initializer if tensor.name in keep)
+    graph.input.extend(
+        originals.get(name)
+        or onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(available[name].dtype), None)
+        for name in segment.inputs
+    )
+    graph.output.extend(onnx.ValueInfoProto(name=name) for name in segment.outputs)
+    graph.value_info.extend(info for info in whole.graph.value_info if info.name in made)
+    options = session_options()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as in open_session's shared runs
+    options.enable_cpu_mem_arena = False
+    for name in segment.initializers:
+        if name in buffers:
+            options.add_initializer(name, buffers[name])
+    onnx.save(proto, path)
+    return load_session(str(path), options)
 
 
 def run_views(session: ort.InferenceSession, names: Sequence[str], feed: Feed) -> list[np.ndarray]:
@@ -187,15 +311,19 @@ def recorded_runs(
     large model, the ``parked`` model's own in-memory weights wait in that file meanwhile (see parked_weights).
     """
     with scratch_folder() as folder, open(folder / RECORDED_LOCATION, "w+b") as store:
-        recorded: list[list[str]] = []  # each feed's input names
-        with parked_weights(parked, model, folder), open_session(model, names) as session:
+        recorded: list[tuple[list[str], list[str]]] = []  # each feed's input names and output names, as stored
+        with parked_weights(parked, model, folder), open_segmented(model, names) as run:
             for feed in feeds:
-                for array in [*feed.values(), *run_views(session, names, feed)]:
+                for array in feed.values():
                     np.save(store, array, allow_pickle=False)
-                recorded.append(list(feed))
-            del session  # before open_session unmaps the weights that it shares
+                stored: list[str] = []
+                for outputs in run(feed):
+                    for name in list(outputs):
+                        np.save(store, outputs.pop(name), allow_pickle=False)
+                        stored.append(name)
+                recorded.append((list(feed), stored))
         store.seek(0)
-        yield (_replayed(store, folder / RECORDED_LOCATION, inputs, len(names)) for inputs in recorded)
+        yield (_replayed(store, folder / RECORDED_LOCATION, inputs, stored, names) for inputs, stored in recorded)
 
 
 @contextlib.contextmanager
@@ -229,6 +357,7 @@ def _in_memory_weights(model: ir.Model) -> list[ir.Value]:
 def _parked(values: list[ir.Value], folder: Path) -> Iterator[None]:
     """The values' tensors written to ``folder`` and memory-mapped for a while, then read back into memory."""
     path = folder / PARKED_LOCATION
+    gc.collect()  # replaced weights waiting in reference cycles go before the parked copies are made
     with open(path, "wb") as store:
         for value in values:
             assert value.const_value is not None
@@ -243,7 +372,8 @@ def _parked(values: list[ir.Value], folder: Path) -> Iterator[None]:
 def _parked_tensor(store: BinaryIO, tensor: ir.TensorProtocol, folder: Path) -> ir.ExternalTensor:
     """Append the tensor's bytes to the store and return a mapped tensor that reads them back."""
     offset = store.tell()
-    store.write(tensor.tobytes())
+    array = np.ascontiguousarray(tensor.numpy())
+    store.write(array.astype(array.dtype.newbyteorder("<"), copy=False).data)  # the bytes, uncopied where native
     return ir.ExternalTensor(
         PARKED_LOCATION,
         offset,
@@ -258,8 +388,14 @@ def _parked_tensor(store: BinaryIO, tensor: ir.TensorProtocol, folder: Path) -> 
 
 
 def _unparked(tensor: ir.TensorProtocol) -> ir.Tensor:
-    """A parked tensor's values in memory again, its mapping closed."""
-    array = np.array(tensor.numpy())
+    """A parked tensor's values in memory again (copied slice by slice), its mapping closed."""
+    source = tensor.numpy()
+    array = np.empty(source.shape, source.dtype)
+    if source.ndim == 0:
+        array[...] = source
+    for part in read_in_slices(tensor, source) if source.ndim else ():
+        array[part] = source[part]
+    del source
     release_mapping(tensor)
     return ir.Tensor(
         array,
@@ -270,13 +406,17 @@ def _unparked(tensor: ir.TensorProtocol) -> ir.Tensor:
     )
 
 
-def _replayed(store: BinaryIO, path: Path, input_names: list[str], output_count: int) -> tuple[Feed, list[np.ndarray]]:
-    """One recorded feed and its outputs from the store's current position, the outputs memory-mapped from ``path``.
+def _replayed(
+    store: BinaryIO, path: Path, input_names: list[str], stored: list[str], names: Sequence[str]
+) -> tuple[Feed, list[np.ndarray]]:
+    """One recorded feed and its outputs (stored in ``stored`` order, returned in ``names`` order) from the store's
+    current position, the outputs memory-mapped from ``path``.
 
     Mapped, the outputs take no memory while the second model runs; their pages are read when they are compared.
     """
     feed = {name: np.load(store, allow_pickle=False) for name in input_names}
-    return feed, [_mapped_array(store, path) for _ in range(output_count)]
+    outputs = {name: _mapped_array(store, path) for name in stored}
+    return feed, [outputs[name] for name in names]
 
 
 def _mapped_array(store: BinaryIO, path: Path) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 from builders import feeds, mlp, mlp_reference
@@ -89,3 +90,50 @@ def test_a_graph_input_read_back_from_a_non_contiguous_feed_stays_valid():
         (view,) = runner.run_views(session, ["x"], feed)
         _ = [np.full((64, 16), 7.0, np.float32) for _ in range(20)]  # reuses freed buffers of the same size
         np.testing.assert_array_equal(view, feed["x"])
+
+
+def test_a_weight_sharing_model_runs_in_segments_with_the_same_outputs_as_one_session(monkeypatch):
+    model = mlp(np.random.default_rng(20))
+    data = feeds(np.random.default_rng(21), batches=2, rows=3, features=16)
+    with runner.open_session(model, ["h"]) as session:
+        whole = [runner.run_views(session, ["y", "h"], feed) for feed in data]
+        whole = [[np.array(a) for a in outputs] for outputs in whole]
+    monkeypatch.setattr(runner, "SHARED_MODEL_BYTES", 0)
+    monkeypatch.setattr(runner, "SHARED_INITIALIZER_BYTES", 64)
+    monkeypatch.setattr(runner, "SEGMENTS", 2)  # MatMul(w1), then Add, Relu and Gemm(w2)
+    loaded = []
+    load = runner.load_session
+    monkeypatch.setattr(
+        runner, "load_session", lambda path, options: loaded.append(onnx.load(path)) or load(path, options)
+    )
+    with runner.open_segmented(model, ["y", "h", "x"]) as run:
+        parts = [[{name: np.array(a) for name, a in part.items()} for part in run(feed)] for feed in data]
+    # One session per segment, each naming only its own weights; the crossing value h is also asked for here.
+    assert [sorted(t.name for t in proto.graph.initializer) for proto in loaded] == [["w1"], ["b1", "b2", "w2"]]
+    assert [[list(part) for part in feed_parts] for feed_parts in parts] == [[["x", "h"], ["y"]]] * 2
+    for feed, feed_parts, (y, h) in zip(data, parts, whole):
+        np.testing.assert_array_equal(feed_parts[1]["y"], y)  # bit for bit: the same kernels run
+        np.testing.assert_array_equal(feed_parts[0]["h"], h)
+        np.testing.assert_array_equal(feed_parts[0]["x"], feed["x"])
+
+
+def test_a_segmented_recorded_run_replays_its_outputs_in_the_order_asked(monkeypatch):
+    model = mlp(np.random.default_rng(22))
+    data = feeds(np.random.default_rng(23), batches=2, rows=2, features=16)
+    monkeypatch.setattr(runner, "SHARED_MODEL_BYTES", 0)
+    monkeypatch.setattr(runner, "SHARED_INITIALIZER_BYTES", 64)
+    monkeypatch.setattr(runner, "SEGMENTS", 2)
+    with runner.recorded_runs(model, ["y", "h"], iter(data)) as runs:  # h comes from the first segment
+        replayed = [(feed, [np.array(a) for a in outputs]) for feed, outputs in runs]
+    for (feed, (y, h)), original in zip(replayed, data):
+        np.testing.assert_allclose(y, mlp_reference(model, original["x"]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(h, original["x"] @ model.graph.initializers["w1"].const_value.numpy(), rtol=1e-5)
+
+
+def test_a_parked_session_runs_without_the_arena_that_would_keep_its_largest_buffers(monkeypatch):
+    model = mlp(np.random.default_rng(24))
+    monkeypatch.setattr(runner, "PARKED_MODEL_BYTES", 0)
+    with runner.open_session(model, park=True) as session:
+        assert not session.get_session_options().enable_cpu_mem_arena
+    with runner.open_session(model) as session:
+        assert session.get_session_options().enable_cpu_mem_arena
