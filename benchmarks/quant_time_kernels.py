@@ -1,13 +1,16 @@
 """The scoring kernels behind quantization time, this checkout's against another's, on SmolLM2-135M's weights.
 
-Three kernels, each run on the same inputs with both versions, alternating, timed in CPU seconds (all threads):
+Four kernels, each run on the same inputs with both versions, alternating, timed in CPU seconds (all threads):
 - the weight clip search (analysis/weight_fit.fit_ranges, per-channel int8 symmetric with clip search, as
   outliertune's quantize pass runs it) over every 2-D weight of the SmolLM2 prefill export, lm_head included;
 - the per-layer scheme simulation (analysis/simulate.GroupSimulator.sqnr_db) on a q/k/v-shaped group: 2048 rows of
   576 channels (four of them 50x wider, as massive activations are), 576 + 192 + 192 outputs, the nine outliertune
   candidates of preexecute-dequant;
-- the validation comparison (validate.TensorComparison.update) of one 4 x 128 x 49152 logits batch.
-Each kernel's results are checked equal (ranges) or within 1e-9 (SQNR, metrics) between the versions.
+- the validation comparison (validate.TensorComparison.update) of one 4 x 128 x 49152 logits batch;
+- GPTQ (analysis/gptq.gptq_round, as weight-only runs it: W4 asymmetric, blocks of 32, clip search, act-order) on
+  the first decoder layer's q, k, v weights (one Gram of 1024 rows of 576 channels, four 50x wider) and its down
+  projection (a Gram of 1024 rows of 1536 channels).
+Each kernel's results are checked equal (ranges, rounded weights) or within 1e-9 (SQNR, metrics) between the versions.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/quant_time_kernels.py --baseline /path/to/main/checkout
 """
@@ -30,7 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import minilm_common  # noqa: F401  (puts examples/ on sys.path)
 from table_rows import log, ratio
 
-MODULES = {"fit_ranges": "analysis/weight_fit.py", "simulate": "analysis/simulate.py", "validate": "validate.py"}
+MODULES = {
+    "fit_ranges": "analysis/weight_fit.py",
+    "simulate": "analysis/simulate.py",
+    "validate": "validate.py",
+    "gptq": "analysis/gptq.py",
+}
 
 
 def module(checkout: Path, relative: str, name: str) -> types.ModuleType:
@@ -96,6 +104,24 @@ def comparison(validate: types.ModuleType) -> dict[str, float]:
     return {key: float(value) for key, value in metrics.as_dict().items()}
 
 
+def gptq(gptq_module: types.ModuleType, weights: list[np.ndarray]) -> list[np.ndarray]:
+    """The GPTQ-rounded q, k, v (one shared Gram) and down projection of the first decoder layer."""
+    from graphquant.analysis import weight_fit
+
+    weight_fit._SEARCHED.clear()  # both versions share this module's memo: time the search, not the memo
+    if hasattr(gptq_module, "_FACTORS"):
+        gptq_module._FACTORS.clear()  # this version's memo serves q, k and v within the call, not across rounds
+    rng = np.random.default_rng(2)
+    rounded = []
+    for width, count in ((576, 3), (1536, 1)):
+        rows = rng.standard_normal((1024, width))
+        rows[:, :4] *= 50
+        gram = rows.T @ rows
+        for weight in [w for w in weights if w.shape[0] == width][:count]:
+            rounded.append(gptq_module.gptq_round(weight, gram, 4, False, 32, True, True)[0])
+    return rounded
+
+
 def main() -> None:
     """Time each kernel in both checkouts, alternating, and print the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,6 +135,7 @@ def main() -> None:
         "fit_ranges": lambda m: clip_search(m, weights),
         "simulate": simulation,
         "validate": comparison,
+        "gptq": lambda m: gptq(m, weights),
     }
     lines = ["| kernel | baseline CPU s | this CPU s | speed-up | results equal |", "|---|---|---|---|---|"]
     for name, kernel in kernels.items():

@@ -5,6 +5,8 @@ Conv weights use the im2col Grams of analysis/conv_gram.py, per group.
 
 from __future__ import annotations
 
+import collections
+import hashlib
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,7 +19,6 @@ from graphquant.analysis.weight_fit import (
     from_in_major,
     in_major,
     output_error_ranges,
-    round_trip,
     spec_from_ranges,
 )
 from graphquant.quant_spec import QuantSpec
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
 LAZY_ROWS = 128
 # λ/mean diag(X̃^T X̃) of sequential_target's pull towards the float weights (the Gram is often rank-deficient).
 TARGET_DAMPING = 0.01
+# Inverse-Hessian factors kept by content digest: the layers that read one activation (q, k and v; gate and up) share
+# its Gram, and quantize rounds them one after another.
+FACTOR_MEMO_ENTRIES = 4
+_FACTORS: collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
 
 
 def gptq_round(
@@ -50,19 +55,15 @@ def gptq_round(
     the ranges are fitted on the original weights first ("static groups"), since blocks are then not contiguous.
     """
     weights = matrix.astype(np.float64).copy()
-    hessian = gram.astype(np.float64).copy()
-    dead = np.diag(hessian) <= 0
-    hessian[dead, dead] = 1.0
-    # weights[dead] keep their values: rounded to nearest, their error not pushed (their row of H is 0 but the 1)
     energy = np.diag(gram).astype(np.float64)[:, None]
     rows = weights.shape[0]
-    order = np.argsort(-np.diag(gram), kind="stable") if act_order else np.arange(rows)
+    order, upper = _inverse_factor(gram, act_order, damping)
+    # weights of dead rows (diag X^T X = 0) keep their values: rounded to nearest, their error not pushed
     static = fit_ranges(weights, energy, bits, symmetric, block, clip_search) if act_order else None
-    weights, hessian = weights[order], hessian[np.ix_(order, order)]
-    hessian[np.diag_indices_from(hessian)] += damping * float(np.mean(np.diag(hessian)))
-    upper = np.linalg.cholesky(np.linalg.inv(hessian)).T
+    weights = weights[order]
     rounded = np.zeros_like(weights)
     lows, highs = ([], []) if static is None else (list(static[0]), list(static[1]))
+    grids = [] if static is None else [_Grid(low, high, bits, symmetric) for low, high in zip(*static)]
     # Whole blocks per lazy batch, so that a block's range is fitted on fully updated rows.
     batch = block * max(1, LAZY_ROWS // block)
     for start in range(0, rows, batch):
@@ -74,15 +75,57 @@ def gptq_round(
                 low, high = fit_ranges(weights[window], energy[order[window]], bits, symmetric, block, clip_search)
                 lows.append(low[0])
                 highs.append(high[0])
-            index = order[row] // block if static is not None else len(lows) - 1
-            rounded[row] = round_trip(weights[row], lows[index], highs[index], bits, symmetric)
+                grids.append(_Grid(low[0], high[0], bits, symmetric))
+            grid = grids[order[row] // block if static is not None else len(grids) - 1]
+            rounded[row] = grid.round_trip(weights[row])
             error = (weights[row] - rounded[row]) / upper[row, row]
-            weights[row + 1 : end] -= np.outer(upper[row, row + 1 : end], error)
+            weights[row + 1 : end] -= upper[row, row + 1 : end, None] * error
             errors[row - start] = error
         weights[end:] -= upper[start:end, end:].T @ errors
     restored = np.empty_like(rounded)
     restored[order] = rounded
     return restored, np.stack(lows), np.stack(highs)
+
+
+class _Grid:
+    """weight_fit.round_trip's grid for one block's (low, high) ranges, its step and zero point computed once."""
+
+    def __init__(self, low: np.ndarray, high: np.ndarray, bits: int, symmetric: bool):
+        if symmetric:
+            self.qmax = 2 ** (bits - 1) - 1
+            self.step = np.maximum(high, 1e-30) / self.qmax
+            self.zero_point = None
+        else:
+            self.qmax = 2**bits - 1
+            self.step = np.maximum(high - low, 1e-30) / self.qmax
+            self.zero_point = np.clip(np.rint(-low / self.step), 0, self.qmax)
+
+    def round_trip(self, values: np.ndarray) -> np.ndarray:
+        """round_trip(values, low, high, bits, symmetric), bit for bit."""
+        if self.zero_point is None:
+            return np.clip(np.rint(values / self.step), -self.qmax, self.qmax) * self.step
+        codes = np.clip(np.rint(values / self.step) + self.zero_point, 0, self.qmax)
+        return (codes - self.zero_point) * self.step
+
+
+def _inverse_factor(gram: np.ndarray, act_order: bool, damping: float) -> tuple[np.ndarray, np.ndarray]:
+    """The row order and the upper Cholesky factor U of (H + λI)^-1 in that order (memoized by content)."""
+    hasher = hashlib.blake2b(digest_size=16)
+    hasher.update(f"{gram.shape} {gram.dtype} {act_order} {damping!r}".encode())
+    hasher.update(np.ascontiguousarray(gram).reshape(-1).view(np.uint8))
+    key = hasher.hexdigest()
+    if key not in _FACTORS:
+        hessian = gram.astype(np.float64).copy()
+        dead = np.diag(hessian) <= 0
+        hessian[dead, dead] = 1.0  # their row of H is 0 but the 1: no error is pushed into them
+        order = np.argsort(-np.diag(gram), kind="stable") if act_order else np.arange(hessian.shape[0])
+        hessian = hessian[np.ix_(order, order)]
+        hessian[np.diag_indices_from(hessian)] += damping * float(np.mean(np.diag(hessian)))
+        _FACTORS[key] = (order, np.linalg.cholesky(np.linalg.inv(hessian)).T)
+        while len(_FACTORS) > FACTOR_MEMO_ENTRIES:
+            _FACTORS.popitem(last=False)
+    _FACTORS.move_to_end(key)
+    return _FACTORS[key]
 
 
 def grouped_gptq_round(

@@ -34,38 +34,38 @@ def scored_columns(columns: int, limit: int = MAX_SCORED_COLUMNS) -> np.ndarray:
 
 
 class GroupSimulator:
-    """One group's sampled rows, weights and float outputs, computed once and reused for every scheme it scores."""
+    """One group's sampled rows, weights and float outputs, computed once and reused for every scheme it scores.
+
+    The layers' scored columns sit side by side in one matrix, so that each scheme costs one GEMM for the group.
+    """
 
     def __init__(self, rows: np.ndarray, layers: Sequence[Layer], max_columns: int = MAX_SCORED_COLUMNS):
         # float32 GEMMs: twice the speed of float64, and the SQNR needs no more than float32's 7 digits.
         self.rows = np.ascontiguousarray(rows, dtype=np.float32)
-        self.weights: list[np.ndarray] = []
-        self.biases: list[np.ndarray] = []
-        self.products: list[np.ndarray] = []  # X·W; the float output is X·W + b
-        self._float_paths: dict[bytes, list[np.ndarray]] = {}
+        weights, biases = [], []
         for layer in layers:
             weight = weight_matrix(layer)
             columns = scored_columns(weight.shape[1], max_columns)
-            self.weights.append(np.ascontiguousarray(weight[:, columns], dtype=np.float32))
-            self.biases.append(layer_bias(layer)[columns].astype(np.float32))
-            self.products.append(self.rows @ self.weights[-1])
-        self.signals = self._signals()
+            weights.append(weight[:, columns])
+            biases.append(layer_bias(layer)[columns])
+        self.weight = np.ascontiguousarray(np.concatenate(weights, axis=1), dtype=np.float32)
+        self.bias = np.concatenate(biases).astype(np.float32)
+        self.product = self.rows @ self.weight  # X·W; the float output is X·W + b
+        self.signal = self._signal()
+        self._float_paths: dict[bytes, np.ndarray] = {}
 
     def every(self, stride: int) -> GroupSimulator:
-        """This simulator on every ``stride``-th row: the same weights, the products sliced (no GEMM)."""
+        """This simulator on every ``stride``-th row: the same weights, the product sliced (no GEMM)."""
         subset = copy.copy(self)
         subset.rows = np.ascontiguousarray(self.rows[::stride])
-        subset.products = [np.ascontiguousarray(product[::stride]) for product in self.products]
-        subset.signals = subset._signals()
+        subset.product = np.ascontiguousarray(self.product[::stride])
+        subset.signal = subset._signal()
         subset._float_paths = {}
         return subset
 
-    def _signals(self) -> list[np.ndarray]:
-        """Each layer's per-column energy of the float output X·W + b (the SQNR's signal)."""
-        return [
-            np.maximum(np.sum(np.square(product + bias, dtype=np.float64), axis=0), 1e-30)
-            for product, bias in zip(self.products, self.biases)
-        ]
+    def _signal(self) -> np.ndarray:
+        """The per-column energy of the float output X·W + b (the SQNR's signal)."""
+        return np.maximum(np.sum(np.square(self.product + self.bias, dtype=np.float64), axis=0), 1e-30)
 
     def sqnr_db(
         self,
@@ -92,31 +92,24 @@ class GroupSimulator:
         else:
             step = activation_step if activation_step is not None else _dynamic_step(scaled, qmax, per_row)
             x_quantized = _fake_quantize_in_place(scaled, step, abits)
-        float_paths = self._float_path(float_channels)
+        migrated = self.weight * divisor[:, None]
+        if float_channels is not None:
+            migrated[float_channels, :] = 0
+        column_step = np.maximum(np.abs(migrated).max(axis=0), 1e-12) / (2 ** (wbits - 1) - 1)
+        # The bias counts in the signal (after a shift it cancels part of X·W), not in the error: X·W - X_q·W_q.
+        error = x_quantized @ _fake_quantize_in_place(migrated, column_step[None, :], wbits)
+        if float_channels is not None:
+            error += self._float_path(float_channels)
+        np.subtract(self.product, error, out=error)
         # Each output channel's relative error counts equally: a few huge channels must not hide the error in the rest.
-        relative_errors = []
-        for index, weight in enumerate(self.weights):
-            migrated = weight * divisor[:, None]
-            if float_channels is not None:
-                migrated[float_channels, :] = 0
-            column_step = np.maximum(np.abs(migrated).max(axis=0), 1e-12) / (2 ** (wbits - 1) - 1)
-            # The bias counts in the signal (after a shift it cancels part of X·W), not in the error: X·W - X_q·W_q.
-            error = x_quantized @ _fake_quantize_in_place(migrated, column_step[None, :], wbits)
-            if float_paths:
-                error += float_paths[index]
-            np.subtract(self.products[index], error, out=error)
-            relative_errors.append(np.einsum("ij,ij->j", error, error) / self.signals[index])
-        mean_error = float(np.mean(np.concatenate(relative_errors)))
+        mean_error = float(np.mean(np.einsum("ij,ij->j", error, error) / self.signal))
         return math.inf if mean_error == 0 else -10.0 * math.log10(mean_error)
 
-    def _float_path(self, float_channels: np.ndarray | None) -> list[np.ndarray]:
-        """Each layer's exact float product of the routed channels (cached: candidates share one outlier set)."""
-        if float_channels is None:
-            return []
+    def _float_path(self, float_channels: np.ndarray) -> np.ndarray:
+        """The exact float product of the routed channels (cached: candidates share one outlier set)."""
         key = np.asarray(float_channels, np.int64).tobytes()
         if key not in self._float_paths:
-            rows = self.rows[:, float_channels]
-            self._float_paths[key] = [rows @ weight[float_channels, :] for weight in self.weights]
+            self._float_paths[key] = self.rows[:, float_channels] @ self.weight[float_channels, :]
         return self._float_paths[key]
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from builders import build, run, weights
+
+from graphquant.analysis import gptq as gptq_module
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.conv_gram import PairedMoments
 from graphquant.analysis.gptq import gptq_round, mean_shift, sequential_target
@@ -281,3 +282,21 @@ def test_sequential_conv_gptq_undoes_the_error_of_the_layers_before_it_in_onnxru
         "W3 asym per-channel GPTQ sequential",
     ]
     assert sequential < 0.8 * plain
+
+
+def test_the_memoized_inverse_hessian_factor_follows_the_gram_and_the_order():
+    """Layers reading one activation share its factor; another Gram or act-order must not get it."""
+    rng = np.random.default_rng(7)
+    x = correlated_inputs(rng, 256, 32)
+    weight = rng.standard_normal((32, 8))
+    scaled = x * np.linspace(1, 3, 32)
+    calls = [(x.T @ x, False), (x.T @ x, True), (scaled.T @ scaled, False), (x.T @ x, False)]
+    fresh = []
+    for gram, act_order in calls:
+        gptq_module._FACTORS.clear()
+        fresh.append(gptq_round(weight, gram, 4, False, 16, False, act_order)[0])
+    gptq_module._FACTORS.clear()
+    memoized = [gptq_round(weight, gram, 4, False, 16, False, act_order)[0] for gram, act_order in calls]
+    for expected, actual in zip(fresh, memoized):
+        np.testing.assert_array_equal(actual, expected)
+    assert not np.array_equal(fresh[0], fresh[1]) and not np.array_equal(fresh[0], fresh[2])
