@@ -29,7 +29,16 @@ from graphquant.analysis.cost import cached_latencies
 from graphquant.analysis.data import Feed
 from graphquant.analysis.layers import Layer, candidates
 from graphquant.analysis.runner import load_session, open_session, run_views, session_options
-from graphquant.analysis.search import ErrorModel, Option, Unit, cheaper_step, more_accurate, pareto_front, proxy_sums, total
+from graphquant.analysis.search import (
+    ErrorModel,
+    Option,
+    Unit,
+    cheaper_step,
+    more_accurate,
+    pareto_front,
+    proxy_sums,
+    total,
+)
 from graphquant.analysis.stats import CalibrationStats
 from graphquant.analysis.stats_cache import CachingCalibrator
 from graphquant.analysis.weight_fit import WeightScheme, fit_weight_spec, row_energy
