@@ -650,7 +650,7 @@ def _linear_unit(layer: Layer, stats: CalibrationStats, settings: Settings) -> U
     options = [
         Option(scheme, 0.0 if scheme == "float" else scorer.error(scheme), time, size, time)
         for scheme, time in zip(schemes, times)
-        if (size := _scheme_bytes(layer, scheme))
+        if (size := _scheme_bytes(layer, scheme, settings.target))
     ]
     return Unit(layer.node.name or "", tuple(options))
 
@@ -747,16 +747,25 @@ def _embedding_unit(tables: Sequence[np.ndarray]) -> Unit:
     return Unit(EMBEDDINGS, tuple(options))
 
 
-def _scheme_bytes(layer: Layer, scheme: str) -> int:
-    """Stored bytes of the layer's weight under a scheme: codes, plus a float scale per column or block."""
+def _scheme_bytes(layer: Layer, scheme: str, target: str = PORTABLE_TARGET) -> int:
+    """Stored bytes of the layer's weight under a scheme: codes, scales and zero points.
+
+    On ort-cpu a weight-only layer is a MatMulNBits, whose one block per column covers K rounded up to a power of two
+    (K = 384 stores 512 codes per column).
+    """
     count = layer.weight_array.size
     if scheme == "float":
         return 4 * count
     options = SCHEMES[scheme]
     columns = layer.weight_array.shape[layer.out_axis or 0]
     block = options["block_size"]
-    scales = columns if block is None else columns * math.ceil(count / columns / block)
-    return int(count * options["wbits"] / 8 + scales * (4 if options["weight_symmetric"] else 5))
+    depth = count // columns
+    scales = columns if block is None else columns * math.ceil(depth / block)
+    if target == DEFAULT_TARGET and not options.get("abits") and block is None:
+        count = columns * max(16, 1 << (depth - 1).bit_length())  # lowering.matmul_nbits.kernel_block
+    # A float scale per column or block, and an asymmetric grid's zero points packed at the codes' width.
+    points = 0 if options["weight_symmetric"] else options["wbits"] / 8
+    return int(count * options["wbits"] / 8 + scales * (4 + points))
 
 
 def _latencies(layer: Layer, schemes: Sequence[str], target: str) -> list[float]:

@@ -8,6 +8,7 @@ import pytest
 from builders import build, gaussian_feeds, run, weights
 
 import graphquant
+from graphquant.analysis.layers import candidates
 from graphquant.analysis.search import ErrorModel, Option, Unit
 from graphquant.errors import RecipeError
 from graphquant.recipes.auto import (
@@ -17,6 +18,7 @@ from graphquant.recipes.auto import (
     Settings,
     _next_choice,
     _one_layer,
+    _scheme_bytes,
     drop_exporter_metadata,
     split_data,
     time_forms,
@@ -392,3 +394,14 @@ def test_the_exporters_debugging_metadata_is_dropped_and_other_metadata_kept(cha
     node.metadata_props.update({"pkg.torch.onnx.stack_trace": "File x.py", "namespace": "m/l1", "mine": "kept"})
     drop_exporter_metadata(model)
     assert dict(node.metadata_props) == {"mine": "kept"}
+
+
+@pytest.mark.parametrize("scheme", ["w8", "w4", "w8a8", "w4a8"])
+@pytest.mark.parametrize("depth", [384, 256])
+def test_the_counted_bytes_are_those_of_the_lowered_weight(scheme, depth):
+    feed = {"x": np.random.default_rng(0).standard_normal((LATENCY_ROWS, depth)).astype(np.float32)}
+    layer = next(c.layer for c in candidates(_one_layer("float", depth, 64, "ort-cpu", feed).graph) if c.layer)
+    lowered = _one_layer(scheme, depth, 64, "ort-cpu", feed)
+    # The weight's codes, scales and zero points (w_*), not the bias nor the activation's grid (x_*).
+    stored = sum(v.const_value.nbytes for name, v in lowered.graph.initializers.items() if name.startswith("w_"))
+    assert _scheme_bytes(layer, scheme, "ort-cpu") == stored
