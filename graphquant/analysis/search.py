@@ -167,6 +167,14 @@ def cheaper_step(units: Sequence[Unit], choice: Choice, gain: float) -> tuple[di
     return None if best is None else ({**choice, best[2]: best[3]}, best[1])
 
 
+def cheaper_steps(units: Sequence[Unit], choice: Choice, gain: float, allowance: float) -> dict[str, int] | None:
+    """Successive cheaper steps while their summed predicted added error stays within ``allowance`` (None if none)."""
+    stepped, spent = dict(choice), 0.0
+    while (step := cheaper_step(units, stepped, gain)) is not None and spent + step[1] <= allowance:
+        stepped, spent = step[0], spent + step[1]
+    return stepped if stepped != choice else None
+
+
 def more_accurate(units: Sequence[Unit], choice: Choice, unit_name: str) -> int | None:
     """The cheapest option of a unit with less error than its current one (one back-off step), or None."""
     unit = next(u for u in units if u.name == unit_name)

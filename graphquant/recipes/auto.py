@@ -33,7 +33,7 @@ from graphquant.analysis.search import (
     ErrorModel,
     Option,
     Unit,
-    cheaper_step,
+    cheaper_steps,
     more_accurate,
     pareto_front,
     proxy_sums,
@@ -82,7 +82,7 @@ GAIN_GROUPS = 4
 # model is fitted to a measurement, closer.
 AIM = 0.7
 AIM_FITTED = 0.9
-# A one-unit step down from a measured pass predicts only the step's own error, closer still.
+# Steps down from a measured pass predict only the steps' own added error: closer still.
 AIM_STEP = 0.95
 LATENCY_ROWS = 64
 LATENCY_REPEATS = 50
@@ -450,8 +450,8 @@ def _next_choice(
     cheaper = errors.choose(units, AIM_FITTED * settings.budget)
     if total(units, cheaper, "cost") < point.cost:
         return cheaper
-    step = cheaper_step(units, choice, errors.slope(units, choice))
-    return step[0] if step is not None and point.measured_error + step[1] <= AIM_STEP * settings.budget else None
+    allowance = AIM_STEP * settings.budget - point.measured_error
+    return cheaper_steps(units, choice, errors.slope(units, choice), allowance)
 
 
 def _mark_float(candidate: ir.Model, units: Sequence[Unit], choice: Mapping[str, int]) -> None:

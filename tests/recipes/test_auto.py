@@ -373,7 +373,7 @@ def test_a_graph_with_tables_and_no_layer_is_searched_on_the_tables_alone():
     assert schemes(result)["embeddings"] == "e4" and auto["chosen"]["meets_budget"]
 
 
-def test_after_a_pass_the_search_steps_one_layer_down_where_the_measured_error_leaves_room():
+def test_after_a_pass_the_search_steps_down_where_the_measured_error_leaves_room():
     units = [
         Unit("a", (Option("float", 0.0, 4.0, 400), Option("w8a8", 0.001, 1.0, 100))),
         Unit("b", (Option("float", 0.0, 4.0, 400), Option("w8a8", 0.004, 1.0, 100))),
