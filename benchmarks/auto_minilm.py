@@ -8,7 +8,9 @@ at --max-drop 0.01; --target qdq; and a budget sweep. Besides the mean-pooled em
 checks it on the calibration batches it holds out, every fourth one); "all pos." counts the padding positions too.
 
 --only LABELS (comma-separated substrings) builds and measures only those rows besides FP32 and quantize_dynamic;
---reuse keeps models already built in --out (with their recorded quantization time), to re-time them alone.
+--reuse keeps models already built in --out (with their recorded quantization time), to re-time them alone, but only
+those built by the same graphquant sources and onnxruntime version (a digest recorded with each build): a stale model
+is rebuilt, and the log says so.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/auto_minilm.py --quick [--only "default,size"] [--reuse]
 """
@@ -16,6 +18,7 @@ checks it on the calibration batches it holds out, every fourth one); "all pos."
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -28,7 +31,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import minilm_common as common
-from outliertune_minilm import ORT_DYNAMIC, evaluate, fmt, graphquant_rows, ort_rows
+from outliertune_minilm import (
+    ORT_DYNAMIC,
+    ORT_STATIC_DEFAULT,
+    ORT_STATIC_S8S8,
+    evaluate,
+    fmt,
+    graphquant_rows,
+    ort_rows,
+)
 from table_rows import Row, log, publish, slug
 
 DEFAULT = "graphquant default (auto: latency, max-drop 0.002, ort-cpu)"
@@ -44,7 +55,9 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
 BUDGETS = {label: options.get("max_drop", 0.002) for label, _, options in CONFIGS}
 
 
+ORT_LABELS = [ORT_DYNAMIC, ORT_STATIC_DEFAULT, ORT_STATIC_S8S8]
 RECORD = "auto_minilm_runs.json"
+PACKAGE = Path(__file__).resolve().parents[1] / "graphquant"
 
 
 def parse_args() -> argparse.Namespace:
@@ -63,25 +76,56 @@ def selected(label: str, only: list[str] | None) -> bool:
 
 
 def build_rows(fp32: Path, calib: list[dict], out: Path, args: argparse.Namespace) -> list[Row]:
-    """FP32, onnxruntime's rows and the graphquant configs that --only selects; --reuse keeps recorded builds."""
+    """FP32, onnxruntime's rows and the graphquant configs that --only selects; --reuse keeps fresh recorded builds."""
     only = [part.strip() for part in args.only.split(",")] if args.only else None
     record_path = out / RECORD
     record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
+    digests = build_digests()
     kept = {
-        label: Row(label, out / f"{slug(label)}.onnx", record[label])
-        for label in record
-        if args.reuse and (out / f"{slug(label)}.onnx").is_file()
+        label: Row(label, out / f"{slug(label)}.onnx", entry["quant_s"])
+        for label, entry in record.items()
+        if args.reuse and fresh(label, entry, digests, out)
     }
-    rows = [Row("FP32 (torch.onnx dynamo export)", fp32)]
-    ort = [kept[label] for label in kept if label.startswith("ORT ")]
-    rows += ort if len(ort) == 3 else ort_rows(fp32, calib, out)
+    ort = [kept.get(label) for label in ORT_LABELS if selected(label, only)]
+    built = [] if all(ort) else ort_rows(fp32, calib, out)
     configs = [c for c in CONFIGS if selected(c[0], only) and c[0] not in kept]
-    built = {row.label: row for row in graphquant_rows(fp32, calib, out, configs)}
-    rows += [kept.get(label) or built[label] for label, _, _ in CONFIGS if selected(label, only)]
-    rows = [row for row in rows if row is rows[0] or selected(row.label, only)]
-    record.update({row.label: row.quant_s for row in rows[1:] if row.path is not None})
+    built += graphquant_rows(fp32, calib, out, configs)
+    fresh_rows = {row.label: row for row in built}
+    rows = [Row("FP32 (torch.onnx dynamo export)", fp32)]
+    rows += [
+        kept.get(label) or fresh_rows[label] for label in ORT_LABELS + [c[0] for c in CONFIGS] if selected(label, only)
+    ]
+    record.update(
+        {row.label: {"quant_s": row.quant_s, "digest": digest_of(row.label, digests)} for row in built if row.path}
+    )
     record_path.write_text(json.dumps(record, indent=1), encoding="utf-8")
     return rows
+
+
+def build_digests() -> dict[str, str]:
+    """Digests of what builds a row: onnxruntime's version (its rows), and with every graphquant source (ours)."""
+    import onnxruntime
+
+    runtime = hashlib.sha256(onnxruntime.__version__.encode())
+    ours = runtime.copy()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        ours.update(str(path.relative_to(PACKAGE)).encode() + b"\0" + path.read_bytes())
+    return {"ort": runtime.hexdigest()[:16], "graphquant": ours.hexdigest()[:16]}
+
+
+def digest_of(label: str, digests: dict[str, str]) -> str:
+    """The digest a row's build must match."""
+    return digests["ort" if label in ORT_LABELS else "graphquant"]
+
+
+def fresh(label: str, entry: Any, digests: dict[str, str], out: Path) -> bool:
+    """Whether a recorded build can be reused: its file exists and the same sources built it (logged if not)."""
+    if not (out / f"{slug(label)}.onnx").is_file():
+        return False
+    if isinstance(entry, dict) and entry.get("digest") == digest_of(label, digests):
+        return True
+    log(f"[reuse] {label}: built by other sources, rebuilding")
+    return False
 
 
 def output_errors(rows: list[Row], heldout: list[dict]) -> None:

@@ -151,6 +151,30 @@ def _best_move(units: Sequence[Unit], choice: Choice, gain: float) -> tuple[str,
     return None if best is None else (best[2], best[3])
 
 
+def cheaper_step(units: Sequence[Unit], choice: Choice, gain: float) -> tuple[dict[str, int], float] | None:
+    """The one-unit downgrade adding the least predicted error per cost saved, with that added error, or None."""
+    best: tuple[float, float, str, int] | None = None
+    for unit in units:
+        current = unit.options[choice[unit.name]]
+        for index, option in enumerate(unit.options):
+            saved = current.cost - option.cost
+            if saved <= 0:
+                continue
+            added = max(option.predicted(gain) - current.predicted(gain), 0.0)
+            key = (added / saved, added, unit.name, index)
+            if best is None or key[:2] < best[:2]:
+                best = key
+    return None if best is None else ({**choice, best[2]: best[3]}, best[1])
+
+
+def cheaper_steps(units: Sequence[Unit], choice: Choice, gain: float, allowance: float) -> dict[str, int] | None:
+    """Successive cheaper steps while their summed predicted added error stays within ``allowance`` (None if none)."""
+    stepped, spent = dict(choice), 0.0
+    while (step := cheaper_step(units, stepped, gain)) is not None and spent + step[1] <= allowance:
+        stepped, spent = step[0], spent + step[1]
+    return stepped if stepped != choice else None
+
+
 def more_accurate(units: Sequence[Unit], choice: Choice, unit_name: str) -> int | None:
     """The cheapest option of a unit with less error than its current one (one back-off step), or None."""
     unit = next(u for u in units if u.name == unit_name)

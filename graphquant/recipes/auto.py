@@ -29,7 +29,16 @@ from graphquant.analysis.cost import cached_latencies
 from graphquant.analysis.data import Feed
 from graphquant.analysis.layers import Layer, candidates
 from graphquant.analysis.runner import load_session, open_session, run_views, session_options
-from graphquant.analysis.search import ErrorModel, Option, Unit, more_accurate, pareto_front, proxy_sums, total
+from graphquant.analysis.search import (
+    ErrorModel,
+    Option,
+    Unit,
+    cheaper_steps,
+    more_accurate,
+    pareto_front,
+    proxy_sums,
+    total,
+)
 from graphquant.analysis.stats import CalibrationStats
 from graphquant.analysis.stats_cache import CachingCalibrator
 from graphquant.analysis.weight_fit import WeightScheme, fit_weight_spec, row_energy
@@ -73,11 +82,15 @@ GAIN_GROUPS = 4
 # model is fitted to a measurement, closer.
 AIM = 0.7
 AIM_FITTED = 0.9
+# Steps down from a measured pass predict only the steps' own added error: closer still.
+AIM_STEP = 0.95
 LATENCY_ROWS = 64
 LATENCY_REPEATS = 50
 # Under the latency objective, bytes still count at this weight (both as shares of the float model's).
 SIZE_WEIGHT = 0.25
 INT8 = 8
+# Node metadata keys of the torch exporter's debugging records, dropped from the written model.
+EXPORTER_METADATA = ("pkg.torch.onnx.", "namespace")
 
 Metric = Callable[[Sequence[Sequence[np.ndarray]], Sequence[Sequence[np.ndarray]]], float]
 
@@ -321,7 +334,15 @@ def _build(
     candidate = base.clone()
     _mark_float(candidate, units, choice)
     recipe.to_pipeline(calibrator, first_step=len(METHODS[method]), prelude=False)(candidate)
+    drop_exporter_metadata(candidate)
     return recipe, candidate
+
+
+def drop_exporter_metadata(model: ir.Model) -> None:
+    """Remove the torch exporter's per-node debugging metadata (stack traces, module paths; 0.5 MB on MiniLM)."""
+    for node in model.graph.all_nodes():
+        for key in [key for key in node.metadata_props if key.startswith(EXPORTER_METADATA)]:
+            del node.metadata_props[key]
 
 
 def _group_gains(
@@ -427,7 +448,10 @@ def _next_choice(
     if not point.meets_budget:
         return _backed_off(units, choice, errors, settings)
     cheaper = errors.choose(units, AIM_FITTED * settings.budget)
-    return cheaper if total(units, cheaper, "cost") < point.cost else None
+    if total(units, cheaper, "cost") < point.cost:
+        return cheaper
+    allowance = AIM_STEP * settings.budget - point.measured_error
+    return cheaper_steps(units, choice, errors.slope(units, choice), allowance)
 
 
 def _mark_float(candidate: ir.Model, units: Sequence[Unit], choice: Mapping[str, int]) -> None:
@@ -626,7 +650,7 @@ def _linear_unit(layer: Layer, stats: CalibrationStats, settings: Settings) -> U
     options = [
         Option(scheme, 0.0 if scheme == "float" else scorer.error(scheme), time, size, time)
         for scheme, time in zip(schemes, times)
-        if (size := _scheme_bytes(layer, scheme))
+        if (size := _scheme_bytes(layer, scheme, settings.target))
     ]
     return Unit(layer.node.name or "", tuple(options))
 
@@ -723,16 +747,25 @@ def _embedding_unit(tables: Sequence[np.ndarray]) -> Unit:
     return Unit(EMBEDDINGS, tuple(options))
 
 
-def _scheme_bytes(layer: Layer, scheme: str) -> int:
-    """Stored bytes of the layer's weight under a scheme: codes, plus a float scale per column or block."""
+def _scheme_bytes(layer: Layer, scheme: str, target: str = PORTABLE_TARGET) -> int:
+    """Stored bytes of the layer's weight under a scheme: codes, scales and zero points.
+
+    On ort-cpu a weight-only layer is a MatMulNBits, whose one block per column covers K rounded up to a power of two
+    (K = 384 stores 512 codes per column).
+    """
     count = layer.weight_array.size
     if scheme == "float":
         return 4 * count
     options = SCHEMES[scheme]
     columns = layer.weight_array.shape[layer.out_axis or 0]
     block = options["block_size"]
-    scales = columns if block is None else columns * math.ceil(count / columns / block)
-    return int(count * options["wbits"] / 8 + scales * (4 if options["weight_symmetric"] else 5))
+    depth = count // columns
+    scales = columns if block is None else columns * math.ceil(depth / block)
+    if target == DEFAULT_TARGET and not options.get("abits") and block is None:
+        count = columns * max(16, 1 << (depth - 1).bit_length())  # lowering.matmul_nbits.kernel_block
+    # A float scale per column or block, and an asymmetric grid's zero points packed at the codes' width.
+    points = 0 if options["weight_symmetric"] else options["wbits"] / 8
+    return int(count * options["wbits"] / 8 + scales * (4 + points))
 
 
 def _latencies(layer: Layer, schemes: Sequence[str], target: str) -> list[float]:

@@ -9,6 +9,8 @@ from graphquant.analysis.search import (
     ErrorModel,
     Option,
     Unit,
+    cheaper_step,
+    cheaper_steps,
     cheapest,
     greedy,
     more_accurate,
@@ -78,6 +80,22 @@ def test_more_accurate_is_the_cheapest_better_option():
     choice = cheapest(UNITS)
     assert more_accurate(UNITS, choice, "sensitive") == 1
     assert more_accurate(UNITS, {**choice, "sensitive": 0}, "sensitive") is None
+
+
+def test_the_cheaper_step_downgrades_the_unit_losing_least_per_cost_saved():
+    choice = {"robust": 0, "sensitive": 0, "middle": 0}
+    stepped, added = cheaper_step(UNITS, choice, gain=1.0)
+    # Every float -> w8 step adds 0.001 for 2 saved; float -> w4 of "robust" adds 0.01 for 3 saved: w8 wins.
+    assert stepped == {**choice, "robust": 1} and added == pytest.approx(0.001)
+    assert cheaper_step(UNITS, {"robust": 2, "sensitive": 2, "middle": 2}, gain=1.0) is None
+
+
+def test_cheaper_steps_go_down_while_their_added_error_fits_the_allowance():
+    choice = {"robust": 0, "sensitive": 0, "middle": 0}
+    # float -> w8 adds 0.001 per unit; then robust's w8 -> w4 adds 0.009.
+    assert cheaper_steps(UNITS, choice, 1.0, allowance=0.0025) == {**choice, "robust": 1, "sensitive": 1}
+    assert cheaper_steps(UNITS, choice, 1.0, allowance=0.003) == {"robust": 1, "sensitive": 1, "middle": 1}
+    assert cheaper_steps(UNITS, choice, 1.0, allowance=0.0005) is None
 
 
 def test_pareto_front_keeps_the_undominated_points_by_cost():

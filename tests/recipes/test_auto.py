@@ -8,8 +8,21 @@ import pytest
 from builders import build, gaussian_feeds, run, weights
 
 import graphquant
+from graphquant.analysis.layers import candidates
+from graphquant.analysis.search import ErrorModel, Option, Unit
 from graphquant.errors import RecipeError
-from graphquant.recipes.auto import LATENCY_ROWS, Judge, Settings, _one_layer, split_data, time_forms
+from graphquant.recipes.auto import (
+    LATENCY_ROWS,
+    Judge,
+    Point,
+    Settings,
+    _next_choice,
+    _one_layer,
+    _scheme_bytes,
+    drop_exporter_metadata,
+    split_data,
+    time_forms,
+)
 
 CHAIN = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -358,3 +371,37 @@ def test_a_graph_with_tables_and_no_layer_is_searched_on_the_tables_alone():
     auto = result.report.auto
     assert auto["group_gains"] == [] and [unit["unit"] for unit in auto["layers"]] == ["embeddings"]
     assert schemes(result)["embeddings"] == "e4" and auto["chosen"]["meets_budget"]
+
+
+def test_after_a_pass_the_search_steps_down_where_the_measured_error_leaves_room():
+    units = [
+        Unit("a", (Option("float", 0.0, 4.0, 400), Option("w8a8", 0.001, 1.0, 100))),
+        Unit("b", (Option("float", 0.0, 4.0, 400), Option("w8a8", 0.004, 1.0, 100))),
+    ]
+    choice = {"a": 1, "b": 0}
+    settings = Settings(max_drop=0.01)
+    # The model's own pick under 0.9 x 0.01 is this choice (both at w8a8 predicts 0.01); a measured 0.001 plus b's
+    # predicted 0.008 fits 0.95 x 0.01, so b is stepped down; a measured 0.002 leaves no room.
+    errors = ErrorModel(2.0)
+    for measured, expected in ((0.001, {"a": 1, "b": 1}), (0.002, None)):
+        point = Point("outliertune", {}, 0.001, measured, 5.0, 500, True)
+        assert _next_choice(units, choice, errors, point, settings) == expected
+
+
+def test_the_exporters_debugging_metadata_is_dropped_and_other_metadata_kept(chain):
+    model = chain.clone()
+    node = next(iter(model.graph))
+    node.metadata_props.update({"pkg.torch.onnx.stack_trace": "File x.py", "namespace": "m/l1", "mine": "kept"})
+    drop_exporter_metadata(model)
+    assert dict(node.metadata_props) == {"mine": "kept"}
+
+
+@pytest.mark.parametrize("scheme", ["w8", "w4", "w8a8", "w4a8"])
+@pytest.mark.parametrize("depth", [384, 256])
+def test_the_counted_bytes_are_those_of_the_lowered_weight(scheme, depth):
+    feed = {"x": np.random.default_rng(0).standard_normal((LATENCY_ROWS, depth)).astype(np.float32)}
+    layer = next(c.layer for c in candidates(_one_layer("float", depth, 64, "ort-cpu", feed).graph) if c.layer)
+    lowered = _one_layer(scheme, depth, 64, "ort-cpu", feed)
+    # The weight's codes, scales and zero points (w_*), not the bias nor the activation's grid (x_*).
+    stored = sum(v.const_value.nbytes for name, v in lowered.graph.initializers.items() if name.startswith("w_"))
+    assert _scheme_bytes(layer, scheme, "ort-cpu") == stored

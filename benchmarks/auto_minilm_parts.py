@@ -1,0 +1,105 @@
+"""Where the auto models' bytes and errors come from on all-MiniLM-L6-v2: a byte account, and fixed choices judged.
+
+``bytes MODEL...``: each file's initializer bytes by (type, consuming ops), its node and value_info bytes.
+``choices``: the auto search's prepared graph (OutlierTune's rewrites) built with every layer at one scheme and the
+tables at one width, judged as the search judges (1 - cosine at the unpadded tokens of its held-out calibration
+batches, every fourth one), under round-to-nearest and GPTQ weights.
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/auto_minilm_parts.py bytes benchmarks/out/*.onnx
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/auto_minilm_parts.py choices
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import minilm_common as common
+
+# (label, quantize options, scheme of every layer, scheme of the tables)
+CHOICES = [
+    ("RTN", {"weight_clip_search": True}, "w8a8", "e8"),
+    ("RTN", {"weight_clip_search": True}, "w8a8", "e4"),
+    ("RTN", {"weight_clip_search": True}, "w4", "e4"),
+    ("GPTQ", {"weight_clip_search": True, "rounding": "gptq"}, "w4", "e4"),
+]
+
+
+def byte_account(path: Path) -> None:
+    """Print a model file's bytes: initializers by (type, consumers), nodes, value_info."""
+    import onnx
+
+    model = onnx.load(path)
+    graph = model.graph
+    consumers = collections.defaultdict(set)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].add(node.op_type)
+    groups: collections.Counter[tuple[str, str]] = collections.Counter()
+    for tensor in graph.initializer:
+        key = (onnx.TensorProto.DataType.Name(tensor.data_type), ",".join(sorted(consumers[tensor.name])) or "-")
+        groups[key] += tensor.ByteSize()
+    nodes = sum(node.ByteSize() for node in graph.node)
+    infos = sum(info.ByteSize() for info in graph.value_info)
+    print(
+        f"{path.name}: file {os.path.getsize(path) / 1e6:.3f} MB, initializers {sum(groups.values()) / 1e6:.3f}, "
+        f"nodes {nodes / 1e6:.3f}, value_info {infos / 1e6:.3f}"
+    )
+    for (dtype, ops), size in groups.most_common():
+        if size >= 1000:
+            print(f"  {size / 1e6:8.3f} MB  {dtype:6s} -> {ops}")
+
+
+def judge_choices() -> None:
+    """Build each fixed choice from the auto search's prepared graph and print its held-out error and bytes."""
+    import graphquant
+    from graphquant import api
+    from graphquant.analysis.stats_cache import CachingCalibrator
+    from graphquant.recipes import Recipe, auto
+
+    fp32 = common.ensure_minilm(common.DEFAULT_OUT)
+    inputs = common.graph_input_names(fp32)
+    calibration = common.calibration_batches(common.CALIBRATION_SENTENCES, batch=8, input_names=inputs)
+    model = graphquant.load(fp32)
+    kept, held = auto.split_data(calibration)
+    calibrator = CachingCalibrator.for_model(model, kept, False)
+    settings = auto.Settings()
+    base = model.clone()
+    api._prepare(base)
+    Recipe("auto", auto.METHODS["outliertune"], target=settings.target).to_pipeline(calibrator, lower=False)(base)
+    units = auto.measure_units(base, calibrator, settings)
+    judge = auto.Judge(model, held, settings)
+    for label, options, scheme, tables in CHOICES:
+        auto.QUANTIZE_OPTIONS = options
+        wanted = {unit.name: tables if unit.name == auto.EMBEDDINGS else scheme for unit in units}
+        choice = {u.name: next(i for i, o in enumerate(u.options) if o.scheme == wanted[u.name]) for u in units}
+        started = time.perf_counter()
+        candidate = auto._build(base, calibrator, settings, "outliertune", units, choice)[1]
+        error = judge(candidate)
+        print(
+            f"{label:5s} layers {scheme:5s} tables {tables}: error {error:.5f}, "
+            f"counted bytes {auto.total(units, choice, 'size') / 1e6:.2f} MB, {time.perf_counter() - started:.0f} s"
+        )
+
+
+def main() -> None:
+    """bytes MODEL... or choices."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=("bytes", "choices"))
+    parser.add_argument("models", nargs="*", type=Path)
+    args = parser.parse_args()
+    if args.mode == "bytes":
+        for path in args.models:
+            byte_account(path)
+    else:
+        judge_choices()
+
+
+if __name__ == "__main__":
+    main()
