@@ -234,7 +234,7 @@ def test_llm_w8a8_with_per_token_scales_on_every_llama_group_stays_close_to_floa
     model = ir.load(tiny_llama)
     calib, held_out = token_feeds(40), token_feeds(41)
     options = {"calibration": calib, "target": target, "show_progress": False}
-    dynamic = graphquant.optimize(model, "llm-w8a8", row_scales_below_db=1000.0, **options)
+    dynamic = graphquant.optimize(model, "llm-w8a8", row_scales_below_db=1000.0, float_route_below_db=1000.0, **options)
     static = graphquant.optimize(model, "outliertune", **options)
     groups = migratable_groups(model.graph)
     row_scaled = sum(rewrites.ROW_SCALE_KEY in node.meta for node in dynamic.model.graph)
