@@ -224,9 +224,10 @@ def test_cli_wbits_abits_reach_both_passes(tmp_path, outlier_model, capsys):
     assert output_sqnr_db(outlier_model, written, HELD_OUT) > 25
 
 
-def test_llm_w8a8_tries_per_token_scales_on_every_group():
+def test_llm_w8a8_tries_per_token_scales_where_static_steps_stay_below_35_db():
     step = {s.name: s for s in Recipe.named("llm-w8a8").steps}["preexecute-dequant"]
-    assert step.options["row_scales_below_db"] == 100.0  # every group where per-token scales score higher
+    # SmolLM2: 53 of 121 groups (every down_proj among them); at 30 dB none, 15% above FP32 perplexity
+    assert step.options["row_scales_below_db"] == 35.0
 
 
 @pytest.mark.parametrize("target", ["qdq", "ort-cpu"])
