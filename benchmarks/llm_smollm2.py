@@ -42,6 +42,16 @@ CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "weight-only-ort": ("graphquant weight-only W4 b32, int8 emb (ort-cpu)", "weight-only", {"target": "ort-cpu"}),
     "llm-w8a8-qdq": ("graphquant llm-w8a8 W8A8 (qdq)", "llm-w8a8", {"target": "qdq"}),
     "llm-w8a8-ort": ("graphquant llm-w8a8 W8A8 (ort-cpu)", "llm-w8a8", {"target": "ort-cpu"}),
+    "llm-w8a8-rows35-ort": (
+        "graphquant llm-w8a8 W8A8, per-token below 35 dB (ort-cpu)",
+        "llm-w8a8",
+        {"target": "ort-cpu", "row_scales_below_db": 35.0},
+    ),
+    "llm-w8a8-nosym-ort": (
+        "graphquant llm-w8a8 W8A8, no symmetrize (ort-cpu)",
+        "llm-w8a8",
+        {"target": "ort-cpu", "passes": ["preexecute-dequant", "quantize"]},
+    ),
 }
 DEFAULT_CONFIGS = "llm-w8a8-qdq,llm-w8a8-ort,outliertune-ort,weight-only-ort"
 

@@ -224,9 +224,10 @@ def test_cli_wbits_abits_reach_both_passes(tmp_path, outlier_model, capsys):
     assert output_sqnr_db(outlier_model, written, HELD_OUT) > 25
 
 
-def test_llm_w8a8_tries_per_token_scales_on_every_group():
+def test_llm_w8a8_tries_per_token_scales_where_static_steps_stay_below_35_db():
     step = {s.name: s for s in Recipe.named("llm-w8a8").steps}["preexecute-dequant"]
-    assert step.options["row_scales_below_db"] == 100.0  # every group where per-token scales score higher
+    # SmolLM2: 53 of 121 groups (every down_proj among them); at 30 dB none, 15% above FP32 perplexity
+    assert step.options["row_scales_below_db"] == 35.0
 
 
 @pytest.mark.parametrize("target", ["qdq", "ort-cpu"])
@@ -234,7 +235,7 @@ def test_llm_w8a8_with_per_token_scales_on_every_llama_group_stays_close_to_floa
     model = ir.load(tiny_llama)
     calib, held_out = token_feeds(40), token_feeds(41)
     options = {"calibration": calib, "target": target, "show_progress": False}
-    dynamic = graphquant.optimize(model, "llm-w8a8", row_scales_below_db=1000.0, **options)
+    dynamic = graphquant.optimize(model, "llm-w8a8", row_scales_below_db=1000.0, float_route_below_db=1000.0, **options)
     static = graphquant.optimize(model, "outliertune", **options)
     groups = migratable_groups(model.graph)
     row_scaled = sum(rewrites.ROW_SCALE_KEY in node.meta for node in dynamic.model.graph)

@@ -118,35 +118,36 @@ class PreexecuteDequantPass(CalibratedGroupPass):
         return ir.passes.PassResult(model, modified=modified)
 
     def _choose(self, group: ScaleGroup, stats: TensorStats) -> Choice:
-        """The best-scoring static divisor (outlier channels in float only where it stays below target), and where
-        that stays below ``row_scales_below_db``, the best per-token dynamic one if it scores higher."""
+        """The best-scoring static divisor, or where that stays below ``row_scales_below_db`` the best per-token
+        dynamic one if it scores higher; outlier channels go to float only where the best without them stays below
+        ``float_route_below_db`` (a float path costs a Gather, a MatMul and an Add per layer at run time)."""
         absmax = stats.channel_absmax
         sampled = stats.sample is not None and len(stats.sample) > 0  # no rows: every sampled row was NaN/Inf
         rows = stats.sample if sampled else np.zeros((1, absmax.size), np.float32)
         simulator = Screened.of(rows, group.layers)
-        best = max(self._scored(simulator, self._candidates(group, absmax)), key=lambda c: c.sqnr_db)
+        static = max(self._scored(simulator, self._candidates(group, absmax)), key=lambda c: c.sqnr_db)
+        per_row = (
+            self.row_scales_below_db is not None
+            and static.sqnr_db < self.row_scales_below_db
+            and row_scalable(group.layers)
+        )
+        best = (
+            max([static, *self._scored(simulator, _row_candidates(absmax))], key=lambda c: c.sqnr_db)
+            if per_row
+            else static
+        )
         count = min(self.float_channels, int(self.max_float_fraction * absmax.size))
-        outliers = np.sort(np.argsort(-absmax, kind="stable")[:count])
         if count >= 1 and best.sqnr_db < self.float_route_below_db:
+            outliers = np.sort(np.argsort(-absmax, kind="stable")[:count])
             remaining = absmax.copy()
             remaining[outliers] = 0
             routed = [_routed(c, outliers) for c in self._candidates(group, remaining)]
+            if per_row:
+                routed.extend(_routed(c, outliers) for c in _row_candidates(remaining))
             best = max([best, *self._scored(simulator, routed)], key=lambda c: c.sqnr_db)
-        if (
-            self.row_scales_below_db is None
-            or best.sqnr_db >= self.row_scales_below_db
-            or not row_scalable(group.layers)
-        ):
+        if not best.per_row:
             return best
-        dynamic = _row_candidates(absmax)
-        if count >= 1:
-            remaining = absmax.copy()
-            remaining[outliers] = 0
-            dynamic.extend(_routed(c, outliers) for c in _row_candidates(remaining))
-        chosen = max([best, *self._scored(simulator, dynamic)], key=lambda c: c.sqnr_db)
-        if chosen is best:
-            return best
-        return dataclasses.replace(chosen, label=f"{chosen.label}; best static {best.sqnr_db:.1f} dB")
+        return dataclasses.replace(best, label=f"{best.label}; best static {static.sqnr_db:.1f} dB")
 
     def _scored(self, simulator: Screened, candidates: list[Choice]) -> list[Choice]:
         """The SCREEN_KEPT candidates that score best on the screening rows, scored again on all the sampled rows."""

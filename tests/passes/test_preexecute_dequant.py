@@ -443,3 +443,20 @@ def test_an_asymmetric_grid_is_scored_as_quantize_lowers_it():
         measured.append(sqnr_db(run(reference, held_out[0])[0], run(model, held_out[0])[0]))
     assert notes[1] > notes[0] + 2  # [-0.3, max] on 255 steps against ±max on 254
     assert measured[1] > measured[0] + 1  # on held-out data, q only
+
+
+def test_float_routes_only_where_per_token_scales_stay_below_the_route_target():
+    feeds = massive_token_feeds(42)
+    options = {"row_scales_below_db": 60.0, "float_channels": 2, "max_float_fraction": 0.5}
+    probe = qkv(np.random.default_rng(41))
+    PreexecuteDequantPass(calibrator(probe, feeds), **options, float_route_below_db=0.0)(probe)
+    note = by_name(probe)["q_proj"].meta[SCHEME_NOTE_KEY]
+    assert note.startswith("per-token dynamic") and "in float" not in note
+    per_token = float(note.split("SQNR ")[1].split(" dB")[0])
+    static = float(note.split("best static ")[1].split(" dB")[0])
+    assert per_token > static + 10, note
+    for target, routed in ((static + 1.0, False), (per_token + 1.0, True)):  # static alone would be routed at both
+        model = qkv(np.random.default_rng(41))
+        PreexecuteDequantPass(calibrator(model, feeds), **options, float_route_below_db=target)(model)
+        assert ("Gather" in ops(model)) is routed, (target, scheme_notes(model))
+        assert sum(rewrites.ROW_SCALE_KEY in node.meta for node in model.graph) == 3
