@@ -128,8 +128,10 @@ def open_session(
     wait in a file while it is open (see parked_weights); the caller must not change them meanwhile.
     """
     _map_large_allocations()
-    # Weights a pass replaced can wait in reference cycles (graph objects) until a full collection frees them.
-    gc.collect()
+    # Weights a pass replaced can wait in reference cycles (graph objects) until a full collection frees them. A full
+    # collection takes seconds in a large heap (a test process), so it runs only where the weights are large.
+    if initializer_bytes(model) > PARKED_MODEL_BYTES:
+        gc.collect()
     output_names = {value.name for value in model.graph.outputs}
     large = shares_weights(model) if share is None else share
     shared = _shared_initializers(model) if large else {}

@@ -137,3 +137,16 @@ def test_a_parked_session_runs_without_the_arena_that_would_keep_its_largest_buf
         assert not session.get_session_options().enable_cpu_mem_arena
     with runner.open_session(model) as session:
         assert session.get_session_options().enable_cpu_mem_arena
+
+
+def test_only_a_model_with_large_weights_pays_for_a_full_garbage_collection(monkeypatch):
+    model = mlp(np.random.default_rng(25))
+    collections = []
+    monkeypatch.setattr(runner.gc, "collect", lambda: collections.append(1) or 0)
+    with runner.open_session(model):
+        pass
+    assert collections == []
+    monkeypatch.setattr(runner, "PARKED_MODEL_BYTES", 0)
+    with runner.open_session(model):
+        pass
+    assert collections == [1]
