@@ -33,6 +33,8 @@ TARGET_DAMPING = 0.01
 # Inverse-Hessian factors kept by content digest: the layers that read one activation (q, k and v; gate and up) share
 # its Gram, and quantize rounds them one after another.
 FACTOR_MEMO_ENTRIES = 4
+# Factors larger than this are not kept: a 25088-wide Gram's factor alone is 5 GB.
+FACTOR_MEMO_BYTES = 64 << 20
 _FACTORS: collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
 
 
@@ -121,7 +123,10 @@ def _inverse_factor(gram: np.ndarray, act_order: bool, damping: float) -> tuple[
         order = np.argsort(-np.diag(gram), kind="stable") if act_order else np.arange(hessian.shape[0])
         hessian = hessian[np.ix_(order, order)]
         hessian[np.diag_indices_from(hessian)] += damping * float(np.mean(np.diag(hessian)))
-        _FACTORS[key] = (order, np.linalg.cholesky(np.linalg.inv(hessian)).T)
+        factor = (order, np.linalg.cholesky(np.linalg.inv(hessian)).T)
+        if factor[1].nbytes > FACTOR_MEMO_BYTES:
+            return factor
+        _FACTORS[key] = factor
         while len(_FACTORS) > FACTOR_MEMO_ENTRIES:
             _FACTORS.popitem(last=False)
     _FACTORS.move_to_end(key)

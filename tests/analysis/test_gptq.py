@@ -300,3 +300,15 @@ def test_the_memoized_inverse_hessian_factor_follows_the_gram_and_the_order():
     for expected, actual in zip(fresh, memoized):
         np.testing.assert_array_equal(actual, expected)
     assert not np.array_equal(fresh[0], fresh[1]) and not np.array_equal(fresh[0], fresh[2])
+
+
+def test_a_factor_over_the_memo_size_is_not_kept(monkeypatch):
+    rng = np.random.default_rng(8)
+    x = correlated_inputs(rng, 128, 16)
+    gptq_module._FACTORS.clear()
+    monkeypatch.setattr(gptq_module, "FACTOR_MEMO_BYTES", 16 * 16 * 8 - 1)
+    gptq_round(rng.standard_normal((16, 4)), x.T @ x, 4, False, 16, False, False)
+    assert len(gptq_module._FACTORS) == 0
+    monkeypatch.setattr(gptq_module, "FACTOR_MEMO_BYTES", 16 * 16 * 8)
+    gptq_round(rng.standard_normal((16, 4)), x.T @ x, 4, False, 16, False, False)
+    assert len(gptq_module._FACTORS) == 1
