@@ -130,7 +130,8 @@ def open_session(
     _map_large_allocations()
     # Weights a pass replaced can wait in reference cycles (graph objects) until a full collection frees them. A full
     # collection takes seconds in a large heap (a test process), so it runs only where the weights are large.
-    if initializer_bytes(model) > PARKED_MODEL_BYTES:
+    weight_bytes = initializer_bytes(model)
+    if weight_bytes > PARKED_MODEL_BYTES:
         gc.collect()
     output_names = {value.name for value in model.graph.outputs}
     large = shares_weights(model) if share is None else share
@@ -139,7 +140,7 @@ def open_session(
     proto = _session_proto(model, shared)
     proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra_outputs if n not in output_names)
     options = session_options()
-    parks = park and not shared and initializer_bytes(model) > PARKED_MODEL_BYTES
+    parks = park and not shared and weight_bytes > PARKED_MODEL_BYTES
     if parks:
         # The arena would keep each run's largest buffers (a float copy of a weight behind its DequantizeLinear).
         options.enable_cpu_mem_arena = False
@@ -395,8 +396,9 @@ def _unparked(tensor: ir.TensorProtocol) -> ir.Tensor:
     array = np.empty(source.shape, source.dtype)
     if source.ndim == 0:
         array[...] = source
-    for part in read_in_slices(tensor, source) if source.ndim else ():
-        array[part] = source[part]
+    else:
+        for part in read_in_slices(tensor, source):
+            array[part] = source[part]
     del source
     release_mapping(tensor)
     return ir.Tensor(
