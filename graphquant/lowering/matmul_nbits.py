@@ -71,8 +71,13 @@ def _power_of_two_block(block_size: int) -> bool:
 
 
 def kernel_block(spec: QuantSpec, depth: int) -> int:
-    """MatMulNBits' block along K: the spec's block, or one power-of-two block from 16 on that covers K."""
-    return spec.block_size or max(16, 1 << (depth - 1).bit_length())
+    """MatMulNBits' block along K: the spec's block, or one block that covers K (covering_block)."""
+    return spec.block_size or covering_block(depth)
+
+
+def covering_block(depth: int) -> int:
+    """The power-of-two block from 16 on that covers K = ``depth`` in one block."""
+    return max(16, 1 << (depth - 1).bit_length())
 
 
 def container_bits(bits: int) -> int:

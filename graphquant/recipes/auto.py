@@ -43,6 +43,7 @@ from graphquant.analysis.stats import CalibrationStats
 from graphquant.analysis.stats_cache import CachingCalibrator
 from graphquant.analysis.weight_fit import WeightScheme, fit_weight_spec, row_energy
 from graphquant.errors import RecipeError
+from graphquant.lowering.matmul_nbits import covering_block
 from graphquant.passes.quantize import SCHEMES, NodeOverride
 from graphquant.passes.quantize_embeddings import QuantizeEmbeddingsPass, embedding_table
 from graphquant.quant_spec import KEEP_FLOAT_KEY, PREEXECUTED_KEY, QuantSpec, asymmetric_spec, symmetric_spec
@@ -762,7 +763,7 @@ def _scheme_bytes(layer: Layer, scheme: str, target: str = PORTABLE_TARGET) -> i
     depth = count // columns
     scales = columns if block is None else columns * math.ceil(depth / block)
     if target == DEFAULT_TARGET and not options.get("abits") and block is None:
-        count = columns * max(16, 1 << (depth - 1).bit_length())  # lowering.matmul_nbits.kernel_block
+        count = columns * covering_block(depth)
     # A float scale per column or block, and an asymmetric grid's zero points packed at the codes' width.
     points = 0 if options["weight_symmetric"] else options["wbits"] / 8
     return int(count * options["wbits"] / 8 + scales * (4 + points))
