@@ -22,13 +22,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import minilm_common as common
 
-# (label, quantize options, scheme of every layer, scheme of the tables)
+# (objective whose weight rounding builds it: latency rounds to nearest, size by GPTQ; every layer's scheme; tables')
 CHOICES = [
-    ("RTN", {"weight_clip_search": True}, "w8a8", "e8"),
-    ("RTN", {"weight_clip_search": True}, "w8a8", "e4"),
-    ("RTN", {"weight_clip_search": True}, "w4", "e4"),
-    ("GPTQ", {"weight_clip_search": True, "rounding": "gptq"}, "w4", "e4"),
+    ("latency", "w8a8", "e8"),
+    ("latency", "w8a8", "e4"),
+    ("latency", "w4", "e4"),
+    ("size", "w4", "e4"),
+    ("size", "w8a8", "e4-b128"),
+    ("size", "w4-b128", "float"),
+    ("size", "w4-b64", "e4-b128"),
+    ("size", "w4-b128", "e4-b128"),
 ]
+ROUNDING = {"latency": "RTN", "size": "GPTQ"}
 
 
 def byte_account(path: Path) -> None:
@@ -60,6 +65,7 @@ def judge_choices() -> None:
     """Build each fixed choice from the auto search's prepared graph and print its held-out error and bytes."""
     import graphquant
     from graphquant import api
+    from graphquant.analysis import sizes
     from graphquant.analysis.stats_cache import CachingCalibrator
     from graphquant.recipes import Recipe, auto
 
@@ -69,22 +75,24 @@ def judge_choices() -> None:
     model = graphquant.load(fp32)
     kept, held = auto.split_data(calibration)
     calibrator = CachingCalibrator.for_model(model, kept, False)
-    settings = auto.Settings()
     base = model.clone()
     api._prepare(base)
-    Recipe("auto", auto.METHODS["outliertune"], target=settings.target).to_pipeline(calibrator, lower=False)(base)
-    units = auto.measure_units(base, calibrator, settings)
-    judge = auto.Judge(model, held, settings)
-    for label, options, scheme, tables in CHOICES:
-        auto.QUANTIZE_OPTIONS = options
-        wanted = {unit.name: tables if unit.name == auto.EMBEDDINGS else scheme for unit in units}
-        choice = {u.name: next(i for i, o in enumerate(u.options) if o.scheme == wanted[u.name]) for u in units}
+    Recipe("auto", auto.METHODS["outliertune"], target=auto.DEFAULT_TARGET).to_pipeline(calibrator, lower=False)(base)
+    judge = auto.Judge(model, held, auto.Settings())
+    units = {objective: auto.measure_units(base, calibrator, auto.Settings(objective=objective)) for objective in ROUNDING}
+    for objective, scheme, tables in CHOICES:
+        settings = auto.Settings(objective=objective)
+        chosen = units[objective]
+        wanted = {unit.name: tables if unit.name == auto.EMBEDDINGS else scheme for unit in chosen}
+        choice = {u.name: next(i for i, o in enumerate(u.options) if o.scheme == wanted[u.name]) for u in chosen}
         started = time.perf_counter()
-        candidate = auto._build(base, calibrator, settings, "outliertune", units, choice)[1]
+        candidate = auto._build(base, calibrator, settings, "outliertune", chosen, choice)[1]
         error = judge(candidate)
         print(
-            f"{label:5s} layers {scheme:5s} tables {tables}: error {error:.5f}, "
-            f"counted bytes {auto.total(units, choice, 'size') / 1e6:.2f} MB, {time.perf_counter() - started:.0f} s"
+            f"{ROUNDING[objective]:5s} layers {scheme:7s} tables {tables:7s}: error {error:.5f}, "
+            f"counted bytes {auto.total(chosen, choice, 'size') / 1e6:.2f} MB, "
+            f"initializers {sizes.initializer_bytes(candidate) / 1e6:.2f} MB, {time.perf_counter() - started:.0f} s",
+            flush=True,
         )
 
 

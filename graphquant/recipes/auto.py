@@ -76,8 +76,11 @@ METHODS: dict[str, tuple[PassStep, ...]] = {
     ),
     "smoothquant": (PassStep("preexecute-dequant", {"method": "smoothquant", "alpha": 0.5, "abits": 8, "wbits": 8}),),
     "llm-int8": (PassStep("outlier-decompose", {"threshold": 6.0, "max_fraction": 0.1}),),
+    # The float graph as it is: weight-only layers gain nothing from activation rewrites, which cost bytes.
+    "none": (),
 }
 DEFAULT_METHODS = ("outliertune",)
+SIZE_METHODS = ("outliertune", "none")
 LINEAR_SCHEMES = ("float", "w8a8", "w4a8", "w8", "w4")
 # Under the size objective, weight-only W4 in larger blocks too: a float scale per 128 weights instead of per 32.
 SIZE_SCHEMES: dict[str, dict[str, Any]] = {
@@ -120,7 +123,7 @@ class Settings:
     objective: str = "latency"
     metric: str | Metric = "cosine"
     target: str = DEFAULT_TARGET
-    methods: tuple[str, ...] = DEFAULT_METHODS
+    methods: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         """Refuse settings the search cannot honour."""
@@ -130,9 +133,9 @@ class Settings:
             raise RecipeError(f"auto: metric must be one of {METRICS} or a function, got {self.metric!r}")
         if not isinstance(self.max_drop, (int, float)) or not math.isfinite(self.max_drop) or self.max_drop < 0:
             raise RecipeError(f"auto: max_drop must be a finite number >= 0, got {self.max_drop!r}")
-        unknown = sorted(set(self.methods) - set(METHODS))
-        if unknown or not self.methods:
-            raise RecipeError(f"auto: methods must be among {sorted(METHODS)}, got {list(self.methods)}")
+        unknown = sorted(set(self.searched_methods) - set(METHODS))
+        if unknown or not self.searched_methods:
+            raise RecipeError(f"auto: methods must be among {sorted(METHODS)}, got {list(self.searched_methods)}")
 
     @property
     def ranking(self) -> str:
@@ -142,6 +145,13 @@ class Settings:
         slower than float), so latency timed here would rank float first and quantize nothing.
         """
         return "size" if self.target == PORTABLE_TARGET else self.objective
+
+    @property
+    def searched_methods(self) -> tuple[str, ...]:
+        """The methods tried: those given, else OutlierTune, and for size the plain float graph too."""
+        if self.methods is not None:
+            return self.methods
+        return SIZE_METHODS if self.sized else DEFAULT_METHODS
 
     @property
     def sized(self) -> bool:
@@ -159,9 +169,9 @@ class Settings:
         return {**EMBED_SCHEMES, **SIZE_EMBED_SCHEMES} if self.sized else EMBED_SCHEMES
 
     @property
-    def rounding(self) -> str:
-        """The quantize pass's weight rounding: GPTQ for size (4-bit weights need it), else round-to-nearest."""
-        return "gptq" if self.sized else "nearest"
+    def rounding(self) -> dict[str, Any]:
+        """The quantize pass's rounding options: GPTQ in act-order for size (4-bit weights need it), else nearest."""
+        return {"rounding": "gptq", "gptq_act_order": True} if self.sized else {}
 
     @property
     def budget(self) -> float:
@@ -290,7 +300,7 @@ def search(
     started = time.perf_counter()
     judge = Judge(model, heldout, settings)
     best: tuple[Recipe, ir.Model, Search] | None = None
-    for method in settings.methods:
+    for method in settings.searched_methods:
         found = _search_method(model, calibrator, judge, settings, method, prepare)
         if best is None or _better(found[2], best[2]):
             best = found
@@ -550,8 +560,7 @@ def _recipe(method: str, units: Sequence[Unit], choice: Mapping[str, int], setti
     table = settings.embed_schemes.get(schemes.pop(EMBEDDINGS, "float"))
     if table is not None:
         steps.append(PassStep("quantize-embeddings", {"embed_bits": table[0], "embed_block_size": table[1]}))
-    rounding = {"rounding": settings.rounding} if settings.rounding != "nearest" else {}
-    steps.append(PassStep("quantize", {**QUANTIZE_OPTIONS, **rounding}))
+    steps.append(PassStep("quantize", {**QUANTIZE_OPTIONS, **settings.rounding}))
     overrides = tuple(
         NodeOverride(_literal_glob(name), SIZE_SCHEMES.get(scheme, {"scheme": scheme}))
         for name, scheme in schemes.items()
@@ -659,7 +668,7 @@ def measure_units(model: ir.Model, calibrator: CachingCalibrator, settings: Sett
     ]
     convs = [c.layer for c in candidates(model.graph) if c.layer is not None and c.layer.node.op_type == "Conv"]
     names = [layer.activation.name or "" for layer in layers + convs]
-    grams = [layer.activation.name or "" for layer in layers] if settings.rounding == "gptq" else []
+    grams = [layer.activation.name or "" for layer in layers] if settings.rounding else []
     stats = calibrator.collect(model, names, sample_rows=SAMPLE_ROWS, gram_names=grams)
     units = [_linear_unit(layer, stats, settings) for layer in layers if layer.weight_array.ndim == 2]
     units += [_conv_unit(layer, stats, settings) for layer in convs if KEEP_FLOAT_KEY not in layer.node.meta]
@@ -697,7 +706,7 @@ def _linear_unit(layer: Layer, stats: CalibrationStats, settings: Settings) -> U
         if not (scheme_options(s).get("abits") and (activation is None or rows is None))
     ]
     times = _latencies(layer, schemes, settings.target) if settings.ranking == "latency" else [0.0] * len(schemes)
-    scorer = _LayerScorer(layer, rows, activation, settings.rounding == "gptq")
+    scorer = _LayerScorer(layer, rows, activation, bool(settings.rounding))
     options = [
         Option(scheme, 0.0 if scheme == "float" else scorer.error(scheme), time, size, time)
         for scheme, time in zip(schemes, times)
@@ -710,7 +719,7 @@ class _LayerScorer:
     """||XW - Q(X)Q(W)||^2 / ||XW||^2 per scheme on a layer's sampled rows (uniform rows when there is no sample).
 
     X·W, the quantized rows per activation width and the stored weight per weight grid are computed once. With
-    ``gptq`` the weights are rounded as the quantize pass's GPTQ rounds them (on the activation's X^T X).
+    ``gptq`` the weights are rounded as the quantize pass's GPTQ in act-order rounds them (on the activation's X^T X).
     """
 
     def __init__(self, layer: Layer, rows: np.ndarray | None, activation: Any, gptq: bool = False):
@@ -747,7 +756,7 @@ class _LayerScorer:
                 spec, weight = fit_weight_spec(layer, grid, energy), layer.weight_array
             else:
                 rounded, low, high = gptq_round(
-                    in_major(layer), self.gram, grid.bits, grid.symmetric, block_rows(layer, grid), grid.clip_search
+                    in_major(layer), self.gram, grid.bits, grid.symmetric, block_rows(layer, grid), grid.clip_search, True
                 )
                 spec, weight = spec_from_ranges(layer, grid, low, high), from_in_major(layer, rounded)
             stored = spec.dequantize(spec.quantize(weight)).astype(np.float32)
