@@ -562,7 +562,7 @@ def _recipe(method: str, units: Sequence[Unit], choice: Mapping[str, int], setti
         steps.append(PassStep("quantize-embeddings", {"embed_bits": table[0], "embed_block_size": table[1]}))
     steps.append(PassStep("quantize", {**QUANTIZE_OPTIONS, **settings.rounding}))
     overrides = tuple(
-        NodeOverride(_literal_glob(name), SIZE_SCHEMES.get(scheme, {"scheme": scheme}))
+        NodeOverride(_literal_glob(name), scheme_override(scheme))
         for name, scheme in schemes.items()
         if scheme != "float"
     )
@@ -570,9 +570,14 @@ def _recipe(method: str, units: Sequence[Unit], choice: Mapping[str, int], setti
     return Recipe("auto", tuple(steps), description, target=settings.target, overrides=overrides)
 
 
+def scheme_override(scheme: str) -> dict[str, Any]:
+    """The quantize pass's override of a scheme name: a named scheme, or a SIZE_SCHEMES variant of one."""
+    return dict(SIZE_SCHEMES.get(scheme, {"scheme": scheme}))
+
+
 def scheme_options(scheme: str) -> dict[str, Any]:
-    """The quantize pass's layer options of a scheme name (SCHEMES, or a SIZE_SCHEMES variant of one)."""
-    variant = dict(SIZE_SCHEMES.get(scheme, {"scheme": scheme}))
+    """The quantize pass's layer options of a scheme name."""
+    variant = scheme_override(scheme)
     return {**SCHEMES[variant.pop("scheme")], **variant}
 
 
@@ -821,22 +826,25 @@ def _embedding_unit(tables: Sequence[np.ndarray], schemes: Mapping[str, tuple[in
 def _scheme_bytes(layer: Layer, scheme: str, target: str = PORTABLE_TARGET) -> int:
     """Stored bytes of the layer's weight under a scheme: codes, scales and zero points.
 
-    On ort-cpu a weight-only layer is a MatMulNBits, whose one block per column covers K rounded up to a power of two
-    (K = 384 stores 512 codes per column).
+    On ort-cpu a weight-only layer is a MatMulNBits: each column's codes fill whole blocks (per channel, one block that
+    covers K rounded up to a power of two: K = 384 stores 512 codes), and its zero points whole bytes.
     """
     count = layer.weight_array.size
     if scheme == "float":
         return 4 * count
     options = scheme_options(scheme)
+    bits, block = options["wbits"], options["block_size"]
     columns = layer.weight_array.shape[layer.out_axis or 0]
-    block = options["block_size"]
     depth = count // columns
-    scales = columns if block is None else columns * math.ceil(depth / block)
-    if target == DEFAULT_TARGET and not options.get("abits") and block is None:
-        count = columns * covering_block(depth)
-    # A float scale per column or block, and an asymmetric grid's zero points packed at the codes' width.
-    points = 0 if options["weight_symmetric"] else options["wbits"] / 8
-    return int(count * options["wbits"] / 8 + scales * (4 + points))
+    blocks = 1 if block is None else math.ceil(depth / block)
+    # An asymmetric grid's zero points, packed at the codes' width.
+    points = 0 if options["weight_symmetric"] else math.ceil(columns * blocks * bits / 8)
+    if target == DEFAULT_TARGET and not options.get("abits"):
+        kernel = block or covering_block(depth)
+        count = columns * math.ceil(depth / kernel) * kernel
+        points = 0 if options["weight_symmetric"] else columns * math.ceil(blocks * bits / 8)
+    # A float scale per column or block.
+    return math.ceil(count * bits / 8) + 4 * columns * blocks + points
 
 
 def _latencies(layer: Layer, schemes: Sequence[str], target: str) -> list[float]:
@@ -890,6 +898,6 @@ def _one_layer(scheme: str, depth: int, width: int, target: str, feed: Feed) -> 
     model = ir.Model(graph, ir_version=10)
     if scheme != "float":
         step = PassStep("quantize", dict(QUANTIZE_OPTIONS))
-        recipe = Recipe("time", (step,), target=target, overrides=(NodeOverride("*", {"scheme": scheme}),))
+        recipe = Recipe("time", (step,), target=target, overrides=(NodeOverride("*", scheme_override(scheme)),))
         recipe.to_pipeline(CachingCalibrator.for_model(model, [feed], False))(model)
     return model
