@@ -79,7 +79,9 @@ def judge_choices() -> None:
     api._prepare(base)
     Recipe("auto", auto.METHODS["outliertune"], target=auto.DEFAULT_TARGET).to_pipeline(calibrator, lower=False)(base)
     judge = auto.Judge(model, held, auto.Settings())
-    units = {objective: auto.measure_units(base, calibrator, auto.Settings(objective=objective)) for objective in ROUNDING}
+    units = {
+        objective: auto.measure_units(base, calibrator, auto.Settings(objective=objective)) for objective in ROUNDING
+    }
     for objective, scheme, tables in CHOICES:
         settings = auto.Settings(objective=objective)
         chosen = units[objective]

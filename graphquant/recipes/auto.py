@@ -27,6 +27,7 @@ import onnxruntime as ort
 
 from graphquant.analysis.cost import cached_latencies
 from graphquant.analysis.data import Feed
+from graphquant.analysis.gptq import gptq_round
 from graphquant.analysis.layers import Layer, candidates
 from graphquant.analysis.runner import load_session, open_session, run_views, session_options
 from graphquant.analysis.search import (
@@ -41,7 +42,6 @@ from graphquant.analysis.search import (
 )
 from graphquant.analysis.stats import CalibrationStats
 from graphquant.analysis.stats_cache import CachingCalibrator
-from graphquant.analysis.gptq import gptq_round
 from graphquant.analysis.weight_fit import (
     WeightScheme,
     block_rows,
@@ -760,8 +760,10 @@ class _LayerScorer:
                 energy = row_energy(layer, None if self.activation is None else self.activation.channel_mean_square())
                 spec, weight = fit_weight_spec(layer, grid, energy), layer.weight_array
             else:
+                # Clip-searched at every width, as the quantize pass rounds (its result memo then serves the builds).
+                clip = bool(QUANTIZE_OPTIONS.get("weight_clip_search"))
                 rounded, low, high = gptq_round(
-                    in_major(layer), self.gram, grid.bits, grid.symmetric, block_rows(layer, grid), grid.clip_search, True
+                    in_major(layer), self.gram, grid.bits, grid.symmetric, block_rows(layer, grid), clip, True
                 )
                 spec, weight = spec_from_ranges(layer, grid, low, high), from_in_major(layer, rounded)
             stored = spec.dequantize(spec.quantize(weight)).astype(np.float32)

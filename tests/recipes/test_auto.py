@@ -319,6 +319,8 @@ def test_the_embedding_tables_are_measured_in_the_whole_graph():
     )
     _, held = split_data(calib)
     assert tables["e4"]["error"] == pytest.approx(heldout_error(model, alone.model, held), rel=0.1)
+    stored = sum(v.const_value.nbytes for name, v in alone.model.graph.initializers.items() if name.startswith("table"))
+    assert tables["e4"]["bytes"] == stored
 
 
 DAMPED = """
