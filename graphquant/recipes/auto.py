@@ -829,7 +829,8 @@ def _scheme_bytes(layer: Layer, scheme: str, target: str = PORTABLE_TARGET) -> i
     """Stored bytes of the layer's weight under a scheme: codes, scales and zero points.
 
     On ort-cpu a weight-only layer is a MatMulNBits: each column's codes fill whole blocks (per channel, one block that
-    covers K rounded up to a power of two: K = 384 stores 512 codes), and its zero points whole bytes.
+    covers K rounded up to a power of two: K = 384 stores 512 codes), and its zero points whole bytes; there and in
+    its integer kernels a symmetric grid stores none.
     """
     count = layer.weight_array.size
     if scheme == "float":
@@ -839,8 +840,10 @@ def _scheme_bytes(layer: Layer, scheme: str, target: str = PORTABLE_TARGET) -> i
     columns = layer.weight_array.shape[layer.out_axis or 0]
     depth = count // columns
     blocks = 1 if block is None else math.ceil(depth / block)
-    # An asymmetric grid's zero points, packed at the codes' width.
-    points = 0 if options["weight_symmetric"] else math.ceil(columns * blocks * bits / 8)
+    # Zero points, packed at the codes' width (a DequantizeLinear stores them for symmetric grids too).
+    points = math.ceil(columns * blocks * bits / 8)
+    if target == DEFAULT_TARGET:
+        points = 0 if options["weight_symmetric"] else points
     if target == DEFAULT_TARGET and not options.get("abits"):
         kernel = block or covering_block(depth)
         count = columns * math.ceil(depth / kernel) * kernel

@@ -400,13 +400,14 @@ def test_the_exporters_debugging_metadata_is_dropped_and_other_metadata_kept(cha
 
 @pytest.mark.parametrize("scheme", ["w8", "w4", "w8a8", "w4a8", "w4-b64", "w4-b128"])
 @pytest.mark.parametrize("depth", [384, 256, 320])
-def test_the_counted_bytes_are_those_of_the_lowered_weight(scheme, depth):
+@pytest.mark.parametrize("target", ["ort-cpu", "qdq"])
+def test_the_counted_bytes_are_those_of_the_lowered_weight(scheme, depth, target):
     feed = {"x": np.random.default_rng(0).standard_normal((LATENCY_ROWS, depth)).astype(np.float32)}
-    layer = next(c.layer for c in candidates(_one_layer("float", depth, 64, "ort-cpu", feed).graph) if c.layer)
-    lowered = _one_layer(scheme, depth, 64, "ort-cpu", feed)
+    layer = next(c.layer for c in candidates(_one_layer("float", depth, 64, target, feed).graph) if c.layer)
+    lowered = _one_layer(scheme, depth, 64, target, feed)
     # The weight's codes, scales and zero points (w_*), not the bias nor the activation's grid (x_*).
     stored = sum(v.const_value.nbytes for name, v in lowered.graph.initializers.items() if name.startswith("w_"))
-    assert _scheme_bytes(layer, scheme, "ort-cpu") == stored
+    assert _scheme_bytes(layer, scheme, target) == stored
 
 
 SINGLE = """
