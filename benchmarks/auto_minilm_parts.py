@@ -1,9 +1,9 @@
 """Where the auto models' bytes and errors come from on all-MiniLM-L6-v2: a byte account, and fixed choices judged.
 
 ``bytes MODEL...``: each file's initializer bytes by (type, consuming ops), its node and value_info bytes.
-``choices``: the auto search's prepared graph (OutlierTune's rewrites) built with every layer at one scheme and the
-tables at one width, judged as the search judges (1 - cosine at the unpadded tokens of its held-out calibration
-batches, every fourth one), under round-to-nearest and GPTQ weights.
+``choices``: the auto search's prepared graphs (OutlierTune's rewrites, or none) built with every layer at one scheme
+and the tables at one width, judged as the search judges (1 - cosine at the unpadded tokens of its held-out calibration
+batches, every fourth one), under round-to-nearest and GPTQ (act-order) weights.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/auto_minilm_parts.py bytes benchmarks/out/*.onnx
     PYTHONPATH=$PWD .venv/bin/python benchmarks/auto_minilm_parts.py choices
@@ -22,16 +22,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import minilm_common as common
 
-# (objective whose weight rounding builds it: latency rounds to nearest, size by GPTQ; every layer's scheme; tables')
+# (method whose exact rewrites prepare the graph; objective whose weight rounding builds it: latency rounds to nearest,
+# size by GPTQ in act-order; every layer's scheme; the tables')
 CHOICES = [
-    ("latency", "w8a8", "e8"),
-    ("latency", "w8a8", "e4"),
-    ("latency", "w4", "e4"),
-    ("size", "w4", "e4"),
-    ("size", "w8a8", "e4-b128"),
-    ("size", "w4-b128", "float"),
-    ("size", "w4-b64", "e4-b128"),
-    ("size", "w4-b128", "e4-b128"),
+    ("outliertune", "latency", "w8a8", "e8"),
+    ("outliertune", "latency", "w8a8", "e4"),
+    ("outliertune", "latency", "w4", "e4"),
+    ("outliertune", "size", "w4", "e4"),
+    ("outliertune", "size", "w4-b64", "e4-b128"),
+    ("none", "size", "w4", "float"),
+    ("none", "size", "w4", "e4-b128"),
+    ("none", "size", "w4-b64", "e4-b128"),
+    ("none", "size", "w4-b128", "e4-b128"),
 ]
 ROUNDING = {"latency": "RTN", "size": "GPTQ"}
 
@@ -63,9 +65,12 @@ def byte_account(path: Path) -> None:
 
 def judge_choices() -> None:
     """Build each fixed choice from the auto search's prepared graph and print its held-out error and bytes."""
+    import onnx_ir as ir
+
     import graphquant
     from graphquant import api
     from graphquant.analysis import sizes
+    from graphquant.analysis.search import Unit
     from graphquant.analysis.stats_cache import CachingCalibrator
     from graphquant.recipes import Recipe, auto
 
@@ -75,23 +80,25 @@ def judge_choices() -> None:
     model = graphquant.load(fp32)
     kept, held = auto.split_data(calibration)
     calibrator = CachingCalibrator.for_model(model, kept, False)
-    base = model.clone()
-    api._prepare(base)
-    Recipe("auto", auto.METHODS["outliertune"], target=auto.DEFAULT_TARGET).to_pipeline(calibrator, lower=False)(base)
     judge = auto.Judge(model, held, auto.Settings())
-    units = {
-        objective: auto.measure_units(base, calibrator, auto.Settings(objective=objective)) for objective in ROUNDING
-    }
-    for objective, scheme, tables in CHOICES:
+    bases: dict[str, ir.Model] = {}
+    units: dict[tuple[str, str], list[Unit]] = {}
+    for method, objective, scheme, tables in CHOICES:
         settings = auto.Settings(objective=objective)
-        chosen = units[objective]
+        if method not in bases:
+            bases[method] = base = model.clone()
+            api._prepare(base)
+            Recipe("auto", auto.METHODS[method], target=settings.target).to_pipeline(calibrator, lower=False)(base)
+        if (method, objective) not in units:
+            units[method, objective] = auto.measure_units(bases[method], calibrator, settings)
+        chosen = units[method, objective]
         wanted = {unit.name: tables if unit.name == auto.EMBEDDINGS else scheme for unit in chosen}
         choice = {u.name: next(i for i, o in enumerate(u.options) if o.scheme == wanted[u.name]) for u in chosen}
         started = time.perf_counter()
-        candidate = auto._build(base, calibrator, settings, "outliertune", chosen, choice)[1]
+        candidate = auto._build(bases[method], calibrator, settings, method, chosen, choice)[1]
         error = judge(candidate)
         print(
-            f"{ROUNDING[objective]:5s} layers {scheme:7s} tables {tables:7s}: error {error:.5f}, "
+            f"{method:11s} {ROUNDING[objective]:4s} layers {scheme:7s} tables {tables:7s}: error {error:.5f}, "
             f"counted bytes {auto.total(chosen, choice, 'size') / 1e6:.2f} MB, "
             f"initializers {sizes.initializer_bytes(candidate) / 1e6:.2f} MB, {time.perf_counter() - started:.0f} s",
             flush=True,
