@@ -4,7 +4,9 @@
    LLM.int8() decomposition) run once on the float graph; every candidate is a clone of that prepared graph.
 2. Each layer's error under each scheme (float, W8A8, W4A8, weight-only W8 and W4) is measured on sampled
    calibration rows of its own input, with the QuantSpecs the quantize pass would fit; the embedding tables'
-   under 8 and 4 bits on their rows. Costs: bytes of each form, or its latency measured once on the target.
+   under 8 and 4 bits on their rows. Costs: bytes of each form, or its latency measured once on the target. For size,
+   the weights are rounded by GPTQ (act-order) and scored so, W4 comes in blocks of 32, 64 or 128 and int4 tables in
+   blocks of 64 or 128, and the plain float graph (method "none") is searched beside OutlierTune's.
 3. analysis.search picks greedily by error removed per cost added; the pick is built for the target and measured
    end to end on held-out data. After each measurement the error model (a gain times a power of the summed layer
    errors) is re-fitted to every candidate measured; after a miss the search upgrades further from the missed
