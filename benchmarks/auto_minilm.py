@@ -3,7 +3,8 @@
 Rows: FP32; quantize_dynamic; quantize_static with its defaults and with its best settings (S8S8 MatMul-only,
 symmetric per-channel); graphquant with no option beyond the calibration data (the CLI default: recipe auto,
 --max-drop 0.002 on output cosine, --objective latency, target ort-cpu); --objective size at the default budget and
-at --max-drop 0.01; --target qdq; and a budget sweep. Besides the mean-pooled embedding metrics, "out err" is
+at --max-drop 0.01 and 0.02; --target qdq; a budget sweep; and the fixed presets at <= 13 MB (weight-only W4 in blocks
+of 64 or 128, W4A8, each with int4 tables in blocks of 128) that --objective size competes with. Besides the mean-pooled embedding metrics, "out err" is
 1 - cosine of last_hidden_state on the held-out sentences' unpadded tokens: the quantity --max-drop bounds (the search
 checks it on the calibration batches it holds out, every fourth one); "all pos." counts the padding positions too.
 
@@ -51,8 +52,21 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("graphquant auto --target qdq", "auto", {"target": "qdq"}),
     ("graphquant auto --max-drop 0.005", "auto", {"max_drop": 0.005}),
     ("graphquant auto --max-drop 0.001", "auto", {"max_drop": 0.001}),
+    ("graphquant auto --objective size --max-drop 0.02", "auto", {"objective": "size", "max_drop": 0.02}),
+    # The fixed presets at <= 13 MB that --objective size competes with: int4 tables in blocks of 128.
+    (
+        "fixed weight-only W4 b64 GPTQ, int4 emb b128 (ort-cpu)",
+        "weight-only",
+        {"target": "ort-cpu", "block_size": 64, "embed_bits": 4, "embed_block_size": 128},
+    ),
+    (
+        "fixed weight-only W4 b128 GPTQ, int4 emb b128 (ort-cpu)",
+        "weight-only",
+        {"target": "ort-cpu", "block_size": 128, "embed_bits": 4, "embed_block_size": 128},
+    ),
+    ("fixed w4a8 GPTQ, int4 emb b128 (ort-cpu)", "w4a8", {"embed_bits": 4, "embed_block_size": 128}),
 ]
-BUDGETS = {label: options.get("max_drop", 0.002) for label, _, options in CONFIGS}
+BUDGETS = {label: options.get("max_drop", 0.002) for label, recipe, options in CONFIGS if recipe == "auto"}
 
 
 ORT_LABELS = [ORT_DYNAMIC, ORT_STATIC_DEFAULT, ORT_STATIC_S8S8]

@@ -1,9 +1,9 @@
 """Where the auto models' bytes and errors come from on all-MiniLM-L6-v2: a byte account, and fixed choices judged.
 
 ``bytes MODEL...``: each file's initializer bytes by (type, consuming ops), its node and value_info bytes.
-``choices``: the auto search's prepared graph (OutlierTune's rewrites) built with every layer at one scheme and the
-tables at one width, judged as the search judges (1 - cosine at the unpadded tokens of its held-out calibration
-batches, every fourth one), under round-to-nearest and GPTQ weights.
+``choices``: the auto search's prepared graphs (OutlierTune's rewrites, or none) built with every layer at one scheme
+and the tables at one width, judged as the search judges (1 - cosine at the unpadded tokens of its held-out calibration
+batches, every fourth one), under round-to-nearest and GPTQ (act-order) weights.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/auto_minilm_parts.py bytes benchmarks/out/*.onnx
     PYTHONPATH=$PWD .venv/bin/python benchmarks/auto_minilm_parts.py choices
@@ -22,13 +22,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import minilm_common as common
 
-# (label, quantize options, scheme of every layer, scheme of the tables)
+# (method whose exact rewrites prepare the graph; objective whose weight rounding builds it: latency rounds to nearest,
+# size by GPTQ in act-order; every layer's scheme; the tables')
 CHOICES = [
-    ("RTN", {"weight_clip_search": True}, "w8a8", "e8"),
-    ("RTN", {"weight_clip_search": True}, "w8a8", "e4"),
-    ("RTN", {"weight_clip_search": True}, "w4", "e4"),
-    ("GPTQ", {"weight_clip_search": True, "rounding": "gptq"}, "w4", "e4"),
+    ("outliertune", "latency", "w8a8", "e8"),
+    ("outliertune", "latency", "w8a8", "e4"),
+    ("outliertune", "latency", "w4", "e4"),
+    ("outliertune", "size", "w4", "e4"),
+    ("outliertune", "size", "w4-b64", "e4-b128"),
+    ("none", "size", "w4", "float"),
+    ("none", "size", "w4", "e4-b128"),
+    ("none", "size", "w4-b64", "e4-b128"),
+    ("none", "size", "w4-b128", "e4-b128"),
 ]
+ROUNDING = {"latency": "RTN", "size": "GPTQ"}
 
 
 def byte_account(path: Path) -> None:
@@ -58,8 +65,12 @@ def byte_account(path: Path) -> None:
 
 def judge_choices() -> None:
     """Build each fixed choice from the auto search's prepared graph and print its held-out error and bytes."""
+    import onnx_ir as ir
+
     import graphquant
     from graphquant import api
+    from graphquant.analysis import sizes
+    from graphquant.analysis.search import Unit
     from graphquant.analysis.stats_cache import CachingCalibrator
     from graphquant.recipes import Recipe, auto
 
@@ -69,22 +80,28 @@ def judge_choices() -> None:
     model = graphquant.load(fp32)
     kept, held = auto.split_data(calibration)
     calibrator = CachingCalibrator.for_model(model, kept, False)
-    settings = auto.Settings()
-    base = model.clone()
-    api._prepare(base)
-    Recipe("auto", auto.METHODS["outliertune"], target=settings.target).to_pipeline(calibrator, lower=False)(base)
-    units = auto.measure_units(base, calibrator, settings)
-    judge = auto.Judge(model, held, settings)
-    for label, options, scheme, tables in CHOICES:
-        auto.QUANTIZE_OPTIONS = options
-        wanted = {unit.name: tables if unit.name == auto.EMBEDDINGS else scheme for unit in units}
-        choice = {u.name: next(i for i, o in enumerate(u.options) if o.scheme == wanted[u.name]) for u in units}
+    judge = auto.Judge(model, held, auto.Settings())
+    bases: dict[str, ir.Model] = {}
+    units: dict[tuple[str, str], list[Unit]] = {}
+    for method, objective, scheme, tables in CHOICES:
+        settings = auto.Settings(objective=objective)
+        if method not in bases:
+            bases[method] = base = model.clone()
+            api._prepare(base)
+            Recipe("auto", auto.METHODS[method], target=settings.target).to_pipeline(calibrator, lower=False)(base)
+        if (method, objective) not in units:
+            units[method, objective] = auto.measure_units(bases[method], calibrator, settings)
+        chosen = units[method, objective]
+        wanted = {unit.name: tables if unit.name == auto.EMBEDDINGS else scheme for unit in chosen}
+        choice = {u.name: next(i for i, o in enumerate(u.options) if o.scheme == wanted[u.name]) for u in chosen}
         started = time.perf_counter()
-        candidate = auto._build(base, calibrator, settings, "outliertune", units, choice)[1]
+        candidate = auto._build(bases[method], calibrator, settings, method, chosen, choice)[1]
         error = judge(candidate)
         print(
-            f"{label:5s} layers {scheme:5s} tables {tables}: error {error:.5f}, "
-            f"counted bytes {auto.total(units, choice, 'size') / 1e6:.2f} MB, {time.perf_counter() - started:.0f} s"
+            f"{method:11s} {ROUNDING[objective]:4s} layers {scheme:7s} tables {tables:7s}: error {error:.5f}, "
+            f"counted bytes {auto.total(chosen, choice, 'size') / 1e6:.2f} MB, "
+            f"initializers {sizes.initializer_bytes(candidate) / 1e6:.2f} MB, {time.perf_counter() - started:.0f} s",
+            flush=True,
         )
 
 

@@ -20,8 +20,8 @@ from builders import build, mlp, mlp_reference, outlier_activations, run, save_m
 import graphquant
 import graphquant.analysis.runner
 from graphquant.cli import main
-from graphquant.validate import DEFAULT_MIN_COSINE
 from graphquant.passes.quantize import QuantizePass
+from graphquant.validate import DEFAULT_MIN_COSINE
 
 SCRIPT = Path(sys.executable).parent / "graphquant"
 
@@ -134,6 +134,7 @@ def test_installed_script_exit_code(files, tmp_path):
     before = model_path.read_bytes()
     completed = subprocess.run(
         [str(SCRIPT), "optimize", "--recipe", "w8a8", str(model_path), "-o", str(model_path), "--calib", "random"],
+        check=False,
         capture_output=True,
         text=True,
         timeout=60,
@@ -679,8 +680,10 @@ def test_the_default_recipe_is_auto_on_ort_cpu_with_the_search_in_the_report(fil
     assert main([*argv, "--objective", "size", "--max-drop", "0.01"]) == 0
     stdout = capsys.readouterr().out
     assert "recipe auto -> target ort-cpu" in stdout
-    assert "auto: outliertune" in stdout and "meets the budget 0.01000" in stdout
     data = json.loads(report.read_text())
+    # For size the plain graph is searched beside OutlierTune's; the line names the method that won.
+    assert data["auto"]["method"] in ("outliertune", "none")
+    assert f"auto: {data['auto']['method']}" in stdout and "meets the budget 0.01000" in stdout
     assert (data["auto"]["objective"], data["auto"]["max_drop"]) == ("size", 0.01)
     assert {unit["unit"] for unit in data["auto"]["layers"]} == {layer["node"] for layer in data["layers"]}
     assert data["auto"]["pareto_front"] and data["bytes_after"] < data["bytes_before"]

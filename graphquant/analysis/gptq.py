@@ -36,6 +36,10 @@ FACTOR_MEMO_ENTRIES = 4
 # Factors larger than this are not kept: a 25088-wide Gram's factor alone is 5 GB.
 FACTOR_MEMO_BYTES = 64 << 20
 _FACTORS: collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
+# Rounded weights kept by content digest, up to this many bytes: a search (recipes/auto.py) scores a layer's grids and
+# then builds candidates that round the same layers on the same grids again.
+ROUNDED_MEMO_BYTES = 512 << 20
+_ROUNDED: collections.OrderedDict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = collections.OrderedDict()
 
 
 def gptq_round(
@@ -47,6 +51,36 @@ def gptq_round(
     clip_search: bool,
     act_order: bool = False,
     damping: float = 0.01,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """_gptq_round, memoized by the content of its arguments (copies are returned)."""
+    hasher = hashlib.blake2b(digest_size=16)
+    hasher.update(
+        f"{matrix.shape} {gram.shape} {bits} {symmetric} {block} {clip_search} {act_order} {damping!r}".encode()
+    )
+    for array in (matrix, gram):
+        hasher.update(np.ascontiguousarray(array, np.float64).reshape(-1).view(np.uint8))
+    key = hasher.hexdigest()
+    if key not in _ROUNDED:
+        result = _gptq_round(matrix, gram, bits, symmetric, block, clip_search, act_order, damping)
+        if sum(array.nbytes for array in result) > ROUNDED_MEMO_BYTES:
+            return result
+        _ROUNDED[key] = result
+        while sum(array.nbytes for entry in _ROUNDED.values() for array in entry) > ROUNDED_MEMO_BYTES:
+            _ROUNDED.popitem(last=False)
+    _ROUNDED.move_to_end(key)
+    rounded, low, high = _ROUNDED[key]
+    return rounded.copy(), low.copy(), high.copy()
+
+
+def _gptq_round(
+    matrix: np.ndarray,
+    gram: np.ndarray,
+    bits: int,
+    symmetric: bool,
+    block: int,
+    clip_search: bool,
+    act_order: bool,
+    damping: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Round [K, N] weights on per-(block, column) grids, minimizing ||X·W - X·Q||^2.
 

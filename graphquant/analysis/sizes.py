@@ -38,3 +38,8 @@ def _nbytes(value: ir.Value) -> int:
     """Stored bytes of an initializer (packed 4-bit types count half a byte per element)."""
     tensor = value.const_value
     return 0 if tensor is None else tensor.nbytes
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    """Stored bytes of every initializer of the main graph (what the weights take in the file)."""
+    return sum(_nbytes(value) for value in model.graph.initializers.values())

@@ -4,7 +4,9 @@
    LLM.int8() decomposition) run once on the float graph; every candidate is a clone of that prepared graph.
 2. Each layer's error under each scheme (float, W8A8, W4A8, weight-only W8 and W4) is measured on sampled
    calibration rows of its own input, with the QuantSpecs the quantize pass would fit; the embedding tables'
-   under 8 and 4 bits on their rows. Costs: bytes of each form, or its latency measured once on the target.
+   under 8 and 4 bits on their rows. Costs: bytes of each form, or its latency measured once on the target. For size,
+   the weights are rounded by GPTQ (act-order) and scored so, W4 comes in blocks of 32, 64 or 128 and int4 tables in
+   blocks of 64 or 128, and the plain float graph (method "none") is searched beside OutlierTune's.
 3. analysis.search picks greedily by error removed per cost added; the pick is built for the target and measured
    end to end on held-out data. After each measurement the error model (a gain times a power of the summed layer
    errors) is re-fitted to every candidate measured; after a miss the search upgrades further from the missed
@@ -27,6 +29,7 @@ import onnxruntime as ort
 
 from graphquant.analysis.cost import cached_latencies
 from graphquant.analysis.data import Feed
+from graphquant.analysis.gptq import gptq_round
 from graphquant.analysis.layers import Layer, candidates
 from graphquant.analysis.runner import load_session, open_session, run_views, session_options
 from graphquant.analysis.search import (
@@ -41,7 +44,15 @@ from graphquant.analysis.search import (
 )
 from graphquant.analysis.stats import CalibrationStats
 from graphquant.analysis.stats_cache import CachingCalibrator
-from graphquant.analysis.weight_fit import WeightScheme, fit_weight_spec, row_energy
+from graphquant.analysis.weight_fit import (
+    WeightScheme,
+    block_rows,
+    fit_weight_spec,
+    from_in_major,
+    in_major,
+    row_energy,
+    spec_from_ranges,
+)
 from graphquant.errors import RecipeError
 from graphquant.lowering.matmul_nbits import covering_block
 from graphquant.passes.quantize import SCHEMES, NodeOverride
@@ -67,12 +78,22 @@ METHODS: dict[str, tuple[PassStep, ...]] = {
     ),
     "smoothquant": (PassStep("preexecute-dequant", {"method": "smoothquant", "alpha": 0.5, "abits": 8, "wbits": 8}),),
     "llm-int8": (PassStep("outlier-decompose", {"threshold": 6.0, "max_fraction": 0.1}),),
+    # The float graph as it is: weight-only layers gain nothing from activation rewrites, which cost bytes.
+    "none": (),
 }
 DEFAULT_METHODS = ("outliertune",)
+SIZE_METHODS = ("outliertune", "none")
 LINEAR_SCHEMES = ("float", "w8a8", "w4a8", "w8", "w4")
+# Under the size objective, weight-only W4 in larger blocks too: a float scale per 128 weights instead of per 32.
+SIZE_SCHEMES: dict[str, dict[str, Any]] = {
+    "w4-b64": {"scheme": "w4", "block_size": 64},
+    "w4-b128": {"scheme": "w4", "block_size": 128},
+}
 CONV_SCHEMES = ("float", "w8a8")
 EMBEDDINGS = "embeddings"
-EMBED_SCHEMES = {"float": None, "e8": 8, "e4": 4}
+# Table schemes: (bits, block along the hidden axis; None: one scale per row).
+EMBED_SCHEMES: dict[str, tuple[int, int | None] | None] = {"float": None, "e8": (8, None), "e4": (4, 64)}
+SIZE_EMBED_SCHEMES: dict[str, tuple[int, int | None] | None] = {"e4-b128": (4, 128)}
 QUANTIZE_OPTIONS = {"weight_clip_search": True}
 SAMPLE_ROWS = 512
 EMBEDDING_ROWS = 2048
@@ -104,7 +125,7 @@ class Settings:
     objective: str = "latency"
     metric: str | Metric = "cosine"
     target: str = DEFAULT_TARGET
-    methods: tuple[str, ...] = DEFAULT_METHODS
+    methods: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         """Refuse settings the search cannot honour."""
@@ -114,9 +135,9 @@ class Settings:
             raise RecipeError(f"auto: metric must be one of {METRICS} or a function, got {self.metric!r}")
         if not isinstance(self.max_drop, (int, float)) or not math.isfinite(self.max_drop) or self.max_drop < 0:
             raise RecipeError(f"auto: max_drop must be a finite number >= 0, got {self.max_drop!r}")
-        unknown = sorted(set(self.methods) - set(METHODS))
-        if unknown or not self.methods:
-            raise RecipeError(f"auto: methods must be among {sorted(METHODS)}, got {list(self.methods)}")
+        unknown = sorted(set(self.searched_methods) - set(METHODS))
+        if unknown or not self.searched_methods:
+            raise RecipeError(f"auto: methods must be among {sorted(METHODS)}, got {list(self.searched_methods)}")
 
     @property
     def ranking(self) -> str:
@@ -126,6 +147,33 @@ class Settings:
         slower than float), so latency timed here would rank float first and quantize nothing.
         """
         return "size" if self.target == PORTABLE_TARGET else self.objective
+
+    @property
+    def searched_methods(self) -> tuple[str, ...]:
+        """The methods tried: those given, else OutlierTune, and for size the plain float graph too."""
+        if self.methods is not None:
+            return self.methods
+        return SIZE_METHODS if self.sized else DEFAULT_METHODS
+
+    @property
+    def sized(self) -> bool:
+        """Whether the search is for size: GPTQ-rounded weights, W4 in larger blocks, int4 tables in blocks of 128."""
+        return self.objective == "size"
+
+    @property
+    def linear_schemes(self) -> tuple[str, ...]:
+        """The schemes each MatMul/Gemm is scored under."""
+        return LINEAR_SCHEMES + tuple(SIZE_SCHEMES) if self.sized else LINEAR_SCHEMES
+
+    @property
+    def embed_schemes(self) -> dict[str, tuple[int, int | None] | None]:
+        """The embedding tables' schemes: (bits, block) or None for float."""
+        return {**EMBED_SCHEMES, **SIZE_EMBED_SCHEMES} if self.sized else EMBED_SCHEMES
+
+    @property
+    def rounding(self) -> dict[str, Any]:
+        """The quantize pass's rounding options: GPTQ in act-order for size (4-bit weights need it), else nearest."""
+        return {"rounding": "gptq", "gptq_act_order": True} if self.sized else {}
 
     @property
     def budget(self) -> float:
@@ -254,7 +302,7 @@ def search(
     started = time.perf_counter()
     judge = Judge(model, heldout, settings)
     best: tuple[Recipe, ir.Model, Search] | None = None
-    for method in settings.methods:
+    for method in settings.searched_methods:
         found = _search_method(model, calibrator, judge, settings, method, prepare)
         if best is None or _better(found[2], best[2]):
             best = found
@@ -331,7 +379,7 @@ def _build(
     choice: Mapping[str, int],
 ) -> tuple[Recipe, ir.Model]:
     """The recipe of a choice and the prepared graph's clone built with it for the target."""
-    recipe = _recipe(method, units, choice, settings.target)
+    recipe = _recipe(method, units, choice, settings)
     candidate = base.clone()
     _mark_float(candidate, units, choice)
     recipe.to_pipeline(calibrator, first_step=len(METHODS[method]), prelude=False)(candidate)
@@ -507,19 +555,32 @@ def _point(
     )
 
 
-def _recipe(method: str, units: Sequence[Unit], choice: Mapping[str, int], target: str) -> Recipe:
+def _recipe(method: str, units: Sequence[Unit], choice: Mapping[str, int], settings: Settings) -> Recipe:
     """The concrete recipe of a choice: the method's passes, the embedding bits, quantize with per-layer schemes."""
     schemes = {unit.name: unit.options[choice[unit.name]].scheme for unit in units}
     steps = list(METHODS[method])
-    embed_bits = EMBED_SCHEMES.get(schemes.pop(EMBEDDINGS, "float"))
-    if embed_bits is not None:
-        steps.append(PassStep("quantize-embeddings", {"embed_bits": embed_bits}))
-    steps.append(PassStep("quantize", dict(QUANTIZE_OPTIONS)))
+    table = settings.embed_schemes.get(schemes.pop(EMBEDDINGS, "float"))
+    if table is not None:
+        steps.append(PassStep("quantize-embeddings", {"embed_bits": table[0], "embed_block_size": table[1]}))
+    steps.append(PassStep("quantize", {**QUANTIZE_OPTIONS, **settings.rounding}))
     overrides = tuple(
-        NodeOverride(_literal_glob(name), {"scheme": scheme}) for name, scheme in schemes.items() if scheme != "float"
+        NodeOverride(_literal_glob(name), scheme_override(scheme))
+        for name, scheme in schemes.items()
+        if scheme != "float"
     )
     description = f"auto: {method}, per-layer schemes chosen under the accuracy budget"
-    return Recipe("auto", tuple(steps), description, target=target, overrides=overrides)
+    return Recipe("auto", tuple(steps), description, target=settings.target, overrides=overrides)
+
+
+def scheme_override(scheme: str) -> dict[str, Any]:
+    """The quantize pass's override of a scheme name: a named scheme, or a SIZE_SCHEMES variant of one."""
+    return dict(SIZE_SCHEMES.get(scheme, {"scheme": scheme}))
+
+
+def scheme_options(scheme: str) -> dict[str, Any]:
+    """The quantize pass's layer options of a scheme name."""
+    variant = scheme_override(scheme)
+    return {**SCHEMES[variant.pop("scheme")], **variant}
 
 
 def _literal_glob(name: str) -> str:
@@ -614,12 +675,13 @@ def measure_units(model: ir.Model, calibrator: CachingCalibrator, settings: Sett
     ]
     convs = [c.layer for c in candidates(model.graph) if c.layer is not None and c.layer.node.op_type == "Conv"]
     names = [layer.activation.name or "" for layer in layers + convs]
-    stats = calibrator.collect(model, names, sample_rows=SAMPLE_ROWS)
+    grams = [layer.activation.name or "" for layer in layers] if settings.rounding else []
+    stats = calibrator.collect(model, names, sample_rows=SAMPLE_ROWS, gram_names=grams)
     units = [_linear_unit(layer, stats, settings) for layer in layers if layer.weight_array.ndim == 2]
     units += [_conv_unit(layer, stats, settings) for layer in convs if KEEP_FLOAT_KEY not in layer.node.meta]
     tables = [table for node in model.graph if (table := embedding_table(node)) is not None]
     if tables:
-        units.append(_embedding_unit(tables))
+        units.append(_embedding_unit(tables, settings.embed_schemes))
     return scalarized(units, settings.ranking)
 
 
@@ -645,9 +707,13 @@ def _linear_unit(layer: Layer, stats: CalibrationStats, settings: Settings) -> U
     """A MatMul/Gemm layer: output noise-to-signal of each scheme on its sampled input rows."""
     activation = stats.tensors.get(layer.activation.name or "")
     rows = activation.sample if activation is not None else None
-    schemes = [s for s in LINEAR_SCHEMES if not (SCHEMES[s].get("abits") and (activation is None or rows is None))]
+    schemes = [
+        s
+        for s in settings.linear_schemes
+        if not (scheme_options(s).get("abits") and (activation is None or rows is None))
+    ]
     times = _latencies(layer, schemes, settings.target) if settings.ranking == "latency" else [0.0] * len(schemes)
-    scorer = _LayerScorer(layer, rows, activation)
+    scorer = _LayerScorer(layer, rows, activation, bool(settings.rounding))
     options = [
         Option(scheme, 0.0 if scheme == "float" else scorer.error(scheme), time, size, time)
         for scheme, time in zip(schemes, times)
@@ -659,12 +725,16 @@ def _linear_unit(layer: Layer, stats: CalibrationStats, settings: Settings) -> U
 class _LayerScorer:
     """||XW - Q(X)Q(W)||^2 / ||XW||^2 per scheme on a layer's sampled rows (uniform rows when there is no sample).
 
-    X·W, the quantized rows per activation width and the stored weight per weight grid are computed once.
+    X·W, the quantized rows per activation width and the stored weight per weight grid are computed once. With
+    ``gptq`` the weights are rounded as the quantize pass's GPTQ in act-order rounds them (on the activation's X^T X).
     """
 
-    def __init__(self, layer: Layer, rows: np.ndarray | None, activation: Any):
+    def __init__(self, layer: Layer, rows: np.ndarray | None, activation: Any, gptq: bool = False):
         self.layer = layer
         self.activation = activation
+        gram = None if activation is None else activation.gram
+        # As the quantize pass: GPTQ on weights no other node reads (a tied weight keeps plain rounding).
+        self.gram = gram if gptq and len(layer.weight.uses()) == 1 else None
         weight = layer.weight_array.astype(np.float32)
         weight = weight if layer.in_axis == 0 else weight.T
         self.x = rows.astype(np.float32) if rows is not None else np.eye(weight.shape[0], dtype=np.float32)
@@ -676,7 +746,7 @@ class _LayerScorer:
 
     def error(self, scheme: str) -> float:
         """The scheme's output noise-to-signal ratio."""
-        options = SCHEMES[scheme]
+        options = scheme_options(scheme)
         error = self.reference - (self._quantized_rows(options.get("abits")) @ self._stored(options) + self.bias)
         return float(np.sum(np.square(error, dtype=np.float64)) / self.signal)
 
@@ -688,9 +758,17 @@ class _LayerScorer:
         )
         if grid not in self._weights:
             layer = self.layer
-            energy = row_energy(layer, None if self.activation is None else self.activation.channel_mean_square())
-            spec = fit_weight_spec(layer, grid, energy)
-            stored = spec.dequantize(spec.quantize(layer.weight_array)).astype(np.float32)
+            if self.gram is None:
+                energy = row_energy(layer, None if self.activation is None else self.activation.channel_mean_square())
+                spec, weight = fit_weight_spec(layer, grid, energy), layer.weight_array
+            else:
+                # Clip-searched at every width, as the quantize pass rounds (its result memo then serves the builds).
+                clip = bool(QUANTIZE_OPTIONS.get("weight_clip_search"))
+                rounded, low, high = gptq_round(
+                    in_major(layer), self.gram, grid.bits, grid.symmetric, block_rows(layer, grid), clip, True
+                )
+                spec, weight = spec_from_ranges(layer, grid, low, high), from_in_major(layer, rounded)
+            stored = spec.dequantize(spec.quantize(weight)).astype(np.float32)
             self._weights[grid] = stored if layer.in_axis == 0 else stored.T
         return self._weights[grid]
 
@@ -730,14 +808,15 @@ def _conv_unit(layer: Layer, stats: CalibrationStats, settings: Settings) -> Uni
     return Unit(layer.node.name or "", tuple(options))
 
 
-def _embedding_unit(tables: Sequence[np.ndarray]) -> Unit:
-    """The embedding tables at float, 8 and 4 bits: their row noise-to-signal and bytes (no latency difference)."""
+def _embedding_unit(tables: Sequence[np.ndarray], schemes: Mapping[str, tuple[int, int | None] | None]) -> Unit:
+    """The embedding tables at float and each (bits, block): their row noise-to-signal and bytes (same latency)."""
     options = [Option("float", 0.0, 0.0, sum(t.nbytes for t in tables))]
-    for scheme, bits in EMBED_SCHEMES.items():
-        if bits is None:
+    for scheme, grid in schemes.items():
+        if grid is None:
             continue
+        bits, block = grid
         error = size = 0.0
-        quantizer = QuantizeEmbeddingsPass(bits)
+        quantizer = QuantizeEmbeddingsPass(bits, block)
         for table in tables:
             # Every row has its own grid: evenly spaced rows give the table's error at a fraction of the fitting.
             rows = table[np.unique(np.linspace(0, len(table) - 1, min(len(table), EMBEDDING_ROWS)).astype(np.int64))]
@@ -751,22 +830,28 @@ def _embedding_unit(tables: Sequence[np.ndarray]) -> Unit:
 def _scheme_bytes(layer: Layer, scheme: str, target: str = PORTABLE_TARGET) -> int:
     """Stored bytes of the layer's weight under a scheme: codes, scales and zero points.
 
-    On ort-cpu a weight-only layer is a MatMulNBits, whose one block per column covers K rounded up to a power of two
-    (K = 384 stores 512 codes per column).
+    On ort-cpu a weight-only layer is a MatMulNBits: each column's codes fill whole blocks (per channel, one block that
+    covers K rounded up to a power of two: K = 384 stores 512 codes), and its zero points whole bytes; there and in
+    its integer kernels a symmetric grid stores none.
     """
     count = layer.weight_array.size
     if scheme == "float":
         return 4 * count
-    options = SCHEMES[scheme]
+    options = scheme_options(scheme)
+    bits, block = options["wbits"], options["block_size"]
     columns = layer.weight_array.shape[layer.out_axis or 0]
-    block = options["block_size"]
     depth = count // columns
-    scales = columns if block is None else columns * math.ceil(depth / block)
-    if target == DEFAULT_TARGET and not options.get("abits") and block is None:
-        count = columns * covering_block(depth)
-    # A float scale per column or block, and an asymmetric grid's zero points packed at the codes' width.
-    points = 0 if options["weight_symmetric"] else options["wbits"] / 8
-    return int(count * options["wbits"] / 8 + scales * (4 + points))
+    blocks = 1 if block is None else math.ceil(depth / block)
+    # Zero points, packed at the codes' width (a DequantizeLinear stores them for symmetric grids too).
+    points = math.ceil(columns * blocks * bits / 8)
+    if target == DEFAULT_TARGET:
+        points = 0 if options["weight_symmetric"] else points
+    if target == DEFAULT_TARGET and not options.get("abits"):
+        kernel = block or covering_block(depth)
+        count = columns * math.ceil(depth / kernel) * kernel
+        points = 0 if options["weight_symmetric"] else columns * math.ceil(blocks * bits / 8)
+    # A float scale per column or block.
+    return math.ceil(count * bits / 8) + 4 * columns * blocks + points
 
 
 def _latencies(layer: Layer, schemes: Sequence[str], target: str) -> list[float]:
@@ -820,6 +905,6 @@ def _one_layer(scheme: str, depth: int, width: int, target: str, feed: Feed) -> 
     model = ir.Model(graph, ir_version=10)
     if scheme != "float":
         step = PassStep("quantize", dict(QUANTIZE_OPTIONS))
-        recipe = Recipe("time", (step,), target=target, overrides=(NodeOverride("*", {"scheme": scheme}),))
+        recipe = Recipe("time", (step,), target=target, overrides=(NodeOverride("*", scheme_override(scheme)),))
         recipe.to_pipeline(CachingCalibrator.for_model(model, [feed], False))(model)
     return model

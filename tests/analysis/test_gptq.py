@@ -294,8 +294,10 @@ def test_the_memoized_inverse_hessian_factor_follows_the_gram_and_the_order():
     fresh = []
     for gram, act_order in calls:
         gptq_module._FACTORS.clear()
+        gptq_module._ROUNDED.clear()
         fresh.append(gptq_round(weight, gram, 4, False, 16, False, act_order)[0])
     gptq_module._FACTORS.clear()
+    gptq_module._ROUNDED.clear()
     memoized = [gptq_round(weight, gram, 4, False, 16, False, act_order)[0] for gram, act_order in calls]
     for expected, actual in zip(fresh, memoized):
         np.testing.assert_array_equal(actual, expected)
@@ -312,3 +314,21 @@ def test_a_factor_over_the_memo_size_is_not_kept(monkeypatch):
     monkeypatch.setattr(gptq_module, "FACTOR_MEMO_BYTES", 16 * 16 * 8)
     gptq_round(rng.standard_normal((16, 4)), x.T @ x, 4, False, 16, False, False)
     assert len(gptq_module._FACTORS) == 1
+
+
+def test_the_memoized_rounding_follows_every_argument_and_hands_out_copies(monkeypatch):
+    rng = np.random.default_rng(9)
+    x = correlated_inputs(rng, 256, 32)
+    weight = rng.standard_normal((32, 8))
+    gptq_module._ROUNDED.clear()
+    first = gptq_round(weight, x.T @ x, 4, False, 16, True, True)
+    first[0][:] = 0.0  # the caller's copy: the memo keeps its own
+    again = gptq_round(weight, x.T @ x, 4, False, 16, True, True)
+    gptq_module._ROUNDED.clear()
+    for expected, actual in zip(gptq_round(weight, x.T @ x, 4, False, 16, True, True), again):
+        np.testing.assert_array_equal(actual, expected)
+    other = gptq_round(weight, x.T @ x, 3, False, 16, True, True)[0]
+    assert not np.array_equal(other, again[0]) and len(gptq_module._ROUNDED) == 2
+    monkeypatch.setattr(gptq_module, "ROUNDED_MEMO_BYTES", weight.nbytes)
+    gptq_round(weight, x.T @ x, 2, False, 16, True, True)
+    assert len(gptq_module._ROUNDED) == 2  # a result larger than the memo is not kept

@@ -203,7 +203,7 @@ def test_candidates_after_the_first_reuse_the_statistics(chain):
         produced = np.concatenate([batch[0].ravel() for batch in candidate]).astype(np.float64)
         return 20 * (1 - float(expected @ produced / (np.linalg.norm(expected) * np.linalg.norm(produced))))
 
-    result = optimize(chain, objective="size", metric=scaled, max_drop=0.05)
+    result = optimize(chain, objective="size", metric=scaled, max_drop=0.05, methods=["outliertune"])
     auto = result.report.auto
     # symmetrize, preexecute-dequant and the scoring each calibrate once; every other build finds its statistics:
     # the four one-layer gain probes and every candidate tried.
@@ -319,6 +319,8 @@ def test_the_embedding_tables_are_measured_in_the_whole_graph():
     )
     _, held = split_data(calib)
     assert tables["e4"]["error"] == pytest.approx(heldout_error(model, alone.model, held), rel=0.1)
+    stored = sum(v.const_value.nbytes for name, v in alone.model.graph.initializers.items() if name.startswith("table"))
+    assert tables["e4"]["bytes"] == stored
 
 
 DAMPED = """
@@ -396,12 +398,58 @@ def test_the_exporters_debugging_metadata_is_dropped_and_other_metadata_kept(cha
     assert dict(node.metadata_props) == {"mine": "kept"}
 
 
-@pytest.mark.parametrize("scheme", ["w8", "w4", "w8a8", "w4a8"])
-@pytest.mark.parametrize("depth", [384, 256])
-def test_the_counted_bytes_are_those_of_the_lowered_weight(scheme, depth):
+@pytest.mark.parametrize("scheme", ["w8", "w4", "w8a8", "w4a8", "w4-b64", "w4-b128"])
+@pytest.mark.parametrize("depth", [384, 256, 320])
+@pytest.mark.parametrize("target", ["ort-cpu", "qdq"])
+def test_the_counted_bytes_are_those_of_the_lowered_weight(scheme, depth, target):
     feed = {"x": np.random.default_rng(0).standard_normal((LATENCY_ROWS, depth)).astype(np.float32)}
-    layer = next(c.layer for c in candidates(_one_layer("float", depth, 64, "ort-cpu", feed).graph) if c.layer)
-    lowered = _one_layer(scheme, depth, 64, "ort-cpu", feed)
+    layer = next(c.layer for c in candidates(_one_layer("float", depth, 64, target, feed).graph) if c.layer)
+    lowered = _one_layer(scheme, depth, 64, target, feed)
     # The weight's codes, scales and zero points (w_*), not the bias nor the activation's grid (x_*).
     stored = sum(v.const_value.nbytes for name, v in lowered.graph.initializers.items() if name.startswith("w_"))
-    assert _scheme_bytes(layer, scheme, "ort-cpu") == stored
+    assert _scheme_bytes(layer, scheme, target) == stored
+
+
+SINGLE = """
+<ir_version: 8, opset_import: ["" : 17]>
+single (float[N, 64] x) => (float[N, 64] y) {
+  [l1] y = MatMul(x, w1)
+}
+"""
+
+
+def correlated_feeds(seed: int, batches: int) -> list[dict[str, np.ndarray]]:
+    """Inputs on a rank-8 subspace plus a little noise: GPTQ moves rounding error where X^T X has no energy."""
+    rng = np.random.default_rng(seed)
+    basis = np.random.default_rng(9).standard_normal((8, 64))
+    return [
+        {"x": (rng.standard_normal((64, 8)) @ basis + 0.05 * rng.standard_normal((64, 64))).astype(np.float32)}
+        for _ in range(batches)
+    ]
+
+
+def test_the_size_search_scores_4_bit_weights_as_gptq_rounds_them():
+    """At a budget round-to-nearest W4 (blocks of 32) misses, the size search still takes 4 bits: GPTQ's."""
+    model = build(SINGLE, {"w1": weights(np.random.default_rng(6), 64, 64)})
+    calib, held = correlated_feeds(7, 8), correlated_feeds(8, 4)
+    nearest = graphquant.optimize(
+        model, "weight-only", calib, rounding="nearest", target="ort-cpu", show_progress=False
+    )
+    budget = 0.5 * heldout_error(model, nearest.model, held)
+    result = graphquant.optimize(
+        model, "auto", calib, validation=held, objective="size", max_drop=budget, show_progress=False
+    )
+    assert schemes(result)["l1"].startswith("w4")
+    assert heldout_error(model, result.model, held) <= budget
+
+
+def test_the_counted_bytes_of_a_mixed_model_are_its_file_s(chain):
+    result = optimize(chain, objective="size", max_drop=0.03, methods=["none"])
+    chosen = {unit["unit"]: unit["options"][unit["scheme"]]["bytes"] for unit in result.report.auto["layers"]}
+    assert len({unit["scheme"] for unit in result.report.auto["layers"]}) > 1
+    initializers = result.model.graph.initializers
+    for index in range(1, 5):
+        weight = f"w{index}"
+        stored = sum(v.const_value.nbytes for name, v in initializers.items() if name.split("_")[0] == weight)
+        assert chosen[f"l{index}"] == stored
+    assert result.report.auto["chosen"]["bytes"] == sum(chosen.values())
