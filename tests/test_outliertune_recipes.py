@@ -63,6 +63,7 @@ def test_each_preset_builds_its_pipeline(name):
         "QLinearConvLoweringPass",
         "QdqLoweringPass",
         "ContiguousFloatRoutesPass",
+        "FoldChannelScalesPass",
     ]
     for target, lowering in (("qdq", ["QdqLoweringPass"]), ("ort-cpu", ort_cpu)):
         pipeline = Recipe.named(name).with_target(target).to_pipeline(calibrator)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from graphquant.lowering.contiguous_routes import ContiguousFloatRoutesPass
+from graphquant.lowering.fold_channel_scales import FoldChannelScalesPass
 from graphquant.lowering.fuse_activation import FuseActivationPass
 from graphquant.lowering.gather_block_quantized import GatherBlockQuantizedLoweringPass
 from graphquant.lowering.matmul_nbits import MatMulNBitsLoweringPass
@@ -15,7 +16,8 @@ from graphquant.lowering.qoperator import QOperatorLoweringPass
 
 # Later passes pick up what earlier ones leave: ort-cpu lowers what MatMulIntegerToFloat covers, QDQ the rest.
 # FuseActivationPass runs first: it drops Relu/Clip that the readers' saturating uint8 grids compute anyway.
-# ContiguousFloatRoutesPass runs last, on the lowered layers: it renumbers their channels.
+# ContiguousFloatRoutesPass and FoldChannelScalesPass run last, on the lowered layers: they renumber their channels
+# and fold the quantized branches' per-channel Muls into them.
 TARGETS: dict[str, tuple[type[ir.passes.PassBase], ...]] = {
     "qdq": (QdqLoweringPass,),
     "ort-cpu": (
@@ -26,6 +28,7 @@ TARGETS: dict[str, tuple[type[ir.passes.PassBase], ...]] = {
         QLinearConvLoweringPass,
         QdqLoweringPass,
         ContiguousFloatRoutesPass,
+        FoldChannelScalesPass,
     ),
     "qoperator": (FuseActivationPass, QLinearConvLoweringPass, QOperatorLoweringPass, QdqLoweringPass),
 }
@@ -34,7 +37,7 @@ TARGET_DOCS: dict[str, str] = {
     "qdq": "portable QuantizeLinear/DequantizeLinear pairs (TensorRT, QNN, XNNPACK, onnxruntime)",
     "ort-cpu": "fastest on onnxruntime CPU: uint8 x int8 MatMulIntegerToFloat with the bias fused, MatMulNBits for "
     "weight-only and W4A8 layers, GatherBlockQuantized for embeddings, QLinearConv, QDQ elsewhere; float routes "
-    "read a Slice of renumbered channels where they can",
+    "read a Slice of renumbered channels and per-channel Muls fold into the layers where they can",
     "qoperator": "standard integer ops: QLinearConv, QLinearMatMul into another integer op, else MatMulInteger + "
     "Cast + Mul; QDQ elsewhere",
 }
@@ -43,6 +46,7 @@ __all__ = [
     "TARGETS",
     "TARGET_DOCS",
     "ContiguousFloatRoutesPass",
+    "FoldChannelScalesPass",
     "FuseActivationPass",
     "GatherBlockQuantizedLoweringPass",
     "MatMulNBitsLoweringPass",
