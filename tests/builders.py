@@ -429,3 +429,47 @@ def attention(rng: np.random.Generator) -> ir.Model:
 def attention_feeds(rng: np.random.Generator, batches: int = 4, seq: int = 8) -> list[dict[str, np.ndarray]]:
     """Batches of 4 sequences of ``seq`` tokens for the attention block."""
     return [{"x": rng.standard_normal((4, seq, 32)).astype(np.float32)} for _ in range(batches)]
+
+
+GELU_HIDDEN = 24
+GELU_OUTLIERS = (3, 10, 17)
+GELU_MLP = """
+<ir_version: 8, opset_import: ["" : 17]>
+gelu_mlp (float[N, 8] x) => (float[N, 8] y) {
+  [fc1] h = MatMul(x, w1)
+  hb = Add(h, b1)
+  d = Div(hb, root2)
+  e = Erf(d)
+  e1 = Add(e, one)
+  e2 = Mul(half, e1)
+  g = Mul(hb, e2)
+  gs = Add(g, shift)
+  [fc2] m = MatMul(gs, w2)
+  y = Add(m, b2)
+}
+"""
+
+
+def gelu_mlp(seed: int, extra_reader: str = "") -> ir.Model:
+    """x -> fc1 + bias -> erf GELU -> + shift -> fc2 + bias, with hidden channels GELU_OUTLIERS 30x larger.
+
+    ``extra_reader`` adds a line that also reads the GELU's output (to test that a foreign reader stops the rewrite).
+    """
+    rng = np.random.default_rng(seed)
+    w1 = weights(rng, 8, GELU_HIDDEN)
+    w1[:, list(GELU_OUTLIERS)] *= 30.0
+    text = GELU_MLP if not extra_reader else GELU_MLP.replace("(float[N, 8] y)", "(float[N, 8] y, float[N] r)")
+    text = text.replace("  y = Add(m, b2)", f"  y = Add(m, b2)\n{extra_reader}")
+    return build(
+        text,
+        {
+            "w1": w1,
+            "b1": weights(rng, GELU_HIDDEN),
+            "root2": np.float32(np.sqrt(2.0)),
+            "one": np.float32(1.0),
+            "half": np.float32(0.5),
+            "shift": weights(rng, GELU_HIDDEN),
+            "w2": weights(rng, GELU_HIDDEN, 8),
+            "b2": weights(rng, 8),
+        },
+    )

@@ -62,6 +62,9 @@ def test_each_preset_builds_its_pipeline(name):
         "OrtCpuLoweringPass",
         "QLinearConvLoweringPass",
         "QdqLoweringPass",
+        "ContiguousFloatRoutesPass",
+        "FoldChannelScalesPass",
+        "DropSoftmaxNanGuardPass",
     ]
     for target, lowering in (("qdq", ["QdqLoweringPass"]), ("ort-cpu", ort_cpu)):
         pipeline = Recipe.named(name).with_target(target).to_pipeline(calibrator)
