@@ -64,12 +64,14 @@ class LayerFit:
 
 @dataclasses.dataclass
 class Block:
-    """Consecutive nodes of the main graph, the layers fitted in them, the values read from before, made for after."""
+    """Consecutive nodes of the main graph, the layers fitted in them, the values read from before, made for after,
+    and the outputs the loss compares (those the learned weights change: not a mask passed on)."""
 
     nodes: list[ir.Node]
     fits: list[LayerFit]
     inputs: list[str]
     outputs: list[str]
+    compared: list[str] = dataclasses.field(default_factory=list)
 
 
 def plan(graph: ir.Graph, fits: Sequence[LayerFit], layers: int = 1) -> list[Block]:
@@ -79,7 +81,8 @@ def plan(graph: ir.Graph, fits: Sequence[LayerFit], layers: int = 1) -> list[Blo
         raise ValueError("block-wise flexround cannot cut a graph with subgraphs (If, Loop, Scan)")
     by_node = {id(fit.layer.node): fit for fit in fits}
     made, last_use = _lifetimes(graph, nodes)
-    live = _live_varying(nodes, fits, made, last_use)
+    varying = _varying(nodes, {id(fit.layer.node) for fit in fits})
+    live = _live_data(nodes, fits, varying, made, last_use)
     groups: list[list[int]] = [[]]
     count = 0
     for position, node in enumerate(nodes):
@@ -93,6 +96,8 @@ def plan(graph: ir.Graph, fits: Sequence[LayerFit], layers: int = 1) -> list[Blo
     if not count:  # trailing nodes after the last fitted layer are not needed
         groups.pop()
     blocks = [_block(nodes, group, by_node, made, last_use) for group in groups]
+    for block in blocks:
+        block.compared = [name for name in block.outputs if name in varying]
     for block in blocks:
         reason = supported(block.nodes)
         if reason is not None:
@@ -115,20 +120,23 @@ def _lifetimes(graph: ir.Graph, nodes: list[ir.Node]) -> tuple[dict[str, int], d
     return made, last_use
 
 
-def _live_varying(
-    nodes: list[ir.Node], fits: Sequence[LayerFit], made: dict[str, int], last_use: dict[str, int]
-) -> list[int]:
-    """For every cut position 0..len(nodes): how many live values carry the block's data.
-
-    Those are the values computed from a fitted layer's output, and the values a fitted layer's input is computed
-    from without meeting such a value (so a block's input counts, and an attention mask, which meets the scores,
-    does not).
-    """
-    fitted = {id(fit.layer.node) for fit in fits}
+def _varying(nodes: list[ir.Node], fitted: set[int]) -> set[str]:
+    """The values computed from a fitted layer's output (those the learned weights change)."""
     varying: set[str] = set()
     for node in nodes:
         if id(node) in fitted or any(value is not None and value.name in varying for value in node.inputs):
             varying.update(value.name or "" for value in node.outputs)
+    return varying
+
+
+def _live_data(
+    nodes: list[ir.Node], fits: Sequence[LayerFit], varying: set[str], made: dict[str, int], last_use: dict[str, int]
+) -> list[int]:
+    """For every cut position 0..len(nodes): how many live values carry the block's data.
+
+    Those are the ``varying`` values, and the values a fitted layer's input is computed from without meeting a
+    varying one (so a block's input counts, and an attention mask, which meets the scores, does not).
+    """
     feeding = {fit.layer.activation.name or "" for fit in fits}
     for node in reversed(nodes):
         reads = [value.name for value in node.inputs if value is not None and value.name and not value.is_initializer()]
@@ -233,14 +241,15 @@ def _refined(
         constants = {v.name or "": constant(v) for n in block.nodes for v in n.inputs if v is not None and _const(v)}
         floats = {fit.layer.weight.name or "": _float_weight(fit) for fit in block.fits}
         with torch.no_grad():
-            targets = [_run(block, constants | floats, state) for state in reference]
+            made = [_run(block, constants | floats, state) for state in reference]
+        targets = [{name: out[name] for name in block.compared} for out in made]
         roundings = [_Rounding(fit) for fit in block.fits]
         best = _fit(block, constants, quantized, targets, roundings, settings)
         with torch.no_grad():
             learned = {r.fit.layer.weight.name or "": r.weight(s) for r, s in zip(roundings, best)}
             outputs = [_run(block, constants | learned, state) for state in quantized]
         quantized = [_kept({**state, **out}, needed) for state, out in zip(quantized, outputs)]
-        reference = [_kept({**state, **out}, needed) for state, out in zip(reference, targets)]
+        reference = [_kept({**state, **out}, needed) for state, out in zip(reference, made)]
         for rounding, (log_grid, codes) in zip(roundings, best):
             results[id(rounding.fit)] = _result(rounding, log_grid, codes)
     return results
@@ -269,7 +278,7 @@ def _kept(state: State, needed: set[str]) -> State:
 
 
 def _error(outputs: State, targets: State) -> Tensor:
-    """Mean squared error summed over the float outputs."""
+    """Mean squared error summed over the float targets."""
     errors = [torch.mean((outputs[k] - t) ** 2) for k, t in targets.items() if t.dtype.is_floating_point]
     return torch.stack(errors).sum() if errors else torch.zeros(())
 

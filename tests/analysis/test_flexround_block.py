@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx_ir as ir
 import pytest
-from builders import build, run
+from builders import build, run, save_model
 
 pytest.importorskip("torch")
 
@@ -13,6 +15,7 @@ from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.flexround_block import LayerFit, plan
 from graphquant.analysis.layers import Layer, candidates
 from graphquant.analysis.weight_fit import in_major
+from graphquant.cli import main
 from graphquant.lowering.qdq import QdqLoweringPass
 from graphquant.passes.quantize import QuantizePass
 
@@ -22,14 +25,18 @@ WIDTH = 32
 # One post-norm encoder layer: an attention block, then a feed-forward block, each ending in a LayerNorm.
 ENCODER = """
 <ir_version: 8, opset_import: ["" : 17]>
-encoder (float[B, 8, 32] x) => (float[B, 8, 32] y) {
+encoder (float[B, 8, 32] x, float[B, 8] mask) => (float[B, 8, 32] y) {
+  hidden = Sub(one, mask)
+  blocked = Mul(hidden, minus_big)
+  bias = Unsqueeze(blocked, middle_axis)
   [q] queries = MatMul(x, wq)
   [k] keys = MatMul(x, wk)
   [v] values = MatMul(x, wv)
   keys_t = Transpose<perm: ints = [0, 2, 1]>(keys)
   scores = MatMul(queries, keys_t)
   scaled = Mul(scores, scale)
-  weights = Softmax<axis: int = -1>(scaled)
+  masked = Add(scaled, bias)
+  weights = Softmax<axis: int = -1>(masked)
   mixed = MatMul(weights, values)
   [o] attended = MatMul(mixed, wo)
   residual = Add(x, attended)
@@ -65,6 +72,8 @@ def encoder(rng: np.random.Generator, text: str = ENCODER) -> ir.Model:
             "half": np.array(0.5, F32),
             "root2": np.array(np.sqrt(2.0), F32),
             "one": np.array(1.0, F32),
+            "minus_big": np.array(-1e4, F32),
+            "middle_axis": np.array([1], np.int64),
             **{name: (1 + 0.1 * rng.standard_normal(WIDTH)).astype(F32) for name in ("g1", "g2")},
             **{name: (0.1 * rng.standard_normal(WIDTH)).astype(F32) for name in ("b1", "b2")},
         },
@@ -72,9 +81,10 @@ def encoder(rng: np.random.Generator, text: str = ENCODER) -> ir.Model:
 
 
 def feeds(rng: np.random.Generator, batches: int) -> list[dict[str, np.ndarray]]:
-    """Token batches [4, 8, 32] with channels of unequal scale."""
+    """Token batches [4, 8, 32] with channels of unequal scale, the last tokens of some rows masked out."""
     scales = rng.lognormal(0.0, 0.5, WIDTH).astype(F32)
-    return [{"x": rng.standard_normal((4, 8, WIDTH)).astype(F32) * scales} for _ in range(batches)]
+    masks = (np.arange(8)[None, :] < np.array([8, 6, 8, 5])[:, None]).astype(F32)
+    return [{"x": rng.standard_normal((4, 8, WIDTH)).astype(F32) * scales, "mask": masks} for _ in range(batches)]
 
 
 def start_fit(layer: Layer) -> LayerFit:
@@ -88,7 +98,10 @@ def test_the_encoder_splits_into_its_attention_and_feed_forward_blocks():
     fits = [start_fit(candidate.layer) for candidate in candidates(model.graph) if candidate.layer is not None]
     blocks = plan(model.graph, fits)
     assert [[fit.layer.node.name for fit in block.fits] for block in blocks] == [["q", "k", "v", "o"], ["fc1", "fc2"]]
-    assert [(block.inputs, block.outputs) for block in blocks] == [(["x"], ["h"]), (["h"], ["y"])]
+    assert [(block.inputs, block.outputs, block.compared) for block in blocks] == [
+        (["mask", "x"], ["h"], ["h"]),
+        (["h"], ["y"], ["y"]),
+    ]
     assert [[node.name for node in block.nodes] for block in plan(model.graph, fits, layers=6)] == [
         [node.name for node in model.graph]
     ]
@@ -165,3 +178,18 @@ def test_a_block_with_an_op_without_a_torch_form_is_refused():
     fits = [start_fit(candidate.layer) for candidate in candidates(model.graph) if candidate.layer is not None]
     with pytest.raises(ValueError, match="block-wise flexround: hard: op HardSwish has no torch form here"):
         plan(model.graph, fits)
+
+
+def test_cli_rounding_flexround_block_writes_a_validated_model(tmp_path):
+    rng = np.random.default_rng(4)
+    model_path = save_model(encoder(rng), tmp_path / "encoder.onnx")
+    calib = tmp_path / "calib.npz"
+    data = feeds(rng, 2)
+    np.savez(calib, **{name: np.concatenate([feed[name] for feed in data]) for name in ("x", "mask")})
+    output, report = tmp_path / "encoder.w4.onnx", tmp_path / "report.json"
+    argv = ["optimize", model_path, "-o", str(output), "--recipe", "weight-only", "--calib", str(calib)]
+    assert main([*argv, "--rounding", "flexround-block", "--report", str(report)]) == 0
+    written = json.loads(report.read_text())
+    schemes = {layer["scheme"] for layer in written["layers"] if layer["status"] == "quantized"}
+    assert schemes == {"W4 asym block 32 clip-searched GPTQ act-order, block-wise FlexRound 300 steps"}
+    assert written["validation"]["failures"] == []
