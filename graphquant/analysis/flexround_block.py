@@ -37,7 +37,7 @@ START_REACH = 0.45
 @dataclasses.dataclass(frozen=True)
 class BlockSettings:
     """Adam steps per block, its peak learning rate (cosine decay), the fewest fitted layers a block holds, and
-    torch's threads while fitting (one: a block's small ops ran 6x faster on one thread than on two of a loaded
+    torch's threads while fitting (one: a block's small ops ran 4-6x faster on one thread than on two of a loaded
     2-core machine)."""
 
     steps: int = 300
