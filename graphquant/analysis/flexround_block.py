@@ -98,7 +98,6 @@ def plan(graph: ir.Graph, fits: Sequence[LayerFit], layers: int = 1) -> list[Blo
     blocks = [_block(nodes, group, by_node, made, last_use) for group in groups]
     for block in blocks:
         block.compared = [name for name in block.outputs if name in varying]
-    for block in blocks:
         reason = supported(block.nodes)
         if reason is not None:
             raise ValueError(f"block-wise flexround: {reason}")
