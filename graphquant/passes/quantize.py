@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import importlib.util
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -46,8 +47,9 @@ from graphquant.quant_spec import (
 from graphquant.rewrites import layer_output, replace_weight
 
 ACTIVATION_METHODS = ("minmax", "percentile", "mse")
-# How 2-D weights are rounded onto their grids: to nearest, GPTQ, FlexRound from RTN's grid or from GPTQ's codes.
-ROUNDINGS = ("nearest", "gptq", "flexround", "gptq-flexround")
+# How 2-D weights are rounded onto their grids: to nearest, GPTQ, FlexRound from RTN's grid or from GPTQ's codes,
+# or FlexRound from GPTQ's codes fitted block by block to the float blocks' outputs.
+ROUNDINGS = ("nearest", "gptq", "flexround", "gptq-flexround", "flexround-block")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +94,8 @@ class QuantizePass(ir.passes.InPlacePass):
     layers they match 8-bit weights, after the overrides.
     ``rounding`` (ROUNDINGS; default "gptq" if ``gptq`` else "nearest") overrides ``gptq``; under the FlexRound
     roundings (analysis/flexround.py, ``flexround_steps`` Adam steps per layer) conv weights get GPTQ.
+    "flexround-block" (analysis/flexround_block.py, needs torch and float activations) refits the 2-D weights' GPTQ
+    codes block by block, ``flexround_steps`` Adam steps per block of at least ``flexround_block_layers`` layers.
     ``gptq_sequential`` fits conv weights one layer at a time, in graph order, on the inputs of the model quantized
     so far, against the float model's outputs, and moves each conv's bias by its remaining mean output error
     (analysis/conv_gram.py's SequentialConvGrams).
@@ -114,6 +118,7 @@ class QuantizePass(ir.passes.InPlacePass):
         gptq_sequential: bool = False,
         rounding: str | None = None,
         flexround_steps: int = DEFAULT_STEPS,
+        flexround_block_layers: int = 1,
         overrides: Sequence[NodeOverride] = (),
         keep_8bit: tuple[str, ...] = (),
     ):
@@ -124,6 +129,8 @@ class QuantizePass(ir.passes.InPlacePass):
             raise ValueError(f"block_size must be positive, got {block_size}")
         if rounding is not None and rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        if rounding == "flexround-block":
+            _check_block_rounding(abits, overrides)
         self.calibrator = calibrator
         self.defaults = LayerOptions(
             wbits,
@@ -140,6 +147,8 @@ class QuantizePass(ir.passes.InPlacePass):
         self.gptq_act_order = gptq_act_order
         self.gptq_sequential = gptq_sequential
         self.flexround = FlexRoundSettings(flexround_steps)
+        self.flexround_block_layers = flexround_block_layers
+        self._fits: list[tuple[Any, WeightScheme]] = []  # block-wise FlexRound's LayerFits, filled while annotating
         self.overrides = tuple(overrides)
         self._kept_8bit = matching_layers([], keep_8bit)  # checks the patterns; call() fills it
         self.keep_8bit = tuple(keep_8bit)
@@ -177,8 +186,11 @@ class QuantizePass(ir.passes.InPlacePass):
         if isinstance(grams, SequentialConvGrams):  # each conv after the ones that feed it
             position = {node: index for index, node in enumerate(graph)}
             ordered.sort(key=lambda layer: position[layer.node])
+        self._fits = []
         for layer in progress.bar(ordered, self._progress_label(), unit="layer"):
             self._annotate(graph, names, layer, stats, grams)
+        if self._fits and self.calibrator is not None:
+            self._refit_blocks(graph, names)
         return ir.passes.PassResult(model, modified=bool(layers))
 
     def _progress_label(self) -> str:
@@ -297,6 +309,8 @@ class QuantizePass(ir.passes.InPlacePass):
             energy = row_energy(layer, None if activation is None else activation.channel_mean_square())
             return fit_weight_spec(layer, scheme, energy), scheme.describe(layer)
         rounded, low, high, suffix = self._rounded(in_major(layer), activation.gram, scheme, block_rows(layer, scheme))
+        if self.rounding == "flexround-block":
+            self._fits.append((self._layer_fit(layer, scheme, (rounded, low, high)), scheme))
         spec = spec_from_ranges(layer, scheme, low, high)
         # Snapped onto the spec's float32 grid, so that lowering stores exactly the codes GPTQ or FlexRound chose.
         weight = from_in_major(layer, rounded)
@@ -313,6 +327,9 @@ class QuantizePass(ir.passes.InPlacePass):
                 matrix, gram, scheme.bits, scheme.symmetric, block, scheme.clip_search, self.gptq_act_order
             )
             suffix = " GPTQ act-order" if self.gptq_act_order else " GPTQ"
+        if self.rounding == "flexround-block":  # refitted once every layer has GPTQ's codes
+            assert start is not None
+            return (*start, suffix + f", block-wise FlexRound {self.flexround.steps} steps")
         if self.rounding == "gptq":
             assert start is not None
             return (*start, suffix)
@@ -320,6 +337,27 @@ class QuantizePass(ir.passes.InPlacePass):
             matrix, gram, scheme.bits, scheme.symmetric, block, scheme.clip_search, self.flexround, start
         )
         return rounded, low, high, suffix + f" FlexRound {self.flexround.steps} steps"
+
+    def _layer_fit(self, layer: Layer, scheme: WeightScheme, start: tuple[np.ndarray, np.ndarray, np.ndarray]) -> Any:
+        """The layer's float weights and GPTQ's start, for block-wise FlexRound."""
+        from graphquant.analysis.flexround_block import LayerFit
+
+        return LayerFit(layer, in_major(layer), start, scheme.bits, scheme.symmetric, block_rows(layer, scheme))
+
+    def _refit_blocks(self, graph: ir.Graph, names: NameScope) -> None:
+        """Block-wise FlexRound from GPTQ's codes: each fitted layer gets the learned weights and grid."""
+        from graphquant.analysis.flexround_block import BlockSettings, refine
+
+        assert self.calibrator is not None
+        settings = BlockSettings(self.flexround.steps, layers=self.flexround_block_layers)
+        results = refine(graph, list(self.calibrator.data), [fit for fit, _ in self._fits], settings)
+        for fit, scheme in self._fits:
+            rounded, low, high = results[id(fit)]
+            layer = fit.layer
+            spec = spec_from_ranges(layer, scheme, low, high)
+            replace_weight(graph, names, layer, spec.dequantize(spec.quantize(from_in_major(layer, rounded))), "flex")
+            layer.node.meta[INPUT_SPECS_KEY][layer.weight_index] = spec
+        self._fits = []
 
     def _activation_spec(self, stats: TensorStats, bits: int, symmetric: bool = True) -> QuantSpec:
         """Per tensor: unsigned [0, bound] where calibration saw no negative value (Relu/Clip outputs), else ±bound;
@@ -381,6 +419,14 @@ def _quantized_by_an_earlier_pass(node: ir.Node) -> bool:
     """Whether a pass before this one already quantized the layer in its own way (e.g. BitMoD's lookup tables)."""
     decision = node.meta.get(DECISION_KEY)
     return decision is not None and decision.status == "quantized"
+
+
+def _check_block_rounding(abits: int | None, overrides: Sequence[NodeOverride]) -> None:
+    """Block-wise FlexRound fits weights under float activations, with torch."""
+    if abits or any(_expanded(o).get("abits") for o in overrides):
+        raise ValueError("rounding 'flexround-block' fits weights with float activations: it takes abits 0")
+    if importlib.util.find_spec("torch") is None:
+        raise ImportError("rounding 'flexround-block' needs torch: pip install 'graphquant[torch]'")
 
 
 def _check_bits(options: LayerOptions) -> None:

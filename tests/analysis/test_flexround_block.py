@@ -1,0 +1,195 @@
+"""Block-wise FlexRound on a generated two-block encoder: the blocks, the grid, and its errors against GPTQ's in ORT."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from builders import build, run, save_model
+
+pytest.importorskip("torch")
+
+from graphquant.analysis.calibration import Calibrator
+from graphquant.analysis.flexround_block import LayerFit, plan
+from graphquant.analysis.layers import Layer, candidates
+from graphquant.analysis.weight_fit import in_major
+from graphquant.cli import main
+from graphquant.lowering.qdq import QdqLoweringPass
+from graphquant.passes.quantize import QuantizePass
+
+F32 = np.float32
+WIDTH = 32
+
+# One post-norm encoder layer: an attention block, then a feed-forward block, each ending in a LayerNorm.
+ENCODER = """
+<ir_version: 8, opset_import: ["" : 17]>
+encoder (float[B, 8, 32] x, float[B, 8] mask) => (float[B, 8, 32] y) {
+  hidden = Sub(one, mask)
+  blocked = Mul(hidden, minus_big)
+  bias = Unsqueeze(blocked, middle_axis)
+  [q] queries = MatMul(x, wq)
+  [k] keys = MatMul(x, wk)
+  [v] values = MatMul(x, wv)
+  keys_t = Transpose<perm: ints = [0, 2, 1]>(keys)
+  scores = MatMul(queries, keys_t)
+  scaled = Mul(scores, scale)
+  masked = Add(scaled, bias)
+  weights = Softmax<axis: int = -1>(masked)
+  mixed = MatMul(weights, values)
+  [o] attended = MatMul(mixed, wo)
+  residual = Add(x, attended)
+  h = LayerNormalization<axis: int = -1>(residual, g1, b1)
+  [fc1] up = MatMul(h, w1)
+  shifted = Add(up, c1)
+  halved = Mul(shifted, half)
+  over = Div(shifted, root2)
+  erf = Erf(over)
+  lifted = Add(erf, one)
+  gelu = Mul(halved, lifted)
+  [fc2] down = MatMul(gelu, w2)
+  residual2 = Add(h, down)
+  y = LayerNormalization<axis: int = -1>(residual2, g2, b2)
+}
+"""
+
+
+def encoder(rng: np.random.Generator, text: str = ENCODER) -> ir.Model:
+    """The encoder layer (or ``text`` on its weights) with random weights (outlier-free, unit-scale)."""
+
+    def matrix(rows: int, columns: int) -> np.ndarray:
+        return (rng.standard_normal((rows, columns)) / np.sqrt(rows)).astype(F32)
+
+    return build(
+        text,
+        {
+            **{name: matrix(WIDTH, WIDTH) for name in ("wq", "wk", "wv", "wo")},
+            "w1": matrix(WIDTH, 4 * WIDTH),
+            "w2": matrix(4 * WIDTH, WIDTH),
+            "c1": (0.1 * rng.standard_normal(4 * WIDTH)).astype(F32),
+            "scale": np.array(1 / np.sqrt(WIDTH), F32),
+            "half": np.array(0.5, F32),
+            "root2": np.array(np.sqrt(2.0), F32),
+            "one": np.array(1.0, F32),
+            "minus_big": np.array(-1e4, F32),
+            "middle_axis": np.array([1], np.int64),
+            **{name: (1 + 0.1 * rng.standard_normal(WIDTH)).astype(F32) for name in ("g1", "g2")},
+            **{name: (0.1 * rng.standard_normal(WIDTH)).astype(F32) for name in ("b1", "b2")},
+        },
+    )
+
+
+def feeds(rng: np.random.Generator, batches: int) -> list[dict[str, np.ndarray]]:
+    """Token batches [4, 8, 32] with channels of unequal scale, the last tokens of some rows masked out."""
+    scales = rng.lognormal(0.0, 0.5, WIDTH).astype(F32)
+    masks = (np.arange(8)[None, :] < np.array([8, 6, 8, 5])[:, None]).astype(F32)
+    return [{"x": rng.standard_normal((4, 8, WIDTH)).astype(F32) * scales, "mask": masks} for _ in range(batches)]
+
+
+def start_fit(layer: Layer) -> LayerFit:
+    """A LayerFit starting from the float weights on their min/max grid (enough for planning)."""
+    w = in_major(layer)
+    return LayerFit(layer, w, (w, w.min(0, keepdims=True), w.max(0, keepdims=True)), 4, False, w.shape[0])
+
+
+def test_the_encoder_splits_into_its_attention_and_feed_forward_blocks():
+    model = encoder(np.random.default_rng(0))
+    fits = [start_fit(candidate.layer) for candidate in candidates(model.graph) if candidate.layer is not None]
+    blocks = plan(model.graph, fits)
+    assert [[fit.layer.node.name for fit in block.fits] for block in blocks] == [["q", "k", "v", "o"], ["fc1", "fc2"]]
+    assert [(block.inputs, block.outputs, block.compared) for block in blocks] == [
+        (["mask", "x"], ["h"], ["h"]),
+        (["h"], ["y"], ["y"]),
+    ]
+    assert [[node.name for node in block.nodes] for block in plan(model.graph, fits, layers=6)] == [
+        [node.name for node in model.graph]
+    ]
+
+
+def quantized(model: ir.Model, data: list, rounding: str, bits: int, steps: int = 100) -> ir.Model:
+    """The QDQ model after weight-only per-channel quantization with ``rounding``; its codes checked on the grid."""
+    model = model.clone()
+    calibrator = Calibrator.for_model(model, data, show_progress=False)
+    QuantizePass(
+        calibrator,
+        wbits=bits,
+        abits=0,
+        weight_symmetric=False,
+        weight_clip_search=True,
+        rounding=rounding,
+        flexround_steps=steps,
+    )(model)
+    for node in model.graph:
+        specs = node.meta.get("graphquant.input_specs")
+        if specs is None:
+            continue
+        weight = node.inputs[1].const_value.numpy()
+        codes = specs[1].quantize(weight)
+        assert codes.min() >= 0 and codes.max() <= 2**bits - 1
+        np.testing.assert_array_equal(specs[1].dequantize(codes), weight)  # exactly on the grid
+    QdqLoweringPass()(model)
+    return model
+
+
+def errors(reference: ir.Model, model: ir.Model, data: list) -> tuple[float, float]:
+    """Squared error in onnxruntime of the first block's output h and of the model's output y, over ``data``."""
+    totals = [0.0, 0.0]
+    probes = []
+    for graph_model in (reference, model):
+        probe = graph_model.clone()
+        probe.graph.outputs.append(next(v for n in probe.graph for v in n.outputs if v.name == "h"))
+        probes.append(probe)
+    for feed in data:
+        expected, got = run(probes[0], feed), run(probes[1], feed)
+        totals[0] += float(np.sum((expected[1] - got[1]) ** 2))
+        totals[1] += float(np.sum((expected[0] - got[0]) ** 2))
+    return totals[0], totals[1]
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_block_wise_flexround_is_no_worse_than_gptq_on_each_block_in_onnxruntime(bits):
+    rng = np.random.default_rng(1)
+    reference = encoder(rng)
+    data = feeds(rng, 6)
+    gptq_h, gptq_y = errors(reference, quantized(reference, data, "gptq", bits), data)
+    flex_h, flex_y = errors(reference, quantized(reference, data, "flexround-block", bits), data)
+    assert flex_h <= gptq_h * (1 + 1e-4)  # the first block sees the same (float) inputs under both
+    assert flex_y < 0.9 * gptq_y
+
+
+def test_the_scheme_names_the_block_wise_fit():
+    rng = np.random.default_rng(2)
+    model = encoder(rng)
+    calibrator = Calibrator.for_model(model, feeds(rng, 2), show_progress=False)
+    QuantizePass(calibrator, wbits=4, abits=0, rounding="flexround-block", flexround_steps=5)(model)
+    decisions = [node.meta["graphquant.decision"] for node in model.graph if "graphquant.decision" in node.meta]
+    schemes = {decision.scheme for decision in decisions if decision.status == "quantized"}
+    assert schemes == {"W4 per-channel GPTQ, block-wise FlexRound 5 steps"}
+
+
+def test_block_wise_flexround_refuses_quantized_activations():
+    with pytest.raises(ValueError, match="float activations"):
+        QuantizePass(None, abits=8, rounding="flexround-block")
+
+
+def test_a_block_with_an_op_without_a_torch_form_is_refused():
+    model = encoder(np.random.default_rng(3), ENCODER.replace("erf = Erf(over)", "[hard] erf = HardSwish(over)"))
+    fits = [start_fit(candidate.layer) for candidate in candidates(model.graph) if candidate.layer is not None]
+    with pytest.raises(ValueError, match="block-wise flexround: hard: op HardSwish has no torch form here"):
+        plan(model.graph, fits)
+
+
+def test_cli_rounding_flexround_block_writes_a_validated_model(tmp_path):
+    rng = np.random.default_rng(4)
+    model_path = save_model(encoder(rng), tmp_path / "encoder.onnx")
+    calib = tmp_path / "calib.npz"
+    data = feeds(rng, 2)
+    np.savez(calib, **{name: np.concatenate([feed[name] for feed in data]) for name in ("x", "mask")})
+    output, report = tmp_path / "encoder.w4.onnx", tmp_path / "report.json"
+    argv = ["optimize", model_path, "-o", str(output), "--recipe", "weight-only", "--calib", str(calib)]
+    assert main([*argv, "--rounding", "flexround-block", "--report", str(report)]) == 0
+    written = json.loads(report.read_text())
+    schemes = {layer["scheme"] for layer in written["layers"] if layer["status"] == "quantized"}
+    assert schemes == {"W4 asym block 32 clip-searched GPTQ act-order, block-wise FlexRound 300 steps"}
+    assert written["validation"]["failures"] == []
