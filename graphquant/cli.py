@@ -177,8 +177,9 @@ def _parser() -> argparse.ArgumentParser:
     optimize.add_argument(
         "--rounding",
         choices=ROUNDINGS,
-        help="how weights are rounded (overrides --gptq): nearest, gptq, flexround (learned from RTN's grid) or "
-        "gptq-flexround (learned from GPTQ's codes)",
+        help="how weights are rounded (overrides --gptq): nearest, gptq, flexround (learned from RTN's grid), "
+        "gptq-flexround (learned from GPTQ's codes) or flexround-block (learned block by block from GPTQ's codes on "
+        "the block's output; needs torch, float activations)",
     )
     optimize.add_argument("--embed-bits", type=int, help="bits of the embedding tables (recipes that quantize them)")
     optimize.add_argument("--embed-block-size", type=int, help="embedding block size along the hidden axis")

@@ -40,7 +40,8 @@ TARGET_DOCS: dict[str, str] = {
     "qdq": "portable QuantizeLinear/DequantizeLinear pairs (TensorRT, QNN, XNNPACK, onnxruntime)",
     "ort-cpu": "fastest on onnxruntime CPU: uint8 x int8 MatMulIntegerToFloat with the bias fused, MatMulNBits for "
     "weight-only and W4A8 layers, GatherBlockQuantized for embeddings, QLinearConv, QDQ elsewhere; float routes "
-    "read a Slice of renumbered channels and per-channel Muls fold into the layers where they can; a Softmax's NaN guard goes where its mask is finite",
+    "read a Slice of renumbered channels and per-channel Muls fold into the layers where they can; a Softmax's NaN "
+    "guard goes where its mask is finite",
     "qoperator": "standard integer ops: QLinearConv, QLinearMatMul into another integer op, else MatMulInteger + "
     "Cast + Mul; QDQ elsewhere",
 }
