@@ -6,7 +6,9 @@ Conv weights use the im2col Grams of analysis/conv_gram.py, per group.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,10 +38,24 @@ FACTOR_MEMO_ENTRIES = 4
 # Factors larger than this are not kept: a 25088-wide Gram's factor alone is 5 GB.
 FACTOR_MEMO_BYTES = 64 << 20
 _FACTORS: collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
-# Rounded weights kept by content digest, up to this many bytes: a search (recipes/auto.py) scores a layer's grids and
-# then builds candidates that round the same layers on the same grids again.
+# Rounded weights kept by content digest, up to this many bytes, inside remembered_roundings() only: a search
+# (recipes/auto.py) scores a layer's grids and then builds candidates that round the same layers on the same grids.
 ROUNDED_MEMO_BYTES = 512 << 20
 _ROUNDED: collections.OrderedDict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = collections.OrderedDict()
+_REMEMBERING = [False]
+
+
+@contextlib.contextmanager
+def remembered_roundings() -> Iterator[None]:
+    """Within it gptq_round keeps its results by content; leaving the outermost one drops them."""
+    outer = _REMEMBERING[0]
+    _REMEMBERING[0] = True
+    try:
+        yield
+    finally:
+        _REMEMBERING[0] = outer
+        if not outer:
+            _ROUNDED.clear()
 
 
 def gptq_round(
@@ -52,7 +68,9 @@ def gptq_round(
     act_order: bool = False,
     damping: float = 0.01,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """_gptq_round, memoized by the content of its arguments (copies are returned)."""
+    """_gptq_round, memoized by the content of its arguments inside remembered_roundings() (copies are returned)."""
+    if not _REMEMBERING[0]:
+        return _gptq_round(matrix, gram, bits, symmetric, block, clip_search, act_order, damping)
     hasher = hashlib.blake2b(digest_size=16)
     hasher.update(
         f"{matrix.shape} {gram.shape} {bits} {symmetric} {block} {clip_search} {act_order} {damping!r}".encode()

@@ -29,7 +29,7 @@ import onnxruntime as ort
 
 from graphquant.analysis.cost import cached_latencies
 from graphquant.analysis.data import Feed
-from graphquant.analysis.gptq import gptq_round
+from graphquant.analysis.gptq import gptq_round, remembered_roundings
 from graphquant.analysis.layers import Layer, candidates
 from graphquant.analysis.runner import load_session, open_session, run_views, session_options
 from graphquant.analysis.search import (
@@ -302,10 +302,11 @@ def search(
     started = time.perf_counter()
     judge = Judge(model, heldout, settings)
     best: tuple[Recipe, ir.Model, Search] | None = None
-    for method in settings.searched_methods:
-        found = _search_method(model, calibrator, judge, settings, method, prepare)
-        if best is None or _better(found[2], best[2]):
-            best = found
+    with remembered_roundings():
+        for method in settings.searched_methods:
+            found = _search_method(model, calibrator, judge, settings, method, prepare)
+            if best is None or _better(found[2], best[2]):
+                best = found
     assert best is not None
     best[2].seconds = time.perf_counter() - started
     best[2].calibration_runs, best[2].calibration_hits = calibrator.runs, calibrator.hits

@@ -320,15 +320,29 @@ def test_the_memoized_rounding_follows_every_argument_and_hands_out_copies(monke
     rng = np.random.default_rng(9)
     x = correlated_inputs(rng, 256, 32)
     weight = rng.standard_normal((32, 8))
-    gptq_module._ROUNDED.clear()
-    first = gptq_round(weight, x.T @ x, 4, False, 16, True, True)
-    first[0][:] = 0.0  # the caller's copy: the memo keeps its own
-    again = gptq_round(weight, x.T @ x, 4, False, 16, True, True)
-    gptq_module._ROUNDED.clear()
-    for expected, actual in zip(gptq_round(weight, x.T @ x, 4, False, 16, True, True), again):
-        np.testing.assert_array_equal(actual, expected)
-    other = gptq_round(weight, x.T @ x, 3, False, 16, True, True)[0]
-    assert not np.array_equal(other, again[0]) and len(gptq_module._ROUNDED) == 2
-    monkeypatch.setattr(gptq_module, "ROUNDED_MEMO_BYTES", weight.nbytes)
-    gptq_round(weight, x.T @ x, 2, False, 16, True, True)
-    assert len(gptq_module._ROUNDED) == 2  # a result larger than the memo is not kept
+    with gptq_module.remembered_roundings():
+        first = gptq_round(weight, x.T @ x, 4, False, 16, True, True)
+        first[0][:] = 0.0  # the caller's copy: the memo keeps its own
+        again = gptq_round(weight, x.T @ x, 4, False, 16, True, True)
+        gptq_module._ROUNDED.clear()
+        for expected, actual in zip(gptq_round(weight, x.T @ x, 4, False, 16, True, True), again):
+            np.testing.assert_array_equal(actual, expected)
+        other = gptq_round(weight, x.T @ x, 3, False, 16, True, True)[0]
+        assert not np.array_equal(other, again[0]) and len(gptq_module._ROUNDED) == 2
+        monkeypatch.setattr(gptq_module, "ROUNDED_MEMO_BYTES", weight.nbytes)
+        gptq_round(weight, x.T @ x, 2, False, 16, True, True)
+        assert len(gptq_module._ROUNDED) == 2  # a result larger than the memo is not kept
+
+
+def test_roundings_are_remembered_only_inside_the_context():
+    """Outside remembered_roundings() nothing is kept; leaving the outermost one drops what it kept."""
+    rng = np.random.default_rng(10)
+    x = correlated_inputs(rng, 128, 16)
+    weight = rng.standard_normal((16, 4))
+    gptq_round(weight, x.T @ x, 4, False, 16, False, False)
+    assert len(gptq_module._ROUNDED) == 0
+    with gptq_module.remembered_roundings():
+        with gptq_module.remembered_roundings():
+            gptq_round(weight, x.T @ x, 4, False, 16, False, False)
+        assert len(gptq_module._ROUNDED) == 1
+    assert len(gptq_module._ROUNDED) == 0
