@@ -175,6 +175,12 @@ def _parser() -> argparse.ArgumentParser:
     optimize.add_argument("--block-size", type=int, help="weight block size along the input channels")
     optimize.add_argument("--gptq", action="store_const", const=True, help="GPTQ rounding of the weights")
     optimize.add_argument(
+        "--gptq-sequential",
+        action="store_const",
+        const=True,
+        help="with GPTQ: fit conv weights one layer at a time on the inputs of the model quantized so far",
+    )
+    optimize.add_argument(
         "--rounding",
         choices=ROUNDINGS,
         help="how weights are rounded (overrides --gptq): nearest, gptq, flexround (learned from RTN's grid), "
@@ -365,6 +371,7 @@ def _optimize(args: argparse.Namespace) -> int:
         abits=args.abits,
         block_size=args.block_size,
         gptq=args.gptq,
+        gptq_sequential=args.gptq_sequential,
         rounding=args.rounding,
         embed_bits=args.embed_bits,
         embed_block_size=args.embed_block_size,

@@ -120,6 +120,28 @@ def test_keep_8bit_keeps_the_matching_layers_at_8_bits(files, tmp_path, capsys):
     )
 
 
+CONVS = """
+<ir_version: 10, opset_import: ["" : 18]>
+convs (float[N, 4, 6, 6] x) => (float[N, 6, 6, 6] y) {
+  a = Conv<kernel_shape: ints = [3, 3], pads: ints = [1, 1, 1, 1]>(x, w1, b1)
+  ar = Relu(a)
+  y = Conv<kernel_shape: ints = [1, 1]>(ar, w2)
+}
+"""
+
+
+def test_gptq_sequential_fits_the_convs_on_the_quantized_inputs(tmp_path):
+    rng = np.random.default_rng(3)
+    model = build(CONVS, {"w1": weights(rng, 8, 4, 3, 3), "b1": weights(rng, 8), "w2": weights(rng, 6, 8, 1, 1)})
+    model_path, calib, report = tmp_path / "convs.onnx", tmp_path / "calib.npz", tmp_path / "report.json"
+    save_model(model, model_path)
+    np.savez(calib, x=rng.standard_normal((16, 4, 6, 6)).astype(np.float32))
+    args = ["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--calib", str(calib), "--recipe", "w8a8"]
+    assert main([*args, "--wbits", "4", "--gptq", "--gptq-sequential", "--report", str(report)]) == 0
+    schemes = [layer["scheme"] for layer in json.loads(report.read_text())["layers"]]
+    assert len(schemes) == 2 and all("GPTQ sequential" in scheme for scheme in schemes), schemes
+
+
 def test_debug_shows_the_traceback(tmp_path, capsys):
     assert main(["--debug", "inspect", str(tmp_path / "absent.onnx")]) == 1
     stderr = capsys.readouterr().err
