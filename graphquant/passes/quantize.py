@@ -426,7 +426,7 @@ def _check_block_rounding(abits: int | None, overrides: Sequence[NodeOverride]) 
     if abits or any(_expanded(o).get("abits") for o in overrides):
         raise ValueError("rounding 'flexround-block' fits weights with float activations: it takes abits 0")
     if importlib.util.find_spec("torch") is None:
-        raise ImportError("rounding 'flexround-block' needs torch: pip install 'graphquant[torch]'")
+        raise ValueError("rounding 'flexround-block' needs torch: pip install 'graphquant[torch]'")
 
 
 def _check_bits(options: LayerOptions) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -171,6 +172,13 @@ def test_the_scheme_names_the_block_wise_fit():
 def test_block_wise_flexround_refuses_quantized_activations():
     with pytest.raises(ValueError, match="float activations"):
         QuantizePass(None, abits=8, rounding="flexround-block")
+
+
+def test_block_wise_flexround_without_torch_is_refused_with_the_extra_to_install(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "torch" else real_find_spec(name))
+    with pytest.raises(ValueError, match=r"needs torch: pip install 'graphquant\[torch\]'"):
+        QuantizePass(None, rounding="flexround-block")
 
 
 def test_a_block_with_an_op_without_a_torch_form_is_refused():
