@@ -14,7 +14,7 @@ from graphquant.analysis.layers import Layer, ScaleGroup
 from graphquant.analysis.simulate import GroupSimulator, weight_matrix
 from graphquant.analysis.stats import TensorStats
 from graphquant.graph_edit import NameScope
-from graphquant.passes._calibrated import CalibratedGroupPass
+from graphquant.passes._calibrated import GROUP_SAMPLE_ROWS, CalibratedGroupPass
 from graphquant.quant_spec import KEEP_FLOAT_KEY, PREEXECUTED_KEY, SCHEME_NOTE_KEY
 from graphquant.rewrites import (
     apply_channel_affine,
@@ -25,11 +25,10 @@ from graphquant.rewrites import (
 )
 
 METHODS = ("outliertune", "smoothquant", "os-plus")
-SAMPLE_ROWS = 2048
 # The search scores every candidate on every SCREEN_STRIDE-th sampled row first, then re-scores the best
 # SCREEN_KEPT on all of them (on SmolLM2 the screen picked the full search's choice for every group: measured in
 # benchmarks/search_screen.py).
-SCREEN_STRIDE = 4
+SCREEN_STRIDE = 8
 SCREEN_KEPT = 3
 BOUNDED_EXPONENTS = (0.75, 0.5, 0.25)
 CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6)
@@ -111,10 +110,15 @@ class PreexecuteDequantPass(CalibratedGroupPass):
         names = NameScope(graph)
         modified = False
         # Last group first: a float path's Add takes over a layer's output, which a later group may read.
-        pending = self.pending_groups(model, sample_rows=SAMPLE_ROWS)[::-1]
+        pending = self.pending_groups(model, sample_rows=GROUP_SAMPLE_ROWS)[::-1]
+        rewritten = []
         for group, stats in progress.bar(pending, "per-layer search", unit="group"):
             choice = self._choose(group, stats)
-            modified |= self._apply(graph, names, group, choice)
+            applied = self._apply(graph, names, group, choice)
+            modified |= applied
+            if not choice.per_row:  # a run-time row scale is no per-channel affine: quantize calibrates those
+                rewritten.append((group, stats.affine(*_channel_affine(choice)) if applied else stats))
+        self.record_rewritten(model, rewritten)
         return ir.passes.PassResult(model, modified=modified)
 
     def _choose(self, group: ScaleGroup, stats: TensorStats) -> Choice:
@@ -216,14 +220,12 @@ class PreexecuteDequantPass(CalibratedGroupPass):
         if np.all(choice.divisor == 1) and choice.float_channels is None and not choice.per_row:
             return False
         divisor = choice.divisor.astype(np.float32)
-        scale = 1.0 / divisor
         if choice.float_channels is not None:
             route_channels_to_float(graph, names, group.activation, group.layers, choice.float_channels)
-            scale[choice.float_channels] = 0.0
         for layer in group.layers:
             scale_weight_rows(graph, names, layer, divisor)
         readers = [layer.node for layer in group.layers]
-        migrated, _ = apply_channel_affine(graph, names, group.activation, readers, scale, np.zeros_like(divisor))
+        migrated, _ = apply_channel_affine(graph, names, group.activation, readers, *_channel_affine(choice))
         migrated.meta[MIGRATED_KEY] = True
         if choice.per_row:
             migrated = scale_rows_at_run_time(graph, names, migrated, group.layers, 2 ** (self.abits - 1) - 1)
@@ -231,6 +233,15 @@ class PreexecuteDequantPass(CalibratedGroupPass):
         if choice.preexecuted or choice.per_row:
             migrated.meta[PREEXECUTED_KEY] = self.abits
         return True
+
+
+def _channel_affine(choice: Choice) -> tuple[np.ndarray, np.ndarray]:
+    """The per-channel (scale, offset) the layers' activation takes: 1/divisor, and 0 on the float-routed channels."""
+    divisor = choice.divisor.astype(np.float32)
+    scale = 1.0 / divisor
+    if choice.float_channels is not None:
+        scale[choice.float_channels] = 0.0
+    return scale, np.zeros_like(divisor)
 
 
 def _routed(choice: Choice, outliers: np.ndarray) -> Choice:

@@ -29,6 +29,7 @@ from builders import (
 from graphquant import rewrites
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.simulate import GroupSimulator
+from graphquant.analysis.stats_cache import CachingCalibrator
 from graphquant.lowering import TARGETS
 from graphquant.lowering.qdq import QdqLoweringPass
 from graphquant.passes import preexecute_dequant
@@ -90,6 +91,20 @@ def test_symmetrize_then_migration_is_exact(graph, method):
         producer = node.inputs[0].producer() if AFFINE_BRANCH_KEY in node.meta else None
         if producer is not None and AFFINE_BRANCH_KEY in producer.meta:
             assert (producer.op_type, node.op_type) == ("Mul", "Add")
+
+
+@pytest.mark.parametrize("graph", list(GRAPHS))
+def test_after_symmetrize_the_search_runs_on_derived_statistics_and_chooses_as_a_fresh_calibration(graph):
+    build_graph, calib, _ = GRAPHS[graph]
+    derived = build_graph(np.random.default_rng(15))
+    caching = CachingCalibrator.for_model(derived, calib, show_progress=False)
+    SymmetrizePass(caching)(derived)
+    fresh = derived.clone()
+    PreexecuteDequantPass(caching)(derived)
+    assert caching.runs == 1  # symmetrize's calibration only
+    PreexecuteDequantPass(calibrator(fresh, calib))(fresh)
+    notes = [{node.name: node.meta.get(SCHEME_NOTE_KEY) for node in model.graph} for model in (derived, fresh)]
+    assert notes[0] == notes[1] and any(notes[0].values())
 
 
 @pytest.mark.parametrize("method", list(METHODS))
