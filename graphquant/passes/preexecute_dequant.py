@@ -11,7 +11,7 @@ import onnx_ir as ir
 from graphquant import progress
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.layers import Layer, ScaleGroup
-from graphquant.analysis.simulate import GroupSimulator, weight_matrix
+from graphquant.analysis.simulate import GroupSimulator, one_blas_thread, weight_matrix
 from graphquant.analysis.stats import TensorStats
 from graphquant.graph_edit import NameScope
 from graphquant.passes._calibrated import GROUP_SAMPLE_ROWS, CalibratedGroupPass
@@ -25,9 +25,9 @@ from graphquant.rewrites import (
 )
 
 METHODS = ("outliertune", "smoothquant", "os-plus")
-# The search scores every candidate on every SCREEN_STRIDE-th sampled row first, then re-scores the best
-# SCREEN_KEPT on all of them (on SmolLM2 the screen picked the full search's choice for every group: measured in
-# benchmarks/search_screen.py).
+# The search scores every candidate on every SCREEN_STRIDE-th sampled row first (on one BLAS thread: small products),
+# then re-scores the best SCREEN_KEPT on all of them (on SmolLM2 the screen picked the full search's choice for every
+# group: measured in benchmarks/search_screen.py).
 SCREEN_STRIDE = 8
 SCREEN_KEPT = 3
 BOUNDED_EXPONENTS = (0.75, 0.5, 0.25)
@@ -156,7 +156,8 @@ class PreexecuteDequantPass(CalibratedGroupPass):
     def _scored(self, simulator: Screened, candidates: list[Choice]) -> list[Choice]:
         """The SCREEN_KEPT candidates that score best on the screening rows, scored again on all the sampled rows."""
         if len(candidates) > SCREEN_KEPT:
-            screened = self._scored_on(simulator.screen, candidates)
+            with one_blas_thread():
+                screened = self._scored_on(simulator.screen, candidates)
             ranked = sorted(range(len(candidates)), key=lambda i: -screened[i].sqnr_db)  # stable: ties keep the order
             candidates = [candidates[i] for i in sorted(ranked[:SCREEN_KEPT])]
         return self._scored_on(simulator.full, candidates)

@@ -438,7 +438,7 @@ def test_only_the_screen_survivors_are_scored_on_every_sampled_row(monkeypatch):
     monkeypatch.setattr(GroupSimulator, "sqnr_db", counting)
     PreexecuteDequantPass(calibrator(model, outlier_feeds(39)), float_route_below_db=0.0)(model)
     full = max(rows_scored)
-    # outliertune's nine static candidates, each on every fourth row; then the best three on all of them.
+    # outliertune's nine static candidates, each on every SCREEN_STRIDE-th row; then the best three on all of them.
     assert rows_scored.count(full) == preexecute_dequant.SCREEN_KEPT == 3
     assert sorted(set(rows_scored)) == [-(-full // preexecute_dequant.SCREEN_STRIDE), full]
     assert len(rows_scored) == 9 + 3
