@@ -111,7 +111,7 @@ class TensorStats:
         """
         gain, shift = np.asarray(scale, np.float32), np.asarray(offset, np.float32)
         sample = None if self.sample is None else self.sample * gain + shift
-        if sample is not None and self.nonfinite == 0 and sample.shape[0] == self.count and self.gram is None:
+        if self.holds_every_row and self.gram is None:
             return TensorStats.from_batch(sample, self.sample_limit)
         wide, moved = gain.astype(np.float64), shift.astype(np.float64)
         with np.errstate(invalid="ignore"):  # 0 * inf in a channel that only ever held NaN/Inf
@@ -129,6 +129,11 @@ class TensorStats:
             gram=None,
             exact_histogram=False,
         )
+
+    @property
+    def holds_every_row(self) -> bool:
+        """Whether the row sample is every row seen (none left out as NaN/Inf, none thinned away)."""
+        return self.sample is not None and self.nonfinite == 0 and self.sample.shape[0] == self.count
 
     def channel_mean_square(self) -> np.ndarray:
         """Per-channel E[x^2]."""

@@ -17,6 +17,7 @@ from graphquant.graph_edit import NameScope
 from graphquant.passes._calibrated import GROUP_SAMPLE_ROWS, CalibratedGroupPass
 from graphquant.quant_spec import KEEP_FLOAT_KEY, PREEXECUTED_KEY, SCHEME_NOTE_KEY
 from graphquant.rewrites import (
+    MIN_ROW_SCALE,
     apply_channel_affine,
     route_channels_to_float,
     row_scalable,
@@ -116,8 +117,9 @@ class PreexecuteDequantPass(CalibratedGroupPass):
             choice = self._choose(group, stats)
             applied = self._apply(graph, names, group, choice)
             modified |= applied
-            if not choice.per_row:  # a run-time row scale is no per-channel affine: quantize calibrates those
-                rewritten.append((group, stats.affine(*_channel_affine(choice)) if applied else stats))
+            derived = self._derived(stats, choice) if applied else stats
+            if derived is not None:
+                rewritten.append((group, derived))
         self.record_rewritten(model, rewritten)
         return ir.passes.PassResult(model, modified=modified)
 
@@ -209,6 +211,19 @@ class PreexecuteDequantPass(CalibratedGroupPass):
             )
         return candidates
 
+    def _derived(self, stats: TensorStats, choice: Choice) -> TensorStats | None:
+        """The statistics of what the group's layers read after the rewrite, where they follow from ``stats``.
+
+        Run-time row scales follow only from every row (None otherwise: quantize calibrates those groups).
+        """
+        moved = stats.affine(*_channel_affine(choice))
+        if not choice.per_row:
+            return moved
+        if not moved.holds_every_row:
+            return None
+        assert moved.sample is not None
+        return TensorStats.from_batch(_row_scaled(moved.sample, 2 ** (self.abits - 1) - 1), moved.sample_limit)
+
     def _apply(self, graph: ir.Graph, names: NameScope, group: ScaleGroup, choice: Choice) -> bool:
         """Rewrite the graph for the chosen divisor, or mark the group float if no choice is good enough."""
         note = f"{choice.label} (simulated SQNR {choice.sqnr_db:.1f} dB)"
@@ -243,6 +258,12 @@ def _channel_affine(choice: Choice) -> tuple[np.ndarray, np.ndarray]:
     if choice.float_channels is not None:
         scale[choice.float_channels] = 0.0
     return scale, np.zeros_like(divisor)
+
+
+def _row_scaled(rows: np.ndarray, qmax: int) -> np.ndarray:
+    """X/s per row, s = max(max|X| over the row · (1/qmax), MIN_ROW_SCALE): rewrites.scale_rows_at_run_time's ops."""
+    step = np.abs(rows).max(axis=-1, keepdims=True) * np.float32(1.0 / qmax)
+    return rows / np.maximum(step, np.float32(MIN_ROW_SCALE))
 
 
 def _routed(choice: Choice, outliers: np.ndarray) -> Choice:

@@ -31,7 +31,9 @@ class SymmetrizePass(CalibratedGroupPass):
         for group, channel_stats in reversed(self.pending_groups(model, sample_rows=GROUP_SAMPLE_ROWS)):
             midpoint = useful_shift(channel_stats)
             shifted = bool(np.any(midpoint)) and _shift_group(graph, names, group, midpoint)
-            rewritten.append((group, channel_stats.affine(np.ones_like(midpoint), -midpoint) if shifted else channel_stats))
+            rewritten.append(
+                (group, channel_stats.affine(np.ones_like(midpoint), -midpoint) if shifted else channel_stats)
+            )
             modified |= shifted
         self.record_rewritten(model, rewritten)
         return ir.passes.PassResult(model, modified=modified)

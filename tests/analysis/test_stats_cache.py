@@ -137,4 +137,3 @@ def test_recorded_statistics_answer_for_their_content_and_an_inexact_histogram_o
     measured = calibrator.collect(model, ["a"], sample_rows=4)["a"]  # a histogram is read: calibrated afresh
     assert calibrator.runs == 2 and measured.exact_histogram
     np.testing.assert_allclose(measured.channel_max, derived.channel_max, rtol=1e-6)
-

@@ -107,6 +107,27 @@ def test_after_symmetrize_the_search_runs_on_derived_statistics_and_chooses_as_a
     assert notes[0] == notes[1] and any(notes[0].values())
 
 
+@pytest.mark.parametrize("row_scales_below_db", [None, 100.0])
+def test_the_statistics_it_derives_for_quantize_match_a_fresh_calibration(row_scales_below_db):
+    model = ln_qkv(np.random.default_rng(16))
+    feeds = outlier_feeds(17)
+    caching = CachingCalibrator.for_model(model, feeds, show_progress=False)
+    SymmetrizePass(caching)(model)
+    PreexecuteDequantPass(caching, row_scales_below_db=row_scales_below_db)(model)
+    names = sorted({node.inputs[0].name for node in model.graph if node.op_type == "MatMul"})
+    derived = caching.collect(model, names)
+    assert caching.runs == 1
+    fresh = calibrator(model, feeds).collect(model, names)
+    for name in names:
+        np.testing.assert_allclose(derived[name].channel_max, fresh[name].channel_max, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(derived[name].channel_min, fresh[name].channel_min, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            derived[name].channel_mean_square(), fresh[name].channel_mean_square(), rtol=1e-4, atol=1e-9
+        )
+    per_row = [node for node in model.graph if node.op_type == "Div"]
+    assert bool(per_row) == (row_scales_below_db is not None)
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_exclusive_layer_norm_takes_the_divisor_in_gamma_and_beta(method):
     model = ln_qkv(np.random.default_rng(12))
