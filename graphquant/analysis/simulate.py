@@ -19,10 +19,11 @@ from graphquant.rewrites import layer_bias
 MAX_SCORED_COLUMNS = 256
 
 
-def one_blas_thread() -> contextlib.AbstractContextManager[object]:
-    """BLAS on one thread, for runs of small products: on a loaded machine, waiting for a second thread made the
-    screen's 128-row GEMMs cost more than the full 1024-row scoring (benchmarks/search_screen.py's CPU seconds)."""
-    return _blas_controller().limit(limits=1, user_api="blas")
+def one_blas_thread(when: bool = True) -> contextlib.AbstractContextManager[object]:
+    """BLAS on one thread (``when`` it is True), for runs of small products: on a loaded machine, waiting for a second
+    thread made the screen's 128-row GEMMs cost more than the full 1024-row scoring (benchmarks/search_screen.py's CPU
+    seconds)."""
+    return _blas_controller().limit(limits=1, user_api="blas") if when else contextlib.nullcontext()
 
 
 @functools.cache
