@@ -36,8 +36,9 @@ TARGET_DAMPING = 0.01
 FACTOR_MEMO_ENTRIES = 4
 # Factors larger than this are not kept: a 25088-wide Gram's factor alone is 5 GB.
 FACTOR_MEMO_BYTES = 64 << 20
-# Up to this many input channels, GPTQ's products and factorizations run on one BLAS thread: on a loaded machine a
-# 576-channel layer took a quarter of its two-thread time and CPU seconds (bit-identical weights).
+# Up to this many input channels, GPTQ's products and factorizations run on one BLAS thread: on a loaded machine
+# SmolLM2's q, k, v and down projections took 0.31x the CPU seconds of two threads, with bit-identical weights
+# (benchmarks/quant_time_kernels.py).
 ONE_THREAD_CHANNELS = 4096
 _FACTORS: collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
 
