@@ -102,16 +102,16 @@ class TensorStats:
             gram=_add(self.gram, other.gram),
         )
 
-    def affine(self, scale: np.ndarray, offset: np.ndarray) -> TensorStats:
+    def affine(self, scale: np.ndarray, offset: np.ndarray, histogram: bool = True) -> TensorStats:
         """The statistics of x*scale + offset per channel (scale >= 0), for the tensor an exact rewrite made.
 
-        Where the row sample holds every row seen, they are reduced afresh from the transformed rows (exact up to
-        float rounding). Otherwise the ranges, sums and sample are transformed, the Gram matrix is dropped and the
-        histogram is kept untransformed, marked inexact.
+        With ``histogram``, where the row sample holds every row seen, they are reduced afresh from the transformed
+        rows (exact up to float rounding). Otherwise the ranges, sums and sample are transformed, the Gram matrix is
+        dropped and the histogram is kept untransformed, marked inexact.
         """
         gain, shift = np.asarray(scale, np.float32), np.asarray(offset, np.float32)
         sample = None if self.sample is None else self.sample * gain + shift
-        if self.holds_every_row and self.gram is None:
+        if histogram and self.holds_every_row and self.gram is None:
             return TensorStats.from_batch(sample, self.sample_limit)
         wide, moved = gain.astype(np.float64), shift.astype(np.float64)
         with np.errstate(invalid="ignore"):  # 0 * inf in a channel that only ever held NaN/Inf

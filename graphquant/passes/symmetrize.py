@@ -31,9 +31,7 @@ class SymmetrizePass(CalibratedGroupPass):
         for group, channel_stats in reversed(self.pending_groups(model, sample_rows=GROUP_SAMPLE_ROWS)):
             midpoint = useful_shift(channel_stats)
             shifted = bool(np.any(midpoint)) and _shift_group(graph, names, group, midpoint)
-            rewritten.append(
-                (group, channel_stats.affine(np.ones_like(midpoint), -midpoint) if shifted else channel_stats)
-            )
+            rewritten.append((group, _shifted_stats(channel_stats, midpoint) if shifted else channel_stats))
             modified |= shifted
         self.record_rewritten(model, rewritten)
         return ir.passes.PassResult(model, modified=modified)
@@ -52,6 +50,11 @@ def useful_shift(stats: TensorStats) -> np.ndarray:
         np.zeros_like(midpoint)
     )
     return np.where(helps, midpoint, 0.0).astype(np.float32)
+
+
+def _shifted_stats(stats: TensorStats, midpoint: np.ndarray) -> TensorStats:
+    """The statistics of X - z, for preexecute-dequant: it reads their ranges and sample, not their histogram."""
+    return stats.affine(np.ones_like(midpoint), -midpoint, histogram=False)
 
 
 def _shift_group(graph: ir.Graph, names: NameScope, group: ScaleGroup, midpoint: np.ndarray) -> bool:
