@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -12,7 +12,7 @@ import onnx_ir as ir
 from graphquant import progress
 from graphquant.analysis.data import CalibrationData, CalibrationSource, InputSpec
 from graphquant.analysis.runner import open_segmented
-from graphquant.analysis.stats import CalibrationStats
+from graphquant.analysis.stats import CalibrationStats, TensorStats
 from graphquant.errors import CalibrationError
 
 if TYPE_CHECKING:
@@ -46,12 +46,14 @@ class Calibrator:
         sample_rows: int = 0,
         gram_names: Sequence[str] = (),
         observe: Callable[[str, np.ndarray], None] | None = None,
+        histogram: bool = True,
     ) -> CalibrationStats:
         """Run the model over the data once and reduce the named tensors per batch (keeping a bounded row sample).
 
         Tensors in ``gram_names`` also accumulate their channel Gram matrix X^T X. ``observe(name, batch)`` also sees
         every float batch of the named tensors (e.g. analysis/conv_gram.py's im2col Grams). With a cluster, the batches
-        run on its workers, except under ``observe``, which needs them here.
+        run on its workers, except under ``observe``, which needs them here. ``histogram`` False says the caller reads
+        no |x| histogram (a caching calibrator may then answer with derived statistics; these are always exact).
         """
         names = sorted(set(tensor_names))
         stats = CalibrationStats()
@@ -68,6 +70,9 @@ class Calibrator:
                     stats.batches += 1
         self._check_finite(stats)
         return stats
+
+    def record(self, model: ir.Model, derived: Mapping[str, TensorStats]) -> None:
+        """Statistics of tensors an exact rewrite made, derived from the ones before it: this calibrator keeps none."""
 
     def _check_finite(self, stats: CalibrationStats) -> None:
         """Refuse tensors with no finite value; warn once about left-out NaN/Inf (in the inputs, else inside)."""

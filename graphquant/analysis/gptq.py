@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from graphquant.analysis.layers import Layer
+from graphquant.analysis.simulate import one_blas_thread
 from graphquant.analysis.weight_fit import (
     WeightScheme,
     block_rows,
@@ -37,6 +38,10 @@ TARGET_DAMPING = 0.01
 FACTOR_MEMO_ENTRIES = 4
 # Factors larger than this are not kept: a 25088-wide Gram's factor alone is 5 GB.
 FACTOR_MEMO_BYTES = 64 << 20
+# Up to this many input channels, GPTQ's products and factorizations run on one BLAS thread: on a loaded machine
+# SmolLM2's q, k, v and down projections took 0.31x the CPU seconds of two threads, with bit-identical weights
+# (benchmarks/quant_time_kernels.py).
+ONE_THREAD_CHANNELS = 4096
 _FACTORS: collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
 # Rounded weights kept by content digest, up to this many bytes, inside remembered_roundings() only: a search
 # (recipes/auto.py) scores a layer's grids and then builds candidates that round the same layers on the same grids.
@@ -108,6 +113,21 @@ def _gptq_round(
     its first row is reached (on the updated rows); with ``act_order`` the rows go by decreasing X^T X diagonal and
     the ranges are fitted on the original weights first ("static groups"), since blocks are then not contiguous.
     """
+    with one_blas_thread(gram.shape[0] <= ONE_THREAD_CHANNELS):
+        return _gptq_round_on_threads(matrix, gram, bits, symmetric, block, clip_search, act_order, damping)
+
+
+def _gptq_round_on_threads(
+    matrix: np.ndarray,
+    gram: np.ndarray,
+    bits: int,
+    symmetric: bool,
+    block: int,
+    clip_search: bool,
+    act_order: bool,
+    damping: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """_gptq_round on the BLAS threads it was given."""
     weights = matrix.astype(np.float64).copy()
     energy = np.diag(gram).astype(np.float64)[:, None]
     rows = weights.shape[0]

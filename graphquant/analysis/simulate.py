@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import math
 from collections.abc import Sequence
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from graphquant.analysis.layers import Layer
 from graphquant.rewrites import layer_bias
@@ -14,6 +17,19 @@ from graphquant.rewrites import layer_bias
 # Output channels scored per layer: evenly spaced, so that a 49152-wide lm_head costs what a 256-wide layer does
 # (a preset scores about 20 schemes on each of 121 groups of SmolLM2; 1024 columns made that 40% of its time).
 MAX_SCORED_COLUMNS = 256
+
+
+def one_blas_thread(when: bool = True) -> contextlib.AbstractContextManager[object]:
+    """BLAS on one thread (``when`` it is True), for runs of small products: on a loaded machine, waiting for a second
+    thread made the screen's 128-row GEMMs cost more than the full 1024-row scoring (benchmarks/search_screen.py's CPU
+    seconds)."""
+    return _blas_controller().limit(limits=1, user_api="blas") if when else contextlib.nullcontext()
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    """The thread pools of the BLAS libraries loaded (looked up once)."""
+    return ThreadpoolController()
 
 
 def fake_quantize(values: np.ndarray, step: np.ndarray | float, bits: int) -> np.ndarray:

@@ -30,6 +30,7 @@ class TensorStats:
     sample: np.ndarray | None = None
     sample_limit: int = 0
     gram: np.ndarray | None = None
+    exact_histogram: bool = True
 
     @classmethod
     def from_batch(cls, values: np.ndarray, sample_rows: int = 0, gram: bool = False) -> TensorStats:
@@ -100,6 +101,39 @@ class TensorStats:
             sample_limit=max(self.sample_limit, other.sample_limit),
             gram=_add(self.gram, other.gram),
         )
+
+    def affine(self, scale: np.ndarray, offset: np.ndarray, histogram: bool = True) -> TensorStats:
+        """The statistics of x*scale + offset per channel (scale >= 0), for the tensor an exact rewrite made.
+
+        With ``histogram``, where the row sample holds every row seen, they are reduced afresh from the transformed
+        rows (exact up to float rounding). Otherwise the ranges, sums and sample are transformed, the Gram matrix is
+        dropped and the histogram is kept untransformed, marked inexact.
+        """
+        gain, shift = np.asarray(scale, np.float32), np.asarray(offset, np.float32)
+        sample = None if self.sample is None else self.sample * gain + shift
+        if histogram and self.holds_every_row and self.gram is None:
+            return TensorStats.from_batch(sample, self.sample_limit)
+        wide, moved = gain.astype(np.float64), shift.astype(np.float64)
+        with np.errstate(invalid="ignore"):  # 0 * inf in a channel that only ever held NaN/Inf
+            low = np.where(wide > 0, self.channel_min * wide, 0.0) + moved
+            high = np.where(wide > 0, self.channel_max * wide, 0.0) + moved
+        return dataclasses.replace(
+            self,
+            channel_min=low,
+            channel_max=high,
+            channel_sum=None if self.channel_sum is None else self.channel_sum * wide + moved * self.count,
+            channel_sum_squares=None
+            if self.channel_sum is None or self.channel_sum_squares is None
+            else self.channel_sum_squares * wide**2 + 2 * wide * moved * self.channel_sum + moved**2 * self.count,
+            sample=sample,
+            gram=None,
+            exact_histogram=False,
+        )
+
+    @property
+    def holds_every_row(self) -> bool:
+        """Whether the row sample is every row seen (none left out as NaN/Inf, none thinned away)."""
+        return self.sample is not None and self.nonfinite == 0 and self.sample.shape[0] == self.count
 
     def channel_mean_square(self) -> np.ndarray:
         """Per-channel E[x^2]."""
@@ -275,6 +309,7 @@ class CalibrationStats:
                     sample=archive[f"{i}.sample"] if f"{i}.sample" in archive.files else None,
                     sample_limit=int(archive[f"{i}.sample_limit"]),
                     gram=archive[f"{i}.gram"] if f"{i}.gram" in archive.files else None,
+                    exact_histogram=bool(archive.get(f"{i}.exact_histogram", True)),
                 )
                 for i in indices
             }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -40,15 +40,21 @@ class CachingCalibrator(Calibrator):
         sample_rows: int = 0,
         gram_names: Sequence[str] = (),
         observe: Callable[[str, np.ndarray], None] | None = None,
+        histogram: bool = True,
     ) -> CalibrationStats:
         """The statistics of the named tensors, calibrating (once, for all missing ones) only what is not cached.
 
-        An ``observe`` callback needs every batch, so it makes the run calibrate all the named tensors afresh.
+        An ``observe`` callback needs every batch, so it makes the run calibrate all the named tensors afresh. Derived
+        statistics (see ``record``) answer only where ``histogram`` is False.
         """
         names = sorted(set(tensor_names))
         keys = value_digests(model.graph, names, self._tensor_digests)
         usable = observe is None
-        missing = [name for name in names if not (usable and self._usable(keys[name], sample_rows, name in gram_names))]
+        missing = [
+            name
+            for name in names
+            if not (usable and self._usable(keys[name], sample_rows, name in gram_names, histogram))
+        ]
         self.hits += len(names) - len(missing)
         if missing:
             self.runs += 1
@@ -64,18 +70,32 @@ class CachingCalibrator(Calibrator):
                 stats.tensors[name] = cached
         return stats
 
+    def record(self, model: ir.Model, derived: Mapping[str, TensorStats]) -> None:
+        """Keep statistics of tensors an exact rewrite made (derived from the ones before it) under their content keys.
+
+        An entry already collected for the same content stays: measured statistics win over derived ones.
+        """
+        keys = value_digests(model.graph, list(derived), self._tensor_digests)
+        for name, stats in derived.items():
+            self._cache.setdefault(keys[name], stats)
+
     def first_collected(self, name: str) -> TensorStats | None:
         """The statistics first collected under this tensor name in the run (before later passes rewrote it), if any."""
         return next((stats for (key, _), stats in self._cache.items() if key == name and stats is not None), None)
 
-    def _usable(self, key: tuple[str, str], sample_rows: int, gram: bool) -> bool:
-        """Whether a cached entry answers the request exactly (the same row sample; a Gram matrix where asked)."""
+    def _usable(self, key: tuple[str, str], sample_rows: int, gram: bool, histogram: bool) -> bool:
+        """Whether a cached entry answers the request exactly (the same row sample; a Gram matrix and an exact
+        histogram where asked)."""
         if key not in self._cache:
             return False
         cached = self._cache[key]
         if cached is None:
             return True
-        return (not sample_rows or cached.sample_limit == sample_rows) and (not gram or cached.gram is not None)
+        return (
+            (not sample_rows or cached.sample_limit == sample_rows)
+            and (not gram or cached.gram is not None)
+            and (not histogram or cached.exact_histogram)
+        )
 
 
 class TensorDigests:

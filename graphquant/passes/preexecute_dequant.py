@@ -11,12 +11,13 @@ import onnx_ir as ir
 from graphquant import progress
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.layers import Layer, ScaleGroup
-from graphquant.analysis.simulate import GroupSimulator, weight_matrix
+from graphquant.analysis.simulate import GroupSimulator, one_blas_thread, weight_matrix
 from graphquant.analysis.stats import TensorStats
 from graphquant.graph_edit import NameScope
-from graphquant.passes._calibrated import CalibratedGroupPass
+from graphquant.passes._calibrated import GROUP_SAMPLE_ROWS, CalibratedGroupPass
 from graphquant.quant_spec import KEEP_FLOAT_KEY, PREEXECUTED_KEY, SCHEME_NOTE_KEY
 from graphquant.rewrites import (
+    MIN_ROW_SCALE,
     apply_channel_affine,
     route_channels_to_float,
     row_scalable,
@@ -25,11 +26,10 @@ from graphquant.rewrites import (
 )
 
 METHODS = ("outliertune", "smoothquant", "os-plus")
-SAMPLE_ROWS = 2048
-# The search scores every candidate on every SCREEN_STRIDE-th sampled row first, then re-scores the best
-# SCREEN_KEPT on all of them (on SmolLM2 the screen picked the full search's choice for every group: measured in
-# benchmarks/search_screen.py).
-SCREEN_STRIDE = 4
+# The search scores every candidate on every SCREEN_STRIDE-th sampled row first (on one BLAS thread: small products),
+# then re-scores the best SCREEN_KEPT on all of them (on SmolLM2 the screen picked the full search's choice for every
+# group: measured in benchmarks/search_screen.py).
+SCREEN_STRIDE = 8
 SCREEN_KEPT = 3
 BOUNDED_EXPONENTS = (0.75, 0.5, 0.25)
 CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6)
@@ -111,10 +111,16 @@ class PreexecuteDequantPass(CalibratedGroupPass):
         names = NameScope(graph)
         modified = False
         # Last group first: a float path's Add takes over a layer's output, which a later group may read.
-        pending = self.pending_groups(model, sample_rows=SAMPLE_ROWS)[::-1]
+        pending = self.pending_groups(model, sample_rows=GROUP_SAMPLE_ROWS)[::-1]
+        rewritten = []
         for group, stats in progress.bar(pending, "per-layer search", unit="group"):
             choice = self._choose(group, stats)
-            modified |= self._apply(graph, names, group, choice)
+            applied = self._apply(graph, names, group, choice)
+            modified |= applied
+            derived = self._derived(stats, choice) if applied else stats
+            if derived is not None:
+                rewritten.append((group, derived))
+        self.record_rewritten(model, rewritten)
         return ir.passes.PassResult(model, modified=modified)
 
     def _choose(self, group: ScaleGroup, stats: TensorStats) -> Choice:
@@ -152,7 +158,8 @@ class PreexecuteDequantPass(CalibratedGroupPass):
     def _scored(self, simulator: Screened, candidates: list[Choice]) -> list[Choice]:
         """The SCREEN_KEPT candidates that score best on the screening rows, scored again on all the sampled rows."""
         if len(candidates) > SCREEN_KEPT:
-            screened = self._scored_on(simulator.screen, candidates)
+            with one_blas_thread():
+                screened = self._scored_on(simulator.screen, candidates)
             ranked = sorted(range(len(candidates)), key=lambda i: -screened[i].sqnr_db)  # stable: ties keep the order
             candidates = [candidates[i] for i in sorted(ranked[:SCREEN_KEPT])]
         return self._scored_on(simulator.full, candidates)
@@ -204,6 +211,19 @@ class PreexecuteDequantPass(CalibratedGroupPass):
             )
         return candidates
 
+    def _derived(self, stats: TensorStats, choice: Choice) -> TensorStats | None:
+        """The statistics of what the group's layers read after the rewrite, where they follow from ``stats``.
+
+        Run-time row scales follow only from every row (None otherwise: quantize calibrates those groups).
+        """
+        moved = stats.affine(*_channel_affine(choice))
+        if not choice.per_row:
+            return moved
+        if not moved.holds_every_row:
+            return None
+        assert moved.sample is not None
+        return TensorStats.from_batch(_row_scaled(moved.sample, 2 ** (self.abits - 1) - 1), moved.sample_limit)
+
     def _apply(self, graph: ir.Graph, names: NameScope, group: ScaleGroup, choice: Choice) -> bool:
         """Rewrite the graph for the chosen divisor, or mark the group float if no choice is good enough."""
         note = f"{choice.label} (simulated SQNR {choice.sqnr_db:.1f} dB)"
@@ -216,14 +236,12 @@ class PreexecuteDequantPass(CalibratedGroupPass):
         if np.all(choice.divisor == 1) and choice.float_channels is None and not choice.per_row:
             return False
         divisor = choice.divisor.astype(np.float32)
-        scale = 1.0 / divisor
         if choice.float_channels is not None:
             route_channels_to_float(graph, names, group.activation, group.layers, choice.float_channels)
-            scale[choice.float_channels] = 0.0
         for layer in group.layers:
             scale_weight_rows(graph, names, layer, divisor)
         readers = [layer.node for layer in group.layers]
-        migrated, _ = apply_channel_affine(graph, names, group.activation, readers, scale, np.zeros_like(divisor))
+        migrated, _ = apply_channel_affine(graph, names, group.activation, readers, *_channel_affine(choice))
         migrated.meta[MIGRATED_KEY] = True
         if choice.per_row:
             migrated = scale_rows_at_run_time(graph, names, migrated, group.layers, 2 ** (self.abits - 1) - 1)
@@ -231,6 +249,21 @@ class PreexecuteDequantPass(CalibratedGroupPass):
         if choice.preexecuted or choice.per_row:
             migrated.meta[PREEXECUTED_KEY] = self.abits
         return True
+
+
+def _channel_affine(choice: Choice) -> tuple[np.ndarray, np.ndarray]:
+    """The per-channel (scale, offset) the layers' activation takes: 1/divisor, and 0 on the float-routed channels."""
+    divisor = choice.divisor.astype(np.float32)
+    scale = 1.0 / divisor
+    if choice.float_channels is not None:
+        scale[choice.float_channels] = 0.0
+    return scale, np.zeros_like(divisor)
+
+
+def _row_scaled(rows: np.ndarray, qmax: int) -> np.ndarray:
+    """X/s per row, s = max(max|X| over the row · (1/qmax), MIN_ROW_SCALE): rewrites.scale_rows_at_run_time's ops."""
+    step = np.abs(rows).max(axis=-1, keepdims=True) * np.float32(1.0 / qmax)
+    return rows / np.maximum(step, np.float32(MIN_ROW_SCALE))
 
 
 def _routed(choice: Choice, outliers: np.ndarray) -> Choice:

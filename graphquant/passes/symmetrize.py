@@ -8,7 +8,7 @@ import onnx_ir as ir
 from graphquant.analysis.layers import ScaleGroup
 from graphquant.analysis.stats import TensorStats
 from graphquant.graph_edit import NameScope
-from graphquant.passes._calibrated import CalibratedGroupPass
+from graphquant.passes._calibrated import GROUP_SAMPLE_ROWS, CalibratedGroupPass
 from graphquant.rewrites import add_to_layer_bias, apply_channel_affine, weight_times
 
 SHIFT_KEY = "graphquant.shift"
@@ -27,11 +27,13 @@ class SymmetrizePass(CalibratedGroupPass):
         modified = False
         # Last group first: a bias Add inserted after an earlier group's layer takes over that layer's output,
         # which a later group may read; rewriting the later group first keeps its activation value current.
-        for group, channel_stats in reversed(self.pending_groups(model)):
+        rewritten = []
+        for group, channel_stats in reversed(self.pending_groups(model, sample_rows=GROUP_SAMPLE_ROWS)):
             midpoint = useful_shift(channel_stats)
-            if not np.any(midpoint):
-                continue
-            modified |= _shift_group(graph, names, group, midpoint)
+            shifted = bool(np.any(midpoint)) and _shift_group(graph, names, group, midpoint)
+            rewritten.append((group, _shifted_stats(channel_stats, midpoint) if shifted else channel_stats))
+            modified |= shifted
+        self.record_rewritten(model, rewritten)
         return ir.passes.PassResult(model, modified=modified)
 
 
@@ -48,6 +50,11 @@ def useful_shift(stats: TensorStats) -> np.ndarray:
         np.zeros_like(midpoint)
     )
     return np.where(helps, midpoint, 0.0).astype(np.float32)
+
+
+def _shifted_stats(stats: TensorStats, midpoint: np.ndarray) -> TensorStats:
+    """The statistics of X - z, for preexecute-dequant: it reads their ranges and sample, not their histogram."""
+    return stats.affine(np.ones_like(midpoint), -midpoint, histogram=False)
 
 
 def _shift_group(graph: ir.Graph, names: NameScope, group: ScaleGroup, midpoint: np.ndarray) -> bool:

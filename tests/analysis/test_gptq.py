@@ -346,3 +346,16 @@ def test_roundings_are_remembered_only_inside_the_context():
             gptq_round(weight, x.T @ x, 4, False, 16, False, False)
         assert len(gptq_module._ROUNDED) == 1
     assert len(gptq_module._ROUNDED) == 0
+
+
+def test_one_blas_thread_rounds_bit_for_bit_as_the_default_threads(monkeypatch):
+    rng = np.random.default_rng(44)
+    x = correlated_inputs(rng, 256, 160)
+    weight = weights(rng, 160, 48)
+    rounded = []
+    for limit in (4096, 0):  # one thread, then the default ones
+        monkeypatch.setattr(gptq_module, "ONE_THREAD_CHANNELS", limit)
+        gptq_module._FACTORS.clear()
+        rounded.append(gptq_round(weight, x.T @ x, 4, False, 32, True, act_order=True))
+    for first, second in zip(*rounded):
+        np.testing.assert_array_equal(first, second)

@@ -150,3 +150,13 @@ def test_only_a_model_with_large_weights_pays_for_a_full_garbage_collection(monk
     with runner.open_session(model):
         pass
     assert collections == [1]
+
+
+def test_sessions_let_idle_threads_sleep_and_still_match_numpy():
+    model = mlp(np.random.default_rng(25))
+    x = np.random.default_rng(26).standard_normal((8, 16)).astype(np.float32)
+    with runner.open_session(model) as session:
+        options = session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        (y,) = runner.run_views(session, ["y"], {"x": x})
+    np.testing.assert_allclose(y, mlp_reference(model, x), rtol=1e-5, atol=1e-5)

@@ -10,10 +10,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from builders import build, run, weights
+from threadpoolctl import threadpool_info
 
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.layers import classify
-from graphquant.analysis.simulate import GroupSimulator, fake_quantize, scored_columns
+from graphquant.analysis.simulate import GroupSimulator, fake_quantize, one_blas_thread, scored_columns
 from graphquant.analysis.stats import CalibrationStats, TensorStats
 from graphquant.graph_edit import NameScope
 from graphquant.lowering.qdq import QdqLoweringPass
@@ -341,3 +342,14 @@ def test_a_strided_simulator_scores_as_one_built_on_those_rows():
             assert strided.sqnr_db(divisor, 8, 8, **options) == pytest.approx(
                 built.sqnr_db(divisor, 8, 8, **options), abs=1e-4
             )
+
+
+def test_one_blas_thread_limits_blas_inside_and_restores_it_after():
+    def blas_threads() -> list[int]:
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    before = blas_threads()
+    with one_blas_thread():
+        inside = blas_threads()
+    assert inside and set(inside) == {1}
+    assert blas_threads() == before

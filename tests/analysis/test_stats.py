@@ -209,3 +209,43 @@ def test_from_batch_allocates_a_fraction_of_a_float64_copy():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < values.nbytes / 2  # one float64 copy alone would be 2x the batch
+
+
+def test_affine_of_fully_sampled_stats_equals_the_stats_of_the_transformed_rows():
+    rng = np.random.default_rng(7)
+    batches = [rng.normal(size=(3, 5, 4)).astype(np.float32) for _ in range(2)]
+    scale, offset = np.array([1.0, 0.5, 2.0, 0.0], np.float32), np.array([-1.0, 0.0, 3.0, 0.25], np.float32)
+    stats = CalibrationStats()
+    moved = CalibrationStats()
+    for batch in batches:
+        stats.update("x", batch, sample_rows=64)
+        moved.update("x", batch * scale + offset, sample_rows=64)
+    derived = stats["x"].affine(scale, offset)
+    assert derived.exact_histogram
+    np.testing.assert_array_equal(derived.channel_min, moved["x"].channel_min)
+    np.testing.assert_array_equal(derived.channel_max, moved["x"].channel_max)
+    np.testing.assert_array_equal(derived.abs_histogram, moved["x"].abs_histogram)
+    np.testing.assert_array_equal(derived.sample, moved["x"].sample)
+    np.testing.assert_allclose(derived.channel_sum_squares, moved["x"].channel_sum_squares, rtol=1e-12)
+    assert derived.count == moved["x"].count == 30
+
+
+def test_affine_of_partly_sampled_stats_transforms_ranges_and_sums_and_marks_the_histogram_inexact():
+    rng = np.random.default_rng(8)
+    batch = rng.normal(size=(40, 3)).astype(np.float32)
+    scale, offset = np.array([2.0, 0.0, 1.0], np.float32), np.array([0.5, 0.0, -4.0], np.float32)
+    derived = TensorStats.from_batch(batch, sample_rows=8).affine(scale, offset)
+    moved = TensorStats.from_batch(batch * scale + offset, sample_rows=8)
+    assert not derived.exact_histogram and derived.gram is None
+    np.testing.assert_allclose(derived.channel_min, moved.channel_min, rtol=1e-6)
+    np.testing.assert_allclose(derived.channel_max, moved.channel_max, rtol=1e-6)
+    np.testing.assert_allclose(derived.channel_mean_square(), moved.channel_mean_square(), rtol=1e-5, atol=1e-12)
+    np.testing.assert_array_equal(derived.sample, moved.sample)
+
+
+def test_the_exactness_of_the_histogram_survives_save_and_load(tmp_path):
+    stats = CalibrationStats()
+    stats.update("x", np.arange(12, dtype=np.float32).reshape(4, 3), sample_rows=2)
+    stats.tensors["x"] = stats["x"].affine(np.ones(3, np.float32), np.zeros(3, np.float32))
+    stats.save(str(tmp_path / "s.npz"))
+    assert not CalibrationStats.load(str(tmp_path / "s.npz"))["x"].exact_histogram

@@ -123,3 +123,17 @@ def test_each_stored_tensor_is_read_once_while_it_lives(model, data, monkeypatch
     replace_initializer(model, "w2", np.full((4, 4), 3.0, np.float32))  # the old w2 tensor is dropped
     calibrator.collect(model, NAMES)
     assert sorted(read) == ["w1", "w2", "w2", "w3"] and calibrator.runs == 2
+
+
+def test_recorded_statistics_answer_for_their_content_and_an_inexact_histogram_only_where_none_is_read(model, data):
+    calibrator = CachingCalibrator.for_model(model, data, False)
+    partly = calibrator.collect(model, ["a"], sample_rows=4)["a"]
+    doubled = np.full(4, 2.0, np.float32)
+    replace_initializer(model, "w1", 2 * model.graph.initializers["w1"].const_value.numpy())  # a = 2·(x·w1)
+    calibrator.record(model, {"a": partly.affine(doubled, np.zeros(4, np.float32))})
+    derived = calibrator.collect(model, ["a"], sample_rows=4, histogram=False)["a"]
+    assert calibrator.runs == 1
+    np.testing.assert_allclose(derived.channel_max, 2 * partly.channel_max)
+    measured = calibrator.collect(model, ["a"], sample_rows=4)["a"]  # a histogram is read: calibrated afresh
+    assert calibrator.runs == 2 and measured.exact_histogram
+    np.testing.assert_allclose(measured.channel_max, derived.channel_max, rtol=1e-6)

@@ -29,6 +29,7 @@ from builders import (
 from graphquant import rewrites
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.simulate import GroupSimulator
+from graphquant.analysis.stats_cache import CachingCalibrator
 from graphquant.lowering import TARGETS
 from graphquant.lowering.qdq import QdqLoweringPass
 from graphquant.passes import preexecute_dequant
@@ -90,6 +91,41 @@ def test_symmetrize_then_migration_is_exact(graph, method):
         producer = node.inputs[0].producer() if AFFINE_BRANCH_KEY in node.meta else None
         if producer is not None and AFFINE_BRANCH_KEY in producer.meta:
             assert (producer.op_type, node.op_type) == ("Mul", "Add")
+
+
+@pytest.mark.parametrize("graph", list(GRAPHS))
+def test_after_symmetrize_the_search_runs_on_derived_statistics_and_chooses_as_a_fresh_calibration(graph):
+    build_graph, calib, _ = GRAPHS[graph]
+    derived = build_graph(np.random.default_rng(15))
+    caching = CachingCalibrator.for_model(derived, calib, show_progress=False)
+    SymmetrizePass(caching)(derived)
+    fresh = derived.clone()
+    PreexecuteDequantPass(caching)(derived)
+    assert caching.runs == 1  # symmetrize's calibration only
+    PreexecuteDequantPass(calibrator(fresh, calib))(fresh)
+    notes = [{node.name: node.meta.get(SCHEME_NOTE_KEY) for node in model.graph} for model in (derived, fresh)]
+    assert notes[0] == notes[1] and any(notes[0].values())
+
+
+@pytest.mark.parametrize("row_scales_below_db", [None, 100.0])
+def test_the_statistics_it_derives_for_quantize_match_a_fresh_calibration(row_scales_below_db):
+    model = ln_qkv(np.random.default_rng(16))
+    feeds = outlier_feeds(17)
+    caching = CachingCalibrator.for_model(model, feeds, show_progress=False)
+    SymmetrizePass(caching)(model)
+    PreexecuteDequantPass(caching, row_scales_below_db=row_scales_below_db)(model)
+    names = sorted({node.inputs[0].name for node in model.graph if node.op_type == "MatMul"})
+    derived = caching.collect(model, names)
+    assert caching.runs == 1
+    fresh = calibrator(model, feeds).collect(model, names)
+    for name in names:
+        np.testing.assert_allclose(derived[name].channel_max, fresh[name].channel_max, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(derived[name].channel_min, fresh[name].channel_min, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            derived[name].channel_mean_square(), fresh[name].channel_mean_square(), rtol=1e-4, atol=1e-9
+        )
+    per_row = [node for node in model.graph if node.op_type == "Div"]
+    assert bool(per_row) == (row_scales_below_db is not None)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -423,7 +459,7 @@ def test_only_the_screen_survivors_are_scored_on_every_sampled_row(monkeypatch):
     monkeypatch.setattr(GroupSimulator, "sqnr_db", counting)
     PreexecuteDequantPass(calibrator(model, outlier_feeds(39)), float_route_below_db=0.0)(model)
     full = max(rows_scored)
-    # outliertune's nine static candidates, each on every fourth row; then the best three on all of them.
+    # outliertune's nine static candidates, each on every SCREEN_STRIDE-th row; then the best three on all of them.
     assert rows_scored.count(full) == preexecute_dequant.SCREEN_KEPT == 3
     assert sorted(set(rows_scored)) == [-(-full // preexecute_dequant.SCREEN_STRIDE), full]
     assert len(rows_scored) == 9 + 3
