@@ -489,6 +489,7 @@ import graphquant.api, graphquant.analysis.runner
 from graphquant.cli import main
 
 where, signum = sys.argv[1], getattr(signal, sys.argv[2])
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job's shell starts it with SIGINT ignored
 module = graphquant.api if where == "save" else graphquant.analysis.runner
 name = "_check_written" if where == "save" else "load_session"
 original = getattr(module, name)
