@@ -302,6 +302,8 @@ OPS: dict[str, Op] = {
     "Gemm": _gemm,
     "Sqrt": _unary(torch.sqrt),
     "Erf": _unary(torch.erf),
+    "Cos": _unary(torch.cos),
+    "Sin": _unary(torch.sin),
     "Tanh": _unary(torch.tanh),
     "Sigmoid": _unary(torch.sigmoid),
     "Relu": _unary(torch.relu),
