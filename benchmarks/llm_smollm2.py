@@ -32,8 +32,30 @@ ORT_DYNAMIC = "ORT quantize_dynamic (S8 per-channel weights)"
 ORT_NBITS = "ORT MatMulNBitsQuantizer W4 block 32 (RTN, asym)"
 ORT_STATIC = "ORT quantize_static S8S8 QDQ MatMul-only (per-channel)"
 LATENCY_BATCH = 4
-# key -> (label, recipe, keyword arguments for graphquant.optimize)
-CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
+# Weight-only per output channel (flexround_minilm.py's settings) with int8 embeddings; rounding set per config.
+PER_CHANNEL_W4: dict[str, Any] = {
+    "name": "weight-only-per-channel",
+    "description": "weight-only W4 asymmetric per output channel, clip-searched, GPTQ act-order; int8 embeddings",
+    "target": "qdq",
+    "passes": [
+        {"name": "clear-metadata"},
+        {"name": "quantize-embeddings", "options": {"embed_bits": 8}},
+        {
+            "name": "quantize",
+            "options": {
+                "wbits": 4,
+                "abits": 0,
+                "weight_symmetric": False,
+                "weight_clip_search": True,
+                "gptq_act_order": True,
+            },
+        },
+    ],
+}
+# Rows written and scored whatever their fidelity (2-bit weights fall below the default cosine threshold).
+KEEP: dict[str, Any] = {"min_cosine": -1.0, "keep_failed": True}
+# key -> (label, recipe name or recipe dict, keyword arguments for graphquant.optimize)
+CONFIGS: dict[str, tuple[str, str | dict[str, Any], dict[str, Any]]] = {
     "w8a8-qdq": ("graphquant w8a8 (qdq)", "w8a8", {"target": "qdq"}),
     "outliertune-qdq": ("graphquant outliertune W8A8 (qdq)", "outliertune", {"target": "qdq"}),
     "weight-only-qdq": ("graphquant weight-only W4 b32, int8 emb (qdq)", "weight-only", {"target": "qdq"}),
@@ -51,6 +73,26 @@ CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
         "graphquant llm-w8a8 W8A8, no symmetrize (ort-cpu)",
         "llm-w8a8",
         {"target": "ort-cpu", "passes": ["preexecute-dequant", "quantize"]},
+    ),
+    "w2-rtn-qdq": (
+        "graphquant weight-only W2 b32 RTN clip-searched (no GPTQ), int8 emb (qdq)",
+        "weight-only",
+        {"target": "qdq", "wbits": 2, "gptq": False, **KEEP},
+    ),
+    "db-llm-qdq": (
+        "graphquant db-llm dual binary b32 (UINT2 codes), int8 emb (qdq)",
+        "db-llm",
+        {"target": "qdq", **KEEP},
+    ),
+    "w4-channel-gptq-qdq": (
+        "graphquant weight-only W4 per-channel GPTQ act-order, int8 emb (qdq)",
+        PER_CHANNEL_W4,
+        {"rounding": "gptq", **KEEP},
+    ),
+    "w4-channel-flexround-block-qdq": (
+        "graphquant weight-only W4 per-channel FlexRound block-wise from GPTQ, int8 emb (qdq)",
+        PER_CHANNEL_W4,
+        {"rounding": "flexround-block", "flexround_steps": 50, "flexround_block_layers": 7, **KEEP},
     ),
 }
 DEFAULT_CONFIGS = "llm-w8a8-qdq,llm-w8a8-ort,outliertune-ort,weight-only-ort"
@@ -161,7 +203,8 @@ def graphquant_rows(fp32: Path, calib: list[dict[str, np.ndarray]], out: Path, k
     import graphquant
 
     for key in keys:
-        label, recipe, options = CONFIGS[key]
+        label, named, options = CONFIGS[key]
+        recipe = graphquant.Recipe.from_dict(named) if isinstance(named, dict) else named
         path = out / f"{slug(label)}.onnx"
         log(f"[graphquant] {label} ...")
         start = time.perf_counter()
