@@ -23,7 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import minilm_common as common  # also puts examples/ on sys.path
 import smollm2
 import table_rows
-from lmul_minilm import METHODS, check_against_numpy, cosine, emulated, gain_sqnr_db, linear_layers, sqnr_db
+from lmul_minilm import (
+    METHODS,
+    check_against_numpy,
+    cosine,
+    emulated,
+    gain_sqnr_db,
+    head_to_head,
+    linear_layers,
+    sqnr_db,
+)
 
 import graphquant
 from graphquant.analysis.layers import Layer
@@ -104,7 +113,7 @@ def table(chosen: list[tuple[str, Layer]], scores: dict[str, list[tuple[float, f
     lines += ["", "| SQNR dB | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for label, _, _ in METHODS:
         lines.append(f"| {label} | " + " | ".join(f"{s[0]:.2f}" for s in scores[label]) + " |")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *head_to_head(scores)])
 
 
 def main() -> None:
