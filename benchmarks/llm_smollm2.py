@@ -92,7 +92,7 @@ CONFIGS: dict[str, tuple[str, str | dict[str, Any], dict[str, Any]]] = {
     "w4-channel-flexround-block-qdq": (
         "graphquant weight-only W4 per-channel FlexRound block-wise from GPTQ, int8 emb (qdq)",
         PER_CHANNEL_W4,
-        {"rounding": "flexround-block", "flexround_steps": 50, "flexround_block_layers": 7, **KEEP},
+        {"rounding": "flexround-block", "flexround_steps": 25, "flexround_block_layers": 7, **KEEP},
     ),
 }
 DEFAULT_CONFIGS = "llm-w8a8-qdq,llm-w8a8-ort,outliertune-ort,weight-only-ort"
@@ -220,6 +220,36 @@ def graphquant_rows(fp32: Path, calib: list[dict[str, np.ndarray]], out: Path, k
         yield Row(label, path, seconds)
 
 
+def fold_rotary(fp32: Path, feed: dict[str, np.ndarray], out: Path) -> Path:
+    """A copy of the export whose rotary Cos/Sin are constants computed on the feed: valid for its shape only
+    (analysis/torch_graph.py, which block-wise FlexRound runs blocks with, has no Cos or Sin)."""
+    import onnx_ir as ir
+
+    import graphquant
+
+    model = ir.external_data.load_to_model(graphquant.load(fp32))
+    nodes = [node for node in model.graph if node.op_type in ("Cos", "Sin")]
+    probe = model.clone()
+    names = [node.outputs[0].name or "" for node in nodes]
+    values = {value.name: value for node in probe.graph for value in node.outputs}
+    probe.graph.outputs.extend(values[name] for name in names)
+    computed = common.make_session(ir.to_proto(probe).SerializeToString()).run(names, feed)
+    for node, array in zip(nodes, computed):
+        folded = ir.Value(
+            name=f"{node.outputs[0].name}_folded",
+            type=ir.TensorType(ir.DataType.FLOAT),
+            shape=ir.Shape(array.shape),
+            const_value=ir.tensor(array),
+        )
+        model.graph.register_initializer(folded)
+        ir.convenience.replace_all_uses_with(node.outputs[0], folded)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    path = out / "fp32_rotary_folded.onnx"
+    graphquant.save(model, path, overwrite=True)
+    log(f"folded {len(nodes)} rotary nodes ({', '.join(names)}) to constants of shape {computed[0].shape}")
+    return path
+
+
 def table(rows: list[Row], latency: dict[str, float], dynamic_s: float | None) -> str:
     """The markdown table of every row."""
     fp32_ms, dynamic_ms = latency.get(rows[0].label), latency.get(ORT_DYNAMIC)
@@ -263,6 +293,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--calib-seqs", type=int, default=32)
     parser.add_argument("--eval-seqs", type=int, default=32)
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated keys of {sorted(CONFIGS)}")
+    parser.add_argument(
+        "--fold-rotary",
+        action="store_true",
+        help="quantize a copy whose rotary Cos/Sin are constants for 128-token windows (block-wise FlexRound needs it)",
+    )
     parser.add_argument("--static", action="store_true", help="also run quantize_static (slow)")
     parser.add_argument("--no-ort", action="store_true", help="skip onnxruntime's quantizers")
     parser.add_argument("--quick", action="store_true", help="3x3 timed runs per model instead of 5x10")
@@ -301,8 +336,9 @@ def main() -> None:
         return
     rows = [Row(f"FP32 (torch.onnx {args.exporter} export)", fp32)]
     keys = [key for key in args.configs.split(",") if key]
+    source = fold_rotary(fp32, calib[0], out) if args.fold_rotary else fp32
     built = itertools.chain(
-        [] if args.no_ort else ort_rows(fp32, calib, out, args.static), graphquant_rows(fp32, calib, out, keys)
+        [] if args.no_ort else ort_rows(fp32, calib, out, args.static), graphquant_rows(source, calib, out, keys)
     )
     score_and_log(fp32, rows[0], evaluation)
     for row in built:  # each model is scored as soon as it is built
