@@ -79,6 +79,11 @@ CONFIGS: dict[str, tuple[str, str | dict[str, Any], dict[str, Any]]] = {
         "weight-only",
         {"target": "qdq", "wbits": 2, "gptq": False, **KEEP},
     ),
+    "w2-gptq-qdq": (
+        "graphquant weight-only W2 b32 GPTQ act-order, int8 emb (qdq)",
+        "weight-only",
+        {"target": "qdq", "wbits": 2, **KEEP},
+    ),
     "db-llm-qdq": (
         "graphquant db-llm dual binary b32 (UINT2 codes), int8 emb (qdq)",
         "db-llm",
