@@ -32,8 +32,30 @@ ORT_DYNAMIC = "ORT quantize_dynamic (S8 per-channel weights)"
 ORT_NBITS = "ORT MatMulNBitsQuantizer W4 block 32 (RTN, asym)"
 ORT_STATIC = "ORT quantize_static S8S8 QDQ MatMul-only (per-channel)"
 LATENCY_BATCH = 4
-# key -> (label, recipe, keyword arguments for graphquant.optimize)
-CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
+# Weight-only per output channel (flexround_minilm.py's settings) with int8 embeddings; rounding set per config.
+PER_CHANNEL_W4: dict[str, Any] = {
+    "name": "weight-only-per-channel",
+    "description": "weight-only W4 asymmetric per output channel, clip-searched, GPTQ act-order; int8 embeddings",
+    "target": "qdq",
+    "passes": [
+        {"name": "clear-metadata"},
+        {"name": "quantize-embeddings", "options": {"embed_bits": 8}},
+        {
+            "name": "quantize",
+            "options": {
+                "wbits": 4,
+                "abits": 0,
+                "weight_symmetric": False,
+                "weight_clip_search": True,
+                "gptq_act_order": True,
+            },
+        },
+    ],
+}
+# Rows written and scored whatever their fidelity (2-bit weights fall below the default cosine threshold).
+KEEP: dict[str, Any] = {"min_cosine": -1.0, "keep_failed": True}
+# key -> (label, recipe name or recipe dict, keyword arguments for graphquant.optimize)
+CONFIGS: dict[str, tuple[str, str | dict[str, Any], dict[str, Any]]] = {
     "w8a8-qdq": ("graphquant w8a8 (qdq)", "w8a8", {"target": "qdq"}),
     "outliertune-qdq": ("graphquant outliertune W8A8 (qdq)", "outliertune", {"target": "qdq"}),
     "weight-only-qdq": ("graphquant weight-only W4 b32, int8 emb (qdq)", "weight-only", {"target": "qdq"}),
@@ -51,6 +73,31 @@ CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
         "graphquant llm-w8a8 W8A8, no symmetrize (ort-cpu)",
         "llm-w8a8",
         {"target": "ort-cpu", "passes": ["preexecute-dequant", "quantize"]},
+    ),
+    "w2-rtn-qdq": (
+        "graphquant weight-only W2 b32 RTN clip-searched (no GPTQ), int8 emb (qdq)",
+        "weight-only",
+        {"target": "qdq", "wbits": 2, "gptq": False, **KEEP},
+    ),
+    "w2-gptq-qdq": (
+        "graphquant weight-only W2 b32 GPTQ act-order, int8 emb (qdq)",
+        "weight-only",
+        {"target": "qdq", "wbits": 2, **KEEP},
+    ),
+    "db-llm-qdq": (
+        "graphquant db-llm dual binary b32 (UINT2 codes), int8 emb (qdq)",
+        "db-llm",
+        {"target": "qdq", **KEEP},
+    ),
+    "w4-channel-gptq-qdq": (
+        "graphquant weight-only W4 per-channel GPTQ act-order, int8 emb (qdq)",
+        PER_CHANNEL_W4,
+        {"rounding": "gptq", **KEEP},
+    ),
+    "w4-channel-flexround-block-qdq": (
+        "graphquant weight-only W4 per-channel FlexRound block-wise from GPTQ, int8 emb (qdq)",
+        PER_CHANNEL_W4,
+        {"rounding": "flexround-block", "flexround_steps": 25, "flexround_block_layers": 7, **KEEP},
     ),
 }
 DEFAULT_CONFIGS = "llm-w8a8-qdq,llm-w8a8-ort,outliertune-ort,weight-only-ort"
@@ -161,7 +208,8 @@ def graphquant_rows(fp32: Path, calib: list[dict[str, np.ndarray]], out: Path, k
     import graphquant
 
     for key in keys:
-        label, recipe, options = CONFIGS[key]
+        label, named, options = CONFIGS[key]
+        recipe = graphquant.Recipe.from_dict(named) if isinstance(named, dict) else named
         path = out / f"{slug(label)}.onnx"
         log(f"[graphquant] {label} ...")
         start = time.perf_counter()
@@ -175,6 +223,36 @@ def graphquant_rows(fp32: Path, calib: list[dict[str, np.ndarray]], out: Path, k
         seconds = time.perf_counter() - start
         log(f"[graphquant] {label} done in {seconds:.1f}s\n{result.report.format_table()}")
         yield Row(label, path, seconds)
+
+
+def fold_rotary(fp32: Path, feed: dict[str, np.ndarray], out: Path) -> Path:
+    """A copy of the export whose rotary Cos/Sin are constants computed on the feed: valid for its shape only
+    (analysis/torch_graph.py, which block-wise FlexRound runs blocks with, has no Cos or Sin)."""
+    import onnx_ir as ir
+
+    import graphquant
+
+    model = ir.external_data.load_to_model(graphquant.load(fp32))
+    nodes = [node for node in model.graph if node.op_type in ("Cos", "Sin")]
+    probe = model.clone()
+    names = [node.outputs[0].name or "" for node in nodes]
+    values = {value.name: value for node in probe.graph for value in node.outputs}
+    probe.graph.outputs.extend(values[name] for name in names)
+    computed = common.make_session(ir.to_proto(probe).SerializeToString()).run(names, feed)
+    for node, array in zip(nodes, computed):
+        folded = ir.Value(
+            name=f"{node.outputs[0].name}_folded",
+            type=ir.TensorType(ir.DataType.FLOAT),
+            shape=ir.Shape(array.shape),
+            const_value=ir.tensor(array),
+        )
+        model.graph.register_initializer(folded)
+        ir.convenience.replace_all_uses_with(node.outputs[0], folded)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    path = out / "fp32_rotary_folded.onnx"
+    graphquant.save(model, path, overwrite=True)
+    log(f"folded {len(nodes)} rotary nodes ({', '.join(names)}) to constants of shape {computed[0].shape}")
+    return path
 
 
 def table(rows: list[Row], latency: dict[str, float], dynamic_s: float | None) -> str:
@@ -220,6 +298,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--calib-seqs", type=int, default=32)
     parser.add_argument("--eval-seqs", type=int, default=32)
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated keys of {sorted(CONFIGS)}")
+    parser.add_argument(
+        "--fold-rotary",
+        action="store_true",
+        help="quantize a copy whose rotary Cos/Sin are constants for 128-token windows (block-wise FlexRound needs it)",
+    )
     parser.add_argument("--static", action="store_true", help="also run quantize_static (slow)")
     parser.add_argument("--no-ort", action="store_true", help="skip onnxruntime's quantizers")
     parser.add_argument("--quick", action="store_true", help="3x3 timed runs per model instead of 5x10")
@@ -258,8 +341,9 @@ def main() -> None:
         return
     rows = [Row(f"FP32 (torch.onnx {args.exporter} export)", fp32)]
     keys = [key for key in args.configs.split(",") if key]
+    source = fold_rotary(fp32, calib[0], out) if args.fold_rotary else fp32
     built = itertools.chain(
-        [] if args.no_ort else ort_rows(fp32, calib, out, args.static), graphquant_rows(fp32, calib, out, keys)
+        [] if args.no_ort else ort_rows(fp32, calib, out, args.static), graphquant_rows(source, calib, out, keys)
     )
     score_and_log(fp32, rows[0], evaluation)
     for row in built:  # each model is scored as soon as it is built

@@ -190,7 +190,7 @@ def table(scores: dict[str, list[tuple[float, float, float, float]]], e2e: dict[
             f"| {label} | {sqnr.mean():.2f} | {sqnr.min():.2f} | {gained.mean():.2f} | {cos.mean():.6f} "
             f"| {cos.min():.6f} | {_percent(bias.mean())} | {mean_e2e:.5f} | {min_e2e:.5f} |"
         )
-    return "\n".join(lines + [""] + _head_to_head(scores))
+    return "\n".join(lines + [""] + head_to_head(scores))
 
 
 def _percent(value: float) -> str:
@@ -198,7 +198,7 @@ def _percent(value: float) -> str:
     return "—" if np.isnan(value) else f"{value:+.2%}"
 
 
-def _head_to_head(scores: dict[str, list[tuple[float, float, float, float]]]) -> list[str]:
+def head_to_head(scores: dict[str, list[tuple[float, float, float, float]]]) -> list[str]:
     """Per-layer wins of each L-Mul width against the fp8 multiply the paper compares it with."""
     pairs = (
         ("L-Mul m=4 (e4m4 operands)", "fp8 e4m3 multiply"),
