@@ -301,7 +301,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--fold-rotary",
         action="store_true",
-        help="quantize a copy whose rotary Cos/Sin are constants for 128-token windows (block-wise FlexRound needs it)",
+        help="quantize a copy whose rotary Cos/Sin are constants for 128-token windows (how the README's block-wise "
+        "FlexRound row was made, before the torch interpreter had Cos and Sin)",
     )
     parser.add_argument("--static", action="store_true", help="also run quantize_static (slow)")
     parser.add_argument("--no-ort", action="store_true", help="skip onnxruntime's quantizers")
