@@ -73,26 +73,32 @@ def gptq_round(
     act_order: bool = False,
     damping: float = 0.01,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """_gptq_round, memoized by the content of its arguments inside remembered_roundings() (copies are returned)."""
-    if not _REMEMBERING[0]:
-        return _gptq_round(matrix, gram, bits, symmetric, block, clip_search, act_order, damping)
-    hasher = hashlib.blake2b(digest_size=16)
-    hasher.update(
-        f"{matrix.shape} {gram.shape} {bits} {symmetric} {block} {clip_search} {act_order} {damping!r}".encode()
-    )
-    for array in (matrix, gram):
-        hasher.update(np.ascontiguousarray(array, np.float64).reshape(-1).view(np.uint8))
-    key = hasher.hexdigest()
-    if key not in _ROUNDED:
-        result = _gptq_round(matrix, gram, bits, symmetric, block, clip_search, act_order, damping)
-        if sum(array.nbytes for array in result) > ROUNDED_MEMO_BYTES:
-            return result
-        _ROUNDED[key] = result
-        while sum(array.nbytes for entry in _ROUNDED.values() for array in entry) > ROUNDED_MEMO_BYTES:
-            _ROUNDED.popitem(last=False)
+    """_gptq_round on one BLAS thread up to ONE_THREAD_CHANNELS, memoized by the content of its arguments inside
+    remembered_roundings() (copies are returned)."""
+    settings = (bits, symmetric, block, clip_search, act_order, damping)
+    with one_blas_thread(gram.shape[0] <= ONE_THREAD_CHANNELS):
+        if not _REMEMBERING[0]:
+            return _gptq_round(matrix, gram, *settings)
+        key = _content_key(matrix, gram, settings)
+        if key not in _ROUNDED:
+            result = _gptq_round(matrix, gram, *settings)
+            if sum(array.nbytes for array in result) > ROUNDED_MEMO_BYTES:
+                return result
+            _ROUNDED[key] = result
+            while sum(array.nbytes for entry in _ROUNDED.values() for array in entry) > ROUNDED_MEMO_BYTES:
+                _ROUNDED.popitem(last=False)
     _ROUNDED.move_to_end(key)
     rounded, low, high = _ROUNDED[key]
     return rounded.copy(), low.copy(), high.copy()
+
+
+def _content_key(matrix: np.ndarray, gram: np.ndarray, settings: tuple[int, bool, int, bool, bool, float]) -> str:
+    """A digest of the weights, the Gram and the rounding settings."""
+    hasher = hashlib.blake2b(digest_size=16)
+    hasher.update(f"{matrix.shape} {gram.shape} {settings!r}".encode())
+    for array in (matrix, gram):
+        hasher.update(np.ascontiguousarray(array, np.float64).reshape(-1).view(np.uint8))
+    return hasher.hexdigest()
 
 
 def _gptq_round(
@@ -113,21 +119,6 @@ def _gptq_round(
     its first row is reached (on the updated rows); with ``act_order`` the rows go by decreasing X^T X diagonal and
     the ranges are fitted on the original weights first ("static groups"), since blocks are then not contiguous.
     """
-    with one_blas_thread(gram.shape[0] <= ONE_THREAD_CHANNELS):
-        return _gptq_round_on_threads(matrix, gram, bits, symmetric, block, clip_search, act_order, damping)
-
-
-def _gptq_round_on_threads(
-    matrix: np.ndarray,
-    gram: np.ndarray,
-    bits: int,
-    symmetric: bool,
-    block: int,
-    clip_search: bool,
-    act_order: bool,
-    damping: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """_gptq_round on the BLAS threads it was given."""
     weights = matrix.astype(np.float64).copy()
     energy = np.diag(gram).astype(np.float64)[:, None]
     rows = weights.shape[0]
