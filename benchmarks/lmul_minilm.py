@@ -65,6 +65,11 @@ def layer_inputs(model: ir.Model, layers: list[Layer], rows: int, seed: int) -> 
         real = feed["attention_mask"].astype(bool)
         for name in wanted:
             gathered[name].append(outputs[name][real])
+    return sample_rows(gathered, rows, seed)
+
+
+def sample_rows(gathered: dict[str, list[np.ndarray]], rows: int, seed: int) -> dict[str, np.ndarray]:
+    """``rows`` rows of each tensor's stacked parts, drawn without replacement (seeded)."""
     rng = np.random.default_rng(seed)
     sampled = {}
     for name, parts in gathered.items():

@@ -31,6 +31,7 @@ from lmul_minilm import (
     gain_sqnr_db,
     head_to_head,
     linear_layers,
+    sample_rows,
     sqnr_db,
 )
 
@@ -68,12 +69,7 @@ def layer_inputs(
         outputs = session.run(names, feed)
         for name, output in zip(names, outputs):
             gathered[name].append(output.reshape(-1, output.shape[-1]))
-    rng = np.random.default_rng(seed)
-    sampled = {}
-    for name, parts in gathered.items():
-        stacked = np.concatenate(parts)
-        sampled[name] = stacked[rng.choice(len(stacked), size=min(rows, len(stacked)), replace=False)]
-    return sampled
+    return sample_rows(gathered, rows, seed)
 
 
 def per_layer(
