@@ -15,6 +15,8 @@ import onnx.parser
 import onnx_ir as ir
 import onnxruntime as ort
 
+from graphquant.lowering.unsigned_weights import UnsignedWeightsPass, uint8_int8_saturates
+
 
 def build(text: str, initializers: dict[str, np.ndarray] | None = None) -> ir.Model:
     """An onnx_ir model from onnx.parser text plus named numpy initializers."""
@@ -29,11 +31,16 @@ def run(model: ir.Model, feed: dict[str, np.ndarray], optimize: bool = True) -> 
     """Run a model in onnxruntime on the CPU and return its outputs.
 
     ``optimize=False`` runs the graph as written: onnxruntime otherwise fuses a blocked DequantizeLinear -> MatMul
-    into MatMulNBits with int8 compute, which is not the exact QDQ semantics a reference needs.
+    into MatMulNBits with int8 compute, which is not the exact QDQ semantics a reference needs. On a machine whose
+    uint8 x int8 kernel saturates, a single lowering pass's output runs with its 8-bit weights moved to uint8, as
+    every target does last (UnsignedWeightsPass, exact): the integer math is what the tests check, not the kernel.
     """
     options = ort.SessionOptions()
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if uint8_int8_saturates():
+        model = ir.from_proto(ir.to_proto(model))
+        UnsignedWeightsPass()(model)
     proto = ir.to_proto(model).SerializeToString()
     session = ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"])
     return session.run(None, feed)

@@ -14,14 +14,17 @@ from graphquant.lowering.qdq import QdqLoweringPass
 from graphquant.lowering.qlinear_conv import QLinearConvLoweringPass
 from graphquant.lowering.qoperator import QOperatorLoweringPass
 from graphquant.lowering.softmax_nan_guard import DropSoftmaxNanGuardPass
+from graphquant.lowering.unsigned_weights import UnsignedWeightsPass
 
 # Later passes pick up what earlier ones leave: ort-cpu lowers what MatMulIntegerToFloat covers, QDQ the rest.
 # FuseActivationPass runs first: it drops Relu/Clip that the readers' saturating uint8 grids compute anyway.
 # ContiguousFloatRoutesPass and FoldChannelScalesPass run last, on the lowered layers: they renumber their channels
 # and fold the quantized branches' per-channel Muls into them. DropSoftmaxNanGuardPass removes the exporter's
-# Where(IsNaN(softmax)) after a finite attention mask (onnxruntime runs Where on one thread).
+# Where(IsNaN(softmax)) after a finite attention mask (onnxruntime runs Where on one thread). UnsignedWeightsPass ends
+# every target: on a machine whose onnxruntime saturates uint8 x int8 products (x86 without VNNI) it moves the 8-bit
+# weights of uint8-activation layers to the same grid in uint8 (exact); elsewhere it changes nothing.
 TARGETS: dict[str, tuple[type[ir.passes.PassBase], ...]] = {
-    "qdq": (QdqLoweringPass,),
+    "qdq": (QdqLoweringPass, UnsignedWeightsPass),
     "ort-cpu": (
         FuseActivationPass,
         MatMulNBitsLoweringPass,
@@ -32,8 +35,15 @@ TARGETS: dict[str, tuple[type[ir.passes.PassBase], ...]] = {
         ContiguousFloatRoutesPass,
         FoldChannelScalesPass,
         DropSoftmaxNanGuardPass,
+        UnsignedWeightsPass,
     ),
-    "qoperator": (FuseActivationPass, QLinearConvLoweringPass, QOperatorLoweringPass, QdqLoweringPass),
+    "qoperator": (
+        FuseActivationPass,
+        QLinearConvLoweringPass,
+        QOperatorLoweringPass,
+        QdqLoweringPass,
+        UnsignedWeightsPass,
+    ),
 }
 
 TARGET_DOCS: dict[str, str] = {
@@ -59,4 +69,5 @@ __all__ = [
     "QLinearConvLoweringPass",
     "QOperatorLoweringPass",
     "QdqLoweringPass",
+    "UnsignedWeightsPass",
 ]
