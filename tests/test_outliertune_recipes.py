@@ -65,8 +65,9 @@ def test_each_preset_builds_its_pipeline(name):
         "ContiguousFloatRoutesPass",
         "FoldChannelScalesPass",
         "DropSoftmaxNanGuardPass",
+        "UnsignedWeightsPass",
     ]
-    for target, lowering in (("qdq", ["QdqLoweringPass"]), ("ort-cpu", ort_cpu)):
+    for target, lowering in (("qdq", ["QdqLoweringPass", "UnsignedWeightsPass"]), ("ort-cpu", ort_cpu)):
         pipeline = Recipe.named(name).with_target(target).to_pipeline(calibrator)
         assert pipeline.describe() == [
             *EXPECTED_PIPELINES[name],

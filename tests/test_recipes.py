@@ -80,6 +80,7 @@ def test_toml_recipe_builds_the_pipeline_it_describes(tmp_path):
         "FoldBatchNormPass",
         "QuantizePass",
         "QdqLoweringPass",
+        "UnsignedWeightsPass",
         "RemoveUnusedNodesPass",
         "TopologicalSortPass",
     ]

@@ -101,7 +101,7 @@ def test_the_json_times_every_stage_in_seconds(cli_run):
     steps = [step["seconds"] for step in timings["passes"] + timings["lowering"]]
     assert all(isinstance(value, float) and value >= 0 for value in stages + steps)
     assert [step["pass"] for step in timings["passes"]][-3:] == ["quantize", "RemoveUnusedNodes", "TopologicalSort"]
-    assert [step["pass"] for step in timings["lowering"]] == ["QdqLowering"]
+    assert [step["pass"] for step in timings["lowering"]] == ["QdqLowering", "UnsignedWeights"]
     assert timings["total"] == pytest.approx(sum(stages) + sum(steps))
 
 

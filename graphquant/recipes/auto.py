@@ -55,6 +55,7 @@ from graphquant.analysis.weight_fit import (
 )
 from graphquant.errors import RecipeError
 from graphquant.lowering.matmul_nbits import covering_block
+from graphquant.lowering.unsigned_weights import uint8_int8_saturates
 from graphquant.passes.quantize import SCHEMES, NodeOverride
 from graphquant.passes.quantize_embeddings import QuantizeEmbeddingsPass, embedding_table
 from graphquant.quant_spec import KEEP_FLOAT_KEY, PREEXECUTED_KEY, QuantSpec, asymmetric_spec, symmetric_spec
@@ -833,7 +834,8 @@ def _scheme_bytes(layer: Layer, scheme: str, target: str = PORTABLE_TARGET) -> i
 
     On ort-cpu a weight-only layer is a MatMulNBits: each column's codes fill whole blocks (per channel, one block that
     covers K rounded up to a power of two: K = 384 stores 512 codes), and its zero points whole bytes; there and in
-    its integer kernels a symmetric grid stores none.
+    its integer kernels a symmetric grid stores none, except where 8-bit weights move to uint8 with zero point 128
+    (lowering/unsigned_weights.py, on a machine whose uint8 x int8 kernel saturates).
     """
     count = layer.weight_array.size
     if scheme == "float":
@@ -846,7 +848,8 @@ def _scheme_bytes(layer: Layer, scheme: str, target: str = PORTABLE_TARGET) -> i
     # Zero points, packed at the codes' width (a DequantizeLinear stores them for symmetric grids too).
     points = math.ceil(columns * blocks * bits / 8)
     if target == DEFAULT_TARGET:
-        points = 0 if options["weight_symmetric"] else points
+        unsigned = bits == INT8 and options.get("abits") and uint8_int8_saturates()
+        points = 0 if options["weight_symmetric"] and not unsigned else points
     if target == DEFAULT_TARGET and not options.get("abits"):
         kernel = block or covering_block(depth)
         count = columns * math.ceil(depth / kernel) * kernel

@@ -13,6 +13,7 @@ from graphquant.analysis.calibration import Calibrator
 from graphquant.lowering import TARGETS
 from graphquant.lowering.qdq import QdqLoweringPass
 from graphquant.lowering.qoperator import QOperatorLoweringPass
+from graphquant.lowering.unsigned_weights import UnsignedWeightsPass
 from graphquant.passes.quantize import QuantizePass
 from graphquant.quant_spec import DECISION_KEY, INPUT_SPECS_KEY
 
@@ -149,7 +150,7 @@ def test_qoperator_target_on_an_mlp_fuses_the_relu_and_matches_qdq():
     held_out = feeds(rng, batches=2, rows=16, features=16)
     seed = int(rng.integers(1 << 30))
     model = named_mlp(np.random.default_rng(seed))
-    assert TARGETS["qoperator"][-1] is QdqLoweringPass
+    assert TARGETS["qoperator"][-2:] == (QdqLoweringPass, UnsignedWeightsPass)
     results = {
         target: graphquant.optimize(model, "w8a8", data, target=target, validation=held_out, show_progress=False)
         for target in ("qoperator", "qdq")
