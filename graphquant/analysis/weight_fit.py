@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
+from collections.abc import Iterator
 
 import numpy as np
+import onnx_ir as ir
 
 from graphquant.analysis.layers import Layer
 from graphquant.analysis.stats_cache import TensorDigests
@@ -21,6 +24,11 @@ SEARCH_MEMO_ENTRIES = 1024
 _SEARCHED: collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
 # Stored weights' digests, each computed once while its tensor lives: the memo's keys without rehashing the weight.
 WEIGHT_DIGESTS = TensorDigests()
+# Weight codes kept by digest inside remembered_codes(), up to this many bytes: the auto search lowers the same
+# weights on the same grids in several candidates.
+CODES_MEMO_BYTES = 256 << 20
+_CODES: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+_REMEMBERING_CODES = [False]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +132,37 @@ def fit_weight_spec(layer: Layer, scheme: WeightScheme, energy: np.ndarray) -> Q
         in_major_digest(layer),
     )
     return spec_from_ranges(layer, scheme, low, high)
+
+
+@contextlib.contextmanager
+def remembered_codes() -> Iterator[None]:
+    """Within it stored_codes keeps its results by content; leaving the outermost one drops them."""
+    outer = _REMEMBERING_CODES[0]
+    _REMEMBERING_CODES[0] = True
+    try:
+        yield
+    finally:
+        _REMEMBERING_CODES[0] = outer
+        if not outer:
+            _CODES.clear()
+
+
+def stored_codes(spec: QuantSpec, value: ir.Value) -> np.ndarray:
+    """spec.quantize of the value's constant, memoized by the tensor's and the spec's digests inside
+    remembered_codes() (a copy is returned)."""
+    tensor = value.const_value
+    assert tensor is not None
+    if not _REMEMBERING_CODES[0]:
+        return spec.quantize(tensor.numpy())
+    hasher = hashlib.blake2b(repr(spec.key[:5]).encode(), digest_size=16)
+    hasher.update(spec.key[5] + spec.key[6] + WEIGHT_DIGESTS(tensor).encode())
+    key = hasher.hexdigest()
+    if key not in _CODES:
+        _CODES[key] = spec.quantize(tensor.numpy())
+        while sum(codes.nbytes for codes in _CODES.values()) > CODES_MEMO_BYTES and len(_CODES) > 1:
+            _CODES.popitem(last=False)
+    _CODES.move_to_end(key)
+    return _CODES[key].copy()
 
 
 def in_major_digest(layer: Layer) -> str:

@@ -261,3 +261,25 @@ class _Counting:
 
     def hexdigest(self) -> str:
         return self.hasher.hexdigest()
+
+
+def test_stored_codes_are_the_specs_codes_kept_only_inside_remembered_codes(monkeypatch):
+    matmul, _ = layers_of(heavy_tailed_model(np.random.default_rng(14)))
+    spec = fit_weight_spec(matmul, WeightScheme(8), row_energy(matmul, None))
+    other = fit_weight_spec(matmul, WeightScheme(4, True, 32), row_energy(matmul, None))
+    quantized = []
+    quantize = type(spec).quantize
+    monkeypatch.setattr(type(spec), "quantize", lambda self, values: quantized.append(1) or quantize(self, values))
+    want = quantize(spec, matmul.weight_array)
+    weight_fit.stored_codes(spec, matmul.weight)
+    with weight_fit.remembered_codes():
+        first = weight_fit.stored_codes(spec, matmul.weight)
+        first[:] = 0  # the caller's copy: the memo keeps its own
+        again = weight_fit.stored_codes(spec, matmul.weight)
+        assert len(quantized) == 2
+        np.testing.assert_array_equal(again, want)
+        np.testing.assert_array_equal(
+            weight_fit.stored_codes(other, matmul.weight), quantize(other, matmul.weight_array)
+        )
+        assert len(quantized) == 3
+    assert not weight_fit._CODES  # dropped on leaving
