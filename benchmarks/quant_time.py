@@ -88,27 +88,41 @@ def graphquant_builder(fp32: Path, calib: Feeds, preset: str, target: str) -> Ca
 
 
 def timed(label: str, build: Callable[[Path], Any], out: Path, profile: Path | None) -> Row:
-    """Run one builder; a failure is the row's error."""
+    """Run one builder; a failure is the row's error. A graphquant row keeps its report's stage seconds."""
     path = out / f"{slug(label)}.onnx"
     log(f"[time] {label} ...")
     profiler = cProfile.Profile() if profile is not None else None
     start, cpu = time.perf_counter(), time.process_time()
     try:
-        if profiler is not None:
-            profiler.runcall(build, path)
-        else:
-            build(path)
+        report = profiler.runcall(build, path) if profiler is not None else build(path)
     except Exception as exc:  # noqa: BLE001 - a failing row is a row of the table
         log(f"[time] {label} failed: {exc}")
         return Row(label, error=str(exc).splitlines()[0])
     row = Row(label, path, time.perf_counter() - start)
     row.metrics["cpu_s"] = time.process_time() - cpu
+    row.stages = stage_seconds(report)
     log(f"[time] {label}: {row.quant_s:.1f}s, CPU {row.metrics['cpu_s']:.1f}s")
     if profiler is not None and profile is not None:
         dump = profile / f"{slug(label)}.prof"
         profiler.dump_stats(dump)
         pstats.Stats(str(dump), stream=sys.stderr).sort_stats("cumulative").print_stats(45)
     return row
+
+
+def stage_seconds(report: Any) -> dict[str, float]:
+    """A graphquant report's wall seconds per stage (search, each pass and lowering step, validation); else none."""
+    timings = getattr(report, "timings", None)
+    if timings is None:
+        return {}
+    stages = {name: getattr(timings, name) for name in ("load", "search", "validation", "save")}
+    steps = [(f"pass {label}", seconds) for label, seconds in timings.passes + timings.lowering]
+    return {name: seconds for name, seconds in [*stages.items(), *steps] if seconds is not None}
+
+
+def log_stages(label: str, stages: dict[str, float]) -> None:
+    """One line per row: its stages over 0.05 s, in order."""
+    shown = ", ".join(f"{name} {seconds:.1f}" for name, seconds in stages.items() if seconds >= 0.05)
+    log(f"[stages] {label}: {shown or 'none timed'}")
 
 
 def in_subprocess(checkout: Path, args: argparse.Namespace, model: str, preset: str, out: Path) -> Row:
@@ -124,7 +138,9 @@ def in_subprocess(checkout: Path, args: argparse.Namespace, model: str, preset: 
         return Row(label, error=(done.stderr.strip().splitlines() or ["failed"])[-1])
     row = json.loads(result.read_text())[0]
     log(f"[time] {label}: {row['quant_s']:.1f}s, CPU {row['cpu_s']:.1f}s")
-    return Row(label, Path(row["path"]), row["quant_s"], metrics={"cpu_s": row["cpu_s"]})
+    built = Row(label, Path(row["path"]), row["quant_s"], metrics={"cpu_s": row["cpu_s"]})
+    built.stages = row["stages"]
+    return built
 
 
 def score(model: str, fp32: Path, rows: list[Row], eval_seqs: int) -> None:
@@ -181,6 +197,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--eval-seqs", type=int, default=8, help="SmolLM2 evaluation windows for the perplexity")
     parser.add_argument("--profile", type=Path, help="write a cProfile dump per graphquant row here")
+    parser.add_argument("--stages", action="store_true", help="print each graphquant row's seconds per stage")
     parser.add_argument("--baseline", type=Path, help="another graphquant checkout, timed in alternation with this one")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # --baseline's subprocess: rows as JSON here
     parser.add_argument("--out", type=Path, default=Path("/tmp/graphquant_quant_time"))
@@ -214,8 +231,12 @@ def main() -> None:
             build = graphquant_builder(fp32, calib, preset, TARGETS[name])
             rows.append(timed(f"{name}: graphquant {preset} ({TARGETS[name]})", build, out, args.profile))
         if args.worker is not None:
-            args.worker.write_text(json.dumps([{"path": str(r.path), "quant_s": r.quant_s, **r.metrics} for r in rows]))
+            fields = [{"path": str(r.path), "quant_s": r.quant_s, "stages": r.stages, **r.metrics} for r in rows]
+            args.worker.write_text(json.dumps(fields))
             return
+        if args.stages:
+            for row in rows:
+                log_stages(row.label, row.stages)
         score(name, fp32, rows, args.eval_seqs)
         tables.append(f"{name}, {len(calib)} calibration batches\n\n{table(rows, reference)}")
     header = "Quantization wall time, one process, rows in order (benchmarks/quant_time.py)"

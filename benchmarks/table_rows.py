@@ -20,6 +20,8 @@ class Row:
     quant_s: float | None = None
     error: str | None = None
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Wall seconds per stage of the run that built it (where the builder reports them).
+    stages: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def log(message: str) -> None:

@@ -125,7 +125,9 @@ def open_session(
 
     For models over SHARED_MODEL_BYTES or with external data, the initializers reach onnxruntime as shared buffers
     (zero copy; memory-mapped ones stay mapped), so the session holds no second copy of the weights. The proto
-    written for it names them as external data in a sparse placeholder file that onnxruntime never reads. ``share``
+    written for it names them as external data in a sparse placeholder file that onnxruntime never reads. Smaller
+    models' in-memory initializers reach it the same way but as external initializers, which it copies before it
+    optimizes the graph: the session is the one a full proto gives, without serializing and parsing the weights. ``share``
     overrides that choice (a copy of a model runs as its original did: analysis/distributed.py's workers). With
     ``park``, a session that holds its own copy of a model over PARKED_MODEL_BYTES has the model's in-memory weights
     wait in a file while it is open (see parked_weights); the caller must not change them meanwhile.
@@ -138,24 +140,30 @@ def open_session(
         gc.collect()
     output_names = {value.name for value in model.graph.outputs}
     large = shares_weights(model) if share is None else share
-    shared = _shared_initializers(model) if large else {}
+    parks = park and not large and weight_bytes > PARKED_MODEL_BYTES
+    shared = _shared_initializers(model) if large or not parks else {}
+    if not large:  # handed over in memory: onnxruntime copies them before it optimizes, as it would from the proto
+        shared = {name: tensor for name, tensor in shared.items() if not isinstance(tensor, ir.ExternalTensor)}
     release_mappings(model)
     proto = _session_proto(model, shared)
     proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra_outputs if n not in output_names)
     options = session_options()
-    parks = park and not shared and weight_bytes > PARKED_MODEL_BYTES
     if parks:
         # The arena would keep each run's largest buffers (a float copy of a weight behind its DequantizeLinear).
         options.enable_cpu_mem_arena = False
-    if shared:
+    if large and shared:
         # onnxruntime's graph optimizers (constant folding, QDQ fusions) read initializer data from the proto, which
         # for shared initializers is the placeholder's zeros: the unoptimized graph runs instead.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         # Unoptimized, a DequantizeLinear of a weight makes a float copy on every run: the arena would keep it.
         options.enable_cpu_mem_arena = False
     buffers = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(tensor.numpy())) for tensor in shared.values()]
-    for name, buffer in zip(shared, buffers):
-        options.add_initializer(name, buffer)
+    if large:
+        for name, buffer in zip(shared, buffers):
+            options.add_initializer(name, buffer)
+    elif shared:
+        # Not serialized into the proto: onnxruntime takes them at load time, so its optimizers read the real data.
+        options.add_external_initializers(list(shared), buffers)
     with contextlib.ExitStack() as parking:  # closed last: parked weights come back once the session is gone
         try:
             with scratch_folder() as scratch:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
+from collections.abc import Iterator
 
 import numpy as np
+import onnx_ir as ir
 
 from graphquant.analysis.layers import Layer
+from graphquant.analysis.stats_cache import TensorDigests
 from graphquant.quant_spec import QuantSpec, asymmetric_spec, symmetric_spec
 
 # Clip ratios tried per channel or block: the range is shrunk to ratio x (min, max).
@@ -18,6 +22,13 @@ SEARCH_CHUNK_ELEMENTS = 1 << 20
 # Searched ranges kept by content digest: the auto search builds several candidates with the same weights and grids.
 SEARCH_MEMO_ENTRIES = 1024
 _SEARCHED: collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
+# Stored weights' digests, each computed once while its tensor lives: the memo's keys without rehashing the weight.
+WEIGHT_DIGESTS = TensorDigests()
+# Weight codes kept by digest inside remembered_codes(), up to this many bytes: the auto search lowers the same
+# weights on the same grids in several candidates.
+CODES_MEMO_BYTES = 256 << 20
+_CODES: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+_REMEMBERING_CODES = [False]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,8 +129,47 @@ def fit_weight_spec(layer: Layer, scheme: WeightScheme, energy: np.ndarray) -> Q
         scheme.symmetric,
         block_rows(layer, scheme),
         scheme.clip_search,
+        in_major_digest(layer),
     )
     return spec_from_ranges(layer, scheme, low, high)
+
+
+@contextlib.contextmanager
+def remembered_codes() -> Iterator[None]:
+    """Within it stored_codes keeps its results by content; leaving the outermost one drops them."""
+    outer = _REMEMBERING_CODES[0]
+    _REMEMBERING_CODES[0] = True
+    try:
+        yield
+    finally:
+        _REMEMBERING_CODES[0] = outer
+        if not outer:
+            _CODES.clear()
+
+
+def stored_codes(spec: QuantSpec, value: ir.Value) -> np.ndarray:
+    """spec.quantize of the value's constant, memoized by the tensor's and the spec's digests inside
+    remembered_codes() (a copy is returned)."""
+    tensor = value.const_value
+    assert tensor is not None
+    if not _REMEMBERING_CODES[0]:
+        return spec.quantize(tensor.numpy())
+    hasher = hashlib.blake2b(repr(spec.key[:5]).encode(), digest_size=16)
+    hasher.update(spec.key[5] + spec.key[6] + WEIGHT_DIGESTS(tensor).encode())
+    key = hasher.hexdigest()
+    if key not in _CODES:
+        _CODES[key] = spec.quantize(tensor.numpy())
+        while sum(codes.nbytes for codes in _CODES.values()) > CODES_MEMO_BYTES and len(_CODES) > 1:
+            _CODES.popitem(last=False)
+    _CODES.move_to_end(key)
+    return _CODES[key].copy()
+
+
+def in_major_digest(layer: Layer) -> str:
+    """A digest of in_major(layer) in float32: the weight tensor's (see WEIGHT_DIGESTS) and the layer's axes."""
+    tensor = layer.weight.const_value
+    assert tensor is not None
+    return f"{WEIGHT_DIGESTS(tensor)} in-major {layer.in_axis} {layer.out_axis} float32"
 
 
 def spec_from_ranges(layer: Layer, scheme: WeightScheme, low: np.ndarray, high: np.ndarray) -> QuantSpec:
@@ -143,11 +193,18 @@ def spec_from_ranges(layer: Layer, scheme: WeightScheme, low: np.ndarray, high: 
 
 
 def fit_ranges(
-    matrix: np.ndarray, energy: np.ndarray, bits: int, symmetric: bool, block: int, clip_search: bool
+    matrix: np.ndarray,
+    energy: np.ndarray,
+    bits: int,
+    symmetric: bool,
+    block: int,
+    clip_search: bool,
+    digest: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per block of ``block`` rows and per column, the (low, high) range minimizing sum_j E[x_j^2]·(w - q(w))^2.
 
     Float64 ranges; the search runs on a few columns at a time, so no full float64 copy of a large weight is made.
+    ``digest`` stands for the matrix's values in the search memo's key (they are hashed when it is None).
     """
     # Block by block: reduceat would copy a whole unaligned (memory-mapped) weight. A zero-padded last block's zeros
     # only matter through min(., 0) and max(., 0), which follow anyway.
@@ -161,7 +218,7 @@ def fit_ranges(
         return low, high
     step = max(1, SEARCH_CHUNK_ELEMENTS // max(1, matrix.shape[0]))
     chunks = [slice(start, start + step) for start in range(0, matrix.shape[1], step)]
-    key = _search_key(matrix, chunks, energy, bits, symmetric, block)
+    key = _search_key(matrix, chunks, energy, bits, symmetric, block, digest)
     if key not in _SEARCHED:
         weights = _blocked(np.broadcast_to(energy, (matrix.shape[0], 1)), block)[:, :, 0]
         for columns in chunks:
@@ -176,12 +233,22 @@ def fit_ranges(
 
 
 def _search_key(
-    matrix: np.ndarray, chunks: list[slice], energy: np.ndarray, bits: int, symmetric: bool, block: int
+    matrix: np.ndarray,
+    chunks: list[slice],
+    energy: np.ndarray,
+    bits: int,
+    symmetric: bool,
+    block: int,
+    digest: str | None,
 ) -> str:
-    """A digest of everything the clip search's result depends on (the matrix hashed a chunk of columns at a time)."""
+    """A digest of everything the clip search's result depends on (the matrix, unless its digest is given, hashed
+    a chunk of columns at a time)."""
     hasher = hashlib.blake2b(digest_size=16)
     hasher.update(f"{matrix.shape} {matrix.dtype} {bits} {symmetric} {block}".encode())
     hasher.update(np.ascontiguousarray(energy, np.float64).tobytes() + CLIP_RATIOS.tobytes())
+    if digest is not None:
+        hasher.update(f"given {digest}".encode())
+        return hasher.hexdigest()
     for columns in chunks:
         hasher.update(np.ascontiguousarray(matrix[:, columns]).reshape(-1).view(np.uint8))
     return hasher.hexdigest()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from graphquant.analysis.weight_fit import stored_codes
 from graphquant.graph_edit import NameScope, add_initializer
 from graphquant.lowering.matmul_nbits import container_bits, pack_low_first, unsigned_blocks
 from graphquant.lowering.ort_cpu import MICROSOFT_DOMAIN
@@ -60,7 +61,7 @@ def _replace(graph: ir.Graph, names: NameScope, node: ir.Node, spec: QuantSpec) 
     block = spec.block_size or max(16, 1 << (hidden - 1).bit_length())
     scale = spec.scale.reshape(rows, -1)
     zero_point = spec.zero_point.reshape(rows, -1)
-    codes, stored_points = unsigned_blocks(spec.quantize(table.const_value.numpy()), zero_point, spec, width, block)
+    codes, stored_points = unsigned_blocks(stored_codes(spec, table), zero_point, spec, width, block)
     codes = codes.reshape(rows, -1)[:, :hidden]
     base = table.name or "table"
     inputs = [

@@ -6,6 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphquant.analysis.layers import Layer, classify
+from graphquant.analysis.weight_fit import stored_codes
 from graphquant.graph_edit import NameScope, add_initializer
 from graphquant.lowering.ort_cpu import MICROSOFT_DOMAIN, fused_bias, swap_in_fused
 from graphquant.lowering.qlinear import plain_gemm
@@ -121,7 +122,7 @@ def _replace(graph: ir.Graph, names: NameScope, layer: Layer, accuracy_level: in
     node = layer.node
     specs: dict[int, QuantSpec] = node.meta.pop(INPUT_SPECS_KEY)
     spec = specs[layer.weight_index]
-    codes = spec.quantize(layer.weight_array)
+    codes = stored_codes(spec, layer.weight)
     scale, zero_point = spec.scale, spec.zero_point
     if spec.block_size is None:
         scale, zero_point = scale[:, None], zero_point[:, None]

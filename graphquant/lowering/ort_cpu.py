@@ -6,6 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphquant.analysis.layers import Layer, constant_array
+from graphquant.analysis.weight_fit import stored_codes
 from graphquant.graph_edit import NameScope, add_initializer, remove_if_unused
 from graphquant.lowering.qdq import INT4_OPSET, upgrade_opset
 from graphquant.lowering.qlinear import QuantizedValue, Uint8Activations, lowerable_linear
@@ -73,7 +74,7 @@ def _replace_layer(
     """Swap the layer (and a following bias Add) for MatMulIntegerToFloat with the bias fused in."""
     node = layer.node
     codes, activation_scale, activation_zero_point = activation
-    weight_codes = weight_spec.quantize(layer.weight_array)
+    weight_codes = stored_codes(weight_spec, layer.weight)
     weight_scale = weight_spec.scale
     if layer.in_axis == 1:  # Gemm with transB: MatMulIntegerToFloat wants [K, N]
         weight_codes = np.ascontiguousarray(weight_codes.T)

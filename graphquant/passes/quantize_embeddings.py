@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphquant.analysis.layers import constant_array
-from graphquant.analysis.weight_fit import fit_ranges
+from graphquant.analysis.weight_fit import WEIGHT_DIGESTS, fit_ranges
 from graphquant.quant_spec import DECISION_KEY, INPUT_SPECS_KEY, LayerDecision, QuantSpec, symmetric_spec
 
 # Tables with fewer rows (token types, a handful of segments) are too small to be worth their scales.
@@ -39,7 +39,9 @@ class QuantizeEmbeddingsPass(ir.passes.InPlacePass):
             table = embedding_table(node)
             if table is None or INPUT_SPECS_KEY in node.meta:
                 continue
-            node.meta[INPUT_SPECS_KEY] = {0: self.spec(table)}
+            tensor = node.inputs[0].const_value
+            assert tensor is not None
+            node.meta[INPUT_SPECS_KEY] = {0: self.spec(table, f"{WEIGHT_DIGESTS(tensor)} transposed float64")}
             granularity = "per-row" if self.block_size is None else f"block {self.block_size}"
             scheme = f"embedding W{self.bits} {granularity}" + (" clip-searched" if self.clip_search else "")
             node.meta[DECISION_KEY] = LayerDecision(
@@ -48,12 +50,15 @@ class QuantizeEmbeddingsPass(ir.passes.InPlacePass):
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 
-    def spec(self, table: np.ndarray) -> QuantSpec:
-        """The table's spec: one scale per row (axis 0) or per block of the hidden axis (axis 1)."""
+    def spec(self, table: np.ndarray, digest: str | None = None) -> QuantSpec:
+        """The table's spec: one scale per row (axis 0) or per block of the hidden axis (axis 1).
+
+        ``digest`` stands for the transposed table's values in the clip search's memo (see fit_ranges).
+        """
         # fit_ranges blocks the rows of its matrix: the table transposed has the hidden axis as rows.
         block = self.block_size or table.shape[1]
         uniform = np.ones((table.shape[1], 1))
-        _, high = fit_ranges(table.T.astype(np.float64), uniform, self.bits, True, block, self.clip_search)
+        _, high = fit_ranges(table.T.astype(np.float64), uniform, self.bits, True, block, self.clip_search, digest)
         if self.block_size is None:
             return symmetric_spec(high[0], self.bits, axis=0)
         return symmetric_spec(high.T, self.bits, axis=1, block_size=self.block_size)

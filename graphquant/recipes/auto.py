@@ -50,6 +50,7 @@ from graphquant.analysis.weight_fit import (
     fit_weight_spec,
     from_in_major,
     in_major,
+    remembered_codes,
     row_energy,
     spec_from_ranges,
 )
@@ -303,7 +304,7 @@ def search(
     started = time.perf_counter()
     judge = Judge(model, heldout, settings)
     best: tuple[Recipe, ir.Model, Search] | None = None
-    with remembered_roundings():
+    with remembered_roundings(), remembered_codes():
         for method in settings.searched_methods:
             found = _search_method(model, calibrator, judge, settings, method, prepare)
             if best is None or _better(found[2], best[2]):

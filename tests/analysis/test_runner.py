@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from builders import feeds, mlp, mlp_reference
+from builders import build, feeds, mlp, mlp_reference, weights
 
 from graphquant.analysis import runner
 
@@ -160,3 +160,31 @@ def test_sessions_let_idle_threads_sleep_and_still_match_numpy():
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
         (y,) = runner.run_views(session, ["y"], {"x": x})
     np.testing.assert_allclose(y, mlp_reference(model, x), rtol=1e-5, atol=1e-5)
+
+
+TRANSPOSED = """
+<ir_version: 8, opset_import: ["" : 17]>
+transposed (float[N, 16] x) => (float[N, 8] y) {
+  wt = Transpose(w)
+  y = MatMul(x, wt)
+}
+"""
+
+
+def test_a_small_models_weights_reach_the_session_unserialized_and_optimized_as_from_the_full_proto(monkeypatch):
+    model = build(TRANSPOSED, {"w": weights(np.random.default_rng(27), 8, 16)})
+    x = feeds(np.random.default_rng(28), batches=1, rows=5, features=16)[0]
+    full = runner.load_session(ir.to_proto(model).SerializeToString(), runner.session_options())
+    saved = []
+    save = runner.onnx.save
+    monkeypatch.setattr(runner.onnx, "save", lambda proto, path: saved.append(proto) or save(proto, path))
+    monkeypatch.setattr(runner, "SHARED_INITIALIZER_BYTES", 64)
+    with runner.open_session(model) as session:
+        got = session.run(None, x)[0]
+        level = session.get_session_options().graph_optimization_level
+    (written,) = [tensor for tensor in saved[0].graph.initializer if tensor.name == "w"]
+    assert written.data_location == onnx.TensorProto.EXTERNAL and not written.raw_data
+    assert level == runner.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Constant folding computed Transpose(w) from the real weight (a placeholder's zeros would give zeros).
+    np.testing.assert_array_equal(got, full.run(None, x)[0])
+    np.testing.assert_allclose(got, x["x"] @ model.graph.initializers["w"].const_value.numpy().T, rtol=1e-5)

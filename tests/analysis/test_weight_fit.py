@@ -219,3 +219,67 @@ def test_clip_search_reuses_ranges_of_the_same_content_only(monkeypatch):
     np.testing.assert_array_equal(changed[1], want[1])
     fit_ranges(matrix, energy * 2, 4, True, 32, clip_search=True)
     assert len(calls) == 3
+
+
+def test_a_layer_fit_again_finds_the_memo_by_its_tensors_digest_without_rehashing_the_weight(monkeypatch):
+    monkeypatch.setattr(weight_fit, "_SEARCHED", weight_fit.collections.OrderedDict())
+    monkeypatch.setattr(weight_fit, "WEIGHT_DIGESTS", weight_fit.TensorDigests())
+    digested = []
+    digest = weight_fit.TensorDigests.__call__
+    monkeypatch.setattr(weight_fit.TensorDigests, "__call__", lambda self, t: digested.append(t) or digest(self, t))
+    searched = []
+    search = weight_fit._clip_search
+    monkeypatch.setattr(weight_fit, "_clip_search", lambda *args: searched.append(1) or search(*args))
+    matmul, gemm = layers_of(heavy_tailed_model(np.random.default_rng(12)))
+    scheme = WeightScheme(4, True, 32, True)
+    energy = np.random.default_rng(13).uniform(0.1, 2.0, (70, 1))
+    first = fit_weight_spec(matmul, scheme, energy)
+    hashed = []
+    monkeypatch.setattr(weight_fit.hashlib, "blake2b", lambda **kw: hashed.append(1) or _Counting(kw))
+    again = fit_weight_spec(matmul, scheme, energy)
+    assert searched == [1] and len(digested) == 2 and digested[0] is digested[1]
+    assert sum(hashed) == 1 and _Counting.largest < matmul.weight_array.nbytes  # the key, not the weight's bytes
+    np.testing.assert_array_equal(again.scale, first.scale)
+    # The same values through the matrix-hashed key, and the transposed copy (its own tensor) with its own key.
+    low, high = fit_ranges(in_major(matmul, F32), energy, 4, True, 32, True)
+    np.testing.assert_array_equal(weight_fit.spec_from_ranges(matmul, scheme, low, high).scale, again.scale)
+    fit_weight_spec(gemm, scheme, energy)
+    assert len(searched) == 3
+
+
+class _Counting:
+    """A blake2b that records the largest update it is given."""
+
+    largest = 0
+
+    def __init__(self, options: dict) -> None:
+        self.hasher = weight_fit.hashlib.new("blake2b", **options)
+
+    def update(self, data) -> None:
+        _Counting.largest = max(_Counting.largest, memoryview(data).nbytes)
+        self.hasher.update(data)
+
+    def hexdigest(self) -> str:
+        return self.hasher.hexdigest()
+
+
+def test_stored_codes_are_the_specs_codes_kept_only_inside_remembered_codes(monkeypatch):
+    matmul, _ = layers_of(heavy_tailed_model(np.random.default_rng(14)))
+    spec = fit_weight_spec(matmul, WeightScheme(8), row_energy(matmul, None))
+    other = fit_weight_spec(matmul, WeightScheme(4, True, 32), row_energy(matmul, None))
+    quantized = []
+    quantize = type(spec).quantize
+    monkeypatch.setattr(type(spec), "quantize", lambda self, values: quantized.append(1) or quantize(self, values))
+    want = quantize(spec, matmul.weight_array)
+    weight_fit.stored_codes(spec, matmul.weight)
+    with weight_fit.remembered_codes():
+        first = weight_fit.stored_codes(spec, matmul.weight)
+        first[:] = 0  # the caller's copy: the memo keeps its own
+        again = weight_fit.stored_codes(spec, matmul.weight)
+        assert len(quantized) == 2
+        np.testing.assert_array_equal(again, want)
+        np.testing.assert_array_equal(
+            weight_fit.stored_codes(other, matmul.weight), quantize(other, matmul.weight_array)
+        )
+        assert len(quantized) == 3
+    assert not weight_fit._CODES  # dropped on leaving

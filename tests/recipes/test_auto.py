@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -11,6 +13,7 @@ import graphquant
 from graphquant.analysis.layers import candidates
 from graphquant.analysis.search import ErrorModel, Option, Unit
 from graphquant.errors import RecipeError
+from graphquant.recipes import auto as auto_recipe
 from graphquant.recipes.auto import (
     LATENCY_ROWS,
     Judge,
@@ -453,3 +456,14 @@ def test_the_counted_bytes_of_a_mixed_model_are_its_file_s(chain):
         stored = sum(v.const_value.nbytes for name, v in initializers.items() if name.split("_")[0] == weight)
         assert chosen[f"l{index}"] == stored
     assert result.report.auto["chosen"]["bytes"] == sum(chosen.values())
+
+
+def test_the_weight_codes_memo_leaves_the_chosen_model_bit_identical(chain, monkeypatch, tmp_path):
+    remembered = optimize(chain, max_drop=0.01)
+    graphquant.save(remembered, tmp_path / "remembered.onnx")
+    monkeypatch.setattr(auto_recipe, "remembered_codes", contextlib.nullcontext)
+    fresh = optimize(chain, max_drop=0.01)
+    graphquant.save(fresh, tmp_path / "fresh.onnx")
+    assert remembered.report.auto["layers"] == fresh.report.auto["layers"]
+    assert any(layer["scheme"] != "float" for layer in fresh.report.auto["layers"])  # codes were stored
+    assert (tmp_path / "remembered.onnx").read_bytes() == (tmp_path / "fresh.onnx").read_bytes()
