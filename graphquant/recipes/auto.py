@@ -98,6 +98,9 @@ QUANTIZE_OPTIONS = {"weight_clip_search": True}
 SAMPLE_ROWS = 512
 EMBEDDING_ROWS = 2048
 MAX_ROUNDS = 5
+# Under the size objective, step-downs from passing candidates go on past MAX_ROUNDS while each one passes, up to
+# this many more: the fitted model's steps are cautious, and each pass leaves room for the next.
+MAX_STEP_DOWNS = 5
 # Groups of layers (in graph order) whose end-to-end gain is measured, one build each.
 GAIN_GROUPS = 4
 # The search aims below the budget by this factor, so that the first end-to-end check usually passes; once the error
@@ -351,7 +354,7 @@ def _search_method(
     choice: dict[str, int] | None = errors.choose(units, AIM * settings.budget)
     kept: tuple[Recipe, ir.Model] | None = None
     tried: list[dict[str, int]] = []
-    while choice is not None and choice not in tried and len(tried) < MAX_ROUNDS:
+    while choice is not None and choice not in tried and len(tried) < _rounds(record, settings):
         point, built = _try(base, calibrator, judge, settings, method, units, choice, errors)
         kept = built if _record(record, point, choice) else kept
         tried.append(choice)
@@ -365,6 +368,12 @@ def _search_method(
             point, built = _try(base, calibrator, judge, settings, method, units, choice, errors)
             kept = built if _record(record, point, choice) else kept
     return kept[0], kept[1], record
+
+
+def _rounds(record: Search, settings: Settings) -> int:
+    """How many candidates the search may build: MAX_ROUNDS, and under size more while the last one passed."""
+    passed = bool(record.points) and record.points[-1].meets_budget
+    return MAX_ROUNDS + MAX_STEP_DOWNS if settings.sized and passed else MAX_ROUNDS
 
 
 def _try(

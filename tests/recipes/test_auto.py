@@ -11,6 +11,7 @@ import graphquant
 from graphquant.analysis.layers import candidates
 from graphquant.analysis.search import ErrorModel, Option, Unit
 from graphquant.errors import RecipeError
+from graphquant.recipes import auto
 from graphquant.recipes.auto import (
     LATENCY_ROWS,
     Judge,
@@ -555,3 +556,15 @@ def test_a_user_metric_is_bounded_over_resampled_batches():
         np.mean([np.abs(f["x"] - np.clip(f["x"], -1.5, 1.5)).mean() for f in noisy_feeds(0, 8)])
     )
     assert bound > error
+
+
+def test_under_size_the_steps_down_from_passes_go_on_past_max_rounds(chain, monkeypatch):
+    monkeypatch.setattr(auto, "MAX_ROUNDS", 1)
+    sized = optimize(chain, objective="size", max_drop=0.002, methods=["llm-int8"]).report.auto
+    latency = optimize(chain, max_drop=0.002, methods=["llm-int8"]).report.auto
+    assert len(latency["tried"]) == 1 and latency["tried"][0]["meets_budget"]
+    tried = sized["tried"]
+    assert tried[0]["meets_budget"] and 1 < len(tried) <= 1 + auto.MAX_STEP_DOWNS
+    # Every candidate but the last passed (a miss ends the step-downs), and the pick is the cheapest passing one.
+    assert all(point["meets_budget"] for point in tried[:-1])
+    assert sized["chosen"]["cost"] == min(point["cost"] for point in tried if point["meets_budget"]) < tried[0]["cost"]
