@@ -561,8 +561,6 @@ def test_a_user_metric_is_bounded_over_resampled_batches():
 def test_under_size_the_steps_down_from_passes_go_on_past_max_rounds(chain, monkeypatch):
     monkeypatch.setattr(auto, "MAX_ROUNDS", 1)
     sized = optimize(chain, objective="size", max_drop=0.002, methods=["llm-int8"]).report.auto
-    latency = optimize(chain, max_drop=0.002, methods=["llm-int8"]).report.auto
-    assert len(latency["tried"]) == 1 and latency["tried"][0]["meets_budget"]
     tried = sized["tried"]
     assert tried[0]["meets_budget"] and 1 < len(tried) <= 1 + auto.MAX_STEP_DOWNS
     # Every candidate but the last passed (a miss ends the step-downs), and the pick is the cheapest passing one.
