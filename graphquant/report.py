@@ -252,7 +252,7 @@ class Report:
         verdict = "meets" if chosen["meets_budget"] else "MISSES"
         line = (
             f"auto: {self.auto['method']}, {schemes}; held-out {self.auto['metric']} error "
-            f"{chosen['measured_error']:.5f} {verdict} the budget {self.auto['budget_error']:.5f} "
+            f"{chosen['measured_error']:.5f} (bound {chosen.get('error_bound', 0.0):.5f}) {verdict} the budget {self.auto['budget_error']:.5f} "
             f"(objective {self.auto['objective']}; {len(self.auto['tried'])} candidates built, "
             f"{self.auto['seconds']:.1f} s)"
         )

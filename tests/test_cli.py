@@ -706,7 +706,8 @@ def test_the_default_recipe_is_auto_on_ort_cpu_with_the_search_in_the_report(fil
     data = json.loads(report.read_text())
     # For size the plain graph is searched beside OutlierTune's; the line names the method that won.
     assert data["auto"]["method"] in ("outliertune", "none")
-    assert f"auto: {data['auto']['method']}" in stdout and "meets the budget 0.01000" in stdout
+    assert f"auto: {data['auto']['method']}" in stdout
+    assert f"(bound {data['auto']['chosen']['error_bound']:.5f}) meets the budget 0.01000" in stdout
     assert (data["auto"]["objective"], data["auto"]["max_drop"]) == ("size", 0.01)
     assert {unit["unit"] for unit in data["auto"]["layers"]} == {layer["node"] for layer in data["layers"]}
     assert data["auto"]["pareto_front"] and data["bytes_after"] < data["bytes_before"]

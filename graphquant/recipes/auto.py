@@ -100,6 +100,9 @@ QUANTIZE_OPTIONS = {"weight_clip_search": True}
 SAMPLE_ROWS = 512
 EMBEDDING_ROWS = 2048
 MAX_ROUNDS = 5
+# Under the size objective, step-downs from passing candidates go on past MAX_ROUNDS while each one passes, up to
+# this many more: the fitted model's steps are cautious, and each pass leaves room for the next.
+MAX_STEP_DOWNS = 5
 # Groups of layers (in graph order) whose end-to-end gain is measured, one build each.
 GAIN_GROUPS = 4
 # The search aims below the budget by this factor, so that the first end-to-end check usually passes; once the error
@@ -108,6 +111,13 @@ AIM = 0.7
 AIM_FITTED = 0.9
 # Steps down from a measured pass predict only the steps' own added error: closer still.
 AIM_STEP = 0.95
+# The acceptance rule: a candidate meets the budget when this upper quantile of its held-out error, bootstrapped over
+# the held-out samples (the rows of the batches; the batches under a user metric), is within it. Seeded: the same
+# candidate and data always give the same bound.
+CONFIDENCE = 0.9
+BOOTSTRAP_DRAWS = 1000
+USER_METRIC_DRAWS = 200
+BOOTSTRAP_SEED = 0
 LATENCY_ROWS = 64
 LATENCY_REPEATS = 50
 # Under the latency objective, bytes still count at this weight (both as shares of the float model's).
@@ -200,6 +210,8 @@ class Point:
     size: int
     meets_budget: bool
     latency_us: float = 0.0
+    # The CONFIDENCE upper bound of the held-out error (what meets_budget compares with the budget).
+    error_bound: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready, with the schemes counted rather than listed."""
@@ -211,6 +223,7 @@ class Point:
             "schemes": counts,
             "predicted_error": self.predicted_error,
             "measured_error": self.measured_error,
+            "error_bound": self.error_bound,
             "cost": self.cost,
             "bytes": self.size,
             "meets_budget": self.meets_budget,
@@ -248,6 +261,7 @@ class Search:
             "objective": self.settings.objective,
             "ranked_by": self.settings.ranking,
             "budget_error": self.settings.budget,
+            "accepted_when": f"the {CONFIDENCE:g} bootstrap quantile of the held-out error is within the budget",
             "positions": "unmasked (attention_mask)" if self.masked else "all",
             "group_gains": self.group_gains,
             "method": self.method,
@@ -342,7 +356,7 @@ def _search_method(
     choice: dict[str, int] | None = errors.choose(units, AIM * settings.budget)
     kept: tuple[Recipe, ir.Model] | None = None
     tried: list[dict[str, int]] = []
-    while choice is not None and choice not in tried and len(tried) < MAX_ROUNDS:
+    while choice is not None and choice not in tried and len(tried) < _rounds(record, settings):
         point, built = _try(base, calibrator, judge, settings, method, units, choice, errors)
         kept = built if _record(record, point, choice) else kept
         tried.append(choice)
@@ -358,6 +372,12 @@ def _search_method(
     return kept[0], kept[1], record
 
 
+def _rounds(record: Search, settings: Settings) -> int:
+    """How many candidates the search may build: MAX_ROUNDS, and under size more while the last one passed."""
+    passed = bool(record.points) and record.points[-1].meets_budget
+    return MAX_ROUNDS + MAX_STEP_DOWNS if settings.sized and passed else MAX_ROUNDS
+
+
 def _try(
     base: ir.Model,
     calibrator: CachingCalibrator,
@@ -370,7 +390,7 @@ def _try(
 ) -> tuple[Point, tuple[Recipe, ir.Model]]:
     """Build a choice from the prepared graph for the target and measure it end to end."""
     recipe, candidate = _build(base, calibrator, settings, method, units, choice)
-    return _point(method, units, choice, errors, judge(candidate), settings), (recipe, candidate)
+    return _point(method, units, choice, errors, judge.measure(candidate), settings), (recipe, candidate)
 
 
 def _build(
@@ -498,12 +518,21 @@ def _next_choice(
 ) -> dict[str, int] | None:
     """Next to build: a more accurate choice after a miss, a cheaper one the re-fitted model allows after a pass."""
     if not point.meets_budget:
-        return _backed_off(units, choice, errors, settings)
-    cheaper = errors.choose(units, AIM_FITTED * settings.budget)
+        return _backed_off(units, choice, errors, _aim(point, settings, AIM_FITTED))
+    cheaper = errors.choose(units, _aim(point, settings, AIM_FITTED))
     if total(units, cheaper, "cost") < point.cost:
         return cheaper
-    allowance = AIM_STEP * settings.budget - point.measured_error
+    allowance = _aim(point, settings, AIM_STEP) - point.measured_error
     return cheaper_steps(units, choice, errors.slope(units, choice), allowance)
+
+
+def _aim(point: Point, settings: Settings, factor: float) -> float:
+    """The error to aim the model at: factor x the budget, less the last point's relative margin of its bound.
+
+    The bound's margin grows with the error (its spread over samples does), so the aim keeps the same share.
+    """
+    margin = point.measured_error / point.error_bound if point.error_bound > 0 else 1.0
+    return factor * settings.budget * min(margin, 1.0)
 
 
 def _mark_float(candidate: ir.Model, units: Sequence[Unit], choice: Mapping[str, int]) -> None:
@@ -530,11 +559,9 @@ def _preferred(point: Point, chosen: Point) -> bool:
     return point.cost < chosen.cost if point.meets_budget else point.measured_error < chosen.measured_error
 
 
-def _backed_off(
-    units: Sequence[Unit], choice: dict[str, int], errors: ErrorModel, settings: Settings
-) -> dict[str, int] | None:
+def _backed_off(units: Sequence[Unit], choice: dict[str, int], errors: ErrorModel, aim: float) -> dict[str, int] | None:
     """A strictly more accurate choice: the search rerun from this one with the re-fitted model, else one step up."""
-    upgraded = errors.choose(units, AIM_FITTED * settings.budget, start=choice)
+    upgraded = errors.choose(units, aim, start=choice)
     if upgraded != choice:
         return upgraded
     worst = max(units, key=lambda unit: unit.options[choice[unit.name]].error)
@@ -543,9 +570,15 @@ def _backed_off(
 
 
 def _point(
-    method: str, units: Sequence[Unit], choice: dict[str, int], errors: ErrorModel, error: float, settings: Settings
+    method: str,
+    units: Sequence[Unit],
+    choice: dict[str, int],
+    errors: ErrorModel,
+    measured: tuple[float, float],
+    settings: Settings,
 ) -> Point:
-    """The record of one built candidate."""
+    """The record of one built candidate from its measured (error, upper bound): it meets the budget by the bound."""
+    error, bound = measured
     return Point(
         method,
         {unit.name: unit.options[choice[unit.name]].scheme for unit in units},
@@ -553,8 +586,9 @@ def _point(
         error,
         total(units, choice, "cost"),
         int(total(units, choice, "size")),
-        error <= settings.budget,
+        bound <= settings.budget,
         total(units, choice, "latency"),
+        bound,
     )
 
 
@@ -592,10 +626,13 @@ def _literal_glob(name: str) -> str:
 
 
 class Judge:
-    """The end-to-end error of candidates on held-out data; the float model's outputs are computed once.
+    """The end-to-end error of candidates on held-out data, with its upper confidence bound; the float model's outputs
+    are computed once.
 
     Outputs whose leading [batch, tokens] dims match a feed's attention mask are scored on the unmasked positions
     only: padding positions carry no meaning, yet their outputs move under quantization (cosine and SQNR alike).
+    The bound is the CONFIDENCE quantile of the error over seeded bootstrap resamples of the held-out samples (each
+    row of each batch); the error is a ratio of sums over samples, so a resample only re-weights per-sample sums.
     """
 
     def __init__(self, reference: ir.Model, heldout: Sequence[Feed], settings: Settings):
@@ -610,10 +647,24 @@ class Judge:
             for index in range(len(self.names))
         )
         self._flat = [self._flattened(self.reference, index) for index in range(len(self.names))]
+        self._rows = [self._sample_rows(self.reference, index) for index in range(len(self.names))]
 
     def __call__(self, candidate: ir.Model) -> float:
         """The candidate's error under the settings' metric (1 - cosine, noise-to-signal, or the user's drop)."""
+        return self._error(_outputs(candidate, self.names, self.heldout))
+
+    def measure(self, candidate: ir.Model) -> tuple[float, float]:
+        """The candidate's (error, upper bound of the error at CONFIDENCE)."""
         outputs = _outputs(candidate, self.names, self.heldout)
+        error = self._error(outputs)
+        if callable(self.settings.metric):
+            draws = self._user_metric_draws(outputs)
+        else:
+            draws = np.max([self._draws(outputs, index) for index in range(len(self.names))], axis=0)
+        return error, max(error, float(np.quantile(draws, CONFIDENCE))) if math.isfinite(error) else error
+
+    def _error(self, outputs: Sequence[Sequence[np.ndarray]]) -> float:
+        """The error of outputs over every held-out batch."""
         metric = self.settings.metric
         if callable(metric):
             return float(metric(self.reference, outputs))
@@ -623,14 +674,48 @@ class Judge:
             errors.append(_cosine_error(reference, produced) if metric == "cosine" else _nsr(reference, produced))
         return max(errors)
 
+    def _draws(self, outputs: Sequence[Sequence[np.ndarray]], index: int) -> np.ndarray:
+        """One output's error on each bootstrap resample of the samples, from per-sample sums."""
+        pairs = zip(self._rows[index], self._sample_rows(outputs, index))
+        if self.settings.metric == "cosine":
+            sums = np.array([(r @ c, r @ r, c @ c) for r, c in pairs])
+            drawn = _resample_weights(len(sums)) @ sums
+            return 1.0 - drawn[:, 0] / np.maximum(np.sqrt(drawn[:, 1] * drawn[:, 2]), 1e-300)
+        sums = np.array([(np.sum((r - c) ** 2), r @ r) for r, c in pairs])
+        drawn = _resample_weights(len(sums)) @ sums
+        return drawn[:, 0] / np.maximum(drawn[:, 1], 1e-30)
+
+    def _user_metric_draws(self, outputs: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+        """A user metric's value on USER_METRIC_DRAWS bootstrap resamples of the held-out batches."""
+        metric = self.settings.metric
+        assert callable(metric)
+        picks = np.random.default_rng(BOOTSTRAP_SEED).integers(0, len(outputs), (USER_METRIC_DRAWS, len(outputs)))
+        return np.array(
+            [float(metric([self.reference[i] for i in pick], [outputs[i] for i in pick])) for pick in picks]
+        )
+
     def _flattened(self, outputs: Sequence[Sequence[np.ndarray]], index: int) -> np.ndarray:
         """One output over every batch, its unmasked positions only where a mask applies, flattened, in float64."""
-        parts = []
+        return np.concatenate(self._sample_rows(outputs, index))
+
+    def _sample_rows(self, outputs: Sequence[Sequence[np.ndarray]], index: int) -> list[np.ndarray]:
+        """One output per held-out sample (row of a batch; a whole 0-d output), unmasked positions only, in float64."""
+        rows = []
         for batch, mask in zip(outputs, self.masks):
             value = batch[index]
+            if value.ndim == 0:
+                rows.append(np.ravel(value).astype(np.float64))
+                continue
             keep = _position_mask(value, mask)
-            parts.append(np.ravel(value if keep is None else value[keep]).astype(np.float64))
-        return np.concatenate(parts)
+            kept = [None] * len(value) if keep is None else list(keep)
+            rows += [np.ravel(row if k is None else row[k]).astype(np.float64) for row, k in zip(value, kept)]
+        return rows
+
+
+def _resample_weights(samples: int) -> np.ndarray:
+    """[BOOTSTRAP_DRAWS, samples] counts of each sample in seeded bootstrap resamples (multinomial, n draws)."""
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    return rng.multinomial(samples, np.full(samples, 1.0 / samples), size=BOOTSTRAP_DRAWS).astype(np.float64)
 
 
 def attention_mask(feed: Feed) -> np.ndarray | None:

@@ -13,7 +13,7 @@ import graphquant
 from graphquant.analysis.layers import candidates
 from graphquant.analysis.search import ErrorModel, Option, Unit
 from graphquant.errors import RecipeError
-from graphquant.recipes import auto as auto_recipe
+from graphquant.recipes import auto
 from graphquant.recipes.auto import (
     LATENCY_ROWS,
     Judge,
@@ -21,6 +21,7 @@ from graphquant.recipes.auto import (
     Settings,
     _next_choice,
     _one_layer,
+    _point,
     _scheme_bytes,
     drop_exporter_metadata,
     split_data,
@@ -94,7 +95,8 @@ def test_tighter_budgets_never_give_a_less_accurate_model(chain):
         result = optimize(chain, objective="size", max_drop=budget)
         errors.append(heldout_error(chain, result.model))
         assert errors[-1] <= budget
-        assert result.report.auto["chosen"]["meets_budget"]
+        chosen = result.report.auto["chosen"]
+        assert chosen["meets_budget"] and chosen["measured_error"] <= chosen["error_bound"] <= budget
     assert errors == sorted(errors, reverse=True)
     assert errors[0] > 2 * errors[-1]  # the budgets really bind
 
@@ -461,9 +463,119 @@ def test_the_counted_bytes_of_a_mixed_model_are_its_file_s(chain):
 def test_the_weight_codes_memo_leaves_the_chosen_model_bit_identical(chain, monkeypatch, tmp_path):
     remembered = optimize(chain, max_drop=0.01)
     graphquant.save(remembered, tmp_path / "remembered.onnx")
-    monkeypatch.setattr(auto_recipe, "remembered_codes", contextlib.nullcontext)
+    monkeypatch.setattr(auto, "remembered_codes", contextlib.nullcontext)
     fresh = optimize(chain, max_drop=0.01)
     graphquant.save(fresh, tmp_path / "fresh.onnx")
     assert remembered.report.auto["layers"] == fresh.report.auto["layers"]
     assert any(layer["scheme"] != "float" for layer in fresh.report.auto["layers"])  # codes were stored
     assert (tmp_path / "remembered.onnx").read_bytes() == (tmp_path / "fresh.onnx").read_bytes()
+
+
+IDENTITY_ROWS = """
+<ir_version: 8, opset_import: ["" : 17]>
+identity (float[N, 16] x) => (float[N, 16] y) {
+  y = Identity(x)
+}
+"""
+CLIPPED_ROWS = """
+<ir_version: 8, opset_import: ["" : 17]>
+clipped (float[N, 16] x) => (float[N, 16] y) {
+  y = Clip(x, low, high)
+}
+"""
+
+
+def clipped() -> ir.Model:
+    """A candidate that clips at +-1.5: its error on a row grows with how many of the row's values pass 1.5."""
+    return build(CLIPPED_ROWS, {"low": np.array(-1.5, np.float32), "high": np.array(1.5, np.float32)})
+
+
+def noisy_feeds(seed: int, batches: int) -> list[dict[str, np.ndarray]]:
+    """Batches of 8 rows where a planted quarter of the rows are three times wider: the candidate's error there is
+    far above the rest, so the held-out error depends on how many such rows a draw holds."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(batches):
+        rows = rng.standard_normal((8, 16)).astype(np.float32)
+        rows[rng.random(8) < 0.25] *= 3.0
+        feeds.append({"x": rows})
+    return feeds
+
+
+def direct_error(feeds) -> float:
+    """1 - cosine of the clipped output against the input over every feed, in numpy apart from the search."""
+    x = np.concatenate([feed["x"].ravel() for feed in feeds]).astype(np.float64)
+    y = np.clip(x, -1.5, 1.5)
+    return 1.0 - float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))
+
+
+def test_the_bound_covers_fresh_held_out_sets_that_the_point_estimate_misses():
+    reference, candidate = build(IDENTITY_ROWS), clipped()
+    error, bound = Judge(reference, noisy_feeds(0, 4), Settings()).measure(candidate)
+    assert error == pytest.approx(direct_error(noisy_feeds(0, 4)), rel=1e-9)
+    assert bound > error * 1.05
+    # Unseen sets of the same size from the same distribution: about half land above the point estimate, and about
+    # one in ten (CONFIDENCE = 0.9) above the bound.
+    fresh = [direct_error(noisy_feeds(seed, 4)) for seed in range(1, 41)]
+    assert sum(e > error for e in fresh) >= 12
+    assert sum(e > bound for e in fresh) <= 8
+
+
+def test_the_bound_s_margin_shrinks_as_the_held_out_set_grows():
+    reference, candidate = build(IDENTITY_ROWS), clipped()
+    margins = []
+    for batches in (4, 16, 64):
+        error, bound = Judge(reference, noisy_feeds(0, batches), Settings()).measure(candidate)
+        margins.append(bound / error - 1.0)
+    # Like one over the square root of the samples: a quarter of the margin per sixteen times the data, about.
+    assert margins[0] > 1.5 * margins[1] > 2.25 * margins[2] > 0
+
+
+def test_identical_samples_give_a_bound_equal_to_the_error():
+    rows = noisy_feeds(0, 1)[0]["x"][:1]
+    feeds = [{"x": np.repeat(rows, 8, axis=0)} for _ in range(3)]
+    for metric in ("cosine", "sqnr"):
+        error, bound = Judge(build(IDENTITY_ROWS), feeds, Settings(metric=metric)).measure(clipped())
+        assert error > 0 and bound == pytest.approx(error, rel=1e-9)
+
+
+def test_a_candidate_under_the_budget_by_its_error_but_over_by_its_bound_is_rejected():
+    reference, candidate = build(IDENTITY_ROWS), clipped()
+    measured = Judge(reference, noisy_feeds(0, 4), Settings()).measure(candidate)
+    error, bound = measured
+    units = [Unit("a", (Option("float", 0.0, 4.0, 400),))]
+    for budget, meets in (((error + bound) / 2, False), (bound, True)):
+        point = _point("none", units, {"a": 0}, ErrorModel(1.0), measured, Settings(max_drop=budget))
+        assert point.measured_error == error < budget and point.error_bound == bound
+        assert point.meets_budget == meets
+        assert point.as_dict()["error_bound"] == bound
+
+
+def test_the_bound_and_the_pick_are_deterministic(chain):
+    judges = [Judge(build(IDENTITY_ROWS), noisy_feeds(0, 4), Settings(metric=m)) for m in ("cosine", "cosine", "sqnr")]
+    bounds = [judge.measure(clipped()) for judge in judges]
+    assert bounds[0] == bounds[1] and bounds[2] != bounds[0]
+    first, second = (optimize(chain, objective="size", max_drop=0.01).report.auto for _ in range(2))
+    assert first["layers"] == second["layers"] and first["tried"] == second["tried"]
+    assert first["chosen"]["error_bound"] <= 0.01 and first["chosen"]["meets_budget"]
+
+
+def test_a_user_metric_is_bounded_over_resampled_batches():
+    def mean_abs(reference, candidate) -> float:
+        return float(np.mean([np.abs(r[0] - c[0]).mean() for r, c in zip(reference, candidate)]))
+
+    error, bound = Judge(build(IDENTITY_ROWS), noisy_feeds(0, 8), Settings(metric=mean_abs)).measure(clipped())
+    assert error == pytest.approx(
+        np.mean([np.abs(f["x"] - np.clip(f["x"], -1.5, 1.5)).mean() for f in noisy_feeds(0, 8)])
+    )
+    assert bound > error
+
+
+def test_under_size_the_steps_down_from_passes_go_on_past_max_rounds(chain, monkeypatch):
+    monkeypatch.setattr(auto, "MAX_ROUNDS", 1)
+    sized = optimize(chain, objective="size", max_drop=0.002, methods=["llm-int8"]).report.auto
+    tried = sized["tried"]
+    assert tried[0]["meets_budget"] and 1 < len(tried) <= 1 + auto.MAX_STEP_DOWNS
+    # Every candidate but the last passed (a miss ends the step-downs), and the pick is the cheapest passing one.
+    assert all(point["meets_budget"] for point in tried[:-1])
+    assert sized["chosen"]["cost"] == min(point["cost"] for point in tried if point["meets_budget"]) < tried[0]["cost"]
