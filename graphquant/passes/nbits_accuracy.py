@@ -45,11 +45,9 @@ class NBitsAccuracyPass(ir.passes.InPlacePass):
         """Simulate int8 compute on the dequantized weight and record the verdict on the node and its decision."""
         node = layer.node
         spec: QuantSpec = node.meta[INPUT_SPECS_KEY][layer.weight_index]
-        weight = weight_matrix(layer)
-        columns = scored_columns(weight.shape[1])
-        dequantized = spec.dequantize(spec.quantize(layer.weight_array))
-        dequantized = (dequantized if layer.in_axis == 0 else dequantized.T)[:, columns]
-        sqnr = block_int8_sqnr_db(np.asarray(rows, np.float32), dequantized, kernel_block(spec, weight.shape[0]))
+        depth = weight_matrix(layer).shape[0]
+        dequantized = scored_dequantized(layer, spec)
+        sqnr = block_int8_sqnr_db(np.asarray(rows, np.float32), dequantized, kernel_block(spec, depth))
         node.meta[INT8_COMPUTE_KEY] = sqnr >= self.min_sqnr_db
         compute = "int8" if node.meta[INT8_COMPUTE_KEY] else "float"
         decision = node.meta.get(DECISION_KEY)
@@ -57,6 +55,20 @@ class NBitsAccuracyPass(ir.passes.InPlacePass):
             verdict = f"{compute} compute in MatMulNBits (int8 activations: {sqnr:.1f} dB)"
             reason = f"{decision.reason}; {verdict}" if decision.reason else verdict
             node.meta[DECISION_KEY] = dataclasses.replace(decision, reason=reason)
+
+
+def scored_dequantized(layer: Layer, spec: QuantSpec) -> np.ndarray:
+    """The dequantized weight's scored output columns as [C_in, columns]: only those columns are rounded (each one on
+    its own scales, as in the whole weight), not the whole weight."""
+    columns = scored_columns(layer.weight_array.shape[layer.out_axis])
+    along = 0 if spec.scale.ndim == 1 else layer.out_axis  # per output channel, or blocks along the input channels
+    subset = dataclasses.replace(
+        spec,
+        scale=np.take(spec.scale, columns, axis=along),
+        zero_point=np.take(spec.zero_point, columns, axis=along),
+    )
+    dequantized = subset.dequantize(subset.quantize(np.take(layer.weight_array, columns, axis=layer.out_axis)))
+    return dequantized if layer.in_axis == 0 else dequantized.T
 
 
 def _weight_only(node: ir.Node) -> Layer | None:
