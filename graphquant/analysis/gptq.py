@@ -134,18 +134,21 @@ def _gptq_round(
     for start in range(0, rows, batch):
         end = min(start + batch, rows)
         errors = np.zeros((end - start, weights.shape[1]))
+        pending = start  # rows from here on lack the errors of this batch's rows from here on
         for row in range(start, end):
             if static is None and row % block == 0:
                 window = slice(row, row + block)
+                weights[window] -= upper[start:row, window].T @ errors[: row - start]  # fitted on updated rows
+                pending = row
                 low, high = fit_ranges(weights[window], energy[order[window]], bits, symmetric, block, clip_search)
                 lows.append(low[0])
                 highs.append(high[0])
                 grids.append(_Grid(low[0], high[0], bits, symmetric))
             grid = grids[order[row] // block if static is not None else len(grids) - 1]
+            # the errors of the rows rounded since `pending`, pushed onto this row in one product: W_r -= U[p:r, r]^T E
+            weights[row] -= upper[pending:row, row] @ errors[pending - start : row - start]
             rounded[row] = grid.round_trip(weights[row])
-            error = (weights[row] - rounded[row]) / upper[row, row]
-            weights[row + 1 : end] -= upper[row, row + 1 : end, None] * error
-            errors[row - start] = error
+            errors[row - start] = (weights[row] - rounded[row]) / upper[row, row]
         weights[end:] -= upper[start:end, end:].T @ errors
     restored = np.empty_like(rounded)
     restored[order] = rounded

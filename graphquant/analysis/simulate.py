@@ -158,15 +158,21 @@ def _dynamic_step(scaled: np.ndarray, qmax: int, per_row: bool) -> np.ndarray | 
     return max(float(np.abs(scaled).max()), 1e-12) / qmax
 
 
-def block_int8_sqnr_db(rows: np.ndarray, weight: np.ndarray, block: int) -> float:
-    """Channel-averaged SQNR of rows·W with the rows rounded to symmetric int8 per row and block of K (MatMulNBits'
-    int8 compute), against the float rows times the same W [K, N]."""
+def block_int8_rows(rows: np.ndarray, block: int) -> np.ndarray:
+    """The rows rounded to symmetric int8 per row and block of K, as MatMulNBits' int8 compute rounds its input."""
     depth = rows.shape[1]
     padded = np.zeros((rows.shape[0], -(-depth // block) * block), np.float32)
     padded[:, :depth] = rows
     blocks = padded.reshape(rows.shape[0], -1, block)
     step = np.maximum(np.abs(blocks).max(axis=2, keepdims=True), 1e-30) / 127
-    rounded = (np.clip(np.rint(blocks / step), -127, 127) * step).reshape(padded.shape)[:, :depth]
+    return (np.clip(np.rint(blocks / step), -127, 127) * step).reshape(padded.shape)[:, :depth]
+
+
+def block_int8_sqnr_db(rows: np.ndarray, weight: np.ndarray, block: int, rounded: np.ndarray | None = None) -> float:
+    """Channel-averaged SQNR of rows·W with the rows rounded to symmetric int8 per row and block of K (MatMulNBits'
+    int8 compute), against the float rows times the same W [K, N]; ``rounded`` is block_int8_rows(rows, block) if
+    the caller has it already (layers that read one input)."""
+    rounded = block_int8_rows(rows, block) if rounded is None else rounded
     reference = rows @ weight
     signal = np.maximum(np.sum(np.square(reference, dtype=np.float64), axis=0), 1e-30)
     error = np.sum(np.square(reference - rounded @ weight, dtype=np.float64), axis=0)

@@ -359,3 +359,33 @@ def test_one_blas_thread_rounds_bit_for_bit_as_the_default_threads(monkeypatch):
         rounded.append(gptq_round(weight, x.T @ x, 4, False, 32, True, act_order=True))
     for first, second in zip(*rounded):
         np.testing.assert_array_equal(first, second)
+
+
+def textbook_gptq(matrix: np.ndarray, gram: np.ndarray, bits: int, block: int, act_order: bool) -> np.ndarray:
+    """GPTQ without lazy batches: each row's error is pushed onto every later row at once (asymmetric grids)."""
+    energy = np.diag(gram)[:, None]
+    order = np.argsort(-np.diag(gram), kind="stable") if act_order else np.arange(len(gram))
+    hessian = gram[np.ix_(order, order)] + 0.01 * np.mean(np.diag(gram)) * np.eye(len(gram))
+    upper = np.linalg.cholesky(np.linalg.inv(hessian)).T
+    static = fit_ranges(matrix.astype(np.float64), energy, bits, False, block, False)
+    weights, rounded, ranges = matrix.astype(np.float64)[order], np.zeros(matrix.shape), None
+    for row in range(len(gram)):
+        if act_order:
+            ranges = static[0][order[row] // block], static[1][order[row] // block]
+        elif row % block == 0:
+            low, high = fit_ranges(weights[row : row + block], energy[order[row : row + block]], bits, False, block, False)
+            ranges = low[0], high[0]
+        rounded[row] = round_trip(weights[row], *ranges, bits, False)
+        weights[row + 1 :] -= np.outer(upper[row, row + 1 :], (weights[row] - rounded[row]) / upper[row, row])
+    restored = np.empty_like(rounded)
+    restored[order] = rounded
+    return restored
+
+
+@pytest.mark.parametrize(("block", "act_order"), [(32, False), (32, True), (300, False)])
+def test_the_lazy_batches_round_as_textbook_gptq(block: int, act_order: bool):
+    rng = np.random.default_rng(11)
+    x = correlated_inputs(rng, 400, 300)  # 300 rows: three lazy batches, the last one short and a block cut
+    matrix, gram = weights(rng, 300, 40), x.T @ x
+    rounded, _, _ = gptq_round(matrix, gram, 4, False, block, False, act_order)
+    np.testing.assert_allclose(rounded, textbook_gptq(matrix, gram, 4, block, act_order), rtol=0, atol=1e-9)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 from builders import build, run, sqnr_db, weights
 
 from graphquant.analysis.calibration import Calibrator
+from graphquant.analysis.layers import classify
+from graphquant.analysis.simulate import scored_columns
 from graphquant.lowering.matmul_nbits import FLOAT_COMPUTE, INT8_COMPUTE, MatMulNBitsLoweringPass
 from graphquant.lowering.qdq import QdqLoweringPass
-from graphquant.passes.nbits_accuracy import NBitsAccuracyPass
+from graphquant.passes.nbits_accuracy import NBitsAccuracyPass, scored_dequantized
 from graphquant.passes.quantize import QuantizePass
-from graphquant.quant_spec import DECISION_KEY, INT8_COMPUTE_KEY
+from graphquant.quant_spec import DECISION_KEY, INPUT_SPECS_KEY, INT8_COMPUTE_KEY
 
 F32 = np.float32
 LAYERS = """
@@ -90,3 +93,28 @@ def test_without_calibration_no_layer_is_marked():
     QuantizePass(None, wbits=4, abits=0, block_size=32)(model)
     assert not NBitsAccuracyPass(None)(model).modified
     assert not any(INT8_COMPUTE_KEY in node.meta for node in model.graph)
+
+
+WIDE = """
+<ir_version: 8, opset_import: ["" : 17]>
+wide (float[N, 64] x) => (float[N, 300] y, float[N, 300] z) {
+  [fc1] y = MatMul(x, w1)
+  [fc2] z = Gemm<transB: int = 1>(x, w2)
+}
+"""
+
+
+@pytest.mark.parametrize("block_size", [32, None])
+def test_the_scored_columns_dequantize_to_the_whole_weights_columns_bit_for_bit(block_size: int | None):
+    rng = np.random.default_rng(7)
+    model = build(WIDE, {"w1": weights(rng, 64, 300), "w2": weights(rng, 300, 64)})
+    calibrator = Calibrator.for_model(model, [{"x": rng.standard_normal((16, 64)).astype(F32)}], show_progress=False)
+    QuantizePass(calibrator, wbits=4, abits=0, block_size=block_size, weight_symmetric=False)(model)
+    for node in model.graph:
+        layer = classify(node).layer
+        spec = node.meta[INPUT_SPECS_KEY][layer.weight_index]
+        whole = spec.dequantize(spec.quantize(layer.weight_array))
+        whole = whole if layer.in_axis == 0 else whole.T
+        columns = scored_columns(300)
+        assert len(columns) < 300
+        np.testing.assert_array_equal(scored_dequantized(layer, spec), whole[:, columns])
