@@ -1,7 +1,7 @@
 """Block-wise FlexRound: learn each block's weight rounding so that the block reproduces the float block's output.
 
 The main graph is cut into blocks at the points where at most one value computed from a fitted layer is live (a
-transformer's residual stream after each residual Add), each block holding at least ``layers`` fitted layers.
+transformer's residual stream after each residual Add, a CNN's after each residual block or layer), each block holding at least ``layers`` fitted layers.
 Blocks are fitted in order. A block's inputs come from the model quantized so far (the blocks before it, with their
 learned weights), its targets from the float model on float inputs; the loss is the mean squared error of the
 block's float outputs, run differentiably by analysis/torch_graph.py on one calibration batch per Adam step.
@@ -52,7 +52,7 @@ class BlockSettings:
 
 @dataclasses.dataclass(frozen=True)
 class LayerFit:
-    """A 2-D weight to fit: its layer, float weights and GPTQ's (rounded, low, high) in_major, its grid."""
+    """A weight to fit (2-D or Conv): its layer, float weights and GPTQ's (rounded, low, high) in_major, its grid."""
 
     layer: Layer
     weights: np.ndarray
@@ -188,6 +188,9 @@ class _Rounding:
         ).requires_grad_()
         self.per_output = torch.zeros((1, fit.weights.shape[1]), requires_grad=True)
         self.per_input = torch.zeros((rows, 1), requires_grad=True)
+        # Where each element of the weight's own layout sits in the flattened in_major matrix (a Conv's taps too).
+        positions = np.arange(fit.weights.size).reshape(fit.weights.shape)
+        self.layout = torch.from_numpy(from_in_major(fit.layer, positions).astype(np.int64))
 
     def parameters(self) -> list[Tensor]:
         """What Adam learns."""
@@ -212,7 +215,7 @@ class _Rounding:
     def weight(self, state: tuple[Tensor, Tensor] | None) -> Tensor:
         """W_q in the weight's own layout, learned (``state`` None) or of a snapshot."""
         matrix = self.scale(self.log_grid) * self.codes() if state is None else self.scale(state[0]) * state[1]
-        return matrix if self.fit.layer.in_axis == 0 else matrix.T
+        return torch.take(matrix, self.layout)
 
 
 def refine(
