@@ -65,6 +65,8 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("w4a8 sequential (ort-cpu)", "w4a8", SEQUENTIAL),
     ("w4a8 + keep-8bit (ort-cpu)", "w4a8", KEPT),
     ("w4a8 sequential + keep-8bit (ort-cpu)", "w4a8", {**SEQUENTIAL, **KEPT}),
+    ("w4a8 sequential flexround-block (ort-cpu)", "w4a8", {**SEQUENTIAL, **FLEX}),
+    ("w4a8 sequential flexround-block + keep-8bit (ort-cpu)", "w4a8", {**SEQUENTIAL, **FLEX, **KEPT}),
     ("splitquant W4 (qdq)", "splitquant", {}),
     ("bitmod W4 (qdq)", "bitmod", {}),
 ]

@@ -35,8 +35,13 @@ def constant(value: ir.Value) -> Tensor:
     return torch.from_numpy(np.array(value.const_value.numpy()))
 
 
-def run_nodes(nodes: Iterable[ir.Node], values: MutableMapping[str, Tensor]) -> None:
-    """Evaluate ``nodes`` in order, reading and writing ``values`` by value name; initializers are read as needed."""
+def run_nodes(
+    nodes: Iterable[ir.Node], values: MutableMapping[str, Tensor], inputs: Callable[[ir.Node, list], list] | None = None
+) -> None:
+    """Evaluate ``nodes`` in order, reading and writing ``values`` by value name; initializers are read as needed.
+
+    ``inputs`` maps a node and its arguments to the arguments it runs on (e.g. fake-quantized activations).
+    """
     for node in nodes:
         if node.domain not in ("", "ai.onnx"):
             raise NotImplementedError(f"{node.name}: op {node.domain}::{node.op_type} has no torch form here")
@@ -44,6 +49,7 @@ def run_nodes(nodes: Iterable[ir.Node], values: MutableMapping[str, Tensor]) -> 
         if op is None:
             raise NotImplementedError(f"{node.name}: op {node.op_type} has no torch form here")
         arguments = [None if value is None else _read(value, values) for value in node.inputs]
+        arguments = arguments if inputs is None else inputs(node, arguments)
         results = op(node, arguments)
         for output, result in zip(node.outputs, results if isinstance(results, tuple) else (results,)):
             values[output.name or ""] = result

@@ -96,9 +96,9 @@ class QuantizePass(ir.passes.InPlacePass):
     layers they match 8-bit weights, after the overrides.
     ``rounding`` (ROUNDINGS; default "gptq" if ``gptq`` else "nearest") overrides ``gptq``; under the per-layer
     FlexRound roundings (analysis/flexround.py, ``flexround_steps`` Adam steps per layer) conv weights get GPTQ.
-    "flexround-block" (analysis/flexround_block.py, needs torch and float activations) refits the 2-D and conv
-    weights' GPTQ codes (a depthwise conv's: its output-error grid's) block by block, ``flexround_steps`` Adam steps
-    per block of at least ``flexround_block_layers`` layers; its convs keep their float bias.
+    "flexround-block" (analysis/flexround_block.py, needs torch) refits the 2-D and conv weights' GPTQ codes (a
+    depthwise conv's: its output-error grid's) block by block, ``flexround_steps`` Adam steps per block of at least
+    ``flexround_block_layers`` layers, the layers' activations on their grids; its convs keep their float bias.
     ``gptq_sequential`` fits conv weights one layer at a time, in graph order, on the inputs of the model quantized
     so far, against the float model's outputs, and moves each conv's bias by its remaining mean output error
     (analysis/conv_gram.py's SequentialConvGrams).
@@ -133,7 +133,7 @@ class QuantizePass(ir.passes.InPlacePass):
         if rounding is not None and rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
         if rounding == "flexround-block":
-            _check_block_rounding(abits, overrides)
+            _check_block_rounding()
         self.calibrator = calibrator
         self.defaults = LayerOptions(
             wbits,
@@ -387,8 +387,9 @@ class QuantizePass(ir.passes.InPlacePass):
 
         assert self.calibrator is not None
         settings = BlockSettings(self.flexround.steps, layers=self.flexround_block_layers)
-        results = refine(graph, list(self.calibrator.data), [fit for fit, _ in self._fits], settings)
-        for fit, scheme in self._fits:
+        fits = [(_with_activation_grid(fit), scheme) for fit, scheme in self._fits]
+        results = refine(graph, list(self.calibrator.data), [fit for fit, _ in fits], settings)
+        for fit, scheme in fits:
             rounded, low, high = results[id(fit)]
             layer = fit.layer
             spec = spec_from_ranges(layer, scheme, low, high)
@@ -458,10 +459,14 @@ def _quantized_by_an_earlier_pass(node: ir.Node) -> bool:
     return decision is not None and decision.status == "quantized"
 
 
-def _check_block_rounding(abits: int | None, overrides: Sequence[NodeOverride]) -> None:
-    """Block-wise FlexRound fits weights under float activations, with torch."""
-    if abits or any(_expanded(o).get("abits") for o in overrides):
-        raise ValueError("rounding 'flexround-block' fits weights with float activations: it takes abits 0")
+def _with_activation_grid(fit: Any) -> Any:
+    """A LayerFit with its layer's activation grid, where the layer has one."""
+    spec = fit.layer.node.meta[INPUT_SPECS_KEY].get(fit.layer.activation_index)
+    return fit if spec is None else dataclasses.replace(fit, activation=spec)
+
+
+def _check_block_rounding() -> None:
+    """Block-wise FlexRound runs the blocks in torch."""
     if importlib.util.find_spec("torch") is None:
         raise ValueError("rounding 'flexround-block' needs torch: pip install 'graphquant[torch]'")
 
