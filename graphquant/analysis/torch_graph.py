@@ -1,6 +1,6 @@
 """Run a list of ONNX nodes on torch tensors, so that a subgraph can be differentiated (block-wise FlexRound).
 
-One function per op, for the op set of exported transformer encoders; any other op is refused with its name.
+One function per op, for the op sets of exported transformer encoders and CNNs; any other op is refused with its name.
 torch is the optional ``torch`` extra (quantize checks for it before importing this module).
 onnx2torch is not used: importing it imports torchvision (its NMS and RoIAlign converters), which has no build
 for the CPU torch wheel the project pins, and it converts whole models where blocks are needed.
@@ -35,8 +35,13 @@ def constant(value: ir.Value) -> Tensor:
     return torch.from_numpy(np.array(value.const_value.numpy()))
 
 
-def run_nodes(nodes: Iterable[ir.Node], values: MutableMapping[str, Tensor]) -> None:
-    """Evaluate ``nodes`` in order, reading and writing ``values`` by value name; initializers are read as needed."""
+def run_nodes(
+    nodes: Iterable[ir.Node], values: MutableMapping[str, Tensor], inputs: Callable[[ir.Node, list], list] | None = None
+) -> None:
+    """Evaluate ``nodes`` in order, reading and writing ``values`` by value name; initializers are read as needed.
+
+    ``inputs`` maps a node and its arguments to the arguments it runs on (e.g. fake-quantized activations).
+    """
     for node in nodes:
         if node.domain not in ("", "ai.onnx"):
             raise NotImplementedError(f"{node.name}: op {node.domain}::{node.op_type} has no torch form here")
@@ -44,6 +49,7 @@ def run_nodes(nodes: Iterable[ir.Node], values: MutableMapping[str, Tensor]) -> 
         if op is None:
             raise NotImplementedError(f"{node.name}: op {node.op_type} has no torch form here")
         arguments = [None if value is None else _read(value, values) for value in node.inputs]
+        arguments = arguments if inputs is None else inputs(node, arguments)
         results = op(node, arguments)
         for output, result in zip(node.outputs, results if isinstance(results, tuple) else (results,)):
             values[output.name or ""] = result
@@ -270,6 +276,136 @@ def _where(node: ir.Node, args: list) -> Tensor:
     return torch.where(args[0], args[1], args[2])
 
 
+def _spatial_pads(node: ir.Node, x: Tensor, kernel: list[int], strides: list[int], dilations: list[int]) -> list[int]:
+    """Conv/pool pads [begin..., end...] over the spatial axes, from ``pads`` or ``auto_pad`` (SAME_*, VALID)."""
+    attr = node.attributes.get("auto_pad")
+    mode = "NOTSET" if attr is None else attr.as_string()
+    spatial = len(kernel)
+    if mode in ("NOTSET", "VALID"):
+        return (_ints(node, "pads") or [0] * 2 * spatial) if mode == "NOTSET" else [0] * 2 * spatial
+    begin, end = [], []
+    for size, k, s, d in zip(x.shape[2:], kernel, strides, dilations):
+        total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        small = total // 2
+        begin.append(small if mode == "SAME_UPPER" else total - small)
+        end.append(total - begin[-1])
+    return begin + end
+
+
+def _padded(x: Tensor, pads: list[int], value: float = 0.0) -> Tensor:
+    """``x`` padded by ONNX pads [begin..., end...] over its spatial axes (torch's pad lists the last axis first)."""
+    spatial = len(pads) // 2
+    if not any(pads):
+        return x
+    flat = [p for axis in reversed(range(spatial)) for p in (pads[axis], pads[spatial + axis])]
+    return torch.nn.functional.pad(x, flat, value=value)
+
+
+def _window(node: ir.Node, x: Tensor, kernel: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """A conv's or pool's (strides, dilations, pads), defaults filled in."""
+    strides = _ints(node, "strides") or [1] * len(kernel)
+    dilations = _ints(node, "dilations") or [1] * len(kernel)
+    return strides, dilations, _spatial_pads(node, x, kernel, strides, dilations)
+
+
+def _conv(node: ir.Node, args: list) -> Tensor:
+    """Conv (grouped, depthwise, any rank) with pads, strides, dilations and auto_pad."""
+    x, weight = args[0], args[1]
+    bias = args[2] if len(args) > 2 else None
+    kernel = _ints(node, "kernel_shape") or list(weight.shape[2:])
+    strides, dilations, pads = _window(node, x, kernel)
+    spatial = len(kernel)
+    return torch.convolution(
+        _padded(x, pads), weight, bias, strides, [0] * spatial, dilations, False, [0] * spatial, _int(node, "group", 1)
+    )
+
+
+def _conv_transpose(node: ir.Node, args: list) -> Tensor:
+    """ConvTranspose with pads, strides, dilations and output_padding (output_shape and auto_pad refused)."""
+    if node.attributes.get("output_shape") is not None or node.attributes.get("auto_pad") is not None:
+        raise NotImplementedError(f"{node.name}: ConvTranspose's output_shape and auto_pad have no torch form here")
+    x, weight = args[0], args[1]
+    bias = args[2] if len(args) > 2 else None
+    spatial = weight.dim() - 2
+    strides = _ints(node, "strides") or [1] * spatial
+    dilations = _ints(node, "dilations") or [1] * spatial
+    pads = _ints(node, "pads") or [0] * 2 * spatial
+    extra = _ints(node, "output_padding") or [0] * spatial
+    full = torch.convolution(x, weight, bias, strides, [0] * spatial, dilations, True, extra, _int(node, "group", 1))
+    # The full output, cut by the pads at both ends of each spatial axis.
+    cut = tuple(slice(pads[a], full.shape[2 + a] - pads[spatial + a]) for a in range(spatial))
+    return full[(slice(None), slice(None), *cut)]
+
+
+def _pool(node: ir.Node, args: list, maximum: bool) -> Tensor:
+    """MaxPool or AveragePool (1-3 spatial axes) with pads, strides, auto_pad, ceil_mode, count_include_pad."""
+    if len(node.outputs) > 1:
+        raise NotImplementedError(f"{node.name}: MaxPool's Indices output has no torch form here")
+    x = args[0]
+    kernel = _ints(node, "kernel_shape") or []
+    strides, dilations, pads = _window(node, x, kernel)
+    ceil = bool(_int(node, "ceil_mode", 0))
+    spatial = len(kernel)
+    if maximum:
+        function = getattr(torch.nn.functional, f"max_pool{spatial}d")
+        return function(_padded(x, pads, -float("inf")), kernel, strides, 0, dilations, ceil_mode=ceil)
+    if any(d != 1 for d in dilations):
+        raise NotImplementedError(f"{node.name}: a dilated AveragePool has no torch form here")
+    function = getattr(torch.nn.functional, f"avg_pool{spatial}d")
+    average = function(_padded(x, pads), kernel, strides, 0, ceil_mode=ceil)
+    if _int(node, "count_include_pad", 0) or not any(pads):
+        return average
+    # The padded zeros are not counted: divide by the window's share of real elements.
+    share = function(_padded(torch.ones_like(x[:1, :1]), pads), kernel, strides, 0, ceil_mode=ceil)
+    return average / share
+
+
+def _global_pool(function: Callable[..., Tensor]) -> Op:
+    """GlobalAveragePool / GlobalMaxPool: over every spatial axis, kept as size 1."""
+
+    def pool(node: ir.Node, args: list) -> Tensor:
+        axes = list(range(2, args[0].dim()))
+        return function(args[0], dim=axes, keepdim=True)
+
+    return pool
+
+
+def _amax(x: Tensor, dim: list[int], keepdim: bool) -> Tensor:
+    """The maximum over ``dim``."""
+    return torch.amax(x, dim=dim, keepdim=keepdim)
+
+
+def _flatten(node: ir.Node, args: list) -> Tensor:
+    """Flatten to 2-D at ``axis``."""
+    x = args[0]
+    axis = _int(node, "axis", 1) % (x.dim() + 1)
+    return x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), -1)
+
+
+def _clip(node: ir.Node, args: list) -> Tensor:
+    """Clip to [min, max], bounds as inputs (opset 11+) or attributes (opset 6)."""
+    low = args[1] if len(args) > 1 and args[1] is not None else node.attributes.get("min")
+    high = args[2] if len(args) > 2 and args[2] is not None else node.attributes.get("max")
+    low, high = (b.as_float() if isinstance(b, ir.Attr) else b for b in (low, high))
+    return torch.clamp(args[0], low, high)
+
+
+def _batch_norm(node: ir.Node, args: list) -> Tensor:
+    """BatchNormalization in inference mode (running mean and variance)."""
+    x, scale, bias, mean, variance = args[:5]
+    return torch.nn.functional.batch_norm(x, mean, variance, scale, bias, False, 0.0, _float(node, "epsilon", 1e-5))
+
+
+def _leaky_relu(node: ir.Node, args: list) -> Tensor:
+    """LeakyRelu with slope ``alpha``."""
+    return torch.nn.functional.leaky_relu(args[0], _float(node, "alpha", 0.01))
+
+
+def _hard_sigmoid(node: ir.Node, args: list) -> Tensor:
+    """HardSigmoid: max(0, min(1, alpha·x + beta))."""
+    return torch.clamp(_float(node, "alpha", 0.2) * args[0] + _float(node, "beta", 0.5), 0.0, 1.0)
+
+
 def _variadic(function: Callable[[Tensor, Tensor], Tensor]) -> Op:
     """Max/Min/Sum over any number of inputs."""
 
@@ -300,6 +436,17 @@ OPS: dict[str, Op] = {
     "Pow": _binary(torch.pow),
     "MatMul": _binary(torch.matmul),
     "Gemm": _gemm,
+    "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
+    "MaxPool": lambda node, args: _pool(node, args, True),
+    "AveragePool": lambda node, args: _pool(node, args, False),
+    "GlobalAveragePool": _global_pool(torch.mean),
+    "GlobalMaxPool": _global_pool(_amax),
+    "Flatten": _flatten,
+    "Clip": _clip,
+    "BatchNormalization": _batch_norm,
+    "LeakyRelu": _leaky_relu,
+    "HardSigmoid": _hard_sigmoid,
     "Sqrt": _unary(torch.sqrt),
     "Erf": _unary(torch.erf),
     "Cos": _unary(torch.cos),

@@ -17,7 +17,7 @@ from graphquant.analysis import conv_ranges
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.conv_gram import ConvGeometry, ConvGrams, SequentialConvGrams
 from graphquant.analysis.flexround import DEFAULT_STEPS, FlexRoundSettings, flexround_round
-from graphquant.analysis.gptq import conv_weight_fit, gptq_round
+from graphquant.analysis.gptq import conv_weight_fit, gptq_round, grouped_gptq_round
 from graphquant.analysis.layers import Candidate, Layer, candidates, scale_groups
 from graphquant.analysis.sensitive_layers import matching_layers
 from graphquant.analysis.stats import CalibrationStats, TensorStats
@@ -27,6 +27,8 @@ from graphquant.analysis.weight_fit import (
     fit_weight_spec,
     from_in_major,
     in_major,
+    output_error_ranges,
+    round_trip,
     row_energy,
     spec_from_ranges,
 )
@@ -92,10 +94,11 @@ class QuantizePass(ir.passes.InPlacePass):
     fields or a named scheme (SCHEMES: float, w8a8, w4a8, w8, w4) on the layers it matches; later overrides win.
     ``keep_8bit`` globs (node names, or analysis/sensitive_layers.py's roles such as ``@depthwise``) give the
     layers they match 8-bit weights, after the overrides.
-    ``rounding`` (ROUNDINGS; default "gptq" if ``gptq`` else "nearest") overrides ``gptq``; under the FlexRound
-    roundings (analysis/flexround.py, ``flexround_steps`` Adam steps per layer) conv weights get GPTQ.
-    "flexround-block" (analysis/flexround_block.py, needs torch and float activations) refits the 2-D weights' GPTQ
-    codes block by block, ``flexround_steps`` Adam steps per block of at least ``flexround_block_layers`` layers.
+    ``rounding`` (ROUNDINGS; default "gptq" if ``gptq`` else "nearest") overrides ``gptq``; under the per-layer
+    FlexRound roundings (analysis/flexround.py, ``flexround_steps`` Adam steps per layer) conv weights get GPTQ.
+    "flexround-block" (analysis/flexround_block.py, needs torch) refits the 2-D and conv weights' GPTQ codes (a
+    depthwise conv's: its output-error grid's) block by block, ``flexround_steps`` Adam steps per block of at least
+    ``flexround_block_layers`` layers, the layers' activations on their grids; its convs keep their float bias.
     ``gptq_sequential`` fits conv weights one layer at a time, in graph order, on the inputs of the model quantized
     so far, against the float model's outputs, and moves each conv's bias by its remaining mean output error
     (analysis/conv_gram.py's SequentialConvGrams).
@@ -130,7 +133,7 @@ class QuantizePass(ir.passes.InPlacePass):
         if rounding is not None and rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
         if rounding == "flexround-block":
-            _check_block_rounding(abits, overrides)
+            _check_block_rounding()
         self.calibrator = calibrator
         self.defaults = LayerOptions(
             wbits,
@@ -298,6 +301,8 @@ class QuantizePass(ir.passes.InPlacePass):
         conv_grams = grams.gram(layer)
         if conv_grams is not None and self._uses_gptq(layer):
             target = grams.target(layer)
+            if self.rounding == "flexround-block":
+                return self._conv_block_start(graph, names, layer, scheme, conv_grams, target)
             spec, rounded, suffix = conv_weight_fit(layer, scheme, conv_grams, self.gptq_act_order, target)
             if rounded is not None:  # snapped onto the spec's grid, as below
                 replace_weight(graph, names, layer, spec.dequantize(spec.quantize(rounded)), "gptq")
@@ -338,6 +343,38 @@ class QuantizePass(ir.passes.InPlacePass):
         )
         return rounded, low, high, suffix + f" FlexRound {self.flexround.steps} steps"
 
+    def _conv_block_start(
+        self,
+        graph: ir.Graph,
+        names: NameScope,
+        layer: Layer,
+        scheme: WeightScheme,
+        conv_grams: np.ndarray,
+        target: np.ndarray | None,
+    ) -> tuple[QuantSpec, str]:
+        """A Conv weight's start for block-wise FlexRound, rounded as conv_weight_fit rounds it (GPTQ per group,
+        depthwise: output-error grids), the bias left float: the blocks fit the float model's outputs."""
+        matrix = in_major(layer) if target is None else target
+        if layer.node.op_type == "Conv" and layer.weight_array.shape[1] == 1:
+            low, high = output_error_ranges(matrix, conv_grams, scheme.bits, scheme.symmetric)
+            start, suffix = (round_trip(matrix, low, high, scheme.bits, scheme.symmetric), low, high), " output-error"
+        else:
+            start = grouped_gptq_round(
+                matrix,
+                conv_grams,
+                scheme.bits,
+                scheme.symmetric,
+                block_rows(layer, scheme),
+                scheme.clip_search,
+                self.gptq_act_order,
+            )
+            suffix = " GPTQ act-order" if self.gptq_act_order else " GPTQ"
+        self._fits.append((self._layer_fit(layer, scheme, start), scheme))
+        spec = spec_from_ranges(layer, scheme, start[1], start[2])
+        replace_weight(graph, names, layer, spec.dequantize(spec.quantize(from_in_major(layer, start[0]))), "gptq")
+        suffix += ("" if target is None else " sequential") + f", block-wise FlexRound {self.flexround.steps} steps"
+        return spec, scheme.describe(layer) + suffix
+
     def _layer_fit(self, layer: Layer, scheme: WeightScheme, start: tuple[np.ndarray, np.ndarray, np.ndarray]) -> Any:
         """The layer's float weights and GPTQ's start, for block-wise FlexRound."""
         from graphquant.analysis.flexround_block import LayerFit
@@ -350,8 +387,9 @@ class QuantizePass(ir.passes.InPlacePass):
 
         assert self.calibrator is not None
         settings = BlockSettings(self.flexround.steps, layers=self.flexround_block_layers)
-        results = refine(graph, list(self.calibrator.data), [fit for fit, _ in self._fits], settings)
-        for fit, scheme in self._fits:
+        fits = [(_with_activation_grid(fit), scheme) for fit, scheme in self._fits]
+        results = refine(graph, list(self.calibrator.data), [fit for fit, _ in fits], settings)
+        for fit, scheme in fits:
             rounded, low, high = results[id(fit)]
             layer = fit.layer
             spec = spec_from_ranges(layer, scheme, low, high)
@@ -421,10 +459,14 @@ def _quantized_by_an_earlier_pass(node: ir.Node) -> bool:
     return decision is not None and decision.status == "quantized"
 
 
-def _check_block_rounding(abits: int | None, overrides: Sequence[NodeOverride]) -> None:
-    """Block-wise FlexRound fits weights under float activations, with torch."""
-    if abits or any(_expanded(o).get("abits") for o in overrides):
-        raise ValueError("rounding 'flexround-block' fits weights with float activations: it takes abits 0")
+def _with_activation_grid(fit: Any) -> Any:
+    """A LayerFit with its layer's activation grid, where the layer has one."""
+    spec = fit.layer.node.meta[INPUT_SPECS_KEY].get(fit.layer.activation_index)
+    return fit if spec is None else dataclasses.replace(fit, activation=spec)
+
+
+def _check_block_rounding() -> None:
+    """Block-wise FlexRound runs the blocks in torch."""
     if importlib.util.find_spec("torch") is None:
         raise ValueError("rounding 'flexround-block' needs torch: pip install 'graphquant[torch]'")
 
