@@ -373,7 +373,9 @@ def textbook_gptq(matrix: np.ndarray, gram: np.ndarray, bits: int, block: int, a
         if act_order:
             ranges = static[0][order[row] // block], static[1][order[row] // block]
         elif row % block == 0:
-            low, high = fit_ranges(weights[row : row + block], energy[order[row : row + block]], bits, False, block, False)
+            low, high = fit_ranges(
+                weights[row : row + block], energy[order[row : row + block]], bits, False, block, False
+            )
             ranges = low[0], high[0]
         rounded[row] = round_trip(weights[row], *ranges, bits, False)
         weights[row + 1 :] -= np.outer(upper[row, row + 1 :], (weights[row] - rounded[row]) / upper[row, row])
