@@ -591,8 +591,9 @@ def test_onnxruntime_log_lines_stay_off_the_terminal(files, capfd, monkeypatch):
     ort.set_default_logger_severity(2)  # onnxruntime's default, whatever an earlier test set
     make_options = graphquant.analysis.runner.session_options
 
-    def logging_options() -> ort.SessionOptions:
-        options = make_options()  # a thread affinity that fails makes onnxruntime's default logger print an error
+    def logging_options(prepack: bool = False) -> ort.SessionOptions:
+        # a thread affinity that fails makes onnxruntime's default logger print an error
+        options = make_options(prepack)
         options.intra_op_num_threads = 2
         options.add_session_config_entry("session.intra_op_thread_affinities", "900")
         return options

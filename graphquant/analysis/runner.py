@@ -36,6 +36,8 @@ SHARED_LOCATION = "shared-initializers.bin"
 # Models with fewer initializer bytes keep their weights in memory while their own session holds a copy (park).
 PARKED_MODEL_BYTES = 64 << 20
 PARKED_LOCATION = "parked-weights.bin"
+# Ops whose numerics depend on prepacked weights (runs_prepacked).
+PREPACK_SENSITIVE_OPS = frozenset({"MatMulNBits", "DequantizeLinear"})
 # Models that share weights run in segments of about 1 / SEGMENTS of their weight bytes each (see open_segmented).
 SEGMENTS = 4
 # The file a recorded run's feeds and outputs wait in (recorded_runs).
@@ -84,6 +86,16 @@ def shares_weights(model: ir.Model) -> bool:
     return initializer_bytes(model) > SHARED_MODEL_BYTES or has_mapped_data(model)
 
 
+def runs_prepacked(model: ir.Model) -> bool:
+    """Whether onnxruntime computes the model differently with its weights prepacked, as deployed sessions have them.
+
+    A MatMulNBits at accuracy_level 4 quantizes its input to int8 per block only when its weight is prepacked;
+    unpacked, it computes in float. onnxruntime also fuses a DequantizeLinear weight into its MatMul as such a
+    MatMulNBits, so any DequantizeLinear counts.
+    """
+    return any(node.op_type in PREPACK_SENSITIVE_OPS for node in ir.traversal.RecursiveGraphIterator(model.graph))
+
+
 @contextlib.contextmanager
 def inlined_mapped_data(model: ir.Model) -> Iterator[None]:
     """The model with its memory-mapped initializers as in-memory tensors (views of the mapping) for a while."""
@@ -96,13 +108,14 @@ def inlined_mapped_data(model: ir.Model) -> Iterator[None]:
         yield
 
 
-def session_options() -> ort.SessionOptions:
-    """Quiet CPU options that keep one copy of the weights: no prepacked duplicates, external data memory-mapped;
-    idle intra-op threads sleep rather than spin (spinning takes CPU from everything else on a loaded machine; the
-    outputs are the same)."""
+def session_options(prepack: bool = False) -> ort.SessionOptions:
+    """Quiet CPU options; idle intra-op threads sleep rather than spin (spinning takes CPU from everything else on a
+    loaded machine; the outputs are the same). Without ``prepack`` they keep one copy of the weights: no prepacked
+    duplicates, external data memory-mapped. With it, kernels prepack their weights as a deployed session does
+    (runs_prepacked says where that changes the numbers)."""
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: a failed run raises, and graphquant reports it in one line
-    options.add_session_config_entry("session.disable_prepacking", "1")
+    options.add_session_config_entry("session.disable_prepacking", "0" if prepack else "1")
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
@@ -147,7 +160,8 @@ def open_session(
     release_mappings(model)
     proto = _session_proto(model, shared)
     proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra_outputs if n not in output_names)
-    options = session_options()
+    # The shared-buffer path stays unpacked: prepacking would copy every weight (see its note in the README).
+    options = session_options(prepack=not large and runs_prepacked(model))
     if parks:
         # The arena would keep each run's largest buffers (a float copy of a weight behind its DequantizeLinear).
         options.enable_cpu_mem_arena = False

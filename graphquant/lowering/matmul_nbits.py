@@ -72,8 +72,18 @@ def _power_of_two_block(block_size: int) -> bool:
 
 
 def kernel_block(spec: QuantSpec, depth: int) -> int:
-    """MatMulNBits' block along K: the spec's block, or one block that covers K (covering_block)."""
-    return spec.block_size or covering_block(depth)
+    """MatMulNBits' block along K: the spec's block, or per_channel_block's for per-channel codes."""
+    return spec.block_size or per_channel_block(depth, container_bits(spec.bits))
+
+
+def per_channel_block(depth: int, width: int) -> int:
+    """The power-of-two block (16 on) that stores a column's K = ``depth`` codes of ``width`` bits in the fewest bytes.
+
+    Each block stores its codes, padded past K, and a float scale: the column's one scale, repeated. K = 384 takes
+    blocks of 128 (396 bytes at 8 bits) rather than one of 512 (516 bytes); ties go to the larger block.
+    """
+    blocks = [1 << power for power in range(covering_block(depth).bit_length() - 1, 3, -1)]
+    return min(blocks, key=lambda block: -(-depth // block) * (block * width // 8 + 4))
 
 
 def covering_block(depth: int) -> int:
@@ -124,13 +134,14 @@ def _replace(graph: ir.Graph, names: NameScope, layer: Layer, accuracy_level: in
     spec = specs[layer.weight_index]
     codes = stored_codes(spec, layer.weight)
     scale, zero_point = spec.scale, spec.zero_point
-    if spec.block_size is None:
-        scale, zero_point = scale[:, None], zero_point[:, None]
-    elif layer.in_axis == 0:
-        scale, zero_point = scale.T, zero_point.T
     rows_by_k = codes.T if layer.in_axis == 0 else codes  # MatMulNBits stores B as [N, K]
     columns, depth = rows_by_k.shape
     block = kernel_block(spec, depth)
+    if spec.block_size is None:  # each column's scale and zero point, repeated for each of its blocks
+        count = -(-depth // block)
+        scale, zero_point = (np.repeat(array[:, None], count, axis=1) for array in (scale, zero_point))
+    elif layer.in_axis == 0:
+        scale, zero_point = scale.T, zero_point.T
     width = container_bits(spec.bits)
     blocks, stored_points = unsigned_blocks(rows_by_k, zero_point, spec, width, block)
     base = layer.weight.name or "weight"

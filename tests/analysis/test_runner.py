@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 from builders import build, feeds, mlp, mlp_reference, weights
 
@@ -188,3 +189,48 @@ def test_a_small_models_weights_reach_the_session_unserialized_and_optimized_as_
     # Constant folding computed Transpose(w) from the real weight (a placeholder's zeros would give zeros).
     np.testing.assert_array_equal(got, full.run(None, x)[0])
     np.testing.assert_allclose(got, x["x"] @ model.graph.initializers["w"].const_value.numpy().T, rtol=1e-5)
+
+
+def _weight_only(accuracy_level: int) -> ir.Model:
+    """x[16, 64] @ an 8-bit MatMulNBits weight [64 -> 8] in blocks of 32, with the given accuracy_level."""
+    rng = np.random.default_rng(4)
+    node = onnx.helper.make_node(
+        "MatMulNBits",
+        ["x", "b", "s"],
+        ["y"],
+        domain="com.microsoft",
+        K=64,
+        N=8,
+        bits=8,
+        block_size=32,
+        accuracy_level=accuracy_level,
+    )
+    graph = onnx.helper.make_graph(
+        [node],
+        "weight_only",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [16, 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [16, 8])],
+        [
+            onnx.numpy_helper.from_array(rng.integers(0, 256, (8, 2, 32), dtype=np.uint8), "b"),
+            onnx.numpy_helper.from_array((rng.random(16) + 0.5).astype(np.float32) * 0.01, "s"),
+        ],
+    )
+    opsets = [onnx.helper.make_opsetid("", 21), onnx.helper.make_opsetid("com.microsoft", 1)]
+    return ir.from_proto(onnx.helper.make_model(graph, opset_imports=opsets))
+
+
+def test_sessions_compute_matmul_nbits_as_a_deployed_session_does():
+    # accuracy_level 4 rounds x to int8 per block only with its weight prepacked (onnxruntime's default); a channel
+    # 50x the others makes that rounding visible against the float compute of level 0.
+    x = {"x": np.random.default_rng(5).standard_normal((16, 64)).astype(np.float32)}
+    x["x"][:, 3] *= 50
+    deployed = ort.InferenceSession(
+        ir.to_proto(_weight_only(4)).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    with runner.open_session(_weight_only(4)) as session:
+        got = session.run(None, x)[0]
+    with runner.open_session(_weight_only(0)) as session:
+        float_compute = session.run(None, x)[0]
+    np.testing.assert_array_equal(got, deployed.run(None, x)[0])
+    assert np.abs(got - float_compute).max() > 1e-3 * np.abs(float_compute).max()
+    assert runner.runs_prepacked(_weight_only(4)) and not runner.runs_prepacked(mlp(np.random.default_rng(0)))

@@ -6,10 +6,15 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-
 from builders import build, run, weights
+
 from graphquant.analysis.calibration import Calibrator
-from graphquant.lowering.matmul_nbits import MatMulNBitsLoweringPass, container_bits, pack_low_first
+from graphquant.lowering.matmul_nbits import (
+    MatMulNBitsLoweringPass,
+    container_bits,
+    pack_low_first,
+    per_channel_block,
+)
 from graphquant.lowering.qdq import QdqLoweringPass
 from graphquant.passes.quantize import QuantizePass
 
@@ -54,8 +59,9 @@ def lowered_pair(options: dict, accuracy_level: int, rng_seed: int = 0) -> tuple
         {"wbits": 2, "block_size": 64, "weight_symmetric": False},
         {"wbits": 8, "block_size": 32},
         {"wbits": 4},
+        {"wbits": 8, "weight_symmetric": False},
     ],
-    ids=["w4-sym", "w4-asym", "w3-asym-in-4", "w2-asym", "w8-sym", "w4-per-channel"],
+    ids=["w4-sym", "w4-asym", "w3-asym-in-4", "w2-asym", "w8-sym", "w4-per-channel", "w8-asym-per-channel"],
 )
 def test_matmul_nbits_equals_the_qdq_form_of_the_same_specs(options):
     reference, model, data = lowered_pair({**options, "abits": 0}, accuracy_level=0)
@@ -63,7 +69,9 @@ def test_matmul_nbits_equals_the_qdq_form_of_the_same_specs(options):
     assert [node.op_type for node in model.graph] == ["MatMulNBits", "MatMulNBits"]  # the bias Add fused
     fused = model.graph.node("fc1")
     assert fused.attributes.get_int("bits") == container_bits(options["wbits"])
-    assert fused.attributes.get_int("block_size") == options.get("block_size", 128)  # per-channel: one block >= K
+    # per channel, K = 80: blocks of 32 at 4 bits (16 codes of padding), of 16 at 8; the column's scale repeated
+    per_channel = {4: 32, 8: 16}.get(options["wbits"])
+    assert fused.attributes.get_int("block_size") == options.get("block_size", per_channel)
     for feed in data:
         for expected, got in zip(run(reference, feed, optimize=False), run(model, feed)):
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -94,6 +102,13 @@ def test_w8a8_layers_are_left_for_matmul_integer_to_float():
     data = [{"x": rng.standard_normal((16, 80)).astype(F32)}]
     QuantizePass(Calibrator.for_model(model, data, show_progress=False), wbits=8, abits=8)(model)
     assert not MatMulNBitsLoweringPass()(model).modified
+
+
+@pytest.mark.parametrize(
+    ("depth", "width", "block"), [(384, 8, 128), (1536, 8, 512), (384, 4, 128), (80, 4, 32), (80, 8, 16), (10, 8, 16)]
+)
+def test_per_channel_codes_take_the_block_that_stores_them_in_the_fewest_bytes(depth, width, block):
+    assert per_channel_block(depth, width) == block
 
 
 def test_packing_puts_the_first_code_in_the_low_bits():
