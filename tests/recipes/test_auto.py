@@ -19,8 +19,10 @@ from graphquant.recipes.auto import (
     Judge,
     Point,
     Settings,
+    _miss_correction,
     _next_choice,
     _one_layer,
+    _probe_index,
     _point,
     _scheme_bytes,
     drop_exporter_metadata,
@@ -402,6 +404,26 @@ def test_after_a_pass_the_search_steps_down_where_the_measured_error_leaves_room
     for measured, expected in ((0.001, {"a": 1, "b": 1}), (0.003, None)):
         point = Point("outliertune", {}, 0.001, measured, 5.0, 500, True)
         assert _next_choice(units, choice, errors, point, settings) == expected
+
+
+def test_a_miss_over_the_budget_itself_lowers_the_aim_by_the_models_shortfall():
+    units = [Unit("a", (Option("float", 0.0, 4.0, 400), Option("w8a8", 0.001, 1.0, 100)))]
+    choice, settings, errors = {"a": 1}, Settings(max_drop=0.01), ErrorModel(5.0)  # predicts 0.005 at the choice
+    over = Point("outliertune", {}, 0.005, 0.02, 1.0, 100, False, error_bound=0.02)
+    by_the_bound = Point("outliertune", {}, 0.005, 0.009, 1.0, 100, False, error_bound=0.011)
+    # 0.9 x the budget x error / bound, then x 0.005 / 0.02 where the measured error itself is over the budget
+    assert _miss_correction(units, choice, errors, over, settings) == pytest.approx(0.9 * 0.01 * 0.25)
+    assert _miss_correction(units, choice, errors, by_the_bound, settings) == pytest.approx(0.9 * 0.01 * 9 / 11)
+
+
+def test_the_gain_probe_is_the_most_accurate_of_the_cheap_options_not_one_just_below_float():
+    options = (
+        Option("float", 0.0, 10.0, 400),
+        Option("w8a8", 0.001, 3.0, 100),
+        Option("w4a8", 0.05, 2.5, 50),
+        Option("w8", 0.0005, 8.0, 100),  # cheaper than float, but past the middle of 2.5..10
+    )
+    assert options[_probe_index(Unit("a", options))].scheme == "w8a8"
 
 
 def test_the_exporters_debugging_metadata_is_dropped_and_other_metadata_kept(chain):
