@@ -238,10 +238,17 @@ def optimize(
 
 
 def _reference_names(model: ir.Model) -> list[str]:
-    """The float model's tensors a validation may compare: its outputs and the full outputs of its layers."""
-    outputs = [value.name or "" for value in model.graph.outputs]
-    layers = [layer_output(found.node).name or "" for found in candidates(model.graph) if found.layer is not None]
-    return list(dict.fromkeys([*outputs, *layers]))
+    """The float model's tensors a validation may compare: its outputs, the full outputs of its layers and the
+    Relu/Clip after one (a codes probe's reference, see _codes_probe)."""
+    names = [value.name or "" for value in model.graph.outputs]
+    for found in candidates(model.graph):
+        if found.layer is not None:
+            output = layer_output(found.node)
+            readers = list(output.consumers())
+            names.append(output.name or "")
+            if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip"):
+                names.append(readers[0].outputs[0].name or "")
+    return list(dict.fromkeys(names))
 
 
 def _validation_source(given: CalibrationSource | None, is_auto: bool, calibrated: bool) -> str | None:
