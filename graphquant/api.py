@@ -73,6 +73,7 @@ from graphquant.report import (
     reference_layers,
     source_text,
 )
+from graphquant.rewrites import layer_output
 from graphquant.validate import DEFAULT_MIN_COSINE, Probe, ReferenceLoadError, compare_models
 
 # Integer ops whose inputs 6 and 7 are the per-tensor grid (scale, zero point) of their uint8 output codes.
@@ -163,6 +164,8 @@ def optimize(
     if calibration is not None:
         cluster = distributed.connect(ray_address, workers)
         calibrator = CachingCalibrator.for_model(model, calibration, show_progress, cluster)
+        if settings is None and validation is None and validate_on == "onnxruntime":
+            calibrator.expect_reference(model, _reference_names(model))  # validation then runs on the same feeds
     search: auto.Search | None = None
     timings = Timings(load=model.meta.get(LOAD_SECONDS_KEY))
     given_validation = validation
@@ -222,6 +225,8 @@ def optimize(
             _validate_into(report, model, candidate, checker, threshold, validate_on)
         timings.validation = time.perf_counter() - start
         report.data["validation"] = data_size(checker.data)
+    if calibrator is not None:
+        calibrator.drop_reference()
     release_mappings(model)  # the pages of memory-mapped weights read so far (both models share the tensors)
     if report.failures and not keep_failed:
         more = f" (and {len(report.failures) - 1} more)" if len(report.failures) > 1 else ""
@@ -230,6 +235,20 @@ def optimize(
             "threshold, keep_failed / --keep-failed writes it anyway)"
         )
     return OptimizeResult(candidate, report)
+
+
+def _reference_names(model: ir.Model) -> list[str]:
+    """The float model's tensors a validation may compare: its outputs, the full outputs of its layers and the
+    Relu/Clip after one (a codes probe's reference, see _codes_probe)."""
+    names = [value.name or "" for value in model.graph.outputs]
+    for found in candidates(model.graph):
+        if found.layer is not None:
+            output = layer_output(found.node)
+            readers = list(output.consumers())
+            names.append(output.name or "")
+            if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip"):
+                names.append(readers[0].outputs[0].name or "")
+    return list(dict.fromkeys(names))
 
 
 def _validation_source(given: CalibrationSource | None, is_auto: bool, calibrated: bool) -> str | None:
@@ -524,6 +543,7 @@ def _compare_into(
         probes=probes,
         labels=labels,
         executor=executor,
+        recorded=calibrator.reference_outputs(),
     )
     report.outputs = {value.name or "": metrics[value.name or ""] for value in reference.graph.outputs}
     report.layer_metrics = {node: metrics[output] for node, output in layer_outputs.items()}

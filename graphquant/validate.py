@@ -15,7 +15,7 @@ import onnxruntime as ort
 from graphquant import progress
 from graphquant.analysis import openvino_run
 from graphquant.analysis.data import Feed
-from graphquant.analysis.runner import open_session, recorded_runs, run_views
+from graphquant.analysis.runner import RecordedOutputs, open_session, recorded_runs, run_views
 from graphquant.errors import InvalidModelError
 
 # The cosine every output must reach against the float model. A whole output counts every position, padding included:
@@ -147,12 +147,15 @@ def compare_models(
     probes: Mapping[str, Probe] | None = None,
     labels: tuple[str, str] = ("the reference model", "the candidate model"),
     executor: str = "onnxruntime",
+    recorded: RecordedOutputs | None = None,
 ) -> dict[str, TensorComparison]:
     """Run both models on the same feeds; compare every graph output, the named tensors and the probes.
 
     ``labels`` name the two models in errors; a reference the executor cannot load raises ReferenceLoadError.
     ``executor`` "openvino" runs both on OpenVINO's CPU plugin: the reference in float32, the candidate with the
-    plugin's defaults (as deployed), both loaded at once.
+    plugin's defaults (as deployed), both loaded at once. ``recorded`` holds the reference's outputs on these feeds,
+    recorded by a run of the same computation (CachingCalibrator.expect_reference): onnxruntime's reference run is
+    left out where it holds every tensor compared.
     """
     openvino_run.check_executor(executor)
     outputs = [value.name or "" for value in reference.graph.outputs]
@@ -165,8 +168,13 @@ def compare_models(
         list(dict.fromkeys([*names, *(probe.reference for probe in probes.values())])),
         list(dict.fromkeys([*names, *(probe.candidate for probe in probes.values())])),
     )
-    paired = _openvino_runs if executor == "openvino" else _onnxruntime_runs
-    with paired(reference, candidate, wanted, feeds, labels) as runs:
+    if executor == "openvino":
+        paired = _openvino_runs(reference, candidate, wanted, feeds, labels)
+    elif recorded is not None and recorded.holds(wanted[0]):
+        paired = _recorded_runs(recorded, candidate, wanted, labels)
+    else:
+        paired = _onnxruntime_runs(reference, candidate, wanted, feeds, labels)
+    with paired as runs:
         for expected, actual in runs:
             for name in names:
                 comparisons[name].update(expected[name], actual[name], rtol, atol)
@@ -201,6 +209,20 @@ def _onnxruntime_runs(
         yield (
             (dict(zip(wanted[0], recorded)), _run(candidate_session, wanted[1], feed, labels[1]))
             for feed, recorded in progress.bar(runs, "validation: candidate", total=reference_feeds.n, unit="batch")
+        )
+        del candidate_session  # before open_session reads the parked weights back
+
+
+@contextlib.contextmanager
+def _recorded_runs(
+    recorded: RecordedOutputs, candidate: ir.Model, wanted: tuple[list[str], list[str]], labels: tuple[str, str]
+) -> Iterator[Iterator[tuple[Outputs, Outputs]]]:
+    """Each recorded feed's reference tensors, and the candidate's from onnxruntime on that feed."""
+    with contextlib.ExitStack() as stack:
+        candidate_session = _enter(stack, open_session(candidate, wanted[1], park=True), labels[1], InvalidModelError)
+        yield (
+            (dict(zip(wanted[0], outputs)), _run(candidate_session, wanted[1], feed, labels[1]))
+            for feed, outputs in progress.bar(recorded.replay(wanted[0]), "validation: candidate", unit="batch")
         )
         del candidate_session  # before open_session reads the parked weights back
 

@@ -21,8 +21,10 @@ from builders import (
 )
 
 import graphquant
-from graphquant import rewrites
+from graphquant import rewrites, validate
+from graphquant.analysis import runner
 from graphquant.analysis.layers import migratable_groups
+from graphquant.analysis.stats_cache import CachingCalibrator
 from graphquant.cli import main
 from graphquant.passes.preexecute_dequant import PreexecuteDequantPass
 from graphquant.passes.quantize import QuantizePass
@@ -246,3 +248,24 @@ def test_llm_w8a8_with_per_token_scales_on_every_llama_group_stays_close_to_floa
     assert row_scaled >= sum(len(group.layers) for group in groups) - 1  # every layer (lm_head may be no layer)
     assert output_sqnr_db(model, dynamic.model, held_out) > output_sqnr_db(model, static.model, held_out)
     assert output_sqnr_db(model, dynamic.model, held_out) > 30
+
+
+def test_a_large_llms_validation_reuses_the_float_outputs_its_calibration_recorded(llama_exports, monkeypatch):
+    """The first calibration run records the float model's outputs (lm_head reads the tied embedding through a
+    Transpose there, an initializer after fold-constants), so validation runs only the candidate: the same metrics
+    and the same model. (The legacy export's attention mask folds through arithmetic: its reference still runs.)"""
+    monkeypatch.setattr(runner, "SHARED_MODEL_BYTES", 0)  # unoptimized sessions, as for a large model
+    model = ir.load(llama_exports("prefill", "dynamo"))
+    options = {"calibration": token_feeds(40), "target": "ort-cpu", "show_progress": False}
+    with monkeypatch.context() as patch:
+        patch.setattr(CachingCalibrator, "expect_reference", lambda self, model, names: None)
+        ran = graphquant.optimize(model, "outliertune", **options)
+    monkeypatch.setattr(validate, "recorded_runs", None)  # the reference run would fail
+    reused = graphquant.optimize(model, "outliertune", **options)
+    assert ir.to_proto(reused.model).SerializeToString() == ir.to_proto(ran.model).SerializeToString()
+    for got, expected in (
+        (reused.report.outputs, ran.report.outputs),
+        (reused.report.layer_metrics, ran.report.layer_metrics),
+    ):
+        assert {name: c.as_dict() for name, c in got.items()} == {name: c.as_dict() for name, c in expected.items()}
+    assert len(reused.report.layer_metrics) == len(reused.report.quantized) > 0

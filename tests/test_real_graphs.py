@@ -14,6 +14,9 @@ import pytest
 from builders import build, by_name, output_sqnr_db, run, sqnr_db, weights
 
 import graphquant
+from graphquant import validate
+from graphquant.analysis import runner
+from graphquant.analysis.stats_cache import CachingCalibrator
 from graphquant.errors import RecipeError
 from graphquant.passes.upgrade_opset import UpgradeOpsetPass
 
@@ -174,6 +177,24 @@ def test_a_fused_layer_is_measured_on_its_dequantized_codes_against_the_referenc
     expected = np.concatenate([run(reference, feed)[1] for feed in wide])
     dequantized = np.clip(codes, 0, 2**bits - 1) * scale
     assert result.report.layer_metrics["conv_a"].sqnr_db == pytest.approx(sqnr_db(expected, dequantized), abs=1e-3)
+
+
+def test_a_fused_layers_reference_activation_is_recorded_with_the_calibration(monkeypatch):
+    """A model that runs unoptimized (here: forced) records the Relu after a fused conv too, for its codes probe."""
+    monkeypatch.setattr(runner, "SHARED_MODEL_BYTES", 0)
+    model = resnet_block()
+    data = [{"x": gaussian((4, 3, 12, 12), seed)} for seed in range(3)]
+    options = {"target": "ort-cpu", "show_progress": False}
+    with monkeypatch.context() as patch:
+        patch.setattr(CachingCalibrator, "expect_reference", lambda self, model, names: None)
+        ran = graphquant.optimize(model, "w8a8", data, **options)
+    monkeypatch.setattr(validate, "recorded_runs", None)  # the reference run would fail
+    reused = graphquant.optimize(model, "w8a8", data, **options)
+    assert by_name(reused.model)["conv_a"].op_type == "QLinearConv"
+    assert reused.report.layer_metrics["conv_a"].as_dict() == ran.report.layer_metrics["conv_a"].as_dict()
+    assert {n: c.as_dict() for n, c in reused.report.outputs.items()} == {
+        n: c.as_dict() for n, c in ran.report.outputs.items()
+    }
 
 
 LINEARS = """

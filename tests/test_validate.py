@@ -9,6 +9,8 @@ import pytest
 from builders import build, feeds, mlp
 
 from graphquant import validate
+from graphquant.analysis import runner
+from graphquant.analysis.stats_cache import CachingCalibrator
 from graphquant.validate import TensorComparison, compare_models
 
 
@@ -107,6 +109,21 @@ def test_compare_models_on_two_different_models():
         assert not results[name].within_tolerance
     assert results["h"].max_abs_error == pytest.approx(0.1 * np.abs(x).max(), rel=1e-5)
     assert results["y"].max_abs_error == pytest.approx(0.1 * x.max(), rel=1e-5)
+
+
+def test_a_reference_recorded_while_calibrating_compares_as_its_own_run(monkeypatch):
+    monkeypatch.setattr(runner, "SHARED_MODEL_BYTES", 0)  # unoptimized sessions, as for a large model
+    rng = np.random.default_rng(3)
+    data = feeds(rng, batches=3, rows=5, features=4)
+    reference, candidate = scaled(2.0), scaled(2.1)
+    ran = compare_models(reference, candidate, data, tensors=["h"])
+    calibrator = CachingCalibrator.for_model(reference, data, False)
+    calibrator.expect_reference(reference, ["y", "h"])
+    calibrator.collect(reference.clone(), ["x"])
+    monkeypatch.setattr(validate, "recorded_runs", None)  # no reference run: it would fail
+    reused = compare_models(reference, candidate, data, tensors=["h"], recorded=calibrator.reference_outputs())
+    assert {name: c.as_dict() for name, c in reused.items()} == {name: c.as_dict() for name, c in ran.items()}
+    calibrator.drop_reference()
 
 
 def test_compare_models_on_identical_models():

@@ -11,7 +11,7 @@ import onnx_ir as ir
 
 from graphquant import progress
 from graphquant.analysis.data import CalibrationData, CalibrationSource, InputSpec
-from graphquant.analysis.runner import open_segmented
+from graphquant.analysis.runner import RecordedOutputs, open_segmented
 from graphquant.analysis.stats import CalibrationStats, TensorStats
 from graphquant.errors import CalibrationError
 
@@ -47,6 +47,7 @@ class Calibrator:
         gram_names: Sequence[str] = (),
         observe: Callable[[str, np.ndarray], None] | None = None,
         histogram: bool = True,
+        recording: RecordedOutputs | None = None,
     ) -> CalibrationStats:
         """Run the model over the data once and reduce the named tensors per batch (keeping a bounded row sample).
 
@@ -54,25 +55,36 @@ class Calibrator:
         every float batch of the named tensors (e.g. analysis/conv_gram.py's im2col Grams). With a cluster, the batches
         run on its workers, except under ``observe``, which needs them here. ``histogram`` False says the caller reads
         no |x| histogram (a caching calibrator may then answer with derived statistics; these are always exact).
+        A ``recording`` (run here, not on a cluster) also keeps its tensors of every feed, unreduced unless named.
         """
         names = sorted(set(tensor_names))
         stats = CalibrationStats()
         if not names:
             return stats
         feeds = progress.bar(self.data, "calibrating", unit="batch", show=self.show_progress)
-        if self.cluster is not None and observe is None:
+        if self.cluster is not None and observe is None and recording is None:
             stats = self.cluster.collect(model, names, feeds, sample_rows, gram_names)
         else:
-            with open_segmented(model, names) as run:
+            recorded = [] if recording is None else [name for name in recording.names if name not in names]
+            with open_segmented(model, [*names, *recorded]) as run:
                 for feed in feeds:
+                    if recording is not None:
+                        recording.start(feed)
                     for outputs in run(feed):
-                        reduce_batch(stats, outputs, sample_rows, gram_names, observe)
+                        reduced = {name: outputs[name] for name in names if name in outputs}
+                        if recording is not None:
+                            recording.keep(outputs)
+                        reduce_batch(stats, reduced, sample_rows, gram_names, observe)
                     stats.batches += 1
         self._check_finite(stats)
         return stats
 
     def record(self, model: ir.Model, derived: Mapping[str, TensorStats]) -> None:
         """Statistics of tensors an exact rewrite made, derived from the ones before it: this calibrator keeps none."""
+
+    def reference_outputs(self) -> RecordedOutputs | None:
+        """A float model's outputs recorded while calibrating, for validation: this calibrator records none."""
+        return None
 
     def _check_finite(self, stats: CalibrationStats) -> None:
         """Refuse tensors with no finite value; warn once about left-out NaN/Inf (in the inputs, else inside)."""

@@ -338,20 +338,52 @@ def recorded_runs(
     The session is closed before the replay starts, so a second model can run with this one's session gone. For a
     large model, the ``parked`` model's own in-memory weights wait in that file meanwhile (see parked_weights).
     """
-    with scratch_folder() as folder, open(folder / RECORDED_LOCATION, "w+b") as store:
-        recorded: list[tuple[list[str], list[str]]] = []  # each feed's input names and output names, as stored
+    with scratch_folder() as folder, contextlib.closing(RecordedOutputs(folder, names)) as recording:
         with parked_weights(parked, model, folder), open_segmented(model, names) as run:
             for feed in feeds:
-                for array in feed.values():
-                    np.save(store, array, allow_pickle=False)
-                stored: list[str] = []
+                recording.start(feed)
                 for outputs in run(feed):
-                    for name in list(outputs):
-                        np.save(store, outputs.pop(name), allow_pickle=False)
-                        stored.append(name)
-                recorded.append((list(feed), stored))
-        store.seek(0)
-        yield (_replayed(store, folder / RECORDED_LOCATION, inputs, stored, names) for inputs, stored in recorded)
+                    recording.keep(outputs)
+        yield recording.replay(names)
+
+
+class RecordedOutputs:
+    """Feeds and their ``names`` outputs written to a file in ``folder`` as they come, replayed later as memory maps."""
+
+    def __init__(self, folder: Path, names: Sequence[str]):
+        self.names = list(dict.fromkeys(names))
+        self.path = folder / RECORDED_LOCATION
+        self._store = open(self.path, "w+b")  # noqa: SIM115 - closed by close()
+        # Each feed's input names and output names, in the order they were written.
+        self._feeds: list[tuple[list[str], list[str]]] = []
+
+    def close(self) -> None:
+        """Close the file (the caller removes its folder)."""
+        self._store.close()
+
+    def start(self, feed: Feed) -> None:
+        """Write the next feed's inputs; the outputs kept until the next start are this feed's."""
+        for array in feed.values():
+            np.save(self._store, array, allow_pickle=False)
+        self._feeds.append((list(feed), []))
+
+    def keep(self, outputs: Outputs) -> None:
+        """Write the recorded names among one part of the current feed's outputs, dropping them from ``outputs``."""
+        stored = self._feeds[-1][1]
+        for name in [name for name in self.names if name in outputs]:
+            np.save(self._store, outputs.pop(name), allow_pickle=False)
+            stored.append(name)
+
+    def holds(self, names: Iterable[str]) -> bool:
+        """Whether every feed recorded has every named output."""
+        wanted = set(names)
+        return bool(self._feeds) and all(wanted <= set(stored) for _, stored in self._feeds)
+
+    def replay(self, names: Sequence[str]) -> Iterator[tuple[Feed, list[np.ndarray]]]:
+        """Each feed with its named outputs (memory-mapped), in the order recorded."""
+        self._store.seek(0)
+        for inputs, stored in self._feeds:
+            yield _replayed(self._store, self.path, inputs, stored, names)
 
 
 @contextlib.contextmanager

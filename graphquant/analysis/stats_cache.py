@@ -7,6 +7,8 @@ second pipeline over the same graph (the auto search builds several), finds the 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import uuid
 import weakref
@@ -16,10 +18,25 @@ import numpy as np
 import onnx_ir as ir
 
 from graphquant.analysis.calibration import Calibrator
+from graphquant.analysis.runner import RecordedOutputs, shares_weights
 from graphquant.analysis.stats import CalibrationStats, TensorStats
+from graphquant.scratch import scratch_folder
 
+# A strided tensor is copied this many bytes at a time to be digested.
+DIGEST_SLICE_BYTES = 16 << 20
 # Stands for a requested tensor that calibration does not reduce (not floating point): known absent, not a miss.
 _NOT_REDUCED = None
+
+
+@dataclasses.dataclass
+class _Reference:
+    """Outputs of the float model to record in the first calibration run, where that run computes them alike."""
+
+    keys: dict[str, tuple[str, str]]
+    opsets: dict[str, int]
+    files: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)
+    outputs: RecordedOutputs | None = None
+    pending: bool = True
 
 
 class CachingCalibrator(Calibrator):
@@ -32,6 +49,51 @@ class CachingCalibrator(Calibrator):
         self.runs = 0
         self.hits = 0
         self._batches = 0
+        self._reference: _Reference | None = None
+
+    def expect_reference(self, model: ir.Model, names: Sequence[str]) -> None:
+        """Record the named outputs of ``model`` (the float original) in the first calibration run, for validation.
+
+        Only a model that runs unoptimized (shares_weights) qualifies, and the run records them only where it is the
+        same computation: every named value has the same producer cone (content digest) in the calibrated graph, with
+        the same opsets, and that graph runs unoptimized too. onnxruntime's graph optimizations depend on which
+        values a session outputs, so optimized sessions could round differently.
+        """
+        self.drop_reference()
+        if shares_weights(model) and self.cluster is None:
+            keys = value_digests(model.graph, names, self._tensor_digests)
+            self._reference = _Reference(keys, dict(model.opset_imports))
+
+    def reference_outputs(self) -> RecordedOutputs | None:
+        """The float model's outputs recorded during calibration (see expect_reference), if they were."""
+        return None if self._reference is None else self._reference.outputs
+
+    def drop_reference(self) -> None:
+        """Remove the recorded outputs' file and stop expecting any."""
+        if self._reference is not None:
+            self._reference.files.close()
+        self._reference = None
+
+    def _recording(self, model: ir.Model, keys: Mapping[str, tuple[str, str]]) -> RecordedOutputs | None:
+        """Where the first calibration run records the expected reference outputs: only a run that computes them.
+
+        ``keys`` holds the calibrated graph's digests of (at least) the expected names.
+        """
+        reference = self._reference
+        if reference is None or not reference.pending:
+            return None
+        reference.pending = False
+        same = (
+            shares_weights(model)
+            and dict(model.opset_imports) == reference.opsets
+            and all(keys[name] == key for name, key in reference.keys.items())
+        )
+        if not same:
+            return None
+        folder = reference.files.enter_context(scratch_folder())
+        recording = RecordedOutputs(folder, list(reference.keys))
+        reference.outputs = reference.files.enter_context(contextlib.closing(recording))
+        return reference.outputs
 
     def collect(
         self,
@@ -48,7 +110,8 @@ class CachingCalibrator(Calibrator):
         statistics (see ``record``) answer only where ``histogram`` is False.
         """
         names = sorted(set(tensor_names))
-        keys = value_digests(model.graph, names, self._tensor_digests)
+        expected = list(self._reference.keys) if self._reference is not None and self._reference.pending else []
+        keys = value_digests(model.graph, [*names, *expected], self._tensor_digests)  # one walk for both
         usable = observe is None
         missing = [
             name
@@ -59,7 +122,8 @@ class CachingCalibrator(Calibrator):
         if missing:
             self.runs += 1
             grams = [name for name in gram_names if name in missing]
-            fresh = super().collect(model, missing, sample_rows, grams, observe)
+            recording = self._recording(model, keys) if observe is None else None
+            fresh = super().collect(model, missing, sample_rows, grams, observe, recording=recording)
             self._batches = fresh.batches
             for name in missing:
                 self._cache[keys[name]] = fresh.tensors.get(name, _NOT_REDUCED)
@@ -154,6 +218,10 @@ def _digest(value: ir.Value, memo: dict[int, str], tensors: TensorDigests) -> st
 def _value_digest(value: ir.Value, producer: ir.Node | None, memo: dict[int, str], tensors: TensorDigests) -> str:
     """A value's digest from its producer's op, attributes and input digests, or from its stored tensor or input."""
     hasher = hashlib.blake2b(digest_size=16)
+    stored = None if producer is None else _as_stored(producer)
+    if stored is not None:  # keyed as the initializer that fold-constants makes of it
+        hasher.update(b"tensor" + tensors(stored).encode())
+        return hasher.hexdigest()
     if producer is None:
         if value.const_value is not None:
             hasher.update(b"tensor" + tensors(value.const_value).encode())
@@ -168,6 +236,26 @@ def _value_digest(value: ir.Value, producer: ir.Node | None, memo: dict[int, str
     return hasher.hexdigest()
 
 
+def _as_stored(node: ir.Node) -> ir.TensorProtocol | None:
+    """The tensor a node makes from stored values without arithmetic, as fold-constants stores it; else None.
+
+    A Constant's ``value`` (lifted to an initializer) and a Transpose of a stored tensor (a tied embedding that
+    lm_head reads): both move values only, so this tensor is exactly what onnxruntime computes.
+    """
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "Constant" and set(node.attributes) == {"value"}:
+        attribute = node.attributes["value"]
+        return attribute.value if attribute.type == ir.AttributeType.TENSOR else None
+    if node.op_type != "Transpose" or len(node.inputs) != 1:
+        return None
+    source = node.inputs[0]
+    if source is None or source.const_value is None or source.is_graph_input():
+        return None
+    perm = node.attributes.get_ints("perm")
+    return ir.Tensor(np.transpose(source.const_value.numpy(), perm), dtype=source.const_value.dtype)  # a view
+
+
 def _attribute_text(attribute: ir.Attr, tensors: TensorDigests) -> str:
     """An attribute as text; a tensor by its digest; a subgraph by a fresh token (never matched: no reuse there)."""
     if attribute.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
@@ -178,9 +266,16 @@ def _attribute_text(attribute: ir.Attr, tensors: TensorDigests) -> str:
 
 
 def _tensor_digest(tensor: ir.TensorProtocol) -> str:
-    """The digest of a stored tensor's dtype, shape and bytes (read without a copy where they are contiguous)."""
+    """The digest of a tensor's dtype, shape and bytes in C order, read a slice of rows at a time (without a copy
+    where they are contiguous; a strided view, such as a transpose, is copied one slice at a time)."""
     hasher = hashlib.blake2b(digest_size=16)
     hasher.update(f"{tensor.dtype} {tensor.shape}".encode())
-    array = np.ascontiguousarray(tensor.numpy())
-    hasher.update(repr(array.tolist()).encode() if array.dtype == object else array.reshape(-1).view(np.uint8))
+    array = tensor.numpy()
+    if array.dtype == object:
+        hasher.update(repr(np.asarray(array).tolist()).encode())
+        return hasher.hexdigest()
+    rows = array.reshape(1, -1) if array.ndim == 0 else array
+    step = max(1, DIGEST_SLICE_BYTES // max(1, rows[0].nbytes))
+    for start in range(0, rows.shape[0], step):
+        hasher.update(np.ascontiguousarray(rows[start : start + step]).reshape(-1).view(np.uint8))
     return hasher.hexdigest()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from builders import build, weights
+from builders import build, run, weights
 
-from graphquant.analysis import stats_cache
+from graphquant.analysis import runner, stats_cache
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.stats_cache import CachingCalibrator, value_digests
 
@@ -137,3 +137,67 @@ def test_recorded_statistics_answer_for_their_content_and_an_inexact_histogram_o
     measured = calibrator.collect(model, ["a"], sample_rows=4)["a"]  # a histogram is read: calibrated afresh
     assert calibrator.runs == 2 and measured.exact_histogram
     np.testing.assert_allclose(measured.channel_max, derived.channel_max, rtol=1e-6)
+
+
+TIED = """
+<ir_version: 8, opset_import: ["" : 17]>
+net (float[N, 6] x) => (float[N, 4] y) {
+  wt = Transpose<perm = [1, 0]>(w)
+  y = MatMul(x, wt)
+}
+"""
+FOLDED = """
+<ir_version: 8, opset_import: ["" : 17]>
+net (float[N, 6] x) => (float[N, 4] y) {
+  y = MatMul(x, wt)
+}
+"""
+
+
+def test_a_transpose_of_a_stored_tensor_or_a_constant_is_keyed_as_the_tensor_it_computes(monkeypatch):
+    monkeypatch.setattr(stats_cache, "DIGEST_SLICE_BYTES", 8)  # the strided transpose is read in slices
+    w = weights(np.random.default_rng(0), 4, 6)
+    tied = build(TIED, {"w": w})
+    assert value_digests(tied.graph, ["y"]) == value_digests(build(FOLDED, {"wt": w.T.copy()}).graph, ["y"])
+    assert value_digests(tied.graph, ["y"]) != value_digests(build(FOLDED, {"wt": w[:, :4].copy()}).graph, ["y"])
+    constant = build(FOLDED, {"wt": w.T.copy()})
+    lifted = constant.graph.initializers.pop("wt")
+    node = ir.node("Constant", [], {"value": lifted.const_value}, outputs=[lifted])
+    constant.graph.insert_before(constant.graph.node(0), node)
+    assert value_digests(constant.graph, ["y"]) == value_digests(tied.graph, ["y"])
+
+
+def test_the_first_calibration_records_the_float_models_outputs_where_it_computes_them_alike(model, data, monkeypatch):
+    monkeypatch.setattr(runner, "SHARED_MODEL_BYTES", 0)  # an unoptimized run, as for a large model
+    calibrator = CachingCalibrator.for_model(model, data, False)
+    calibrator.expect_reference(model, ["y", "z"])
+    calibrator.collect(model.clone(), ["a"])
+    recorded = calibrator.reference_outputs()
+    assert recorded is not None and recorded.holds(["y", "z"]) and not recorded.holds(["a"])
+    replayed = list(recorded.replay(["z", "y"]))
+    assert len(replayed) == len(data)
+    for (feed, (z, y)), given in zip(replayed, data):
+        np.testing.assert_array_equal(feed["x"], given["x"])
+        expected = run(model, given, optimize=False)
+        np.testing.assert_array_equal(y, expected[0])
+        np.testing.assert_array_equal(z, expected[1])
+    calibrator.drop_reference()
+    assert calibrator.reference_outputs() is None and not recorded.path.exists()
+
+
+def test_no_reference_is_recorded_from_a_graph_that_computes_it_differently(model, data, monkeypatch):
+    monkeypatch.setattr(runner, "SHARED_MODEL_BYTES", 0)
+    calibrator = CachingCalibrator.for_model(model, data, False)
+    calibrator.expect_reference(model, ["y", "z"])
+    changed = model.clone()
+    replace_initializer(changed, "w3", np.ones((6, 4), np.float32))  # z differs
+    calibrator.collect(changed, ["a"])
+    calibrator.collect(model, ["r"])  # only the first calibration run may record
+    assert calibrator.reference_outputs() is None
+
+
+def test_an_optimized_run_records_no_reference(model, data):
+    calibrator = CachingCalibrator.for_model(model, data, False)
+    calibrator.expect_reference(model, ["y", "z"])  # a small model: onnxruntime optimizes its sessions
+    calibrator.collect(model.clone(), ["a"])
+    assert calibrator.reference_outputs() is None
