@@ -6,9 +6,10 @@ and the benchmark's held-out images; then per source image and per held-out batc
 (recipes.auto.Judge: the error and its bound) on its held-out share and on the benchmark's images. --rebuild also
 rebuilds the same per-layer choice with the activation ranges calibrated on the calibration share alone (as the
 search did) and on it plus the benchmark's images, and measures each: if the error falls to the search's estimate
-when the ranges have seen those images, the gap is the ranges, not the images' difficulty.
+when the ranges have seen those images, the gap is the ranges, not the images' difficulty. --nearest rebuilds it on
+the calibration share with the weights rounded to nearest instead of by GPTQ (the size objective's rounding).
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/auto_cnn_gap.py [--label default] [--rebuild]
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/auto_cnn_gap.py [--label default] [--rebuild] [--nearest]
 """
 
 from __future__ import annotations
@@ -96,6 +97,11 @@ def main() -> None:
     parser.add_argument("--label", default="default", help="substring of the auto row's label (default: default)")
     parser.add_argument("--out", type=Path, default=cnn.DEFAULT_OUT)
     parser.add_argument("--rebuild", action="store_true", help="also rebuild the choice with other ranges")
+    parser.add_argument(
+        "--nearest",
+        action="store_true",
+        help="also rebuild it on the calibration share with weights rounded to nearest",
+    )
     args = parser.parse_args()
     from graphquant.recipes.auto import split_data
 
@@ -114,6 +120,12 @@ def main() -> None:
         scratch.mkdir(exist_ok=True)
         models["rebuilt, kept share"] = rebuilt(fp32, report, options, kept, scratch / "kept.onnx")
         models["rebuilt, kept + test"] = rebuilt(fp32, report, options, kept + test, scratch / "kept_test.onnx")
+    if args.nearest:
+        scratch = out / "auto_cnn_gap"
+        scratch.mkdir(exist_ok=True)
+        # The latency objective's settings build the same schemes, with the weights rounded to nearest (no GPTQ).
+        nearest = {key: value for key, value in options.items() if key != "objective"}
+        models["rebuilt, kept share, nearest"] = rebuilt(fp32, report, nearest, kept, scratch / "nearest.onnx")
     outputs = {
         name: (batch_logits(path, calib), np.concatenate(batch_logits(path, test))) for name, path in models.items()
     }
