@@ -6,8 +6,9 @@ per-channel, MinMax, the incumbent for a CNN); graphquant's fixed cnn-w8a8 prese
 option beyond the calibration data (recipe auto, --max-drop 0.002, --objective latency, target ort-cpu); --max-drop
 0.01; --objective size; --target qdq. The auto rows hold out every fourth calibration batch for their budget check
 (no validation data is given). "out err" is 1 - cosine of all held-out logits: the quantity --max-drop bounds;
-top-1 is agreement with FP32's class, cos and min cos the per-crop logit cosines. Extras: `pip install
-graphquant[bench]`.
+"search err / bound" is the search's own estimate of it on its held-out share and the bound it accepted by (from the
+report saved beside each auto model); top-1 is agreement with FP32's class, cos and min cos the per-crop logit
+cosines. Extras: `pip install graphquant[bench]`.
 
 --only LABELS (comma-separated substrings) builds and measures only those rows besides FP32 and quantize_static;
 --reuse keeps models already built in --out (with their recorded quantization time), to re-time them alone.
@@ -60,13 +61,14 @@ def ort_dynamic(fp32: Path) -> Callable[[Path], None]:
 
 
 def graphquant_build(fp32: Path, calib: list[cnn.Feed], recipe: str, options: dict[str, Any]) -> Callable[[Path], None]:
-    """graphquant.optimize with the calibration data alone (auto holds out its own share), saved."""
+    """graphquant.optimize with the calibration data alone (auto holds out its own share), saved with its report."""
 
     def build(path: Path) -> None:
         import graphquant
 
         result = graphquant.optimize(graphquant.load(fp32), recipe, calibration=calib, show_progress=False, **options)
         graphquant.save(result, path, overwrite=True)
+        result.report.save_json(path.with_suffix(".json"))
 
     return build
 
@@ -113,22 +115,35 @@ def output_errors(rows: list[Row], heldout: list[cnn.Feed]) -> None:
             row.metrics["out_err"] = 1.0 - float(reference @ produced / norm)
 
 
+def search_errors(rows: list[Row]) -> None:
+    """Each auto row's own held-out error and its bound, from the report saved beside its model."""
+    for row in rows:
+        report = row.path.with_suffix(".json") if row.path is not None and row.label in BUDGETS else None
+        if report is not None and report.is_file():
+            chosen = json.loads(report.read_text(encoding="utf-8"))["auto"]["chosen"]
+            row.metrics.update(search_err=chosen["measured_error"], search_bound=chosen["error_bound"])
+
+
 def table(rows: list[Row], latency: dict[str, float]) -> str:
     """The markdown table: the MiniLM benchmark's columns, with top-1 agreement and speed against quantize_static."""
     fp32_ms, static_ms = latency.get(rows[0].label), latency.get(ORT_STATIC)
     lines = [
-        "| model | top-1 | mean cos | min cos | out err (budget) | latency ms | vs FP32 | vs static | size MB | quant s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        (
+            "| model | top-1 | mean cos | min cos | out err (budget) | search err / bound | latency ms | vs FP32 "
+            "| vs static | size MB | quant s |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if row.error is not None:
-            lines.append(f"| {row.label} | {row.error.replace('|', '/')} | | | | | | | | |")
+            lines.append(f"| {row.label} | {row.error.replace('|', '/')} | | | | | | | | | |")
             continue
         m, ms = row.metrics, latency.get(row.label)
         budget = f" ({BUDGETS[row.label]:g})" if row.label in BUDGETS else ""
+        search = f"{m['search_err']:.5f} / {m['search_bound']:.5f}" if "search_err" in m else ""
         lines.append(
             f"| {row.label} | {m['top1']:.3f} | {m['cos']:.5f} | {m['min_cos']:.5f} | "
-            f"{cnn.fmt(m.get('out_err'), '.5f')}{budget} | {cnn.fmt(ms, '.1f')} | "
+            f"{cnn.fmt(m.get('out_err'), '.5f')}{budget} | {search} | {cnn.fmt(ms, '.1f')} | "
             f"{cnn.fmt(fp32_ms / ms if fp32_ms and ms else None, '.2f')}x | "
             f"{cnn.fmt(static_ms / ms if static_ms and ms else None, '.2f')}x | {m['size']:.1f} | "
             f"{cnn.fmt(row.quant_s, '.1f')} |"
@@ -149,6 +164,7 @@ def main() -> None:
     rows = build_rows(fp32, calib, out, args)
     cnn.evaluate(rows, heldout)
     output_errors(rows, heldout)
+    search_errors(rows)
     rounds, repeats = (3, 3) if args.quick else (5, 10)
     load_before = os.getloadavg()[0]
     latency = cnn.latencies(rows, heldout[0], rounds, repeats)

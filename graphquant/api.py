@@ -142,7 +142,8 @@ def optimize(
     ``recipe="auto"`` searches per-layer schemes (recipes/auto.py): the cheapest model under ``objective``
     ("latency", default, or "size") whose error on held-out data stays within ``max_drop`` on ``metric`` ("cosine":
     1 - cosine, default 0.002; "sqnr": max_drop is the least SQNR in dB; or a function of the float and candidate
-    outputs, lists per batch, returning a drop). Held-out data is ``validation``, else every fourth calibration batch.
+    outputs, lists per batch, returning a drop). Held-out data is ``validation``, else every fourth calibration batch;
+    the budget's bound resamples its rows and its batches, so samples that share a source belong in one batch.
     ``methods`` names the exact rewrites tried (default outliertune; also smoothquant, llm-int8).
     ``validate_on`` runs the validation on "onnxruntime" (default) or "openvino" (see compare_models).
 

@@ -116,8 +116,8 @@ AIM_FITTED = 0.9
 # is kept): they aim at the budget itself.
 AIM_STEP = 1.0
 # The acceptance rule: a candidate meets the budget when this upper quantile of its held-out error, bootstrapped over
-# the held-out samples (the rows of the batches; the batches under a user metric), is within it. Seeded: the same
-# candidate and data always give the same bound.
+# the held-out samples (the rows of the batches) and over the batches (the larger of the two; the batches alone under
+# a user metric), is within it. Seeded: the same candidate and data always give the same bound.
 CONFIDENCE = 0.9
 BOOTSTRAP_DRAWS = 1000
 USER_METRIC_DRAWS = 200
@@ -265,7 +265,10 @@ class Search:
             "objective": self.settings.objective,
             "ranked_by": self.settings.ranking,
             "budget_error": self.settings.budget,
-            "accepted_when": f"the {CONFIDENCE:g} bootstrap quantile of the held-out error is within the budget",
+            "accepted_when": (
+                f"the {CONFIDENCE:g} bootstrap quantile of the held-out error, over its samples and over its batches "
+                "(the larger), is within the budget"
+            ),
             "positions": "unmasked (attention_mask)" if self.masked else "all",
             "group_gains": self.group_gains,
             "method": self.method,
@@ -653,8 +656,11 @@ class Judge:
 
     Outputs whose leading [batch, tokens] dims match a feed's attention mask are scored on the unmasked positions
     only: padding positions carry no meaning, yet their outputs move under quantization (cosine and SQNR alike).
-    The bound is the CONFIDENCE quantile of the error over seeded bootstrap resamples of the held-out samples (each
-    row of each batch); the error is a ratio of sums over samples, so a resample only re-weights per-sample sums.
+    The bound is the larger CONFIDENCE quantile of the error over seeded bootstrap resamples of the held-out samples
+    (each row of each batch) and of the held-out batches; the error is a ratio of sums over samples, so a resample
+    only re-weights per-sample (or per-batch) sums. Rows that share a source (crops of one image, which sit together
+    in a batch) vary together: resampling rows alone takes them as independent and narrows the bound; resampling
+    batches keeps them together.
     """
 
     def __init__(self, reference: ir.Model, heldout: Sequence[Feed], settings: Settings):
@@ -668,8 +674,10 @@ class Judge:
             for batch, mask in zip(self.reference, self.masks)
             for index in range(len(self.names))
         )
-        self._flat = [self._flattened(self.reference, index) for index in range(len(self.names))]
-        self._rows = [self._sample_rows(self.reference, index) for index in range(len(self.names))]
+        self._indices = range(len(self.names))
+        self._flat = [self._flattened(self.reference, index) for index in self._indices]
+        self._rows = [self._sample_rows(self.reference, index) for index in self._indices]
+        self._starts = [self._batch_starts(index) for index in self._indices]
 
     def __call__(self, candidate: ir.Model) -> float:
         """The candidate's error under the settings' metric (1 - cosine, noise-to-signal, or the user's drop)."""
@@ -680,10 +688,10 @@ class Judge:
         outputs = _outputs(candidate, self.names, self.heldout)
         error = self._error(outputs)
         if callable(self.settings.metric):
-            draws = self._user_metric_draws(outputs)
+            bound = float(np.quantile(self._user_metric_draws(outputs), CONFIDENCE))
         else:
-            draws = np.max([self._draws(outputs, index) for index in range(len(self.names))], axis=0)
-        return error, max(error, float(np.quantile(draws, CONFIDENCE))) if math.isfinite(error) else error
+            bound = self._bound(outputs)
+        return error, max(error, bound) if math.isfinite(error) else error
 
     def _error(self, outputs: Sequence[Sequence[np.ndarray]]) -> float:
         """The error of outputs over every held-out batch."""
@@ -696,16 +704,32 @@ class Judge:
             errors.append(_cosine_error(reference, produced) if metric == "cosine" else _nsr(reference, produced))
         return max(errors)
 
-    def _draws(self, outputs: Sequence[Sequence[np.ndarray]], index: int) -> np.ndarray:
-        """One output's error on each bootstrap resample of the samples, from per-sample sums."""
+    def _bound(self, outputs: Sequence[Sequence[np.ndarray]]) -> float:
+        """The larger CONFIDENCE quantile of the error (the worst output's per resample) over resampled samples and
+        over resampled batches."""
+        sums = [self._sample_sums(outputs, index) for index in self._indices]
+        batches = [np.add.reduceat(rows, starts, axis=0) for rows, starts in zip(sums, self._starts)]
+        draws = (np.max([self._resampled(units) for units in each], axis=0) for each in (sums, batches))
+        return max(float(np.quantile(drawn, CONFIDENCE)) for drawn in draws)
+
+    def _sample_sums(self, outputs: Sequence[Sequence[np.ndarray]], index: int) -> np.ndarray:
+        """[samples, k]: the per-sample sums the error is a ratio of (cosine: r.c, r.r, c.c; SQNR: noise, signal)."""
         pairs = zip(self._rows[index], self._sample_rows(outputs, index))
         if self.settings.metric == "cosine":
-            sums = np.array([(r @ c, r @ r, c @ c) for r, c in pairs])
-            drawn = _resample_weights(len(sums)) @ sums
-            return 1.0 - drawn[:, 0] / np.maximum(np.sqrt(drawn[:, 1] * drawn[:, 2]), 1e-300)
-        sums = np.array([(np.sum((r - c) ** 2), r @ r) for r, c in pairs])
+            return np.array([(r @ c, r @ r, c @ c) for r, c in pairs])
+        return np.array([(np.sum((r - c) ** 2), r @ r) for r, c in pairs])
+
+    def _resampled(self, sums: np.ndarray) -> np.ndarray:
+        """The error on each seeded bootstrap resample of the rows of ``sums`` (samples or batches)."""
         drawn = _resample_weights(len(sums)) @ sums
+        if self.settings.metric == "cosine":
+            return 1.0 - drawn[:, 0] / np.maximum(np.sqrt(drawn[:, 1] * drawn[:, 2]), 1e-300)
         return drawn[:, 0] / np.maximum(drawn[:, 1], 1e-30)
+
+    def _batch_starts(self, index: int) -> np.ndarray:
+        """Where each held-out batch's samples start among one output's samples (batches without any left out)."""
+        counts = np.array([1 if batch[index].ndim == 0 else len(batch[index]) for batch in self.reference])
+        return (np.cumsum(counts) - counts)[counts > 0]
 
     def _user_metric_draws(self, outputs: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
         """A user metric's value on USER_METRIC_DRAWS bootstrap resamples of the held-out batches."""
