@@ -17,7 +17,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mobile_cnn import (  # noqa: E402
+from mobile_cnn import (
     BATCH,
     CALIBRATION_IMAGES,
     CROPS,
@@ -35,9 +35,9 @@ from mobile_cnn import (  # noqa: E402
     table,
     timed,
 )
-from table_rows import Row, publish  # noqa: E402
+from table_rows import Row, publish
 
-from graphquant.analysis.flexround import DEFAULT_STEPS  # noqa: E402
+from graphquant.analysis.flexround import DEFAULT_STEPS
 
 # The usually sensitive layers of a CNN, by role (graphquant/analysis/sensitive_layers.py).
 KEEP_8BIT = ("@first", "@depthwise", "@last")
@@ -45,6 +45,9 @@ NO_GPTQ = {"gptq": False}
 KEPT = {"keep_8bit": KEEP_8BIT}
 SEQUENTIAL = {"gptq_sequential": True}
 FLEX = {"rounding": "flexround-block"}
+# The w4a8 recipe's weights (symmetric per output channel, GPTQ act-order, clip search) on the cnn-w8a8 recipe:
+# with its MSE-optimal activation ranges, or with float activations.
+PER_CHANNEL_W4 = {"wbits": 4, "gptq": True, "gptq_act_order": True, "weight_clip_search": True}
 
 # (label, recipe, options for graphquant.optimize)
 CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
@@ -67,6 +70,12 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("w4a8 sequential + keep-8bit (ort-cpu)", "w4a8", {**SEQUENTIAL, **KEPT}),
     ("w4a8 sequential flexround-block (ort-cpu)", "w4a8", {**SEQUENTIAL, **FLEX}),
     ("w4a8 sequential flexround-block + keep-8bit (ort-cpu)", "w4a8", {**SEQUENTIAL, **FLEX, **KEPT}),
+    ("cnn-w8a8 at W4 + keep-8bit (ort-cpu)", "cnn-w8a8", {**PER_CHANNEL_W4, "target": "ort-cpu", **KEPT}),
+    (
+        "W4 per-channel symmetric + keep-8bit, float activations (qdq)",
+        "cnn-w8a8",
+        {**PER_CHANNEL_W4, "abits": 0, **KEPT},
+    ),
     ("splitquant W4 (qdq)", "splitquant", {}),
     ("bitmod W4 (qdq)", "bitmod", {}),
 ]
