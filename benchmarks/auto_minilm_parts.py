@@ -4,9 +4,13 @@
 ``choices``: the auto search's prepared graphs (OutlierTune's rewrites, or none) built with every layer at one scheme
 and the tables at one width, judged as the search judges (1 - cosine at the unpadded tokens of its held-out calibration
 batches, every fourth one), under round-to-nearest and GPTQ (act-order) weights.
+``gains``: on OutlierTune's prepared graph, every fourth layer alone at weight-only W4 and at W8 (``--objective size``'s
+scoring and rounding, ort-cpu), its scored noise-to-signal (the search's proxy) beside its end-to-end error so judged:
+the ratio is the gain the search's error model has to know.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/auto_minilm_parts.py bytes benchmarks/out/*.onnx
     PYTHONPATH=$PWD .venv/bin/python benchmarks/auto_minilm_parts.py choices
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/auto_minilm_parts.py gains
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -63,32 +68,64 @@ def byte_account(path: Path) -> None:
             print(f"  {size / 1e6:8.3f} MB  {dtype:6s} -> {ops}")
 
 
-def judge_choices() -> None:
-    """Build each fixed choice from the auto search's prepared graph and print its held-out error and bytes."""
-    import onnx_ir as ir
-
+def search_setup() -> tuple[Any, Any, Any]:
+    """MiniLM loaded, a caching calibrator on the search's calibration share and a Judge on its held-out share."""
     import graphquant
-    from graphquant import api
-    from graphquant.analysis import sizes
-    from graphquant.analysis.search import Unit
     from graphquant.analysis.stats_cache import CachingCalibrator
-    from graphquant.recipes import Recipe, auto
+    from graphquant.recipes import auto
 
     fp32 = common.ensure_minilm(common.DEFAULT_OUT)
     inputs = common.graph_input_names(fp32)
     calibration = common.calibration_batches(common.CALIBRATION_SENTENCES, batch=8, input_names=inputs)
     model = graphquant.load(fp32)
     kept, held = auto.split_data(calibration)
-    calibrator = CachingCalibrator.for_model(model, kept, False)
-    judge = auto.Judge(model, held, auto.Settings())
+    return model, CachingCalibrator.for_model(model, kept, False), auto.Judge(model, held, auto.Settings())
+
+
+def prepared(model: Any, calibrator: Any, method: str, settings: Any) -> Any:
+    """The auto search's prepared graph of a method."""
+    from graphquant import api
+    from graphquant.recipes import Recipe, auto
+
+    base = model.clone()
+    api._prepare(base)
+    Recipe("auto", auto.METHODS[method], target=settings.target).to_pipeline(calibrator, lower=False)(base)
+    return base
+
+
+def layer_gains() -> None:
+    """Every fourth layer alone at W4 and at W8 (size scoring): its proxy, end-to-end error and their ratio."""
+    from graphquant.recipes import auto
+
+    model, calibrator, judge = search_setup()
+    settings = auto.Settings(objective="size")
+    base = prepared(model, calibrator, "outliertune", settings)
+    with auto.remembered_roundings(), auto.remembered_codes():
+        units = auto.measure_units(base, calibrator, settings)
+        floats = {unit.name: auto._float_index(unit) for unit in units}
+        for unit in [unit for unit in units if unit.name != auto.EMBEDDINGS][::4]:
+            for scheme in ("w4", "w8"):
+                index = next(i for i, option in enumerate(unit.options) if option.scheme == scheme)
+                candidate = auto._build(base, calibrator, settings, "outliertune", units, {**floats, unit.name: index})
+                proxy, error = unit.options[index].error, judge(candidate[1])
+                print(f"{unit.name:18s} {scheme}: proxy {proxy:.6f}, end to end {error:.6f}, gain {error / proxy:.3f}")
+
+
+def judge_choices() -> None:
+    """Build each fixed choice from the auto search's prepared graph and print its held-out error and bytes."""
+    import onnx_ir as ir
+
+    from graphquant.analysis import sizes
+    from graphquant.analysis.search import Unit
+    from graphquant.recipes import auto
+
+    model, calibrator, judge = search_setup()
     bases: dict[str, ir.Model] = {}
     units: dict[tuple[str, str], list[Unit]] = {}
     for method, objective, scheme, tables in CHOICES:
         settings = auto.Settings(objective=objective)
         if method not in bases:
-            bases[method] = base = model.clone()
-            api._prepare(base)
-            Recipe("auto", auto.METHODS[method], target=settings.target).to_pipeline(calibrator, lower=False)(base)
+            bases[method] = prepared(model, calibrator, method, settings)
         if (method, objective) not in units:
             units[method, objective] = auto.measure_units(bases[method], calibrator, settings)
         chosen = units[method, objective]
@@ -106,14 +143,16 @@ def judge_choices() -> None:
 
 
 def main() -> None:
-    """bytes MODEL... or choices."""
+    """bytes MODEL..., choices or gains."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("bytes", "choices"))
+    parser.add_argument("mode", choices=("bytes", "choices", "gains"))
     parser.add_argument("models", nargs="*", type=Path)
     args = parser.parse_args()
     if args.mode == "bytes":
         for path in args.models:
             byte_account(path)
+    elif args.mode == "gains":
+        layer_gains()
     else:
         judge_choices()
 
