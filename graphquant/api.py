@@ -245,11 +245,15 @@ def _reference_names(model: ir.Model) -> list[str]:
     for found in candidates(model.graph):
         if found.layer is not None:
             output = layer_output(found.node)
-            readers = list(output.consumers())
-            names.append(output.name or "")
-            if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip"):
-                names.append(readers[0].outputs[0].name or "")
+            activation = _fused_activation(output)
+            names += [output.name or ""] + ([activation.name or ""] if activation is not None else [])
     return list(dict.fromkeys(names))
+
+
+def _fused_activation(output: ir.Value) -> ir.Value | None:
+    """The output of the one Relu/Clip that reads a layer's output (lowering fuses it into an integer op), if any."""
+    readers = list(output.consumers())
+    return readers[0].outputs[0] if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip") else None
 
 
 def _validation_source(given: CalibrationSource | None, is_auto: bool, calibrated: bool) -> str | None:
@@ -563,10 +567,8 @@ def _codes_probe(
     scale, zero_point = constant_array(node.inputs[6]), constant_array(node.inputs[7])
     if scale is None or zero_point is None or scale.size != 1 or zero_point.size != 1:
         return None
-    reference_name = layer.output
-    readers = produced[layer.output].consumers()
-    if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip") and readers[0].outputs[0].name not in names:
-        reference_name = readers[0].outputs[0].name or ""
+    activation = _fused_activation(produced[layer.output])
+    reference_name = layer.output if activation is None or activation.name in names else activation.name or ""
     codes = node.outputs[0]
     clips = [user for user in codes.consumers() if user.op_type == "Clip"]  # a grid narrower than 8 bits
     codes = clips[0].outputs[0] if len(clips) == 1 and len(codes.consumers()) == 1 else codes
