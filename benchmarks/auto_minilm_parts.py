@@ -4,9 +4,10 @@
 ``choices``: the auto search's prepared graphs (OutlierTune's rewrites, or none) built with every layer at one scheme
 and the tables at one width, judged as the search judges (1 - cosine at the unpadded tokens of its held-out calibration
 batches, every fourth one), under round-to-nearest and GPTQ (act-order) weights.
-``gains``: on OutlierTune's prepared graph, every fourth layer alone at weight-only W4 and at W8 (``--objective size``'s
+``gains``: on OutlierTune's prepared graph, every layer alone at weight-only W4 and at W8 (``--objective size``'s
 scoring and rounding, ort-cpu), its scored noise-to-signal (the search's proxy) beside its end-to-end error so judged:
-the ratio is the gain the search's error model has to know.
+the ratio is the gain the search's error model has to know; then those ratios' ranges by role and by block, and the
+gains the search fits from its role and depth probes (GainGroups).
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/auto_minilm_parts.py bytes benchmarks/out/*.onnx
     PYTHONPATH=$PWD .venv/bin/python benchmarks/auto_minilm_parts.py choices
@@ -94,7 +95,10 @@ def prepared(model: Any, calibrator: Any, method: str, settings: Any) -> Any:
 
 
 def layer_gains() -> None:
-    """Every fourth layer alone at W4 and at W8 (size scoring): its proxy, end-to-end error and their ratio."""
+    """Every layer alone at W4 and at W8 (size scoring): its proxy, end-to-end error and their ratio, then the ratios
+    by role and by block, and the gains the search's probes fit (GainGroups)."""
+    import numpy as np
+
     from graphquant.recipes import auto
 
     model, calibrator, judge = search_setup()
@@ -102,13 +106,43 @@ def layer_gains() -> None:
     base = prepared(model, calibrator, "outliertune", settings)
     with auto.remembered_roundings(), auto.remembered_codes():
         units = auto.measure_units(base, calibrator, settings)
+        layers = [unit for unit in units if unit.name != auto.EMBEDDINGS]
         floats = {unit.name: auto._float_index(unit) for unit in units}
-        for unit in [unit for unit in units if unit.name != auto.EMBEDDINGS][::4]:
-            for scheme in ("w4", "w8"):
+        ratios: dict[str, list[float]] = {"w4": [], "w8": []}
+        for unit in layers:
+            for scheme in ratios:
                 index = next(i for i, option in enumerate(unit.options) if option.scheme == scheme)
                 candidate = auto._build(base, calibrator, settings, "outliertune", units, {**floats, unit.name: index})
                 proxy, error = unit.options[index].error, judge(candidate[1])
+                ratios[scheme].append(error / proxy)
                 print(f"{unit.name:18s} {scheme}: proxy {proxy:.6f}, end to end {error:.6f}, gain {error / proxy:.3f}")
+        grouping = auto.GainGroups.of(layers)
+        for scheme, values in ratios.items():
+            gains = np.array(values)
+            for kind in ("role", "depth"):
+                groups = [g for g, k in zip(grouping.groups, grouping.kinds) if k == kind]
+                print(
+                    f"{scheme} gain by {kind}: "
+                    + ", ".join(f"{np.min(gains[g]):.2f}-{np.max(gains[g]):.2f}" for g in groups)
+                )
+        probes = {unit.name: auto._probe_index(unit) for unit in layers}
+        proxies = np.array([unit.options[probes[unit.name]].error for unit in layers])
+        errors = [
+            judge(
+                auto._build(
+                    base,
+                    calibrator,
+                    settings,
+                    "outliertune",
+                    units,
+                    {**floats, **{layers[i].name: probes[layers[i].name] for i in g}},
+                )[1]
+            )
+            for g in grouping.groups
+        ]
+        fitted = grouping.layer_gains(proxies, np.array(errors))
+        print("probe schemes:", sorted({unit.options[probes[unit.name]].scheme for unit in layers}))
+        print("fitted gains (role x depth), per layer:", " ".join(f"{g:.2f}" for g in fitted))
 
 
 def judge_choices() -> None:

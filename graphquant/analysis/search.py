@@ -10,7 +10,8 @@ re-fitted to the end-to-end measurements (per-layer errors do not add exactly; E
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 
@@ -93,7 +94,7 @@ class ErrorModel:
         """
         choice = dict(start) if start is not None else cheapest(units)
         while self.predict(units, choice) > budget:
-            move = _best_move(units, choice, self.slope(units, choice))
+            move = best_upgrade(units, choice, self.slope(units, choice))
             if move is None:
                 break
             choice[move[0]] = move[1]
@@ -115,6 +116,17 @@ class ErrorModel:
             return ErrorModel(float(np.exp(np.mean(logs[:, 1] - power * logs[:, 0]))), power)
         return ErrorModel(float(np.exp(np.mean(logs[:, 1] - logs[:, 0]))), 1.0)
 
+    def anchored(self, sample: tuple[float, float, float]) -> ErrorModel:
+        """The same power, with the gain that predicts one (summed proxies, end-to-end errors, measured error) exactly.
+
+        Next to the candidate last measured, its own error is the best evidence: the fit over every sample (the gain
+        probes are small, few-layer models) can predict a built candidate short of what it measured.
+        """
+        proxies, measured_parts, measured = sample
+        if proxies <= 0 or measured - measured_parts <= 0:
+            return self
+        return ErrorModel((measured - measured_parts) / proxies**self.power, self.power)
+
 
 def proxy_sums(units: Sequence[Unit], choice: Choice) -> tuple[float, float]:
     """(summed error proxies, summed end-to-end errors) of a choice: what ErrorModel.fitted takes with a measurement."""
@@ -134,7 +146,7 @@ def greedy(units: Sequence[Unit], budget: float, gain: float, start: Choice | No
     return ErrorModel(gain).choose(units, budget, start)
 
 
-def _best_move(units: Sequence[Unit], choice: Choice, gain: float) -> tuple[str, int] | None:
+def best_upgrade(units: Sequence[Unit], choice: Choice, gain: float) -> tuple[str, int] | None:
     """The (unit, option) upgrade with the largest predicted error reduction per added cost, or None."""
     best: tuple[float, float, str, int] | None = None
     for unit in units:
@@ -175,12 +187,47 @@ def cheaper_steps(units: Sequence[Unit], choice: Choice, gain: float, allowance:
     return stepped if stepped != choice else None
 
 
-def more_accurate(units: Sequence[Unit], choice: Choice, unit_name: str) -> int | None:
-    """The cheapest option of a unit with less error than its current one (one back-off step), or None."""
-    unit = next(u for u in units if u.name == unit_name)
-    current = unit.options[choice[unit_name]]
-    better = [i for i, option in enumerate(unit.options) if option.error < current.error]
-    return min(better, key=lambda i: _rank(unit.options[i])) if better else None
+def repeated_block(keys: Sequence[Hashable], min_repeats: int = 3) -> tuple[int, int, int] | None:
+    """(period, start, stop) of the longest stretch of ``keys`` that repeats a block of 2 or more, min_repeats times.
+
+    Ties go to the shorter period (a multiple of the true period repeats the same stretch). None when nothing does.
+    """
+    best: tuple[int, int, int] | None = None
+    for period in range(2, len(keys) // min_repeats + 1):
+        start = 0
+        while start < len(keys) - period:
+            end = start
+            while end < len(keys) - period and keys[end] == keys[end + period]:
+                end += 1
+            stop = end + period
+            if (
+                end > start
+                and stop - start >= min_repeats * period
+                and (best is None or stop - start > best[2] - best[1])
+            ):
+                best = (period, start, stop)
+            start = end + 1
+    return best
+
+
+def separable_gains(
+    proxies: np.ndarray, row_errors: np.ndarray, column_errors: np.ndarray, rounds: int = 200
+) -> np.ndarray:
+    """Gains row[i] x column[j] that turn a grid of summed proxies into each row's and each column's measured error.
+
+    Iterative proportional fitting (matrix scaling). The two sets of measurements are of different builds, so their
+    totals differ: both are first scaled to their geometric mean total.
+    """
+    rows, columns = np.asarray(row_errors, np.float64), np.asarray(column_errors, np.float64)
+    if rows.sum() <= 0 or columns.sum() <= 0:
+        return np.zeros_like(proxies, dtype=np.float64)
+    total = math.sqrt(rows.sum() * columns.sum())
+    rows, columns = rows * total / rows.sum(), columns * total / columns.sum()
+    row_gain, column_gain = np.ones(len(rows)), np.ones(len(columns))
+    for _ in range(rounds):
+        column_gain = columns / np.maximum(row_gain @ proxies, 1e-300)
+        row_gain = rows / np.maximum(proxies @ column_gain, 1e-300)
+    return row_gain[:, None] * column_gain[None, :]
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from graphquant.analysis.search import (
@@ -9,14 +10,16 @@ from graphquant.analysis.search import (
     ErrorModel,
     Option,
     Unit,
+    best_upgrade,
     cheaper_step,
     cheaper_steps,
     cheapest,
     greedy,
-    more_accurate,
     pareto_front,
     predicted_error,
     proxy_sums,
+    repeated_block,
+    separable_gains,
     total,
 )
 
@@ -76,10 +79,19 @@ def test_free_upgrades_come_first():
     assert greedy([free, UNITS[1]], budget=0.55, gain=1.0)["free"] == 1
 
 
-def test_more_accurate_is_the_cheapest_better_option():
+def test_the_best_upgrade_removes_most_predicted_error_per_cost_and_none_is_left_at_float():
     choice = cheapest(UNITS)
-    assert more_accurate(UNITS, choice, "sensitive") == 1
-    assert more_accurate(UNITS, {**choice, "sensitive": 0}, "sensitive") is None
+    unit, option = best_upgrade(UNITS, choice, gain=1.0)
+    assert unit == "sensitive" and option == 1
+    assert best_upgrade(UNITS, {name: 0 for name in choice}, gain=1.0) is None
+
+
+def test_an_anchored_model_keeps_its_power_and_predicts_the_anchor_exactly():
+    model = ErrorModel(0.5, power=0.6).anchored((0.04, 0.001, 0.003))
+    assert model.power == 0.6 and model.gain * 0.04**0.6 + 0.001 == pytest.approx(0.003)
+    # Nothing to anchor to: no proxies, or no error beyond the end-to-end measured parts.
+    assert ErrorModel(0.5).anchored((0.0, 0.001, 0.002)) == ErrorModel(0.5)
+    assert ErrorModel(0.5).anchored((0.04, 0.003, 0.002)) == ErrorModel(0.5)
 
 
 def test_the_cheaper_step_downgrades_the_unit_losing_least_per_cost_saved():
@@ -141,3 +153,25 @@ def test_a_sublinear_model_upgrades_less_than_the_linear_one():
     assert root.predict(UNITS, choice) == pytest.approx(0.2 * 0.061**0.5)
     assert proxy_sums(UNITS, choice) == pytest.approx((0.061, 0.0))
     assert root.slope(UNITS, choice) == pytest.approx(0.1 * 0.061**-0.5)
+
+
+def test_a_stack_of_transformer_blocks_repeats_with_the_period_of_one_block():
+    # q, k, v, o share a shape; up and down differ: the block is 6 long, though q..o alone repeat with period 1.
+    block = ["d", "d", "d", "d", "up", "down"]
+    assert repeated_block(["stem", *block * 4, "head"]) == (6, 1, 25)
+
+
+def test_no_block_repeats_in_a_sequence_of_distinct_keys_or_too_few_repeats():
+    assert repeated_block(list("abcdefgh")) is None
+    assert repeated_block(list("abab")) is None
+    assert repeated_block(list("ababab")) == (2, 0, 6)
+
+
+def test_separable_gains_recover_planted_row_and_column_gains_from_the_margins():
+    proxies = np.array([[1.0, 2.0, 0.5], [3.0, 4.0, 1.0]])
+    planted = np.array([0.05, 2.0])[:, None] * np.array([1.0, 3.0, 0.2])[None, :]
+    errors = proxies * planted
+    np.testing.assert_allclose(separable_gains(proxies, errors.sum(1), errors.sum(0)), planted, rtol=1e-9)
+    # Margins measured on different builds add up differently: the gains fit their geometric mean total.
+    scaled = separable_gains(proxies, 2 * errors.sum(1), 0.5 * errors.sum(0))
+    np.testing.assert_allclose(scaled, planted, rtol=1e-9)
