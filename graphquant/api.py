@@ -60,7 +60,7 @@ from graphquant.passes import PASSES
 from graphquant.passes.fold_constants import refuse_quantized
 from graphquant.passes.upgrade_opset import INITIALIZERS_AS_INPUTS_BEFORE_IR, UpgradeOpsetPass
 from graphquant.pipeline import PassFailedError, Pipeline, pass_label
-from graphquant.quant_spec import KEEP_FLOAT_KEY, LayerDecision
+from graphquant.quant_spec import CHANNEL_ORDER_KEY, KEEP_FLOAT_KEY, LayerDecision
 from graphquant.recipes import Recipe, auto
 from graphquant.report import (
     Report,
@@ -540,6 +540,13 @@ def _compare_into(
         if layer.output not in names and (probe := _codes_probe(produced, names, integer_ops.get(layer.node), layer))
     }
     layer_outputs = {node: output for node, output in layer_outputs.items() if output in produced}
+    orders = _channel_orders(candidate)
+    probes.update(
+        (f"{node} (renumbered)", Probe(output, output, channel_order=orders[output]))
+        for node, output in layer_outputs.items()
+        if output in orders
+    )
+    layer_outputs = {node: output for node, output in layer_outputs.items() if output not in orders}
     metrics = compare_models(
         reference,
         candidate,
@@ -552,7 +559,17 @@ def _compare_into(
     )
     report.outputs = {value.name or "": metrics[value.name or ""] for value in reference.graph.outputs}
     report.layer_metrics = {node: metrics[output] for node, output in layer_outputs.items()}
-    report.layer_metrics.update((label.removesuffix(" (codes)"), metrics[label]) for label in probes)
+    report.layer_metrics.update((label.rsplit(" (", 1)[0], metrics[label]) for label in probes)
+
+
+def _channel_orders(model: ir.Model) -> dict[str, np.ndarray]:
+    """The values whose channels lowering renumbered, with each one's order (CHANNEL_ORDER_KEY)."""
+    return {
+        output.name or "": np.asarray(output.meta[CHANNEL_ORDER_KEY])
+        for node in model.graph
+        for output in node.outputs
+        if CHANNEL_ORDER_KEY in output.meta
+    }
 
 
 def _codes_probe(

@@ -25,6 +25,9 @@ OUTPUT_SPEC_KEY = "graphquant.output_spec"
 QUANTIZE_CHUNK_ELEMENTS = 1 << 20
 # On a Min node: its constant bound is one value per channel of its input, which it never broadcasts to a larger shape.
 CHANNEL_BOUND_KEY = "graphquant.channel_bound"
+# Value metadata: the channel order (last axis) of a tensor that lowering renumbered: its channel j holds the float
+# model's channel order[j] (ContiguousFloatRoutesPass). Validation compares it with the reference taken in that order.
+CHANNEL_ORDER_KEY = "graphquant.channel_order"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

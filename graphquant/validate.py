@@ -43,10 +43,16 @@ class Probe:
     candidate: str
     scale: float = 1.0
     zero_point: int = 0
+    # The candidate's channel order (last axis): its channel j is the reference's channel_order[j].
+    channel_order: np.ndarray | None = None
 
     def dequantize(self, values: np.ndarray) -> np.ndarray:
         """The candidate's float values: (codes - zero point) * scale."""
         return (values.astype(np.float64) - self.zero_point) * self.scale
+
+    def expected(self, values: np.ndarray) -> np.ndarray:
+        """The reference's values in the candidate's channel order."""
+        return values if self.channel_order is None else np.take(values, self.channel_order, axis=-1)
 
 
 @dataclasses.dataclass
@@ -180,7 +186,7 @@ def compare_models(
                 comparisons[name].update(expected[name], actual[name], rtol, atol)
             for label, probe in probes.items():
                 comparisons[label].update(
-                    expected[probe.reference], probe.dequantize(actual[probe.candidate]), rtol, atol
+                    probe.expected(expected[probe.reference]), probe.dequantize(actual[probe.candidate]), rtol, atol
                 )
             del expected, actual  # before the next feed runs
     return comparisons

@@ -17,6 +17,7 @@ import onnx_ir as ir
 
 from graphquant.analysis.layers import constant_array
 from graphquant.graph_edit import NameScope, add_initializer, remove_if_unused
+from graphquant.quant_spec import CHANNEL_ORDER_KEY
 
 MICROSOFT_DOMAIN = "com.microsoft"
 ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Sigmoid", "Relu", "Neg", "Abs", "Exp", "Gelu"})
@@ -213,8 +214,16 @@ def _renumber(graph: ir.Graph, names: NameScope, region: Region, perm: np.ndarra
                 _permute_input(graph, names, node, index, perm, axis=-1)
     for node in region.sinks:
         _permute_input(graph, names, node, 1, perm, axis=0)
+    for node in [*region.sources, *region.elementwise]:
+        _record_order(node.outputs[0], perm)
     (gather,) = region.routes
     _slice_tail(graph, names, gather, channels)
+
+
+def _record_order(value: ir.Value, perm: np.ndarray) -> None:
+    """Note on the value which float-model channel each of its channels now holds (composed with an earlier order)."""
+    earlier = value.meta.get(CHANNEL_ORDER_KEY)
+    value.meta[CHANNEL_ORDER_KEY] = perm if earlier is None else np.asarray(earlier)[perm]
 
 
 def _permute_input(graph: ir.Graph, names: NameScope, node: ir.Node, index: int, perm: np.ndarray, axis: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 from builders import GELU_HIDDEN, GELU_OUTLIERS, gaussian_feeds, gelu_mlp, ops, run
 
 import graphquant
@@ -14,6 +15,7 @@ from graphquant.lowering.contiguous_routes import ContiguousFloatRoutesPass
 from graphquant.lowering.ort_cpu import OrtCpuLoweringPass
 from graphquant.passes.preexecute_dequant import PreexecuteDequantPass
 from graphquant.passes.quantize import QuantizePass
+from graphquant.quant_spec import CHANNEL_ORDER_KEY
 
 
 def routed_and_lowered(model: ir.Model) -> ir.Model:
@@ -78,3 +80,21 @@ def test_the_ort_cpu_target_renumbers_and_matches_the_unrenumbered_lowering(monk
     held_out = gaussian_feeds(903, batches=2, features=8)
     for feed in held_out:
         np.testing.assert_array_equal(run(plain, feed)[0], run(renumbered, feed)[0])
+
+
+def test_a_renumbered_layer_output_is_validated_against_the_reference_in_its_new_channel_order(monkeypatch):
+    # Compared by name alone, fc1's renumbered output would be a permutation of the reference's: about 0 dB.
+    recipe = graphquant.Recipe.named("outliertune").with_options(
+        float_channels=2, float_route_below_db=1000.0, max_float_fraction=0.5
+    )
+    calib = gaussian_feeds(904, batches=4, features=8)
+    renumbered = graphquant.optimize(gelu_mlp(4), recipe, calib, target="ort-cpu", show_progress=False)
+    (order,) = [
+        v.meta[CHANNEL_ORDER_KEY] for n in renumbered.model.graph for v in n.outputs if CHANNEL_ORDER_KEY in v.meta
+    ][:1]
+    assert sorted(order.tolist()) == list(range(GELU_HIDDEN)) and order.tolist() != list(range(GELU_HIDDEN))
+    without = tuple(step for step in TARGETS["ort-cpu"] if step is not ContiguousFloatRoutesPass)
+    monkeypatch.setitem(TARGETS, "ort-cpu", without)
+    plain = graphquant.optimize(gelu_mlp(4), recipe, calib, target="ort-cpu", show_progress=False)
+    measured, expected = renumbered.report.layer_metrics["fc1"], plain.report.layer_metrics["fc1"]
+    assert expected.sqnr_db > 20 and measured.sqnr_db == pytest.approx(expected.sqnr_db, abs=1e-6)
