@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
+from graphquant.analysis.integer_matmul import integer_matmul
 from graphquant.analysis.layers import Layer
 from graphquant.rewrites import layer_bias
 
@@ -67,17 +68,26 @@ class GroupSimulator:
         self.weight = np.ascontiguousarray(np.concatenate(weights, axis=1), dtype=np.float32)
         self.bias = np.concatenate(biases).astype(np.float32)
         self.product = self.rows @ self.weight  # X·W; the float output is X·W + b
-        self.signal = self._signal()
-        self._float_paths: dict[bytes, np.ndarray] = {}
+        self._prepare()
 
     def every(self, stride: int) -> GroupSimulator:
         """This simulator on every ``stride``-th row: the same weights, the product sliced (no GEMM)."""
         subset = copy.copy(self)
         subset.rows = np.ascontiguousarray(self.rows[::stride])
         subset.product = np.ascontiguousarray(self.product[::stride])
-        subset.signal = subset._signal()
-        subset._float_paths = {}
+        subset._prepare()
         return subset
+
+    def _prepare(self) -> None:
+        """What every scheme reuses: the signal, the rows' per-channel ranges and scratch buffers for one scoring."""
+        self.signal = self._signal()
+        self._float_paths: dict[bytes, np.ndarray] = {}
+        self._channel_min, self._channel_max = self.rows.min(axis=0), self.rows.max(axis=0)
+        self._scaled = np.empty_like(self.rows)
+        self._migrated = np.empty_like(self.weight)
+        self._error = np.empty_like(self.product)
+        self._unsigned_codes = np.empty(self.rows.shape, np.uint8)
+        self._weight_codes = np.empty(self.weight.shape, np.int8)
 
     def _signal(self) -> np.ndarray:
         """The per-column energy of the float output X·W + b (the SQNR's signal)."""
@@ -97,29 +107,66 @@ class GroupSimulator:
 
         The activation step is the given one, else one per row (``per_row``: the run-time per-token scale), else one
         per tensor: ±max|x| on the signed grid, or [min, max] on the unsigned one with a zero point (``asymmetric``).
+        The divisor must be nonzero in every channel. The per-tensor range comes from the rows' per-channel ranges
+        (division by a nonzero constant is monotone, so it is the range of X/divisor itself, to the bit).
         """
         divisor = divisor.astype(np.float32)
-        scaled = self.rows / divisor
+        if not np.all(divisor):
+            raise ValueError("the divisor must be nonzero in every channel")
+        scaled = np.divide(self.rows, divisor, out=self._scaled)
         if float_channels is not None:
             scaled[:, float_channels] = 0  # those channels go through an exact float MatMul
         qmax = 2 ** (abits - 1) - 1
+        step: np.ndarray | float
         if asymmetric and activation_step is None and not per_row:
-            x_quantized = _fake_quantize_asymmetric_in_place(scaled, abits)
+            low, high = self._scaled_range(divisor, float_channels)
+            step, zero = _asymmetric_grid(low, high, abits)
+            codes = _codes_in_place(scaled, step, -zero, 2**abits - 1 - zero)
         else:
-            step = activation_step if activation_step is not None else _dynamic_step(scaled, qmax, per_row)
-            x_quantized = _fake_quantize_in_place(scaled, step, abits)
-        migrated = self.weight * divisor[:, None]
+            if activation_step is not None:
+                step = activation_step
+            elif per_row:
+                step = _row_steps(scaled, qmax)
+            else:
+                low, high = self._scaled_range(divisor, float_channels)
+                step = max(-low, high, 1e-12) / qmax
+            zero = 2 ** (abits - 1)  # the codes' offset onto the unsigned grid
+            codes = _codes_in_place(scaled, step, -qmax, qmax)
+        migrated = np.multiply(self.weight, divisor[:, None], out=self._migrated)
         if float_channels is not None:
             migrated[float_channels, :] = 0
-        column_step = np.maximum(np.abs(migrated).max(axis=0), 1e-12) / (2 ** (wbits - 1) - 1)
-        # The bias counts in the signal (after a shift it cancels part of X·W), not in the error: X·W - X_q·W_q.
-        error = x_quantized @ _fake_quantize_in_place(migrated, column_step[None, :], wbits)
+        wmax = 2 ** (wbits - 1) - 1
+        column_step = np.maximum(_column_absmax(migrated), 1e-12) / wmax
+        weight_codes = _codes_in_place(migrated, column_step[None, :], -wmax, wmax)
+        # The bias counts in the signal (after a shift it cancels part of X·W), not in the error: X·W - X_q·W_q, with
+        # X_q·W_q = s_x (C_x·C_w) s_w and the product of the integer codes C exact.
+        product = self._code_product(codes, zero, weight_codes, max(abits, wbits))
+        error = np.multiply(product, column_step, out=self._error, dtype=np.float32)
+        if not (isinstance(step, float) and step == 1.0):
+            np.multiply(error, step, out=error)
         if float_channels is not None:
             error += self._float_path(float_channels)
         np.subtract(self.product, error, out=error)
         # Each output channel's relative error counts equally: a few huge channels must not hide the error in the rest.
         mean_error = float(np.mean(np.einsum("ij,ij->j", error, error) / self.signal))
         return math.inf if mean_error == 0 else -10.0 * math.log10(mean_error)
+
+    def _code_product(self, codes: np.ndarray, zero: int, weight_codes: np.ndarray, bits: int) -> np.ndarray:
+        """codes·weight_codes, both integer-valued float32 (codes + zero within [0, 2**bits - 1], weight codes
+        signed): exact in int32 on the integer GEMM up to 8 bits, in float32 above."""
+        if bits > 8:
+            return codes @ weight_codes
+        np.add(codes, zero, out=self._unsigned_codes, casting="unsafe")
+        np.copyto(self._weight_codes, weight_codes, casting="unsafe")
+        return integer_matmul(self._unsigned_codes, zero, self._weight_codes)
+
+    def _scaled_range(self, divisor: np.ndarray, float_channels: np.ndarray | None) -> tuple[float, float]:
+        """min and max of X/divisor over the sample, with the float-routed channels at 0, from the channel ranges."""
+        low, high = self._channel_min / divisor, self._channel_max / divisor  # swapped where a divisor is negative
+        low, high = np.minimum(low, high), np.maximum(low, high)
+        if float_channels is not None:
+            low[float_channels] = high[float_channels] = 0
+        return float(low.min()), float(high.max())
 
     def _float_path(self, float_channels: np.ndarray) -> np.ndarray:
         """The exact float product of the routed channels (cached: candidates share one outlier set)."""
@@ -129,33 +176,31 @@ class GroupSimulator:
         return self._float_paths[key]
 
 
-def _fake_quantize_in_place(values: np.ndarray, step: np.ndarray | float, bits: int) -> np.ndarray:
-    """fake_quantize, overwriting ``values`` (a float32 buffer of the caller's own)."""
-    qmax = 2 ** (bits - 1) - 1
-    np.divide(values, step, out=values)
+def _codes_in_place(values: np.ndarray, step: np.ndarray | float, low: float, high: float) -> np.ndarray:
+    """The integer codes rint(values / step) clamped to [low, high], overwriting ``values`` (a float32 buffer of the
+    caller's own); a unit step is not divided by, which leaves every value as it is."""
+    if not (isinstance(step, float) and step == 1.0):
+        np.divide(values, step, out=values)
     np.rint(values, out=values)
-    np.clip(values, -qmax, qmax, out=values)
-    np.multiply(values, step, out=values)
-    return values
+    return np.clip(values, low, high, out=values)
 
 
-def _fake_quantize_asymmetric_in_place(values: np.ndarray, bits: int) -> np.ndarray:
-    """Round onto the unsigned grid spanning [min(x, 0), max(x, 0)] with zero on it, overwriting ``values``."""
-    low, high = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
+def _asymmetric_grid(low: float, high: float, bits: int) -> tuple[float, int]:
+    """The step and zero point of the unsigned grid spanning [min(low, 0), max(high, 0)] with zero on it."""
+    low, high = min(low, 0.0), max(high, 0.0)
     step = max(high - low, 1e-12) / (2**bits - 1)
-    zero = float(np.rint(-low / step))
-    np.divide(values, step, out=values)
-    np.rint(values, out=values)
-    np.clip(values, -zero, 2**bits - 1 - zero, out=values)
-    np.multiply(values, step, out=values)
-    return values
+    return step, int(np.rint(-low / step))
 
 
-def _dynamic_step(scaled: np.ndarray, qmax: int, per_row: bool) -> np.ndarray | float:
-    """The step that maps each row's (per_row) or the whole sample's largest magnitude to qmax."""
-    if per_row:
-        return np.maximum(np.abs(scaled).max(axis=1, keepdims=True), 1e-12) / qmax
-    return max(float(np.abs(scaled).max()), 1e-12) / qmax
+def _row_steps(scaled: np.ndarray, qmax: int) -> np.ndarray:
+    """The steps that map each row's largest magnitude to qmax."""
+    magnitudes = np.maximum(scaled.max(axis=1, keepdims=True), -scaled.min(axis=1, keepdims=True))
+    return np.maximum(magnitudes, 1e-12) / qmax
+
+
+def _column_absmax(values: np.ndarray) -> np.ndarray:
+    """max |x| per column, from the column maxima and minima (no |x| temporary)."""
+    return np.maximum(values.max(axis=0), -values.min(axis=0))
 
 
 def block_int8_rows(rows: np.ndarray, block: int) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -14,6 +15,9 @@ HIST_MAX_EXP = 40
 HIST_BINS = (HIST_MAX_EXP - HIST_MIN_EXP) * BINS_PER_OCTAVE + 1
 # Batch statistics are reduced in row slices of about this many values, so their float64 temporaries stay small.
 CHUNK_ELEMENTS = 1 << 16
+# float32 values that agree in all but their low TABLE_SHIFT bits share a histogram bin, except the few runs a bin edge
+# cuts: the bins are read from a table of those runs, and only the values in a cut run are binned by their log2.
+TABLE_SHIFT = 13
 
 
 @dataclasses.dataclass
@@ -246,12 +250,33 @@ def _empty_range(channels: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _histogram(magnitudes: np.ndarray) -> np.ndarray:
-    """Counts of |x| on the fixed log2 edges."""
+    """Counts of |x| (float32) on the fixed log2 edges: each value's bin read from the table by its top bits, the
+    values of runs a bin edge cuts binned by their log2 (the same bins as _log2_bins of every value)."""
+    assert magnitudes.dtype == np.float32, magnitudes.dtype
+    values = np.ascontiguousarray(magnitudes).reshape(-1)
+    bins = np.take(_bin_table(), (values.view(np.uint32) >> TABLE_SHIFT).astype(np.intp))
+    cut = bins < 0
+    if cut.any():
+        bins[cut] = _log2_bins(values[cut])
+    return np.bincount(bins, minlength=HIST_BINS).astype(np.int64)
+
+
+def _log2_bins(magnitudes: np.ndarray) -> np.ndarray:
+    """The bin of each |x|: bin 0 below 2**HIST_MIN_EXP (and for NaN/Inf), then 1/BINS_PER_OCTAVE octave each."""
     with np.errstate(divide="ignore", invalid="ignore"):  # log2(0) = -inf; its cast is replaced just below
         exponents = np.log2(magnitudes.astype(np.float64))
         bins = np.floor((exponents - HIST_MIN_EXP) * BINS_PER_OCTAVE).astype(np.int64) + 1
-    bins = np.clip(np.where(np.isfinite(exponents), bins, 0), 0, HIST_BINS - 1)
-    return np.bincount(bins, minlength=HIST_BINS).astype(np.int64)
+    return np.clip(np.where(np.isfinite(exponents), bins, 0), 0, HIST_BINS - 1)
+
+
+@functools.cache
+def _bin_table() -> np.ndarray:
+    """The bin of every run of float32 bit patterns equal above the low TABLE_SHIFT bits, -1 where an edge cuts it
+    (log2 is monotone, so a run whose first and last values share a bin lies wholly in it)."""
+    first = np.arange(1 << (32 - TABLE_SHIFT), dtype=np.uint32) << TABLE_SHIFT
+    last = first | np.uint32((1 << TABLE_SHIFT) - 1)
+    low, high = _log2_bins(first.view(np.float32)), _log2_bins(last.view(np.float32))
+    return np.where(low == high, low, -1).astype(np.int16)
 
 
 @dataclasses.dataclass

@@ -353,3 +353,87 @@ def test_one_blas_thread_limits_blas_inside_and_restores_it_after():
         inside = blas_threads()
     assert inside and set(inside) == {1}
     assert blas_threads() == before
+
+
+# float32 rounding: 1e-4 dB is a 2.3e-5 relative change of the error energy.
+TOLERANCE_DB = 1e-4
+
+
+def textbook_sqnr_db(
+    simulator: GroupSimulator, divisor, abits, wbits, step=None, routed=None, per_row=False, asym=False
+):
+    """The scoring as first written: X/d and W·d fake-quantized in float32 copies, one float GEMM, no shortcuts."""
+    scaled = simulator.rows / divisor.astype(F32)
+    if routed is not None:
+        scaled[:, routed] = 0
+    qmax = 2 ** (abits - 1) - 1
+    if asym and step is None and not per_row:
+        low, high = min(float(scaled.min()), 0.0), max(float(scaled.max()), 0.0)
+        grid = max(high - low, 1e-12) / (2**abits - 1)
+        zero = float(np.rint(-low / grid))
+        x_q = np.clip(np.rint(scaled / grid), -zero, 2**abits - 1 - zero) * grid
+    else:
+        if step is None:
+            absmax = np.abs(scaled).max(axis=1, keepdims=True) if per_row else float(np.abs(scaled).max())
+            step = np.maximum(absmax, 1e-12) / qmax
+        x_q = fake_quantize(scaled, step, abits)
+    migrated = simulator.weight * divisor.astype(F32)[:, None]
+    if routed is not None:
+        migrated[routed, :] = 0
+    w_q = fake_quantize(migrated, np.maximum(np.abs(migrated).max(axis=0), 1e-12) / (2 ** (wbits - 1) - 1), wbits)
+    output = x_q @ w_q
+    if routed is not None:
+        output += simulator.rows[:, routed] @ simulator.weight[routed, :]
+    error = (simulator.product - output).astype(np.float64)
+    return -10 * math.log10(float(np.mean(np.sum(error**2, axis=0) / simulator.signal)))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"step": 1.0},
+        {"step": 0.37},
+        {"per_row": True},
+        {"asym": True},
+        {"routed": np.array([2, 9])},
+        {"routed": np.array([2, 9]), "per_row": True},
+        {"routed": np.array([2, 9]), "asym": True},
+    ],
+    ids=["per-tensor", "preexecuted", "given-step", "per-row", "asymmetric", "routed", "routed-per-row", "routed-asym"],
+)
+def test_fast_scoring_equals_the_textbook_definition(options):
+    rng = np.random.default_rng(13)
+    model = group_model(rng)
+    rows = outlier_rows(rng, rows=300)
+    rows[::7] *= 40  # sink-like tokens
+    simulator = GroupSimulator(rows, layers_of(model))
+    absmax = np.abs(rows).max(axis=0)
+    divisors = [np.ones(16), np.sqrt(absmax / absmax.min()), absmax / 127, -np.sqrt(absmax)]  # a negative one too
+    for abits, wbits in ((8, 8), (8, 4), (6, 8)):
+        for divisor in divisors:
+            step = options.get("step")
+            if step == 1.0:
+                divisor = divisor * 0 + absmax / (2 ** (abits - 1) - 1)  # the step pre-executed: codes are X/d
+            fast = simulator.sqnr_db(
+                divisor,
+                abits,
+                wbits,
+                step,
+                options.get("routed"),
+                options.get("per_row", False),
+                options.get("asym", False),
+            )
+            assert fast == pytest.approx(
+                textbook_sqnr_db(simulator, divisor, abits, wbits, **options), abs=TOLERANCE_DB
+            )
+    assert simulator.every(3).sqnr_db(divisors[1], 8, 8) == pytest.approx(
+        textbook_sqnr_db(simulator.every(3), divisors[1], 8, 8), abs=TOLERANCE_DB
+    )
+
+
+def test_a_zero_divisor_is_refused():
+    rng = np.random.default_rng(14)
+    simulator = GroupSimulator(outlier_rows(rng, rows=32), layers_of(group_model(rng)))
+    with pytest.raises(ValueError, match="nonzero"):
+        simulator.sqnr_db(np.r_[np.zeros(1), np.ones(15)], 8, 8)

@@ -249,3 +249,30 @@ def test_the_exactness_of_the_histogram_survives_save_and_load(tmp_path):
     stats.tensors["x"] = stats["x"].affine(np.ones(3, np.float32), np.zeros(3, np.float32))
     stats.save(str(tmp_path / "s.npz"))
     assert not CalibrationStats.load(str(tmp_path / "s.npz"))["x"].exact_histogram
+
+
+def edge_neighbours() -> np.ndarray:
+    """The float32 values at and around every bin edge 2**(k/BINS_PER_OCTAVE), a few ulps either side."""
+    from graphquant.analysis.stats import HIST_MAX_EXP, HIST_MIN_EXP
+
+    edges = 2.0 ** (
+        np.arange((HIST_MIN_EXP - 1) * BINS_PER_OCTAVE, (HIST_MAX_EXP + 1) * BINS_PER_OCTAVE + 1) / BINS_PER_OCTAVE
+    )
+    nearest = edges.astype(np.float32).view(np.int32)
+    return (nearest[:, None] + np.arange(-4, 5, dtype=np.int32)[None, :]).ravel().view(np.float32)
+
+
+def test_the_table_histogram_bins_every_value_as_its_log2_does():
+    from graphquant.analysis.stats import TABLE_SHIFT, _bin_table, _histogram, _log2_bins
+
+    rng = np.random.default_rng(21)
+    spread = rng.standard_normal(1 << 18) * 10.0 ** rng.uniform(-16, 16, 1 << 18)
+    special = np.array([0.0, 1e-45, 1.2e-38, 2.0**-40, 2.0**40, 3.4e38, np.inf, np.nan], np.float32)
+    values = np.abs(np.concatenate([spread.astype(np.float32), special, edge_neighbours()]))
+    np.testing.assert_array_equal(_histogram(values), np.bincount(_log2_bins(values), minlength=HIST_BINS))
+    # Every run of the table is checked on its own: its first value, its last, and a value between them.
+    table = _bin_table()
+    runs = np.flatnonzero(table >= 0).astype(np.uint32) << TABLE_SHIFT
+    for offset in (0, (1 << TABLE_SHIFT) // 2 + 1, (1 << TABLE_SHIFT) - 1):
+        members = (runs + np.uint32(offset)).view(np.float32)
+        np.testing.assert_array_equal(table[table >= 0], _log2_bins(members))
