@@ -45,6 +45,10 @@ NO_GPTQ = {"gptq": False}
 KEPT = {"keep_8bit": KEEP_8BIT}
 SEQUENTIAL = {"gptq_sequential": True}
 FLEX = {"rounding": "flexround-block"}
+# Conv weights below 8 bits on asymmetric per-channel grids (QLinearConv takes their codes less the zero points;
+# the w4a8 recipe's default), or on symmetric ones (the w4a8 recipe's before 2026-12-04).
+ASYM = {"asymmetric_conv_weights": True}
+SYM = {"asymmetric_conv_weights": False}
 # The w4a8 recipe's weights (symmetric per output channel, GPTQ act-order, clip search) on the cnn-w8a8 recipe:
 # with its MSE-optimal activation ranges, or with float activations.
 PER_CHANNEL_W4 = {"wbits": 4, "gptq": True, "gptq_act_order": True, "weight_clip_search": True}
@@ -67,7 +71,9 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("w4a8 (ort-cpu)", "w4a8", {}),
     ("w4a8 sequential (ort-cpu)", "w4a8", SEQUENTIAL),
     ("w4a8 + keep-8bit (ort-cpu)", "w4a8", KEPT),
+    ("w4a8 + keep-8bit, symmetric convs (ort-cpu)", "w4a8", {**KEPT, **SYM}),
     ("w4a8 sequential + keep-8bit (ort-cpu)", "w4a8", {**SEQUENTIAL, **KEPT}),
+    ("w4a8 sequential + keep-8bit, symmetric convs (ort-cpu)", "w4a8", {**SEQUENTIAL, **KEPT, **SYM}),
     ("w4a8 sequential flexround-block (ort-cpu)", "w4a8", {**SEQUENTIAL, **FLEX}),
     ("w4a8 sequential flexround-block + keep-8bit (ort-cpu)", "w4a8", {**SEQUENTIAL, **FLEX, **KEPT}),
     ("cnn-w8a8 at W4 + keep-8bit (ort-cpu)", "cnn-w8a8", {**PER_CHANNEL_W4, "target": "ort-cpu", **KEPT}),
@@ -75,6 +81,11 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
         "W4 per-channel symmetric + keep-8bit, float activations (qdq)",
         "cnn-w8a8",
         {**PER_CHANNEL_W4, "abits": 0, **KEPT},
+    ),
+    (
+        "W4 per-channel asymmetric + keep-8bit, float activations (qdq)",
+        "cnn-w8a8",
+        {**PER_CHANNEL_W4, "abits": 0, **KEPT, **ASYM},
     ),
     ("splitquant W4 (qdq)", "splitquant", {}),
     ("bitmod W4 (qdq)", "bitmod", {}),

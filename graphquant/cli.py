@@ -181,6 +181,12 @@ def _parser() -> argparse.ArgumentParser:
         help="with GPTQ: fit conv weights one layer at a time on the inputs of the model quantized so far",
     )
     optimize.add_argument(
+        "--asymmetric-conv-weights",
+        action="store_const",
+        const=True,
+        help="Conv weights below 8 bits on asymmetric grids (a zero point per channel; still QLinearConv on ort-cpu)",
+    )
+    optimize.add_argument(
         "--rounding",
         choices=ROUNDINGS,
         help="how weights are rounded (overrides --gptq): nearest, gptq, flexround (learned from RTN's grid), "
@@ -372,6 +378,7 @@ def _optimize(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         gptq=args.gptq,
         gptq_sequential=args.gptq_sequential,
+        asymmetric_conv_weights=args.asymmetric_conv_weights,
         rounding=args.rounding,
         embed_bits=args.embed_bits,
         embed_block_size=args.embed_block_size,

@@ -142,6 +142,22 @@ def test_gptq_sequential_fits_the_convs_on_the_quantized_inputs(tmp_path):
     assert len(schemes) == 2 and all("GPTQ sequential" in scheme for scheme in schemes), schemes
 
 
+def test_asymmetric_conv_weights_reach_qlinear_conv_on_ort_cpu(tmp_path):
+    rng = np.random.default_rng(5)
+    model = build(CONVS, {"w1": weights(rng, 8, 4, 3, 3), "b1": weights(rng, 8), "w2": weights(rng, 6, 8, 1, 1)})
+    model_path, calib, report = tmp_path / "convs.onnx", tmp_path / "calib.npz", tmp_path / "report.json"
+    save_model(model, model_path)
+    np.savez(calib, x=rng.standard_normal((16, 4, 6, 6)).astype(np.float32))
+    output = tmp_path / "o.onnx"
+    args = ["optimize", str(model_path), "-o", str(output), "--calib", str(calib), "--recipe", "w8a8"]
+    assert (
+        main([*args, "--wbits", "4", "--target", "ort-cpu", "--asymmetric-conv-weights", "--report", str(report)]) == 0
+    )
+    schemes = [layer["scheme"] for layer in json.loads(report.read_text())["layers"]]
+    assert len(schemes) == 2 and all(scheme.startswith("W4 asym per-channel") for scheme in schemes), schemes
+    assert [node.op_type for node in onnx.load(output).graph.node].count("QLinearConv") == 2
+
+
 def test_debug_shows_the_traceback(tmp_path, capsys):
     assert main(["--debug", "inspect", str(tmp_path / "absent.onnx")]) == 1
     stderr = capsys.readouterr().err

@@ -176,3 +176,42 @@ def test_the_db_llm_preset_runs_through_the_cli_and_beats_2bit_rtn(tmp_path):
     assert layers["embed"] == "embedding W8 per-row clip-searched"
     rtn = graphquant.optimize(reference, "weight-only", calibration=CALIB, wbits=2, gptq=False, show_progress=False)
     assert output_sqnr_db(reference, graphquant.load(output), HELD_OUT) > output_sqnr_db(reference, rtn.model, HELD_OUT)
+
+
+CONVS = """
+<ir_version: 8, opset_import: ["" : 17]>
+convs (float[N, 4, 8, 8] x) => (float[N, 8, 8, 8] y) {
+  [conv1] c = Conv<kernel_shape: ints = [3, 3], pads: ints = [1, 1, 1, 1]>(x, w1, b1)
+  r = Relu(c)
+  [conv2] y = Conv<kernel_shape: ints = [1, 1]>(r, w2, b2)
+}
+"""
+
+
+def test_w4a8_puts_conv_weights_on_asymmetric_grids_and_still_runs_them_as_qlinear_conv():
+    rng = np.random.default_rng(40)
+    offsets = np.linspace(-0.4, 0.4, 8, dtype=F32)
+    arrays = {
+        "w1": (rng.standard_normal((8, 4, 3, 3)) * 0.3 + offsets.reshape(8, 1, 1, 1)).astype(F32),
+        "b1": (rng.standard_normal(8) * 0.1).astype(F32),
+        "w2": (rng.standard_normal((8, 8, 1, 1)) * 0.3 + offsets.reshape(8, 1, 1, 1)).astype(F32),
+        "b2": (rng.standard_normal(8) * 0.1).astype(F32),
+    }
+    calib = [{"x": rng.standard_normal((4, 4, 8, 8)).astype(F32)} for _ in range(4)]
+    models = {}
+    for asymmetric in (True, False):
+        result = graphquant.optimize(
+            build(CONVS, arrays),
+            "w4a8",
+            calib,
+            show_progress=False,
+            asymmetric_conv_weights=None if asymmetric else False,
+        )
+        assert all(
+            scheme.startswith("W4 asym" if asymmetric else "W4 per-channel") for scheme in schemes(result).values()
+        )
+        models[asymmetric] = result.model
+    convs = [node for node in models[True].graph if node.op_type == "QLinearConv"]
+    assert len(convs) == 2 and max(int(np.abs(node.inputs[3].const_value.numpy()).max()) for node in convs) > 7
+    reference = build(CONVS, arrays)
+    assert output_sqnr_db(reference, models[True], calib) > output_sqnr_db(reference, models[False], calib)

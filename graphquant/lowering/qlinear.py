@@ -115,9 +115,21 @@ def output_spec(node: ir.Node) -> QuantSpec | None:
     return readers_spec(node) or node.meta.get(OUTPUT_SPEC_KEY)
 
 
+def int8_weight_grid(spec: QuantSpec) -> bool:
+    """Whether weight_codes stores the spec's grid exactly as int8 codes with zero point 0: a signed grid with zero
+    zero points, or an unsigned one of at most 7 bits (its codes less their zero points lie in ±(2^bits - 1))."""
+    if spec.signed:
+        return not np.any(spec.zero_point != 0)
+    return spec.bits <= 7
+
+
 def weight_codes(layer: Layer, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
-    """int8 weight codes and float32 scales; 2-D weights as [K, N] (a transB Gemm's weight transposed)."""
+    """int8 weight codes (an unsigned grid's codes less their zero points) and float32 scales, to pair with zero
+    point 0; 2-D weights as [K, N] (a transB Gemm's weight transposed)."""
     codes = spec.quantize(layer.weight_array)
+    if not spec.signed:
+        zero_point = spec.expand(spec.zero_point.astype(np.int16), codes.shape)
+        codes = (codes.astype(np.int16) - zero_point).astype(np.int8)
     if codes.ndim == 2 and layer.in_axis == 1:
         codes = np.ascontiguousarray(codes.T)
     return codes, spec.scale.astype(np.float32)

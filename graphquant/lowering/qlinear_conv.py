@@ -12,6 +12,7 @@ from graphquant.lowering.qlinear import (
     Uint8Activations,
     activation_fits,
     dequantized_output,
+    int8_weight_grid,
     output_grid,
     output_spec,
     replace_output,
@@ -23,7 +24,10 @@ INT32 = np.iinfo(np.int32)
 
 
 class QLinearConvLoweringPass(ir.passes.InPlacePass):
-    """Lower Conv layers with per-tensor activations and symmetric int8 weights to QLinearConv + DequantizeLinear.
+    """Lower Conv layers with per-tensor activations and per-channel weights to QLinearConv + DequantizeLinear.
+
+    The weights go in as int8 codes with zero point 0: a symmetric grid's codes, or an asymmetric grid's (at most
+    7 bits) codes less their per-channel zero points, the same dequantized values on the kernel symmetric weights use.
 
     The output is requantized to its readers' common input grid when they share one (so a following QLinearConv
     reads the codes directly), else to the calibrated output grid. Other Conv annotations are left for QDQ.
@@ -56,7 +60,7 @@ def _lowerable_conv(graph: ir.Graph, node: ir.Node) -> Layer | None:
     if layer is None or set(specs) != {layer.activation_index, layer.weight_index}:
         return None
     weight_spec = specs[layer.weight_index]
-    if not weight_spec.signed or weight_spec.block_size is not None or np.any(weight_spec.zero_point != 0):
+    if weight_spec.block_size is not None or not int8_weight_grid(weight_spec):
         return None
     if weight_spec.axis not in (None, 0) or not activation_fits(specs[layer.activation_index], graph):
         return None

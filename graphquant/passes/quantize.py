@@ -102,6 +102,9 @@ class QuantizePass(ir.passes.InPlacePass):
     ``gptq_sequential`` fits conv weights one layer at a time, in graph order, on the inputs of the model quantized
     so far, against the float model's outputs, and moves each conv's bias by its remaining mean output error
     (analysis/conv_gram.py's SequentialConvGrams).
+    ``asymmetric_conv_weights`` puts Conv weights of fewer than 8 bits on asymmetric grids (each channel's or
+    block's [min, max], with a zero point) whatever ``weight_symmetric`` says; QLinearConv still takes them per
+    channel (lowering/qlinear_conv.py stores their codes less the zero points in int8).
     """
 
     def __init__(
@@ -119,6 +122,7 @@ class QuantizePass(ir.passes.InPlacePass):
         gptq: bool = False,
         gptq_act_order: bool = False,
         gptq_sequential: bool = False,
+        asymmetric_conv_weights: bool = False,
         rounding: str | None = None,
         flexround_steps: int = DEFAULT_STEPS,
         flexround_block_layers: int = 1,
@@ -149,6 +153,7 @@ class QuantizePass(ir.passes.InPlacePass):
         self.gptq = self.rounding != "nearest"  # every other rounding needs the Grams GPTQ collects
         self.gptq_act_order = gptq_act_order
         self.gptq_sequential = gptq_sequential
+        self.asymmetric_conv_weights = asymmetric_conv_weights
         self.flexround = FlexRoundSettings(flexround_steps)
         self.flexround_block_layers = flexround_block_layers
         self._fits: list[tuple[Any, WeightScheme]] = []  # block-wise FlexRound's LayerFits, filled while annotating
@@ -296,7 +301,8 @@ class QuantizePass(ir.passes.InPlacePass):
         grams: ConvGrams | SequentialConvGrams,
     ) -> tuple[QuantSpec, str]:
         """The weight's spec and scheme label; under GPTQ the weight is replaced by its rounded values first."""
-        scheme = WeightScheme(options.wbits, options.weight_symmetric, options.block_size, self.weight_clip_search)
+        symmetric = options.weight_symmetric and not self._asymmetric_conv(layer, options)
+        scheme = WeightScheme(options.wbits, symmetric, options.block_size, self.weight_clip_search)
         activation = stats.tensors.get(layer.activation.name or "")
         conv_grams = grams.gram(layer)
         if conv_grams is not None and self._uses_gptq(layer):
@@ -321,6 +327,10 @@ class QuantizePass(ir.passes.InPlacePass):
         weight = from_in_major(layer, rounded)
         replace_weight(graph, names, layer, spec.dequantize(spec.quantize(weight)), self.rounding)
         return spec, scheme.describe(layer) + suffix
+
+    def _asymmetric_conv(self, layer: Layer, options: LayerOptions) -> bool:
+        """Whether asymmetric_conv_weights gives this layer an asymmetric grid: a Conv below 8 bits."""
+        return self.asymmetric_conv_weights and layer.node.op_type == "Conv" and options.wbits < 8
 
     def _rounded(
         self, matrix: np.ndarray, gram: np.ndarray, scheme: WeightScheme, block: int

@@ -248,3 +248,54 @@ def test_gptq_w4a8_conv_runs_as_qlinear_conv_with_4_bit_codes_in_int8():
     assert by_name(reference)["conv"].meta[DECISION_KEY].scheme.startswith("W4 per-channel GPTQ")
     bound = requantization_bound(specs[0], specs[1], y_spec)
     assert max_error_in_steps(model, reference, data, float(y_spec.scale)) <= bound
+
+
+def offset_kernels(rng: np.random.Generator) -> np.ndarray:
+    """The CONV weights shifted by a different offset per output channel: every kernel off-centre."""
+    return weights(rng, 8, 3, 3, 3) + np.linspace(-0.6, 0.6, 8, dtype=F32).reshape(8, 1, 1, 1)
+
+
+def test_asymmetric_w4_conv_runs_as_qlinear_conv_with_codes_less_zero_points_in_int8():
+    rng = np.random.default_rng(22)
+    init = {"w": offset_kernels(rng), "b": weights(rng, 8)}
+    data = image_feeds(23, (4, 3, 9, 9))
+    model, reference, annotations, (result,) = lowered_pair(CONV, init, data, wbits=4, weight_symmetric=False)
+    assert result.modified and ops(model) == ["QuantizeLinear", "QLinearConv", "DequantizeLinear"]
+    specs, y_spec = annotations["conv"]
+    w_spec = specs[1]
+    assert (w_spec.bits, w_spec.signed, w_spec.axis) == (4, False, 0) and len(set(w_spec.zero_point.tolist())) > 1
+    conv = by_name(model)["conv"]
+    codes, scale, zero_point = (conv.inputs[i].const_value.numpy() for i in (3, 4, 5))
+    expected = w_spec.quantize(init["w"]).astype(np.int16) - w_spec.zero_point.astype(np.int16).reshape(8, 1, 1, 1)
+    assert codes.dtype == np.int8 and np.abs(codes).max() > 7  # beyond a symmetric 4-bit grid's ±7
+    np.testing.assert_array_equal(codes, expected)
+    np.testing.assert_array_equal(scale, w_spec.scale)
+    assert zero_point.dtype == np.int8 and not zero_point.any()
+    # The QDQ reference keeps the grid as UINT4 codes with per-channel zero points (opset 21), which onnxruntime runs.
+    dequantize = by_name(reference)["conv"].inputs[1].producer()
+    assert [value.dtype for value in (dequantize.inputs[0], dequantize.inputs[2])] == [ir.DataType.UINT4] * 2
+    assert max_error_in_steps(model, reference, data, float(y_spec.scale)) <= requantization_bound(
+        specs[0], w_spec, y_spec
+    )
+
+
+def test_gptq_on_an_asymmetric_w4_grid_lowers_to_qlinear_conv_within_one_output_step_of_qdq():
+    rng = np.random.default_rng(24)
+    init = {"w": offset_kernels(rng), "b": weights(rng, 8)}
+    data = image_feeds(25, (4, 3, 9, 9))
+    model, reference, annotations, _ = lowered_pair(
+        CONV, init, data, wbits=4, gptq=True, weight_clip_search=True, asymmetric_conv_weights=True
+    )
+    assert ops(model) == ["QuantizeLinear", "QLinearConv", "DequantizeLinear"]
+    assert by_name(reference)["conv"].meta[DECISION_KEY].scheme.startswith("W4 asym per-channel clip-searched GPTQ")
+    specs, y_spec = annotations["conv"]
+    assert max_error_in_steps(model, reference, data, float(y_spec.scale)) <= requantization_bound(
+        specs[0], specs[1], y_spec
+    )
+
+
+def test_an_asymmetric_8_bit_conv_is_left_to_qdq():
+    rng = np.random.default_rng(26)
+    init = {"w": offset_kernels(rng), "b": weights(rng, 8)}
+    model, _, _, (result,) = lowered_pair(CONV, init, image_feeds(27, (2, 3, 9, 9)), weight_symmetric=False)
+    assert not result.modified and "QLinearConv" not in ops(model)

@@ -311,3 +311,46 @@ def test_quant_spec_math():
         QuantSpec(bits=8, signed=True, scale=np.float32(0), zero_point=np.int8(0))
     with pytest.raises(ValueError, match="per-axis"):
         QuantSpec(bits=8, signed=True, scale=np.ones(3, np.float32), zero_point=np.zeros(3, np.int8))
+
+
+SKEWED_CONVS = """
+<ir_version: 8, opset_import: ["" : 17]>
+skewed (float[N, 8, 6, 6] x) => (float[N, 8] y) {
+  [conv4] c = Conv<kernel_shape: ints = [3, 3], pads: ints = [1, 1, 1, 1]>(x, w4)
+  [conv8] d = Conv<kernel_shape: ints = [1, 1]>(c, w8)
+  [pool] p = GlobalAveragePool(d)
+  [flat] f = Flatten(p)
+  [fc] y = MatMul(f, wm)
+}
+"""
+
+
+def skewed_kernels(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    """Conv kernels with a long tail on one side of each output channel (a sign per channel) and a short one."""
+    sign = np.where(rng.random(shape[0]) < 0.5, -1.0, 1.0).reshape(-1, *[1] * (len(shape) - 1))
+    return (sign * (rng.exponential(0.3, shape) - 0.1)).astype(np.float32)
+
+
+def test_asymmetric_conv_weights_lower_the_weight_error_of_low_bit_convs_only():
+    rng = np.random.default_rng(30)
+    init = {"w4": skewed_kernels(rng, 8, 8, 3, 3), "w8": skewed_kernels(rng, 8, 8, 1, 1), "wm": weights(rng, 8, 8)}
+    data = [{"x": rng.standard_normal((2, 8, 6, 6)).astype(np.float32)} for _ in range(2)]
+    specs, errors = {}, {}
+    for asymmetric in (False, True):
+        model = build(SKEWED_CONVS, init)
+        overrides = [NodeOverride("conv8", {"wbits": 8})]
+        calibrated(
+            model, data, wbits=4, weight_clip_search=True, overrides=overrides, asymmetric_conv_weights=asymmetric
+        )
+        specs[asymmetric] = {
+            name: node.meta[INPUT_SPECS_KEY][1] for name, node in by_name(model).items() if INPUT_SPECS_KEY in node.meta
+        }
+        w4 = specs[asymmetric]["conv4"]
+        errors[asymmetric] = float(np.sum((w4.dequantize(w4.quantize(init["w4"])) - init["w4"]) ** 2))
+    conv4 = specs[True]["conv4"]
+    assert (conv4.bits, conv4.signed, conv4.axis) == (4, False, 0) and np.any(conv4.zero_point != 8)
+    assert errors[True] < 0.6 * errors[False]  # the symmetric grid spends codes on the short side of each kernel
+    # 8-bit convs and other ops keep the symmetric grid (QLinearConv's int8 codes cannot hold an asymmetric 8-bit one)
+    for name in ("conv8", "fc"):
+        assert specs[True][name].signed and not np.any(specs[True][name].zero_point)
+        np.testing.assert_array_equal(specs[True][name].scale, specs[False][name].scale)
