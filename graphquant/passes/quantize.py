@@ -17,7 +17,7 @@ from graphquant.analysis import conv_ranges
 from graphquant.analysis.calibration import Calibrator
 from graphquant.analysis.conv_gram import ConvGeometry, ConvGrams, SequentialConvGrams
 from graphquant.analysis.flexround import DEFAULT_STEPS, FlexRoundSettings, flexround_round
-from graphquant.analysis.gptq import conv_weight_fit, gptq_round, grouped_gptq_round
+from graphquant.analysis.gptq import conv_weight_fit, gptq_round, gram_determined, grouped_gptq_round
 from graphquant.analysis.layers import Candidate, Layer, candidates, scale_groups
 from graphquant.analysis.sensitive_layers import matching_layers
 from graphquant.analysis.stats import CalibrationStats, TensorStats
@@ -102,6 +102,9 @@ class QuantizePass(ir.passes.InPlacePass):
     ``gptq_sequential`` fits conv weights one layer at a time, in graph order, on the inputs of the model quantized
     so far, against the float model's outputs, and moves each conv's bias by its remaining mean output error
     (analysis/conv_gram.py's SequentialConvGrams).
+    ``gptq_min_rows`` keeps plain rounding on MatMul/Gemm weights whose calibration rows number fewer than that many
+    per input channel (analysis/gptq.gram_determined; 0: GPTQ wherever it applies).
+    ``gptq_convs`` False keeps plain rounding on Conv/ConvTranspose weights under GPTQ.
     ``asymmetric_conv_weights`` puts Conv weights of fewer than 8 bits on asymmetric grids (each channel's or
     block's [min, max], with a zero point) whatever ``weight_symmetric`` says; QLinearConv still takes them per
     channel (lowering/qlinear_conv.py stores their codes less the zero points in int8).
@@ -123,6 +126,8 @@ class QuantizePass(ir.passes.InPlacePass):
         gptq_act_order: bool = False,
         gptq_sequential: bool = False,
         asymmetric_conv_weights: bool = False,
+        gptq_min_rows: float = 0.0,
+        gptq_convs: bool = True,
         rounding: str | None = None,
         flexround_steps: int = DEFAULT_STEPS,
         flexround_block_layers: int = 1,
@@ -154,6 +159,8 @@ class QuantizePass(ir.passes.InPlacePass):
         self.gptq_act_order = gptq_act_order
         self.gptq_sequential = gptq_sequential
         self.asymmetric_conv_weights = asymmetric_conv_weights
+        self.gptq_min_rows = gptq_min_rows
+        self.gptq_convs = gptq_convs
         self.flexround = FlexRoundSettings(flexround_steps)
         self.flexround_block_layers = flexround_block_layers
         self._fits: list[tuple[Any, WeightScheme]] = []  # block-wise FlexRound's LayerFits, filled while annotating
@@ -287,8 +294,10 @@ class QuantizePass(ir.passes.InPlacePass):
         return stats, grams
 
     def _uses_gptq(self, layer: Layer) -> bool:
-        """GPTQ applies to 2-D and conv weights that no other node reads (a tied weight keeps plain rounding)."""
-        shaped = layer.weight_array.ndim == 2 or ConvGeometry.of_layer(layer) is not None
+        """GPTQ applies to 2-D and (with gptq_convs) conv weights that no other node reads (a tied weight keeps plain
+        rounding)."""
+        convolution = self.gptq_convs and ConvGeometry.of_layer(layer) is not None
+        shaped = layer.weight_array.ndim == 2 or convolution
         return self.gptq and shaped and len(layer.weight.uses()) == 1
 
     def _weight_spec(
@@ -316,7 +325,10 @@ class QuantizePass(ir.passes.InPlacePass):
             if shift is not None and subtract_from_bias(graph, names, layer, -shift.astype(np.float32)):
                 suffix += " sequential, bias corrected"
             return spec, scheme.describe(layer) + suffix
-        if not (self._uses_gptq(layer) and activation is not None and activation.gram is not None):
+        determined = activation is not None and gram_determined(
+            activation.count, layer.weight_array.shape[layer.in_axis], self.gptq_min_rows
+        )
+        if not (self._uses_gptq(layer) and activation is not None and activation.gram is not None and determined):
             energy = row_energy(layer, None if activation is None else activation.channel_mean_square())
             return fit_weight_spec(layer, scheme, energy), scheme.describe(layer)
         rounded, low, high, suffix = self._rounded(in_major(layer), activation.gram, scheme, block_rows(layer, scheme))

@@ -100,6 +100,27 @@ def test_gptq_through_quantize_beats_rtn_in_onnxruntime():
     assert sum(errors[True]) < 0.7 * sum(errors[False])
 
 
+def test_a_gram_of_fewer_rows_than_inputs_rounds_to_nearest_and_keeps_unseen_inputs_safe():
+    # 32 calibration rows over 64 inputs: GPTQ fits them (error ~0 there) by moving error where no row reaches.
+    rng = np.random.default_rng(6)
+    w1, w2 = rng.standard_normal((64, 32)).astype(F32), rng.standard_normal((16, 64)).astype(F32)
+    reference = build(TWO_LAYERS, {"w1": w1, "w2": w2})
+    data = [{"x": correlated_inputs(rng, 32, 64).astype(F32)}]
+    unseen = [{"x": correlated_inputs(np.random.default_rng(7), 256, 64).astype(F32)}]
+    errors, schemes = {}, {}
+    for min_rows in (0.0, 1.0):
+        model = reference.clone()
+        calibrator = Calibrator.for_model(model, data, show_progress=False)
+        QuantizePass(calibrator, wbits=3, abits=0, block_size=16, gptq=True, gptq_min_rows=min_rows)(model)
+        schemes[min_rows] = [node.meta["graphquant.decision"].scheme for node in model.graph]
+        QdqLoweringPass()(model)
+        expected, got = run(reference, unseen[0])[0], run(model, unseen[0])[0]
+        errors[min_rows] = float(np.sum((expected - got) ** 2) / np.sum(expected**2))
+    assert schemes[0.0] == ["W3 block 16 GPTQ"] * 2 and not any("GPTQ" in s for s in schemes[1.0])
+    assert gptq_module.gram_determined(64, 64, 1.0) and not gptq_module.gram_determined(63, 64, 1.0)
+    assert errors[1.0] < errors[0.0]
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_the_spec_reproduces_the_gptq_weights_exactly(symmetric):
     """Lowering re-quantizes the weight with the spec: it must give back GPTQ's values, not round them again."""
@@ -156,6 +177,13 @@ def test_conv_gptq_and_depthwise_output_error_grids_beat_rtn_in_onnxruntime():
     assert gptq["full"] < 0.7 * rtn["full"]
     assert gptq["grouped"] < 0.95 * rtn["grouped"]
     assert gptq["depthwise"] < rtn["depthwise"]
+
+
+def test_without_gptq_convs_the_convs_round_as_without_gptq():
+    schemes, errors = conv_errors(True, gptq_convs=False)
+    expected_schemes, expected = conv_errors(False)
+    assert schemes == expected_schemes and not any("GPTQ" in scheme for scheme in schemes)
+    assert errors == pytest.approx(expected, rel=1e-12)
 
 
 def test_blocked_conv_gptq_lowers_to_blocked_dequantize_linear_on_axis_1():
