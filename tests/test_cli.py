@@ -130,12 +130,18 @@ convs (float[N, 4, 6, 6] x) => (float[N, 6, 6, 6] y) {
 """
 
 
-def test_gptq_sequential_fits_the_convs_on_the_quantized_inputs(tmp_path):
-    rng = np.random.default_rng(3)
+def saved_convs(tmp_path, seed: int):
+    """CONVS with seeded weights saved, its calibration .npz, and a report path."""
+    rng = np.random.default_rng(seed)
     model = build(CONVS, {"w1": weights(rng, 8, 4, 3, 3), "b1": weights(rng, 8), "w2": weights(rng, 6, 8, 1, 1)})
     model_path, calib, report = tmp_path / "convs.onnx", tmp_path / "calib.npz", tmp_path / "report.json"
     save_model(model, model_path)
     np.savez(calib, x=rng.standard_normal((16, 4, 6, 6)).astype(np.float32))
+    return model_path, calib, report
+
+
+def test_gptq_sequential_fits_the_convs_on_the_quantized_inputs(tmp_path):
+    model_path, calib, report = saved_convs(tmp_path, 3)
     args = ["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--calib", str(calib), "--recipe", "w8a8"]
     assert main([*args, "--wbits", "4", "--gptq", "--gptq-sequential", "--report", str(report)]) == 0
     schemes = [layer["scheme"] for layer in json.loads(report.read_text())["layers"]]
@@ -143,11 +149,7 @@ def test_gptq_sequential_fits_the_convs_on_the_quantized_inputs(tmp_path):
 
 
 def test_asymmetric_conv_weights_reach_qlinear_conv_on_ort_cpu(tmp_path):
-    rng = np.random.default_rng(5)
-    model = build(CONVS, {"w1": weights(rng, 8, 4, 3, 3), "b1": weights(rng, 8), "w2": weights(rng, 6, 8, 1, 1)})
-    model_path, calib, report = tmp_path / "convs.onnx", tmp_path / "calib.npz", tmp_path / "report.json"
-    save_model(model, model_path)
-    np.savez(calib, x=rng.standard_normal((16, 4, 6, 6)).astype(np.float32))
+    model_path, calib, report = saved_convs(tmp_path, 5)
     output = tmp_path / "o.onnx"
     args = ["optimize", str(model_path), "-o", str(output), "--calib", str(calib), "--recipe", "w8a8"]
     assert (

@@ -651,31 +651,12 @@ def test_under_size_the_steps_down_from_passes_go_on_past_max_rounds(chain, monk
     assert sized["chosen"]["cost"] == min(point["cost"] for point in tried if point["meets_budget"]) < tried[0]["cost"]
 
 
-STACKED = """
-<ir_version: 8, opset_import: ["" : 17]>
-stacked (float[N, 64] x) => (float[N, 64] y) {
-  [side0] b0 = MatMul(x, s0)
-  [main0] a0 = MatMul(x, m0)
-  c0 = Mul(b0, tiny)
-  x1 = Add(a0, c0)
-  [side1] b1 = MatMul(x1, s1)
-  [main1] a1 = MatMul(x1, m1)
-  c1 = Mul(b1, tiny)
-  x2 = Add(a1, c1)
-  [side2] b2 = MatMul(x2, s2)
-  [main2] a2 = MatMul(x2, m2)
-  c2 = Mul(b2, tiny)
-  y = Add(a2, c2)
-}
-"""
-
-
 def test_in_a_stack_of_blocks_each_role_gets_its_own_gain_and_the_damped_role_the_fewer_bits():
     """Three blocks of a damped and a whole-passing layer of one shape: graph-order groups would mix the two roles
     (and, on tied proxies, upgrade the damped layer that comes first); one gain per role tells them apart."""
     rng = np.random.default_rng(7)
     tensors = {f"{role}{i}": weights(rng, 64, 64) for role in ("s", "m") for i in range(3)}
-    model = build(STACKED, {**tensors, "tiny": np.array(1e-3, np.float32)})
+    model = build(deep_stack(3), {**tensors, "tiny": np.array(1e-3, np.float32)})
     result = optimize(model, objective="size", max_drop=0.002, methods=["llm-int8"])
     auto = result.report.auto
     groups = [(group["kind"], group["first"], group["layers"]) for group in auto["group_gains"]]
@@ -693,7 +674,7 @@ def test_in_a_stack_of_blocks_each_role_gets_its_own_gain_and_the_damped_role_th
     assert heldout_error(model, result.model) <= 0.002
 
 
-def deep_stack(blocks: int, damped: int) -> str:
+def deep_stack(blocks: int, damped: int | None = None) -> str:
     """Blocks of a damped (side) and a whole-passing (main) layer; block ``damped`` reaches the output damped 1000x."""
     lines, x = [], "x"
     for i in range(blocks):
