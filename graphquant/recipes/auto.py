@@ -6,8 +6,8 @@
    calibration rows of its own input, with the QuantSpecs the quantize pass would fit; the embedding tables'
    under 8 and 4 bits on their rows. Costs: bytes of each form, or its latency measured once on the target. MatMul/Gemm
    weights are rounded by GPTQ (act-order) where their calibration rows span their inputs, and scored so; convs too
-   under size. For size, W4 comes in blocks of 32, 64 or 128 and int4
-   tables in blocks of 64 or 128, and the plain float graph (method "none") is searched beside OutlierTune's.
+   under size. For size, W4 comes in blocks of 32, 64 or 128 and int4 tables in blocks of 64 or 128, and the plain
+   float graph (method "none") is searched beside OutlierTune's.
 3. Groups of layers are built alone and measured end to end: their gains rescale the layer errors (GainGroups; in a
    stack of blocks a gain per role times a gain per depth).
 4. analysis.search picks greedily by error removed per cost added; the pick is built for the target and measured
