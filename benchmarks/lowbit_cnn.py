@@ -21,14 +21,14 @@ from mobile_cnn import (
     BATCH,
     CALIBRATION_IMAGES,
     CROPS,
-    DEFAULT_OUT,
     FP32,
     HELDOUT_IMAGES,
     IMAGE_SIZE,
     THREADS,
+    add_common_arguments,
     batches,
     evaluate,
-    export_model,
+    exported_into,
     graphquant_build,
     image_set,
     latencies,
@@ -93,18 +93,16 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
 
 
 def parse_args() -> argparse.Namespace:
-    """--quick, --calib-images, --only, --flexround-steps, --keep-failed, --out."""
+    """--quick, --flexround-steps, --keep-failed and the common arguments."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer latency rounds and repeats")
-    parser.add_argument("--calib-images", type=int, default=len(CALIBRATION_IMAGES), help="calibration source images")
-    parser.add_argument("--only", help="comma-separated substrings: build only the rows whose label has one")
     parser.add_argument(
         "--flexround-steps", type=int, default=DEFAULT_STEPS, help="Adam steps per block of the flexround-block rows"
     )
     parser.add_argument(
         "--keep-failed", action="store_true", help="score models below graphquant's validation threshold too"
     )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default benchmarks/out)")
+    add_common_arguments(parser)
     return parser.parse_args()
 
 
@@ -114,9 +112,7 @@ def main() -> None:
     import onnxruntime
 
     started = time.perf_counter()
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    fp32 = export_model(out)
+    out, fp32 = exported_into(args.out)
     calib_names = CALIBRATION_IMAGES[: args.calib_images]
     calib, heldout = batches(image_set(calib_names)), batches(image_set(HELDOUT_IMAGES))
     wanted = [part for part in (args.only or "").split(",") if part]

@@ -20,12 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mobile_cnn import (
     CALIBRATION_IMAGES,
-    DEFAULT_OUT,
     FP32,
     HELDOUT_IMAGES,
+    add_common_arguments,
     batches,
     evaluate,
-    export_model,
+    exported_into,
     graphquant_build,
     image_set,
     table,
@@ -84,9 +84,7 @@ def configs(named: dict[str, list[str]]) -> list[tuple[str, dict[str, object]]]:
 def parse_args() -> argparse.Namespace:
     """--calib-images, --only, --out."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calib-images", type=int, default=len(CALIBRATION_IMAGES), help="calibration source images")
-    parser.add_argument("--only", help="comma-separated substrings: build only the rows whose label has one")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default benchmarks/out)")
+    add_common_arguments(parser)
     return parser.parse_args()
 
 
@@ -94,9 +92,8 @@ def main() -> None:
     """Export, classify the layers, build every row, score it against FP32, print and write the table."""
     args = parse_args()
     started = time.perf_counter()
-    out = args.out.resolve()
-    (out / "layers").mkdir(parents=True, exist_ok=True)
-    fp32 = export_model(out)
+    out, fp32 = exported_into(args.out)
+    (out / "layers").mkdir(exist_ok=True)
     named = layer_classes(fp32)
     calib_names = CALIBRATION_IMAGES[: args.calib_images]
     calib, heldout = batches(image_set(calib_names)), batches(image_set(HELDOUT_IMAGES))

@@ -360,17 +360,27 @@ def table(rows: list[Row], latency: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def add_common_arguments(parser: argparse.ArgumentParser, rows: str = "rows") -> None:
+    """--calib-images, --only (over the named rows) and --out: what every EfficientNet-Lite2 benchmark takes."""
+    parser.add_argument("--calib-images", type=int, default=len(CALIBRATION_IMAGES), help="calibration source images")
+    parser.add_argument("--only", help=f"comma-separated substrings: build only the {rows} whose label has one")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default benchmarks/out)")
+
+
+def exported_into(out: Path) -> tuple[Path, Path]:
+    """The output folder resolved and created, and the FP32 model exported into it (once)."""
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return out, export_model(out)
+
+
 def parse_args() -> argparse.Namespace:
-    """--quick, --out, --skip-peers, --calib-images, --only, --ort-percentile."""
+    """--quick, --skip-peers, --ort-percentile and the common arguments."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer latency rounds and repeats")
     parser.add_argument("--skip-peers", action="store_true", help="graphquant rows only (no ORT / NNCF)")
-    parser.add_argument(
-        "--calib-images", type=int, default=len(CALIBRATION_IMAGES), help="calibration source images (every tool)"
-    )
-    parser.add_argument("--only", help="comma-separated substrings: build only the graphquant rows whose label has one")
     parser.add_argument("--ort-percentile", action="store_true", help="add ORT's Percentile calibration (slow)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default benchmarks/out)")
+    add_common_arguments(parser, "graphquant rows")
     return parser.parse_args()
 
 
@@ -380,9 +390,7 @@ def main() -> None:
     import onnxruntime
 
     started = time.perf_counter()
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    fp32 = export_model(out)
+    out, fp32 = exported_into(args.out)
     calib_names = CALIBRATION_IMAGES[: args.calib_images]
     calib, heldout = batches(image_set(calib_names)), batches(image_set(HELDOUT_IMAGES))
     log(
